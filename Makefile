@@ -1,0 +1,46 @@
+# dlbox developer entry points. Every target sets up .venv/ first (once, and again when
+# pyproject.toml changes), so `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := .demo/data
+DEMO_RUN := runs/demo
+
+.PHONY: venv demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: generate a sample dataset and train the article's scratch CNN on it, on the CPU
+demo: $(STAMP)
+	@test -d $(DEMO_DATA)/train || $(VENV)/bin/dlbox data sample $(DEMO_DATA) --n 1000 --test-n 100
+	rm -rf $(DEMO_RUN)
+	$(PY) -m trainer scratch --data $(DEMO_DATA) --out $(DEMO_RUN) --test $(DEMO_DATA) \
+		--epochs 20 --patience 4
+	@echo
+	@echo "model:      $(DEMO_RUN)/model.keras"
+	@echo "metrics:    $(DEMO_RUN)/metrics.json (history.csv, train.log, submission.csv beside it)"
+	@$(PY) -c "import json; m = json.load(open('$(DEMO_RUN)/metrics.json')); \
+		print(f\"val_accuracy {m['val_accuracy']:.3f} after {m['epochs_run']} epochs\")"
+
+## test: lint, then the whole suite (what CI runs)
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+## test-fast: skip the slow end-to-end tests while iterating
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline.py
+
+clean:
+	rm -rf $(VENV) .demo runs .bench .pytest_cache .ruff_cache *.egg-info

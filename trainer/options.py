@@ -1,0 +1,158 @@
+"""The trainer's command line: flags in, one validated frozen Options out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+MODELS = ("scratch", "vgg16")
+# Per-model defaults: the article's recipe for scratch; head then block5 fine-tuning for vgg16.
+DEFAULTS = {
+    "scratch": {"epochs": 50, "learning_rate": 0.01, "patience": 2, "fine_tune_epochs": 0},
+    "vgg16": {"epochs": 10, "learning_rate": 1e-4, "patience": 3, "fine_tune_epochs": 10},
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything one training run needs to know."""
+
+    model: str
+    data: str
+    out: str
+    epochs: int
+    batch_size: int
+    img_size: int
+    val_split: float
+    seed: int
+    limit: int | None
+    resume: bool
+    test: str | None
+    weights: str | None  # "imagenet", None (random init) or a weights file
+    fine_tune_epochs: int
+    learning_rate: float
+    patience: int  # 0 disables early stopping
+    cache: str  # "auto", "memory" or "disk"
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.fine_tune_epochs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see python -m trainer --help")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m trainer",
+        description="Train the article's Dogs vs. Cats CNN (scratch) or VGG16 transfer model.",
+    )
+    p.add_argument("model", choices=MODELS, help="which network to train")
+    p.add_argument("--data", required=True, help="Kaggle train/ folder, train.zip, "
+                   "dogs-vs-cats.zip, or a folder with cats/ and dogs/")
+    p.add_argument("--out", required=True, help="output folder (model, metrics, checkpoints)")
+    p.add_argument("--epochs", type=int, help="training epochs (vgg16: head epochs) "
+                   "[scratch 50, vgg16 10]")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch and device")
+    p.add_argument("--img-size", type=int, default=150, help="square input size in pixels")
+    p.add_argument("--val-split", type=float, default=0.2, help="validation share, by file name")
+    p.add_argument("--seed", type=int, default=42, help="seed for weights, shuffling, augmentation")
+    p.add_argument("--limit", type=int, help="use at most N labelled images (stable subset)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out if any")
+    p.add_argument("--test", help="Kaggle test1/ folder or zip: also write submission.csv")
+    p.add_argument("--weights", default="imagenet",
+                   help="vgg16 base weights: imagenet, none, or a weights file")
+    p.add_argument("--fine-tune-epochs", type=int,
+                   help="vgg16: epochs with the last conv block unfrozen [10]")
+    p.add_argument("--learning-rate", type=float,
+                   help="initial learning rate [scratch 0.01 SGD, vgg16 1e-4 Adam]")
+    p.add_argument("--patience", type=int, help="early-stopping patience on val_loss, "
+                   "0 = off [scratch 2, vgg16 3]")
+    p.add_argument("--cache", choices=("auto", "memory", "disk"), default="auto",
+                   help="where decoded images are kept: RAM when they fit, else --out/cache")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> Options:
+    """Parse and validate argv; raise UsageError naming the bad flag and the fix."""
+    ns = _parser().parse_args(argv)
+    defaults = DEFAULTS[ns.model]
+    if ns.model == "scratch":
+        if ns.fine_tune_epochs:
+            raise UsageError("--fine-tune-epochs applies to vgg16 only; drop it for scratch")
+        if ns.weights not in ("imagenet", "none"):
+            raise UsageError("--weights applies to vgg16 only; drop it for scratch")
+    weights = {"imagenet": "imagenet", "none": None}.get(ns.weights, ns.weights)
+    if ns.model == "vgg16" and weights not in ("imagenet", None):
+        if not Path(weights).expanduser().is_file():
+            raise UsageError(f"--weights {ns.weights}: no such file; pass imagenet, none or "
+                             "a VGG16 (include_top=False) weights file")
+        weights = str(Path(weights).expanduser().resolve())
+    opts = Options(
+        model=ns.model,
+        data=str(Path(ns.data).expanduser()),
+        out=str(Path(ns.out).expanduser()),
+        epochs=defaults["epochs"] if ns.epochs is None else ns.epochs,
+        batch_size=ns.batch_size,
+        img_size=ns.img_size,
+        val_split=ns.val_split,
+        seed=ns.seed,
+        limit=ns.limit,
+        resume=ns.resume,
+        test=None if ns.test is None else str(Path(ns.test).expanduser()),
+        weights=weights if ns.model == "vgg16" else None,
+        fine_tune_epochs=(
+            defaults["fine_tune_epochs"] if ns.fine_tune_epochs is None else ns.fine_tune_epochs
+        ),
+        learning_rate=defaults["learning_rate"] if ns.learning_rate is None else ns.learning_rate,
+        patience=defaults["patience"] if ns.patience is None else ns.patience,
+        cache=ns.cache,
+    )
+    _validate(opts)
+    return opts
+
+
+def _validate(o: Options) -> None:
+    checks = [
+        (o.epochs >= 1, f"--epochs must be at least 1 (got {o.epochs})"),
+        (o.batch_size >= 1, f"--batch-size must be at least 1 (got {o.batch_size})"),
+        (32 <= o.img_size <= 1024, f"--img-size must be 32..1024 pixels (got {o.img_size})"),
+        (0 < o.val_split < 1, f"--val-split must be between 0 and 1, e.g. 0.2 (got {o.val_split})"),
+        (o.limit is None or o.limit >= 2, f"--limit must be at least 2 (got {o.limit})"),
+        (o.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {o.fine_tune_epochs})"),
+        (0 < o.learning_rate < 10, f"--learning-rate must be a small positive number, e.g. 0.01 "
+                                   f"(got {o.learning_rate})"),
+        (o.patience >= 0, f"--patience must be 0 (off) or more (got {o.patience})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if o.model == "vgg16" and o.img_size < 32:
+        raise UsageError("--img-size must be at least 32 for vgg16")
+
+
+def prepare_out(o: Options) -> Path:
+    """Create --out, check it is writable, and refuse to clobber another run's checkpoints."""
+    out = Path(o.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: not writable ({exc.strerror}); choose another folder") from exc
+    if not o.resume and (out / "checkpoints" / "state.json").exists():
+        raise UsageError(f"--out {out} holds an earlier run; pass --resume to continue it "
+                         "or choose another --out")
+    return out

@@ -1,0 +1,82 @@
+"""The run's output files: history.csv, val_predictions.csv, submission.csv, metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .status import write_json_atomic
+
+HISTORY_COLUMNS = (
+    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
+    "learning_rate", "seconds", "images_per_second",
+)
+SUBMISSION_CLIP = 0.005  # Kaggle scores log loss: a confident mistake must not cost infinity
+LOSS_EPSILON = 1e-7  # Keras' clip for binary cross-entropy
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv(rows: list[dict] | list[list], header: tuple[str, ...] | list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([row[c] for c in header] if isinstance(row, dict) else row)
+    return buf.getvalue()
+
+
+def write_history(out: Path, rows: list[dict]) -> None:
+    _write_text_atomic(out / "history.csv", _csv(rows, HISTORY_COLUMNS))
+
+
+def binary_metrics(labels: np.ndarray, p_dog: np.ndarray) -> dict:
+    """Accuracy, log loss and the confusion matrix at 0.5 (rows: true cat, true dog)."""
+    labels = labels.astype(int)
+    predicted = (p_dog > 0.5).astype(int)
+    p = np.clip(p_dog, LOSS_EPSILON, 1 - LOSS_EPSILON)
+    loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    matrix = [[int(np.sum((labels == t) & (predicted == q))) for q in (0, 1)] for t in (0, 1)]
+    return {
+        "val_accuracy": float(np.mean(predicted == labels)),
+        "val_loss": float(loss),
+        "confusion_matrix": {"labels": ["cat", "dog"], "rows_true_cols_predicted": matrix},
+    }
+
+
+def write_val_predictions(out: Path, keys: list[str], labels: np.ndarray, p_dog: np.ndarray):
+    rows = [[k, int(y), f"{p:.6f}"] for k, y, p in zip(keys, labels, p_dog, strict=True)]
+    _write_text_atomic(out / "val_predictions.csv", _csv(rows, ("file", "label", "p_dog")))
+
+
+def write_submission(out: Path, ids: list[int], p_dog: np.ndarray) -> None:
+    """Kaggle's id,label with label = P(dog) clipped away from 0 and 1, sorted by id."""
+    p = np.clip(p_dog, SUBMISSION_CLIP, 1 - SUBMISSION_CLIP)
+    rows = sorted(zip(ids, p, strict=True))
+    _write_text_atomic(out / "submission.csv", _csv([[i, f"{q:.6f}"] for i, q in rows],
+                                                    ("id", "label")))
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    write_json_atomic(out / "metrics.json", metrics)

@@ -1,0 +1,417 @@
+"""One training run: devices, image cache, resumable epochs (two phases for vgg16), outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import data, models, outputs, pipeline
+from .checkpoint import Checkpoints
+from .errors import DataError, UsageError
+from .options import Options
+from .status import Heartbeat
+from .stop import StopSignal
+
+log = logging.getLogger("trainer")
+
+FINE_TUNE_LR_FACTOR = 0.1  # phase 2 learning rate relative to --learning-rate
+PREDICT_BATCH = 64
+SGD_MOMENTUM = 0.9  # the article's SGD(lr=0.01, momentum=0.9)
+MIXED_PRECISION_MIN_CC = (7, 0)  # tensor cores: Volta (V100), Turing (T4), Ampere (A10G) and up
+CPU_REPLICAS_ENV = "DLBOX_CPU_REPLICAS"  # split the CPU into N devices (tests MirroredStrategy)
+# Options that must match for --resume to continue a run's checkpoints.
+RESUME_KEYS = ("model", "img_size", "val_split", "limit", "batch_size", "epochs",
+               "fine_tune_epochs", "learning_rate", "weights")
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where the model runs."""
+
+    strategy: tf.distribute.Strategy
+    names: list[str]
+    mixed_precision: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The decoded images and the split, ready for batching."""
+
+    images: np.ndarray
+    labels: np.ndarray  # float32, dog = 1
+    keys: list[str]
+    train_index: np.ndarray
+    val_index: np.ndarray
+    skipped: list[dict]  # {"file", "reason"} for every image that could not be used
+    cache: str
+
+
+def setup_devices() -> Devices:
+    """Mixed precision on tensor-core GPUs; MirroredStrategy over several GPUs (or CPUs)."""
+    cpu_replicas = int(os.environ.get(CPU_REPLICAS_ENV, "0") or 0)
+    if cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_replicas)]
+        )
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    details = [tf.config.experimental.get_device_details(g) for g in gpus]
+    mixed = bool(gpus) and all(
+        tuple(d.get("compute_capability") or (0, 0)) >= MIXED_PRECISION_MIN_CC for d in details
+    )
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if len(gpus) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    elif cpu_replicas > 1:
+        strategy = tf.distribute.MirroredStrategy(
+            [d.name for d in tf.config.list_logical_devices("CPU")]
+        )
+    else:
+        strategy = tf.distribute.get_strategy()
+    names = [d.get("device_name", "GPU") for d in details] or [
+        d.name for d in tf.config.list_logical_devices("CPU")
+    ]
+    return Devices(strategy, names, mixed)
+
+
+def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
+            stop: StopSignal) -> Prepared:
+    """Split, probe and decode every labelled image once into the cache."""
+    examples = data.limit(labelled.examples, o.limit)
+    train, val = data.split(examples, o.val_split)
+    if not train or not val:
+        raise DataError(f"{len(examples)} labelled images are too few to split "
+                        f"with --val-split {o.val_split}; add images or change --val-split")
+    ordered = train + val
+    paths = [e.path for e in ordered]
+    hb.update(phase="scanning", step=0, steps=len(paths))
+    probes = data.probe_all(paths)
+    stop.check()
+    hb.update(phase="caching", step=0, steps=len(paths))
+    images, ok, location = _image_cache(o, out, paths, [p.fmt for p in probes], hb, stop)
+    skipped = [
+        {"file": e.key, "reason": p.problem or "could not be decoded"}
+        for e, p, good in zip(ordered, probes, ok, strict=True)
+        if not good
+    ]
+    for s in skipped:
+        log.warning("skipped %s: %s", s["file"], s["reason"])
+    labels = np.array([e.label for e in ordered], np.float32)
+    position = np.arange(len(ordered))
+    train_index = position[: len(train)][ok[: len(train)]]
+    val_index = position[len(train):][ok[len(train):]]
+    if len(train_index) == 0 or len(val_index) == 0:
+        raise DataError(f"no readable image left in the {'training' if not len(train_index) else 'validation'} "
+                        f"split ({len(skipped)} skipped); check the files under {labelled.root}")
+    if len(set(labels[train_index].tolist())) < 2:
+        raise DataError(f"the training split holds only one class; --data {o.data} needs both "
+                        "cats and dogs")
+    return Prepared(images, labels, [e.key for e in ordered], train_index, val_index,
+                    skipped, location)
+
+
+def _image_cache(o: Options, out: Path, paths: list[str], formats: list[str | None],
+                 hb: Heartbeat, stop: StopSignal) -> tuple[np.ndarray, np.ndarray, str]:
+    """Decode into RAM when it fits, else into a .npy on disk (reused by --resume)."""
+    n = len(paths)
+    on_disk = o.cache == "disk" or (
+        o.cache == "auto" and not pipeline.cache_fits_in_memory(n, o.img_size)
+    )
+    npy = ok_path = None
+    if on_disk:
+        key = _files_key(paths, o.img_size)
+        npy = out / "cache" / f"images-{o.img_size}px-{key}.npy"
+        ok_path = npy.with_suffix(".ok.npy")
+        if npy.exists() and ok_path.exists():
+            log.info("reusing the decoded-image cache %s", npy)
+            return np.load(npy, mmap_mode="r"), np.load(ok_path), str(npy)
+        shutil.rmtree(npy.parent, ignore_errors=True)  # older caches of other files or sizes
+    images, location = pipeline.allocate(n, o.img_size, npy)
+    started = time.monotonic()
+
+    def progress(done: int) -> None:
+        hb.update(step=done)
+        stop.check()
+
+    ok = pipeline.decode_into(images, paths, formats, o.img_size, progress)
+    seconds = time.monotonic() - started
+    log.info("decoded %d images in %.1f s (%.0f images/s) into %s",
+             int(ok.sum()), seconds, n / max(seconds, 1e-9), location)
+    if npy is not None:
+        images.flush()
+        np.save(ok_path, ok)  # written last: its presence marks the cache complete
+    return images, ok, location
+
+
+def _files_key(paths: list[str], img_size: int) -> str:
+    digest = hashlib.sha256(str(img_size).encode())
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class Progress(keras.callbacks.Callback):
+    """Feeds the heartbeat with steps and metrics; turns a stop request into stop_training."""
+
+    async_safe = True  # only touches the heartbeat (locked) and flags
+
+    def __init__(self, hb: Heartbeat, stop: StopSignal) -> None:
+        super().__init__()
+        self.hb, self.stop = hb, stop
+
+    def on_train_begin(self, logs=None):
+        self.hb.update(stage="train", step=0, steps=self.params.get("steps") or 0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.hb.update(step=batch + 1, metrics=_floats(logs))
+        if self.stop.requested:
+            self.model.stop_training = True
+
+    def on_test_begin(self, logs=None):
+        self.hb.update(stage="validate")
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self.stop.requested:
+            self.model.stop_evaluating = True
+
+
+def _floats(logs: dict | None) -> dict:
+    return {k: round(float(v), 6) for k, v in (logs or {}).items()}
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=["accuracy"])
+
+
+def _fresh_model(o: Options, devices: Devices) -> keras.Model:
+    keras.utils.set_random_seed(o.seed)
+    with devices.strategy.scope():
+        if o.model == "scratch":
+            model = models.build_scratch(o.img_size)
+            optimizer = keras.optimizers.SGD(learning_rate=o.learning_rate, momentum=SGD_MOMENTUM)
+        else:
+            model = models.build_vgg16(o.img_size, o.weights)
+            optimizer = keras.optimizers.Adam(learning_rate=o.learning_rate)
+        _compile(model, optimizer)
+    return model
+
+
+def _fine_tune_model(o: Options, devices: Devices, best: Path) -> keras.Model:
+    """Phase 2: the best phase-1 model with block5 unfrozen, at a lower learning rate."""
+    with devices.strategy.scope():
+        model = keras.models.load_model(best)
+        models.unfreeze_top_block(model)
+        _compile(model, keras.optimizers.Adam(learning_rate=o.learning_rate * FINE_TUNE_LR_FACTOR))
+    return model
+
+
+def _load(devices: Devices, path: Path) -> keras.Model:
+    with devices.strategy.scope():
+        return keras.models.load_model(path)
+
+
+def _phases(o: Options) -> list[tuple[str, int, int]]:
+    """(name, first epoch, end epoch) in global epoch numbers (0-based, end exclusive)."""
+    phases = [("training", 0, o.epochs)]
+    if o.model == "vgg16" and o.fine_tune_epochs:
+        phases.append(("fine-tuning", o.epochs, o.total_epochs))
+    return phases
+
+
+def _resume_state(o: Options, ckpt: Checkpoints) -> dict | None:
+    state = ckpt.load() if o.resume else None
+    if state is None:
+        return None
+    saved, now = state["options"], o.as_dict()
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in changed)
+        raise UsageError(f"--resume: this run was started with {flags}; pass the same values "
+                         "or choose another --out")
+    return state
+
+
+def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
+        stop: StopSignal) -> dict:
+    """Run (or continue) every epoch of every phase; return the final checkpoint state."""
+    ckpt = Checkpoints(out / "checkpoints")
+    state = _resume_state(o, ckpt) or {
+        "options": o.as_dict(), "completed": 0, "phase": None, "phases_done": [],
+        "last": None, "best": None, "best_val_loss": None, "best_epoch": None, "wait": 0,
+        "history": [], "finished": False,
+    }
+    if state["completed"]:
+        log.info("resuming after epoch %d of %d", state["completed"], o.total_epochs)
+    replicas = devices.strategy.num_replicas_in_sync
+    global_batch = o.batch_size * replicas
+    train_ds = pipeline.batches(prep.images, prep.labels, prep.train_index, global_batch,
+                                training=True, seed=o.seed)
+    val_ds = pipeline.batches(prep.images, prep.labels, prep.val_index, global_batch,
+                              training=False)
+    callbacks = [Progress(hb, stop)]
+    for name, first, end in _phases(o):
+        if name in state["phases_done"]:
+            continue
+        if state["phase"] == name and state["last"]:
+            model = _load(devices, ckpt.path(state["last"]))
+        elif name == "training":
+            model = _fresh_model(o, devices)
+        else:
+            model = _fine_tune_model(o, devices, ckpt.path(state["best"]))
+            state["wait"] = 0
+        for epoch in range(max(first, state["completed"]), end):
+            hb.update(phase=name, epoch=epoch + 1, epochs=o.total_epochs)
+            started = time.monotonic()
+            history = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
+                                callbacks=callbacks)
+            trained = time.monotonic()
+            if stop.requested:  # mid-epoch: keep the weights, redo this epoch on --resume
+                state.update(phase=name, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
+                ckpt.commit(state)
+                stop.check()
+            val = model.evaluate(val_ds, verbose=0, return_dict=True, callbacks=callbacks)
+            if stop.requested:  # validation cut short: the epoch does not count
+                state.update(phase=name, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
+                ckpt.commit(state)
+                stop.check()
+            seconds = time.monotonic() - started
+            row = {
+                "epoch": epoch + 1,
+                "phase": name,
+                "loss": round(float(history.history["loss"][-1]), 6),
+                "accuracy": round(float(history.history["accuracy"][-1]), 6),
+                "val_loss": round(float(val["loss"]), 6),
+                "val_accuracy": round(float(val["accuracy"]), 6),
+                "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(len(prep.train_index) / max(trained - started, 1e-9), 1),
+            }
+            improved = state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]
+            if improved:
+                state.update(best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
+                             best_val_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
+            else:
+                state["wait"] += 1
+            state["history"].append(row)
+            state.update(phase=name, completed=epoch + 1,
+                         last=ckpt.save_model(model, f"last-{epoch + 1:04d}.keras"))
+            ckpt.commit(state)
+            outputs.write_history(out, state["history"])
+            hb.epoch_done(seconds)
+            hb.update(metrics={k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
+            log.info("%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
+                     "(%.1f s, %.0f img/s)%s", name, epoch + 1, o.total_epochs, row["loss"],
+                     row["accuracy"], row["val_loss"], row["val_accuracy"], seconds,
+                     row["images_per_second"], " *best*" if improved else "")
+            stop.check()
+            if o.patience and state["wait"] >= o.patience:
+                log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
+                break
+        state["phases_done"].append(name)
+        ckpt.commit(state)
+    return state
+
+
+def evaluate_best(model: keras.Model, prep: Prepared, batch: int) -> tuple[np.ndarray, dict]:
+    ds = pipeline.batches(prep.images, prep.labels, prep.val_index, batch, training=False)
+    p_dog = model.predict(ds, verbose=0).reshape(-1)
+    return p_dog, outputs.binary_metrics(prep.labels[prep.val_index], p_dog)
+
+
+def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[int, str]],
+                 hb: Heartbeat, stop: StopSignal) -> list[dict]:
+    """Write submission.csv for the test images; unreadable ones get 0.5 and are listed."""
+    ids, paths = [i for i, _ in items], [p for _, p in items]
+    hb.update(phase="predicting", step=0, steps=len(paths))
+    probes = data.probe_all(paths)
+    images, _ = pipeline.allocate(len(paths), o.img_size, None)
+    ok = pipeline.decode_into(images, paths, [p.fmt for p in probes], o.img_size,
+                              lambda done: (hb.update(step=done), stop.check()))
+    index = np.flatnonzero(ok)
+    p_dog = np.full(len(paths), 0.5, np.float32)
+    zeros = np.zeros(len(paths), np.float32)
+    if len(index):
+        ds = pipeline.batches(images, zeros, index, PREDICT_BATCH, training=False)
+        p_dog[index] = model.predict(ds, verbose=0).reshape(-1)
+    outputs.write_submission(out, ids, p_dog)
+    return [{"file": os.path.basename(paths[i]), "reason": probes[i].problem or "could not be decoded"}
+            for i in np.flatnonzero(~ok)]
+
+
+def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
+        hb: Heartbeat, stop: StopSignal) -> dict:
+    """Train, pick the best model, write every output; return metrics.json's content."""
+    started = time.monotonic()
+    devices = setup_devices()
+    log.info("devices: %s (replicas %d, mixed precision %s)", ", ".join(devices.names),
+             devices.strategy.num_replicas_in_sync, devices.mixed_precision)
+    prep = prepare(o, labelled, out, hb, stop)
+    log.info("%d training and %d validation images (%d skipped), cache in %s",
+             len(prep.train_index), len(prep.val_index), len(prep.skipped), prep.cache)
+    state = fit(o, out, prep, devices, hb, stop)
+
+    hb.update(phase="evaluating", stage=None)
+    best = _load(devices, Path(out / "checkpoints" / state["best"]))
+    shutil.copyfile(out / "checkpoints" / state["best"], out / "model.keras.tmp")
+    os.replace(out / "model.keras.tmp", out / "model.keras")
+    p_val, final = evaluate_best(best, prep, o.batch_size * devices.strategy.num_replicas_in_sync)
+    val_keys = [prep.keys[i] for i in prep.val_index]
+    outputs.write_val_predictions(out, val_keys, prep.labels[prep.val_index], p_val)
+
+    test_skipped = None
+    if test_items is not None:
+        test_skipped = predict_test(o, out, best, test_items, hb, stop)
+
+    rates = [r["images_per_second"] for r in state["history"]]
+    metrics = {
+        "model": o.model,
+        **final,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["completed"],
+        "epochs_planned": o.total_epochs,
+        "train_images": len(prep.train_index),
+        "val_images": len(prep.val_index),
+        "skipped_files": len(prep.skipped),
+        "skipped": prep.skipped,
+        "images_per_second": round(sum(rates) / len(rates), 1) if rates else None,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "devices": devices.names,
+        "replicas": devices.strategy.num_replicas_in_sync,
+        "mixed_precision": devices.mixed_precision,
+        "image_cache": prep.cache,
+        "versions": outputs.versions(),
+        "arguments": o.as_dict(),
+    }
+    if test_skipped is not None:
+        metrics["test_images"] = len(test_items)
+        metrics["test_skipped"] = test_skipped
+    outputs.write_metrics(out, metrics)
+    state["finished"] = True
+    Checkpoints(out / "checkpoints").commit(state)
+    log.info("done: val_accuracy %.4f val_loss %.4f (best epoch %d of %d) in %.0f s",
+             metrics["val_accuracy"], metrics["val_loss"], metrics["best_epoch"],
+             metrics["epochs_run"], metrics["wall_seconds"])
+    return metrics
+
+
+def finished_metrics(out: Path, o: Options) -> dict | None:
+    """metrics.json of a run in --out that already finished (for an idempotent --resume)."""
+    state = Checkpoints(out / "checkpoints").load() if o.resume else None
+    metrics = out / "metrics.json"
+    if state and state.get("finished") and metrics.exists():
+        return json.loads(metrics.read_text())
+    return None
