@@ -29,7 +29,7 @@ def test_images_are_realistic_jpegs(small_sample):
         raw = path.read_bytes()
         img = Image.open(io.BytesIO(raw))
         assert img.format == "JPEG" and img.mode == "RGB"
-        assert 160 <= min(img.size) and max(img.size) <= 500
+        assert min(img.size) >= 160 and max(img.size) <= 500
         sizes.add(img.size)
         byte_sizes.append(len(raw))
     assert len(sizes) > 40  # varied sizes and aspect ratios

@@ -11,16 +11,16 @@ from pathlib import Path
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter out of the logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from . import data, options  # noqa: E402  (stdlib-only modules: flags are checked before TF)
-from .errors import (  # noqa: E402
+from . import data, options
+from .errors import (
     EXIT_FAILED,
     EXIT_IO,
     EXIT_OK,
     Interrupted,
     UsageError,
 )
-from .status import Heartbeat  # noqa: E402
-from .stop import StopSignal  # noqa: E402
+from .status import Heartbeat
+from .stop import StopSignal
 
 log = logging.getLogger("trainer")
 

@@ -6,10 +6,14 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UsageError
 from .status import write_json_atomic
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+# Options that must match for --resume to continue a run's checkpoints.
+RESUME_KEYS = ("model", "img_size", "val_split", "limit", "batch_size", "epochs",
+               "fine_tune_epochs", "learning_rate", "weights")
 
 
 class Checkpoints:
@@ -29,6 +33,18 @@ class Checkpoints:
             return None
         state = json.loads(path.read_text())
         return state if state.get("version") == STATE_VERSION else None
+
+    def load_for_resume(self, options: dict) -> dict | None:
+        """The saved state, if the run was started with the same options; else UsageError."""
+        state = self.load()
+        if state is None:
+            return None
+        changed = [k for k in RESUME_KEYS if state["options"].get(k) != options.get(k)]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {state['options'].get(k)}" for k in changed)
+            raise UsageError(f"--resume: this run was started with {flags}; pass the same "
+                             "values or choose another --out")
+        return state
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -89,10 +90,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
+            # A full disk must not kill the run from this thread; the next write may work.
+            with contextlib.suppress(OSError):
                 self.write()
-            except OSError:
-                pass  # a full disk must not kill the run from this thread; the next try may work
 
     def finish(self, state: str, **fields) -> None:
         """Stop the thread and write the final status (state: done, failed, interrupted)."""

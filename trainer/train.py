@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from . import data, models, outputs, pipeline
 from .checkpoint import Checkpoints
-from .errors import DataError, UsageError
+from .errors import DataError
 from .options import Options
 from .status import Heartbeat
 from .stop import StopSignal
@@ -29,9 +29,6 @@ PREDICT_BATCH = 64
 SGD_MOMENTUM = 0.9  # the article's SGD(lr=0.01, momentum=0.9)
 MIXED_PRECISION_MIN_CC = (7, 0)  # tensor cores: Volta (V100), Turing (T4), Ampere (A10G) and up
 CPU_REPLICAS_ENV = "DLBOX_CPU_REPLICAS"  # split the CPU into N devices (tests MirroredStrategy)
-# Options that must match for --resume to continue a run's checkpoints.
-RESUME_KEYS = ("model", "img_size", "val_split", "limit", "batch_size", "epochs",
-               "fine_tune_epochs", "learning_rate", "weights")
 
 
 @dataclass(frozen=True)
@@ -114,8 +111,9 @@ def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
     train_index = position[: len(train)][ok[: len(train)]]
     val_index = position[len(train):][ok[len(train):]]
     if len(train_index) == 0 or len(val_index) == 0:
-        raise DataError(f"no readable image left in the {'training' if not len(train_index) else 'validation'} "
-                        f"split ({len(skipped)} skipped); check the files under {labelled.root}")
+        which = "validation" if len(train_index) else "training"
+        raise DataError(f"no readable image left in the {which} split ({len(skipped)} skipped); "
+                        f"check the files under {labelled.root}")
     if len(set(labels[train_index].tolist())) < 2:
         raise DataError(f"the training split holds only one class; --data {o.data} needs both "
                         "cats and dogs")
@@ -232,24 +230,11 @@ def _phases(o: Options) -> list[tuple[str, int, int]]:
     return phases
 
 
-def _resume_state(o: Options, ckpt: Checkpoints) -> dict | None:
-    state = ckpt.load() if o.resume else None
-    if state is None:
-        return None
-    saved, now = state["options"], o.as_dict()
-    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in changed)
-        raise UsageError(f"--resume: this run was started with {flags}; pass the same values "
-                         "or choose another --out")
-    return state
-
-
 def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
         stop: StopSignal) -> dict:
     """Run (or continue) every epoch of every phase; return the final checkpoint state."""
     ckpt = Checkpoints(out / "checkpoints")
-    state = _resume_state(o, ckpt) or {
+    state = (ckpt.load_for_resume(o.as_dict()) if o.resume else None) or {
         "options": o.as_dict(), "completed": 0, "phase": None, "phases_done": [],
         "last": None, "best": None, "best_val_loss": None, "best_epoch": None, "wait": 0,
         "history": [], "finished": False,
@@ -275,31 +260,8 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
             state["wait"] = 0
         for epoch in range(max(first, state["completed"]), end):
             hb.update(phase=name, epoch=epoch + 1, epochs=o.total_epochs)
-            started = time.monotonic()
-            history = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
-                                callbacks=callbacks)
-            trained = time.monotonic()
-            if stop.requested:  # mid-epoch: keep the weights, redo this epoch on --resume
-                state.update(phase=name, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
-                ckpt.commit(state)
-                stop.check()
-            val = model.evaluate(val_ds, verbose=0, return_dict=True, callbacks=callbacks)
-            if stop.requested:  # validation cut short: the epoch does not count
-                state.update(phase=name, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
-                ckpt.commit(state)
-                stop.check()
-            seconds = time.monotonic() - started
-            row = {
-                "epoch": epoch + 1,
-                "phase": name,
-                "loss": round(float(history.history["loss"][-1]), 6),
-                "accuracy": round(float(history.history["accuracy"][-1]), 6),
-                "val_loss": round(float(val["loss"]), 6),
-                "val_accuracy": round(float(val["accuracy"]), 6),
-                "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
-                "seconds": round(seconds, 3),
-                "images_per_second": round(len(prep.train_index) / max(trained - started, 1e-9), 1),
-            }
+            row = _one_epoch(model, name, epoch, train_ds, val_ds, len(prep.train_index),
+                             callbacks, state, ckpt, stop)
             improved = state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]
             if improved:
                 state.update(best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
@@ -311,11 +273,11 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
                          last=ckpt.save_model(model, f"last-{epoch + 1:04d}.keras"))
             ckpt.commit(state)
             outputs.write_history(out, state["history"])
-            hb.epoch_done(seconds)
+            hb.epoch_done(row["seconds"])
             hb.update(metrics={k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
             log.info("%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
                      "(%.1f s, %.0f img/s)%s", name, epoch + 1, o.total_epochs, row["loss"],
-                     row["accuracy"], row["val_loss"], row["val_accuracy"], seconds,
+                     row["accuracy"], row["val_loss"], row["val_accuracy"], row["seconds"],
                      row["images_per_second"], " *best*" if improved else "")
             stop.check()
             if o.patience and state["wait"] >= o.patience:
@@ -324,6 +286,36 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
         state["phases_done"].append(name)
         ckpt.commit(state)
     return state
+
+
+def _one_epoch(model, phase: str, epoch: int, train_ds, val_ds, n_train: int, callbacks,
+               state: dict, ckpt: Checkpoints, stop: StopSignal) -> dict:
+    """Train and validate one epoch; on a stop request, checkpoint the weights and raise."""
+
+    def stop_here() -> None:  # the epoch does not count: --resume redoes it from these weights
+        if stop.requested:
+            state.update(phase=phase, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
+            ckpt.commit(state)
+            stop.check()
+
+    started = time.monotonic()
+    history = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0,
+                        shuffle=False, callbacks=callbacks)
+    trained = time.monotonic()
+    stop_here()
+    val = model.evaluate(val_ds, verbose=0, return_dict=True, callbacks=callbacks)
+    stop_here()
+    return {
+        "epoch": epoch + 1,
+        "phase": phase,
+        "loss": round(float(history.history["loss"][-1]), 6),
+        "accuracy": round(float(history.history["accuracy"][-1]), 6),
+        "val_loss": round(float(val["loss"]), 6),
+        "val_accuracy": round(float(val["accuracy"]), 6),
+        "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+        "seconds": round(time.monotonic() - started, 3),
+        "images_per_second": round(n_train / max(trained - started, 1e-9), 1),
+    }
 
 
 def evaluate_best(model: keras.Model, prep: Prepared, batch: int) -> tuple[np.ndarray, dict]:
@@ -348,8 +340,10 @@ def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[in
         ds = pipeline.batches(images, zeros, index, PREDICT_BATCH, training=False)
         p_dog[index] = model.predict(ds, verbose=0).reshape(-1)
     outputs.write_submission(out, ids, p_dog)
-    return [{"file": os.path.basename(paths[i]), "reason": probes[i].problem or "could not be decoded"}
-            for i in np.flatnonzero(~ok)]
+    return [
+        {"file": os.path.basename(paths[i]), "reason": probes[i].problem or "could not be decoded"}
+        for i in np.flatnonzero(~ok)
+    ]
 
 
 def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
@@ -410,7 +404,7 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
 
 def finished_metrics(out: Path, o: Options) -> dict | None:
     """metrics.json of a run in --out that already finished (for an idempotent --resume)."""
-    state = Checkpoints(out / "checkpoints").load() if o.resume else None
+    state = Checkpoints(out / "checkpoints").load_for_resume(o.as_dict()) if o.resume else None
     metrics = out / "metrics.json"
     if state and state.get("finished") and metrics.exists():
         return json.loads(metrics.read_text())

@@ -1,0 +1,102 @@
+"""User mistakes: one line on stderr naming the problem and the fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import REPO, run_trainer
+
+
+def _assert_user_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("trainer: error: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture()
+def out(tmp_path):
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["resnet"], ["invalid choice", "resnet"]),
+        (["scratch", "--out", "o"], ["--data"]),
+        (["scratch", "--data", "/nonexistent/train", "--out", "OUT"], ["no such file", "--data"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--epochs", "0"], ["--epochs"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--epochs", "many"], ["--epochs"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--val-split", "1.5"], ["--val-split"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--batch-size", "0"], ["--batch-size"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--img-size", "8"], ["--img-size"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--learning-rate", "-1"], ["--learning-rate"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--limit", "1"], ["--limit"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--patience", "-1"], ["--patience"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--fine-tune-epochs", "2"], ["vgg16 only"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--weights", "x.h5"], ["vgg16 only"]),
+        (["vgg16", "--data", "SAMPLE", "--out", "OUT", "--weights", "/no/such.h5"], ["--weights"]),
+        (["scratch", "--data", "SAMPLE", "--out", "OUT", "--test", "/no/test1"], ["--test"]),
+    ],
+)
+def test_bad_flags(small_sample, out, args, needles):
+    args = [str(small_sample) if a == "SAMPLE" else str(out) if a == "OUT" else a for a in args]
+    _assert_user_error(run_trainer(*args), *needles)
+
+
+def test_empty_data_folder(tmp_path, out):
+    (tmp_path / "train").mkdir()
+    _assert_user_error(run_trainer("scratch", "--data", tmp_path / "train", "--out", out),
+                       "no labelled image")
+
+
+def test_folder_without_labelled_files(tmp_path, out):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.jpg").write_bytes(b"x")
+    _assert_user_error(run_trainer("scratch", "--data", tmp_path / "d", "--out", out),
+                       "cat.N.jpg")
+
+
+def test_unreadable_zip(tmp_path, out):
+    (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    _assert_user_error(run_trainer("scratch", "--data", tmp_path / "train.zip", "--out", out),
+                       "zip", "download it again")
+
+
+def test_zip_without_labelled_images(tmp_path, out):
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    _assert_user_error(run_trainer("scratch", "--data", tmp_path / "train.zip", "--out", out),
+                       "no labelled image")
+
+
+def test_unwritable_out_dir(small_sample, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    _assert_user_error(run_trainer("scratch", "--data", small_sample, "--out", blocker / "out"),
+                       "not writable", "--out")
+
+
+def test_out_dir_holding_another_run_needs_resume(small_sample, out):
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "state.json").write_text("{}")
+    _assert_user_error(run_trainer("scratch", "--data", small_sample, "--out", out),
+                       "--resume")
+
+
+def test_help_and_user_errors_answer_before_importing_tensorflow(tmp_path):
+    """Flags and data are checked before the ~4 s TensorFlow import."""
+    for args in (["--help"], ["scratch", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer", *args],
+                                cwd=REPO, capture_output=True, text=True)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "trainer.options" in imported
+        assert not {"tensorflow", "keras", "numpy"} & imported

@@ -1,0 +1,264 @@
+"""Real TensorFlow training on generated images, on the CPU: the trainer's whole contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.sample import bad_file_name
+from tests.conftest import REPO, run_trainer, trainer_cmd
+
+pytestmark = pytest.mark.slow
+
+POLL_S = 0.05
+WAIT_LIMIT_S = 240
+METRICS_KEYS = {
+    "model", "val_accuracy", "val_loss", "best_epoch", "epochs_run", "train_images",
+    "val_images", "skipped_files", "skipped", "images_per_second", "wall_seconds", "devices",
+    "versions", "arguments", "confusion_matrix",
+}
+STATUS_KEYS = {"state", "phase", "epoch", "epochs", "step", "steps", "metrics", "updated_at",
+               "eta_seconds"}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str):
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        time.sleep(POLL_S)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def scratch_run(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scratch") / "run"
+    result = run_trainer("scratch", "--data", sample, "--out", out, "--test", sample,
+                         "--img-size", "64", "--epochs", "15", "--patience", "4")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_scratch_learns_the_sample(scratch_run):
+    metrics = json.loads((scratch_run / "metrics.json").read_text())
+    assert metrics["val_accuracy"] >= 0.9
+    assert set(metrics) >= METRICS_KEYS
+    assert metrics["model"] == "scratch"
+    assert metrics["train_images"] + metrics["val_images"] == 1000 + 3  # + png, grey, cmyk
+    assert metrics["arguments"]["img_size"] == 64
+    assert {"python", "tensorflow", "keras"} <= set(metrics["versions"])
+    history = _read_csv(scratch_run / "history.csv")
+    assert len(history) == metrics["epochs_run"]
+    assert [int(r["epoch"]) for r in history] == list(range(1, len(history) + 1))
+    assert set(history[0]) == {"epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
+                               "learning_rate", "seconds", "images_per_second"}
+    best = min(history, key=lambda r: float(r["val_loss"]))
+    assert int(best["epoch"]) == metrics["best_epoch"]
+    assert float(history[0]["learning_rate"]) == pytest.approx(0.01)
+
+
+def test_bad_files_are_skipped_by_name(scratch_run):
+    metrics = json.loads((scratch_run / "metrics.json").read_text())
+    skipped = {s["file"]: s["reason"] for s in metrics["skipped"]}
+    assert skipped == {
+        bad_file_name(1000, "empty"): "empty file",
+        bad_file_name(1000, "truncated"): "truncated JPEG",
+        bad_file_name(1000, "text"): "not an image",
+        bad_file_name(1000, "corrupt"): "could not be decoded",
+    }
+    assert metrics["skipped_files"] == 4
+    used = {r["file"] for r in _read_csv(scratch_run / "val_predictions.csv")}
+    assert not used & set(skipped)
+
+
+def test_submission_format(scratch_run):
+    rows = _read_csv(scratch_run / "submission.csv")
+    assert list(rows[0]) == ["id", "label"]
+    assert [int(r["id"]) for r in rows] == list(range(1, 32))
+    labels = [float(r["label"]) for r in rows]
+    assert all(0.005 <= p <= 0.995 for p in labels)
+    assert labels[30] == 0.5  # test1/31.jpg is empty: listed, predicted as unknown
+    assert len({round(p, 3) for p in labels}) > 5
+
+
+def test_outputs_and_final_status(scratch_run):
+    for name in ("model.keras", "history.csv", "metrics.json", "status.json", "train.log",
+                 "val_predictions.csv", "submission.csv"):
+        assert (scratch_run / name).stat().st_size > 0, name
+    status = json.loads((scratch_run / "status.json").read_text())
+    assert set(status) >= STATUS_KEYS
+    assert status["state"] == "done" and status["eta_seconds"] == 0
+    log = (scratch_run / "train.log").read_text()
+    assert "skipped dog." in log or "skipped cat." in log
+
+
+def test_saved_model_takes_raw_images(scratch_run):
+    """The model carries its preprocessing: predictions from raw 0-255 pixels match training."""
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    model = keras.models.load_model(scratch_run / "model.keras")
+    rows = _read_csv(scratch_run / "val_predictions.csv")[:8]
+    root = Path(json.loads((scratch_run / "metrics.json").read_text())["arguments"]["data"])
+    images = np.stack([
+        np.asarray(Image.open(root / "train" / r["file"]).convert("RGB").resize((64, 64)))
+        for r in rows
+    ]).astype("float32")
+    p = model.predict(images, verbose=0).reshape(-1)
+    assert np.mean((p > 0.5) == np.array([int(r["label"]) for r in rows])) >= 0.75
+
+
+def test_rerun_with_resume_after_finish_is_a_no_op(scratch_run, sample):
+    before = (scratch_run / "metrics.json").read_text()
+    result = run_trainer("scratch", "--data", sample, "--out", scratch_run, "--test", sample,
+                         "--img-size", "64", "--epochs", "15", "--patience", "4", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "already finished" in result.stderr
+    assert (scratch_run / "metrics.json").read_text() == before
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
+    out = tmp_path / "run"
+    args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "5",
+            "--patience", "0", "--limit", "500"]
+    proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    state_file = out / "checkpoints" / "state.json"
+    status_file = out / "status.json"
+    seen_updates = set()
+
+    def two_epochs_done():
+        status = _json_or_none(status_file)
+        if status:
+            seen_updates.add(status["updated_at"])
+        state = _json_or_none(state_file)
+        return state and state["completed"] >= 2
+
+    _wait_for(two_epochs_done, proc, "two completed epochs")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(seen_updates) >= 2  # the heartbeat kept moving while it ran
+    killed_at = json.loads(state_file.read_text())["completed"]
+    assert killed_at < 5
+
+    result = run_trainer(*args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after epoch {killed_at}" in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 5
+    history = _read_csv(out / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == sorted({"state.json", "last-0005.keras",
+                                  f"best-{metrics['best_epoch']:04d}.keras"})
+
+
+def test_resume_refuses_changed_arguments(sample, tmp_path):
+    out = tmp_path / "run"
+    first = run_trainer("scratch", "--data", sample, "--out", out, "--img-size", "32",
+                        "--epochs", "1", "--limit", "100")
+    assert first.returncode == 0, first.stderr
+    again = run_trainer("scratch", "--data", sample, "--out", out, "--img-size", "48",
+                        "--epochs", "1", "--limit", "100", "--resume")
+    assert again.returncode == 2
+    assert "--img-size 32" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
+    import keras
+
+    out = tmp_path / "run"
+    args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "50",
+            "--patience", "0", "--limit", "600"]
+    proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def mid_epoch():
+        status = _json_or_none(out / "status.json")
+        return status and status["phase"] == "training" and status["step"] > 0
+
+    _wait_for(mid_epoch, proc, "a training step")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    model = keras.models.load_model(out / "checkpoints" / state["last"])
+    assert model.count_params() > 0 and model.optimizer is not None
+    resumed = subprocess.Popen(trainer_cmd(*args, "--resume"), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (_json_or_none(out / "status.json") or {}).get("step", 0) > 0
+              and _json_or_none(out / "status.json")["state"] == "running", resumed,
+              "the resumed run to train")
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=120) == 75
+
+
+def test_vgg16_with_fine_tuning_on_class_folders(tmp_path, small_sample):
+    # The article's layout: cats/ and dogs/ folders (hard links, not copies).
+    folders = tmp_path / "data"
+    for name in os.listdir(small_sample / "train"):
+        cls = "cats" if name.startswith("cat") else "dogs"
+        (folders / cls).mkdir(parents=True, exist_ok=True)
+        os.link(small_sample / "train" / name, folders / cls / name)
+    out = tmp_path / "run"
+    result = run_trainer("vgg16", "--data", folders, "--out", out, "--weights", "none",
+                         "--img-size", "32", "--epochs", "1", "--fine-tune-epochs", "1",
+                         "--limit", "120", "--learning-rate", "0.001")
+    assert result.returncode == 0, result.stderr
+    history = _read_csv(out / "history.csv")
+    assert [r["phase"] for r in history] == ["training", "fine-tuning"]
+    assert float(history[1]["learning_rate"]) == pytest.approx(0.0001)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["model"] == "vgg16"
+    assert metrics["train_images"] + metrics["val_images"] == 120
+
+    import keras
+
+    model = keras.models.load_model(out / "checkpoints" / f"last-{2:04d}.keras")
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    trainable = {layer.name for layer in base.layers if layer.trainable and layer.weights}
+    assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
+
+
+def test_mirrored_strategy_on_two_cpu_devices_from_a_zip(tmp_path, small_sample):
+    import zipfile
+
+    archive = tmp_path / "train.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((small_sample / "train").iterdir()):
+            zf.write(f, f"train/{f.name}")
+    out = tmp_path / "run"
+    result = run_trainer("scratch", "--data", archive, "--out", out, "--img-size", "32",
+                         "--epochs", "2", "--batch-size", "16",
+                         env={"DLBOX_CPU_REPLICAS": "2"})
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["replicas"] == 2
+    assert len(metrics["devices"]) == 2
+    assert metrics["epochs_run"] == 2
+    assert metrics["train_images"] + metrics["val_images"] == 200
