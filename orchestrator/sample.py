@@ -101,7 +101,7 @@ def render(seed: int, index: int, dog: bool | None) -> bytes:
     if dog is None:
         dog = rng.random() < 0.5
     aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
-    long_side = rng.randrange(MIN_SIDE_PX + 100, MAX_SIDE_PX + 1)
+    long_side = min(MAX_SIDE_PX, rng.randrange(300, 600))  # like Kaggle: many exactly 500
     w, h = (long_side, int(long_side / aspect)) if aspect >= 1 else (int(long_side * aspect), long_side)
     img = _background(rng, (max(w, MIN_SIDE_PX), max(h, MIN_SIDE_PX)))
     _animal(img, rng, dog)

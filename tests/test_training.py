@@ -144,7 +144,7 @@ def test_rerun_with_resume_after_finish_is_a_no_op(scratch_run, sample):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
     out = tmp_path / "run"
     args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "5",
-            "--patience", "0", "--limit", "500"]
+            "--patience", "0", "--limit", "500", "--cache", "disk"]
     proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     state_file = out / "checkpoints" / "state.json"
@@ -168,10 +168,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
     result = run_trainer(*args, "--resume")
     assert result.returncode == 0, result.stderr
     assert f"resuming after epoch {killed_at}" in result.stderr
+    assert "reusing the decoded-image cache" in result.stderr  # the disk cache survived
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 5
     history = _read_csv(out / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5]
+    assert metrics["image_cache"].endswith(".npy")
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == sorted({"state.json", "last-0005.keras",
                                   f"best-{metrics['best_epoch']:04d}.keras"})
@@ -262,3 +264,21 @@ def test_mirrored_strategy_on_two_cpu_devices_from_a_zip(tmp_path, small_sample)
     assert len(metrics["devices"]) == 2
     assert metrics["epochs_run"] == 2
     assert metrics["train_images"] + metrics["val_images"] == 200
+
+
+def test_vgg16_loads_a_local_weights_file(tmp_path):
+    """--weights PATH: the base starts from the file's weights (how offline boxes use ImageNet)."""
+    import keras
+    import numpy as np
+
+    from trainer import models
+
+    keras.utils.set_random_seed(1)
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(path)
+    model = models.build_vgg16(32, str(path))
+    base = models.vgg16_base(model)
+    for mine, theirs in zip(base.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    assert not base.trainable

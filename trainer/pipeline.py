@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-FORMAT_CODES = {"jpeg": 0, "png": 1, "gif": 1, "bmp": 1}
 DECODE_BATCH = 128  # images handed from the decoders to the cache writer at a time
 JPEG_RATIOS = (8, 4, 2, 1)  # DCT-domain downscaling libjpeg can do while decoding
 MEMORY_CACHE_FRACTION = 0.5  # keep the cache in RAM only if it needs at most this share
-# The article's ImageDataGenerator(shear_range=0.2, zoom_range=0.2, horizontal_flip=True);
-# Keras' shear_range is in degrees, so the article's shear is tiny but kept faithfully.
-SHEAR_DEGREES = 0.2
+# The article's ImageDataGenerator(shear_range=0.2, zoom_range=0.2, horizontal_flip=True).
+# Its shear_range is in degrees: 0.2 degrees moves no pixel by more than a third of a pixel
+# at 150 px, so only the zoom and the flip are reproduced.
 ZOOM_RANGE = 0.2
 
 
@@ -44,16 +42,16 @@ def _decode_jpeg(contents: tf.Tensor, size: int) -> tf.Tensor:
     return tf.switch_case(tf.cast(branch, tf.int32), branches)
 
 
-def load_image(path: tf.Tensor, fmt: tf.Tensor, size: int) -> tf.Tensor:
+def load_image(path: tf.Tensor, size: int) -> tf.Tensor:
     """Read, decode (any RGB/grey/CMYK JPEG, PNG, GIF, BMP) and resize to uint8 size x size."""
     contents = tf.io.read_file(path)
     image = tf.cond(
-        tf.equal(fmt, FORMAT_CODES["jpeg"]),
+        tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),  # JPEG magic
         lambda: _decode_jpeg(contents, size),
         lambda: tf.io.decode_image(contents, channels=3, expand_animations=False),
     )
-    image = tf.image.resize(image, (size, size))
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    # Bilinear resize stays within 0..255: rounding is all the cast needs.
+    return tf.cast(tf.image.resize(image, (size, size)) + 0.5, tf.uint8)
 
 
 def cache_fits_in_memory(n: int, size: int) -> bool:
@@ -79,77 +77,61 @@ def allocate(n: int, size: int, disk_path: Path | None) -> tuple[np.ndarray, str
 def decode_into(
     images: np.ndarray,
     paths: list[str],
-    formats: list[str | None],
     size: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Decode paths in parallel into images; return the mask of those that decoded.
 
-    Files already known to be unreadable (format None) are not read. A file that fails to
-    decode is dropped by ignore_errors and stays False in the mask, so one bad file never
-    stops the run and every failure is known by name.
+    A file that fails to decode stays False in the mask, so one bad file never stops the
+    run and every failure is known by name. The first pass runs without ignore_errors
+    (which costs ~15 % of throughput); a failure ends it and the rest is decoded again
+    with errors skipped.
     """
     ok = np.zeros(len(paths), bool)
-    todo = [i for i, f in enumerate(formats) if f is not None]
-    if not todo:
-        return ok
-    ds = tf.data.Dataset.from_tensor_slices(
-        (
-            tf.constant([paths[i] for i in todo]),
-            tf.constant([FORMAT_CODES[formats[i]] for i in todo], tf.int32),
-            tf.constant(todo, tf.int64),
-        )
-    )
-    ds = ds.map(
-        lambda p, f, i: (load_image(p, f, size), i),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=False,
-    )
-    ds = ds.ignore_errors().batch(DECODE_BATCH).prefetch(tf.data.AUTOTUNE)
-    done = 0
-    for batch, index in ds:
-        index = index.numpy()
-        images[index] = batch.numpy()
-        ok[index] = True
-        done += len(index)
-        if on_batch is not None:
-            on_batch(done)
+    try:
+        _decode_pass(images, paths, np.arange(len(paths)), size, ok, on_batch, skip_errors=False)
+    except tf.errors.OpError:
+        _decode_pass(images, paths, np.flatnonzero(~ok), size, ok, on_batch, skip_errors=True)
     return ok
 
 
+def _decode_pass(images, paths, todo, size, ok, on_batch, *, skip_errors: bool) -> None:
+    if not len(todo):
+        return
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant([paths[i] for i in todo]), tf.constant(todo, tf.int64))
+    )
+    ds = ds.map(
+        lambda p, i: (load_image(p, size), i),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
+    if skip_errors:
+        ds = ds.ignore_errors()
+    for batch, index in ds.batch(DECODE_BATCH).prefetch(tf.data.AUTOTUNE):
+        index = index.numpy()
+        images[index] = batch.numpy()
+        ok[index] = True
+        if on_batch is not None:
+            on_batch(int(ok.sum()))
+
+
 def augment(images: tf.Tensor) -> tf.Tensor:
-    """Random zoom, shear and horizontal flip as one affine warp per image (float32 in/out)."""
-    shape = tf.shape(images)
-    batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    zx = tf.random.uniform([batch], 1 - ZOOM_RANGE, 1 + ZOOM_RANGE)
-    zy = tf.random.uniform([batch], 1 - ZOOM_RANGE, 1 + ZOOM_RANGE)
-    shear = tf.random.uniform([batch], -SHEAR_DEGREES, SHEAR_DEGREES) * (math.pi / 180)
-    flip = tf.where(tf.random.uniform([batch]) < 0.5, -1.0, 1.0)
-    # Output pixel (x, y) samples input A @ (x - c, y - c) + c, A = shear @ zoom @ flip.
-    a00, a01 = zx * flip, -tf.sin(shear) * zy
-    a10, a11 = tf.zeros_like(zx), tf.cos(shear) * zy
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    transforms = tf.stack(
-        [
-            a00,
-            a01,
-            cx - a00 * cx - a01 * cy,
-            a10,
-            a11,
-            cy - a10 * cx - a11 * cy,
-            tf.zeros_like(zx),
-            tf.zeros_like(zx),
-        ],
-        axis=1,
-    )
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=transforms,
-        output_shape=shape[1:3],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="NEAREST",
-    )
+    """Random zoom (each axis) and horizontal flip of uint8 images; float32 out.
+
+    One crop_and_resize per batch: an optimised bilinear kernel, 2.5x faster on the CPU
+    than a general affine warp. A zoom-out fills the border with black (Keras' RandomZoom
+    fill_mode="constant"); reflect-padding first would halve the throughput. Boxes with
+    x1 > x2 flip the image.
+    """
+    batch, size = tf.shape(images)[0], images.shape[1]
+    half_x = tf.random.uniform([batch], 1 - ZOOM_RANGE, 1 + ZOOM_RANGE) / 2
+    half_y = tf.random.uniform([batch], 1 - ZOOM_RANGE, 1 + ZOOM_RANGE) / 2
+    flip = tf.random.uniform([batch]) < 0.5
+    x1, x2 = 0.5 - half_x, 0.5 + half_x
+    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
+    boxes = tf.stack([0.5 - half_y, x1, 0.5 + half_y, x2], axis=1)
+    return tf.image.crop_and_resize(images, boxes, tf.range(batch), (size, size))
 
 
 def batches(
@@ -175,15 +157,13 @@ def batches(
 
     def load(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = tf.numpy_function(gather, [rows], (tf.uint8, tf.float32), stateful=False)
-        x = tf.cast(tf.ensure_shape(x, (None, size, size, 3)), tf.float32)
-        return x, tf.ensure_shape(y, (None,))
+        x = tf.ensure_shape(x, (None, size, size, 3))
+        return augment(x) if training else tf.cast(x, tf.float32), tf.ensure_shape(y, (None,))
 
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(index, np.int64))
     if training:
         ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # One worker: nothing to shard, and FILE sharding cannot apply to an index dataset.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -86,7 +86,7 @@ def setup_devices() -> Devices:
 
 def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
             stop: StopSignal) -> Prepared:
-    """Split, probe and decode every labelled image once into the cache."""
+    """Split and decode every labelled image once into the cache; name the files skipped."""
     examples = data.limit(labelled.examples, o.limit)
     train, val = data.split(examples, o.val_split)
     if not train or not val:
@@ -94,16 +94,9 @@ def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
                         f"with --val-split {o.val_split}; add images or change --val-split")
     ordered = train + val
     paths = [e.path for e in ordered]
-    hb.update(phase="scanning", step=0, steps=len(paths))
-    probes = data.probe_all(paths)
-    stop.check()
     hb.update(phase="caching", step=0, steps=len(paths))
-    images, ok, location = _image_cache(o, out, paths, [p.fmt for p in probes], hb, stop)
-    skipped = [
-        {"file": e.key, "reason": p.problem or "could not be decoded"}
-        for e, p, good in zip(ordered, probes, ok, strict=True)
-        if not good
-    ]
+    images, ok, location = _image_cache(o, out, paths, hb, stop)
+    skipped = _why_skipped([e.key for e in ordered], paths, ok)
     for s in skipped:
         log.warning("skipped %s: %s", s["file"], s["reason"])
     labels = np.array([e.label for e in ordered], np.float32)
@@ -121,8 +114,16 @@ def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
                     skipped, location)
 
 
-def _image_cache(o: Options, out: Path, paths: list[str], formats: list[str | None],
-                 hb: Heartbeat, stop: StopSignal) -> tuple[np.ndarray, np.ndarray, str]:
+def _why_skipped(names: list[str], paths: list[str], ok: np.ndarray) -> list[dict]:
+    """Name every file that did not decode, with the reason its bytes give."""
+    bad = np.flatnonzero(~ok)
+    probes = data.probe_all([paths[i] for i in bad])
+    return [{"file": names[i], "reason": p.problem or "could not be decoded"}
+            for i, p in zip(bad, probes, strict=True)]
+
+
+def _image_cache(o: Options, out: Path, paths: list[str], hb: Heartbeat,
+                 stop: StopSignal) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode into RAM when it fits, else into a .npy on disk (reused by --resume)."""
     n = len(paths)
     on_disk = o.cache == "disk" or (
@@ -144,7 +145,7 @@ def _image_cache(o: Options, out: Path, paths: list[str], formats: list[str | No
         hb.update(step=done)
         stop.check()
 
-    ok = pipeline.decode_into(images, paths, formats, o.img_size, progress)
+    ok = pipeline.decode_into(images, paths, o.img_size, progress)
     seconds = time.monotonic() - started
     log.info("decoded %d images in %.1f s (%.0f images/s) into %s",
              int(ok.sum()), seconds, n / max(seconds, 1e-9), location)
@@ -329,9 +330,8 @@ def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[in
     """Write submission.csv for the test images; unreadable ones get 0.5 and are listed."""
     ids, paths = [i for i, _ in items], [p for _, p in items]
     hb.update(phase="predicting", step=0, steps=len(paths))
-    probes = data.probe_all(paths)
     images, _ = pipeline.allocate(len(paths), o.img_size, None)
-    ok = pipeline.decode_into(images, paths, [p.fmt for p in probes], o.img_size,
+    ok = pipeline.decode_into(images, paths, o.img_size,
                               lambda done: (hb.update(step=done), stop.check()))
     index = np.flatnonzero(ok)
     p_dog = np.full(len(paths), 0.5, np.float32)
@@ -340,10 +340,7 @@ def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[in
         ds = pipeline.batches(images, zeros, index, PREDICT_BATCH, training=False)
         p_dog[index] = model.predict(ds, verbose=0).reshape(-1)
     outputs.write_submission(out, ids, p_dog)
-    return [
-        {"file": os.path.basename(paths[i]), "reason": probes[i].problem or "could not be decoded"}
-        for i in np.flatnonzero(~ok)
-    ]
+    return _why_skipped([os.path.basename(p) for p in paths], paths, ok)
 
 
 def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
