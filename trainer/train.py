@@ -197,7 +197,6 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
 
 
 def _fresh_model(o: Options, devices: Devices) -> keras.Model:
-    keras.utils.set_random_seed(o.seed)
     with devices.strategy.scope():
         if o.model == "scratch":
             model = models.build_scratch(o.img_size)
@@ -242,6 +241,8 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
     }
     if state["completed"]:
         log.info("resuming after epoch %d of %d", state["completed"], o.total_epochs)
+    # Weights, shuffling and augmentation; a resumed run does not replay epoch 1's order.
+    keras.utils.set_random_seed(o.seed + state["completed"])
     replicas = devices.strategy.num_replicas_in_sync
     global_batch = o.batch_size * replicas
     train_ds = pipeline.batches(prep.images, prep.labels, prep.train_index, global_batch,
@@ -260,6 +261,9 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
             model = _fine_tune_model(o, devices, ckpt.path(state["best"]))
             state["wait"] = 0
         for epoch in range(max(first, state["completed"]), end):
+            if o.patience and state["wait"] >= o.patience:  # checked first: --resume agrees
+                log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
+                break
             hb.update(phase=name, epoch=epoch + 1, epochs=o.total_epochs)
             row = _one_epoch(model, name, epoch, train_ds, val_ds, len(prep.train_index),
                              callbacks, state, ckpt, stop)
@@ -281,9 +285,6 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
                      row["accuracy"], row["val_loss"], row["val_accuracy"], row["seconds"],
                      row["images_per_second"], " *best*" if improved else "")
             stop.check()
-            if o.patience and state["wait"] >= o.patience:
-                log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
-                break
         state["phases_done"].append(name)
         ckpt.commit(state)
     return state
