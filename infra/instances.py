@@ -1,0 +1,199 @@
+"""The instance lifecycle: launch with fallbacks, wait, describe, find by tag, terminate."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+
+from botocore.exceptions import ClientError, WaiterError
+
+from .aws import error_code, translated
+from .errors import CapacityError, QuotaError, WaitTimeout
+from .models import TAG_BOX, TAG_PROJECT, Attempt, Instance, Launched, LaunchSpec
+
+# Answers that mean "not here, not now": try the next zone, type or market.
+CAPACITY_ERROR_CODES = frozenset({
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+    "Unsupported", "InstanceLimitExceeded", "SpotMaxPriceTooLow", "UnfulfillableCapacity",
+    "InsufficientFreeAddressesInSubnet",
+})
+# Account quotas: no other zone or type helps. (family letter, market) -> Service Quotas name.
+QUOTA_ERROR_CODES = frozenset({"VcpuLimitExceeded", "MaxSpotInstanceCountExceeded"})
+QUOTA_NAMES = {
+    ("g", "on-demand"): "Running On-Demand G and VT instances (L-DB2E81BA)",
+    ("g", "spot"): "All G and VT Spot Instance Requests (L-3819A6DF)",
+    ("p", "on-demand"): "Running On-Demand P instances (L-417A185B)",
+    ("p", "spot"): "All P Spot Instance Requests (L-7212CCBC)",
+}
+LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+RUNNING_POLL_S = 5
+TERMINATED_POLL_S = 5
+
+
+def zones_offering(ec2, instance_type: str) -> list[str]:
+    """The availability zones of the region that offer instance_type."""
+    with translated(f"list the zones offering {instance_type}"):
+        offerings = ec2.describe_instance_type_offerings(
+            LocationType="availability-zone",
+            Filters=[{"Name": "instance-type", "Values": [instance_type]}],
+        )["InstanceTypeOfferings"]
+    return sorted({o["Location"] for o in offerings})
+
+
+def _run_args(spec: LaunchSpec, instance_type: str, zone: str, market: str) -> dict:
+    tags = [{"Key": k, "Value": v} for k, v in spec.tags.items()]
+    args = {
+        "ImageId": spec.image.image_id,
+        "InstanceType": instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "KeyName": spec.key_name,
+        "SecurityGroupIds": [spec.security_group_id],
+        "Placement": {"AvailabilityZone": zone},
+        "UserData": spec.user_data,
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 2},
+        "BlockDeviceMappings": [{
+            "DeviceName": spec.image.root_device_name,
+            "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "Encrypted": True,
+                    "DeleteOnTermination": True},
+        }],
+        # The watchdog powers the box off; AWS then terminates it and the bill stops.
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                              {"ResourceType": "volume", "Tags": tags}],
+        # Idempotent: a retried request cannot start a second instance.
+        "ClientToken": f"dlbox-{uuid.uuid4().hex}",
+    }
+    if market == "spot":
+        args["InstanceMarketOptions"] = {
+            "MarketType": "spot",
+            "SpotOptions": {"SpotInstanceType": "one-time",
+                            "InstanceInterruptionBehavior": "terminate"},
+        }
+    if spec.iam_instance_profile:
+        args["IamInstanceProfile"] = {"Name": spec.iam_instance_profile}
+    return args
+
+
+def _quota_error(exc: ClientError, instance_type: str, market: str) -> QuotaError:
+    quota = QUOTA_NAMES.get((instance_type[:1], market), f"the EC2 quota for {instance_type}")
+    message = exc.response.get("Error", {}).get("Message", "")
+    return QuotaError(
+        f"AWS quota reached for {market} {instance_type} ({error_code(exc)}: {message}); "
+        f"request more in the Service Quotas console: EC2 → {quota}"
+    )
+
+
+def launch(ec2, spec: LaunchSpec, on_launched: Callable[[str], None]) -> Launched:
+    """Launch one instance: each zone of each type, spot first if asked, then on-demand.
+
+    on_launched(instance_id) runs the moment run_instances answers, before any waiting,
+    so the caller can record the id and an interrupt never leaves an untracked instance.
+    """
+    markets = ["spot", "on-demand"] if spec.spot and spec.spot_fallback else (
+        ["spot"] if spec.spot else ["on-demand"])
+    attempts: list[Attempt] = []
+    for market in markets:
+        for instance_type in spec.instance_types:
+            zones = zones_offering(ec2, instance_type)
+            if not zones:
+                attempts.append(Attempt(instance_type, "-", market, "not offered in this region"))
+            for zone in zones:
+                with translated(f"launch a {market} {instance_type} in {zone}"):
+                    try:
+                        raw = ec2.run_instances(**_run_args(spec, instance_type, zone, market))
+                    except ClientError as exc:
+                        code = error_code(exc)
+                        if code in QUOTA_ERROR_CODES:
+                            raise _quota_error(exc, instance_type, market) from exc
+                        if code not in CAPACITY_ERROR_CODES:
+                            raise
+                        attempts.append(Attempt(instance_type, zone, market, code))
+                        continue
+                instance = _instance(raw["Instances"][0])
+                on_launched(instance.instance_id)
+                attempts.append(Attempt(instance_type, zone, market, "launched"))
+                return Launched(instance, tuple(attempts))
+    tried = "; ".join(f"{a.market} {a.instance_type} in {a.zone}: {a.outcome}" for a in attempts)
+    raise CapacityError(f"no capacity for any instance type tried ({tried}); try later, "
+                        "another region, or more instance_types", tuple(attempts))
+
+
+def _instance(raw: dict) -> Instance:
+    return Instance(
+        instance_id=raw["InstanceId"],
+        instance_type=raw["InstanceType"],
+        state=raw["State"]["Name"],
+        zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
+        spot=raw.get("InstanceLifecycle") == "spot",
+        launch_time=raw["LaunchTime"],
+        public_ip=raw.get("PublicIpAddress"),
+        image_id=raw.get("ImageId", ""),
+        tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+    )
+
+
+def describe(ec2, instance_id: str) -> Instance | None:
+    """The instance, or None if AWS no longer knows it."""
+    with translated(f"describe {instance_id}"):
+        try:
+            reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        except ClientError as exc:
+            if error_code(exc) == "InvalidInstanceID.NotFound":
+                return None
+            raise
+    found = [i for r in reservations for i in r["Instances"]]
+    return _instance(found[0]) if found else None
+
+
+def find(ec2, *, project: str | None = None, box: str | None = None) -> list[Instance]:
+    """Live dlbox instances, found by their tags (no local state needed)."""
+    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+               {"Name": "tag-key", "Values": [TAG_BOX]}]
+    if project is not None:
+        filters.append({"Name": f"tag:{TAG_PROJECT}", "Values": [project]})
+    if box is not None:
+        filters.append({"Name": f"tag:{TAG_BOX}", "Values": [box]})
+    with translated("list dlbox instances"):
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        return [_instance(i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def _wait(ec2, waiter_name: str, ids: list[str], poll_s: int, timeout_s: float, what: str) -> None:
+    if not ids:
+        return  # a waiter on an empty list would describe every instance in the region
+    waiter = ec2.get_waiter(waiter_name)
+    config = {"Delay": poll_s, "MaxAttempts": max(1, math.ceil(timeout_s / poll_s))}
+    with translated(what):
+        try:
+            waiter.wait(InstanceIds=ids, WaiterConfig=config)
+        except WaiterError as exc:
+            if "Max attempts exceeded" in str(exc):
+                raise WaitTimeout(f"{what}: still not done after {timeout_s:.0f} s") from exc
+            raise WaitTimeout(f"{what}: {exc}") from exc
+
+
+def wait_running(ec2, instance_id: str, timeout_s: float) -> Instance:
+    """Block until the instance runs (bounded); return it with its public IP."""
+    _wait(ec2, "instance_running", [instance_id], RUNNING_POLL_S, timeout_s,
+          f"wait for {instance_id} to run")
+    instance = describe(ec2, instance_id)
+    assert instance is not None  # the waiter just saw it running
+    return instance
+
+
+def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
+    """Terminate and wait until AWS reports every instance terminated (the bill stopped)."""
+    if not instance_ids:
+        return
+    with translated("terminate " + ", ".join(instance_ids)):
+        try:
+            ec2.terminate_instances(InstanceIds=instance_ids)
+        except ClientError as exc:
+            if error_code(exc) != "InvalidInstanceID.NotFound":
+                raise
+            return
+    _wait(ec2, "instance_terminated", instance_ids, TERMINATED_POLL_S, timeout_s,
+          "wait for " + ", ".join(instance_ids) + " to terminate")

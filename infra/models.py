@@ -1,0 +1,80 @@
+"""Frozen dataclasses that cross the infra boundary (raw boto3 dicts never leave infra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+TAG_BOX = "dlbox:box"
+TAG_PROJECT = "dlbox:project"
+TAG_OWNER = "dlbox:owner"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A resolved AMI."""
+
+    image_id: str
+    name: str
+    root_device_name: str
+    source: str  # how it was found: "ssm:PATH", "name:PATTERN" or "id"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything run_instances needs, minus the type, zone and market being tried."""
+
+    box: str  # the box's name, also its Name tag
+    project: str
+    owner: str
+    image: Image
+    instance_types: tuple[str, ...]
+    spot: bool
+    spot_fallback: bool  # on-demand when spot has no capacity anywhere
+    key_name: str
+    security_group_id: str
+    disk_gb: int
+    user_data: str
+    iam_instance_profile: str | None = None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {TAG_BOX: self.box, TAG_PROJECT: self.project, TAG_OWNER: self.owner,
+                "Name": self.box}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at launching: what was asked and what AWS answered."""
+
+    instance_type: str
+    zone: str
+    market: str  # "spot" or "on-demand"
+    outcome: str  # "launched" or the AWS error code
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What dlbox needs to know about one EC2 instance."""
+
+    instance_id: str
+    instance_type: str
+    state: str  # pending, running, stopping, stopped, shutting-down, terminated
+    zone: str
+    spot: bool
+    launch_time: datetime
+    public_ip: str | None
+    image_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def box(self) -> str | None:
+        return self.tags.get(TAG_BOX)
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A launch that succeeded, with every attempt it took."""
+
+    instance: Instance
+    attempts: tuple[Attempt, ...]

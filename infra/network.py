@@ -1,0 +1,116 @@
+"""Idempotent set-up kept apart from instances: the SSH key pair and the security group."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from botocore.exceptions import ClientError
+
+from .aws import error_code, translated
+from .errors import InfraError
+
+SSH_PROTOCOL = "tcp"
+
+
+def _tag_spec(resource: str, tags: dict[str, str]) -> list[dict]:
+    return [{"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+
+
+def ensure_key_pair(ec2, name: str, public_key: str, tags: dict[str, str]) -> bool:
+    """Import public_key as key pair name unless it exists; return True if created now."""
+    with translated(f"import key pair {name}"):
+        try:
+            ec2.describe_key_pairs(KeyNames=[name])
+            return False
+        except ClientError as exc:
+            if error_code(exc) != "InvalidKeyPair.NotFound":
+                raise
+        try:
+            ec2.import_key_pair(KeyName=name, PublicKeyMaterial=public_key.encode(),
+                                TagSpecifications=_tag_spec("key-pair", tags))
+        except ClientError as exc:
+            if error_code(exc) != "InvalidKeyPair.Duplicate":  # another `up` won the race
+                raise
+            return False
+    return True
+
+
+def delete_key_pair(ec2, name: str) -> None:
+    with translated(f"delete key pair {name}"):
+        ec2.delete_key_pair(KeyName=name)  # idempotent on AWS's side
+
+
+def check_cidr(cidr: str) -> str:
+    """A normalised CIDR that is never the whole internet."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise InfraError(f"{cidr!r} is not an IP address or CIDR; pass e.g. 203.0.113.7/32") from exc
+    if net.prefixlen == 0:
+        raise InfraError(f"refusing to open SSH to {cidr} (the whole internet); pass your "
+                         "own address as a /32")
+    return str(net)
+
+
+def ensure_security_group(ec2, name: str, ssh_cidr: str, ssh_port: int,
+                          tags: dict[str, str]) -> tuple[str, bool]:
+    """A group in the default VPC whose only ingress is SSH from ssh_cidr; (id, created now)."""
+    cidr = check_cidr(ssh_cidr)
+    with translated(f"set up security group {name}"):
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise InfraError("this region has no default VPC; create one with "
+                             "`aws ec2 create-default-vpc`")
+        by_name = [{"Name": "group-name", "Values": [name]},
+                   {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]}]
+        created = False
+        if not ec2.describe_security_groups(Filters=by_name)["SecurityGroups"]:
+            try:
+                ec2.create_security_group(
+                    GroupName=name, Description="dlbox: SSH from the caller's address only",
+                    VpcId=vpcs[0]["VpcId"], TagSpecifications=_tag_spec("security-group", tags),
+                )
+                created = True
+            except ClientError as exc:
+                if error_code(exc) != "InvalidGroup.Duplicate":  # another `up` won the race
+                    raise
+        group = ec2.describe_security_groups(Filters=by_name)["SecurityGroups"][0]
+        _only_ssh_from(ec2, group, cidr, ssh_port)
+    return group["GroupId"], created
+
+
+def _ssh_permission(cidr: str, port: int) -> dict:
+    if ipaddress.ip_network(cidr).version == 4:
+        ranges = {"IpRanges": [{"CidrIp": cidr, "Description": "dlbox: caller's address"}]}
+    else:
+        ranges = {"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "dlbox: caller's address"}]}
+    return {"IpProtocol": SSH_PROTOCOL, "FromPort": port, "ToPort": port, **ranges}
+
+
+def _is_only(permission: dict, cidr: str, port: int) -> bool:
+    cidrs = [r["CidrIp"] for r in permission.get("IpRanges", [])]
+    cidrs += [r["CidrIpv6"] for r in permission.get("Ipv6Ranges", [])]
+    return (permission.get("IpProtocol") == SSH_PROTOCOL and permission.get("FromPort") == port
+            and permission.get("ToPort") == port and cidrs == [cidr]
+            and not permission.get("UserIdGroupPairs") and not permission.get("PrefixListIds"))
+
+
+def _only_ssh_from(ec2, group: dict, cidr: str, port: int) -> None:
+    """Revoke every other ingress rule (say, yesterday's address), then allow cidr on port."""
+    rules = group.get("IpPermissions", [])
+    stale = [p for p in rules if not _is_only(p, cidr, port)]
+    if stale:
+        ec2.revoke_security_group_ingress(GroupId=group["GroupId"], IpPermissions=stale)
+    if len(stale) == len(rules):
+        ec2.authorize_security_group_ingress(GroupId=group["GroupId"],
+                                             IpPermissions=[_ssh_permission(cidr, port)])
+
+
+def delete_security_group(ec2, group_id: str) -> None:
+    """Delete the group; gone already is fine."""
+    with translated(f"delete security group {group_id}"):
+        try:
+            ec2.delete_security_group(GroupId=group_id)
+        except ClientError as exc:
+            if error_code(exc) != "InvalidGroup.NotFound":
+                raise
