@@ -8,6 +8,7 @@ from botocore.exceptions import ClientError
 
 from .aws import error_code, translated
 from .errors import InfraError
+from .models import TAG_PROJECT
 
 SSH_PROTOCOL = "tcp"
 
@@ -114,3 +115,19 @@ def delete_security_group(ec2, group_id: str) -> None:
         except ClientError as exc:
             if error_code(exc) != "InvalidGroup.NotFound":
                 raise
+
+
+def tagged_security_groups(ec2) -> list[str]:
+    """Ids of every security group dlbox created in the region."""
+    with translated("list dlbox security groups"):
+        groups = ec2.describe_security_groups(
+            Filters=[{"Name": "tag-key", "Values": [TAG_PROJECT]}])["SecurityGroups"]
+    return [g["GroupId"] for g in groups]
+
+
+def tagged_key_pairs(ec2) -> list[str]:
+    """Names of every key pair dlbox imported in the region."""
+    with translated("list dlbox key pairs"):
+        pairs = ec2.describe_key_pairs(
+            Filters=[{"Name": "tag-key", "Values": [TAG_PROJECT]}])["KeyPairs"]
+    return [p["KeyName"] for p in pairs]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -38,9 +43,163 @@ def main(
     """dlbox: three commands from a laptop to a trained CNN."""
 
 
+EXIT_INFRA = 1
+EXIT_INTERRUPTED = 130
+
+
 def _fail(exc: DlboxError) -> typer.Exit:
     typer.secho(f"dlbox: error: {exc}", err=True, fg=typer.colors.RED)
     return typer.Exit(exc.exit_code)
+
+
+def _say(message: str) -> None:
+    typer.echo(message)
+
+
+@contextlib.contextmanager
+def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
+    """The one place where dlbox's and infra's errors become a line and an exit code."""
+    try:
+        yield
+    except DlboxError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        typer.secho("dlbox: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""),
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        # infra is imported lazily (boto3 is slow to import), so match its root by module.
+        if type(exc).__module__.startswith("infra."):
+            typer.secho(f"dlbox: error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_INFRA) from None
+        raise
+
+
+def _project() -> Path:
+    return Path.cwd()
+
+
+RegionOpt = Annotated[str | None, typer.Option("--region", help="AWS region [dlbox.toml or us-east-1].")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="AWS credentials profile.")]
+
+
+@app.command()
+def init(force: Annotated[bool, typer.Option("--force", help="Overwrite dlbox.toml.")] = False) -> None:
+    """Write a commented dlbox.toml with the built-in defaults."""
+    from .config import write_default
+
+    with _errors():
+        path = write_default(_project(), force)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def up(
+    region: RegionOpt = None,
+    profile: ProfileOpt = None,
+    instance_type: Annotated[list[str] | None, typer.Option(
+        "--instance-type", "-t", help="Instance type to try (repeat for a fallback list).")] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Spot or on-demand.")] = None,
+    disk_gb: Annotated[int | None, typer.Option(help="Root volume size in GiB.")] = None,
+    idle_minutes: Annotated[int | None, typer.Option(
+        help="Power off after N idle minutes (0: never).")] = None,
+    max_lifetime_minutes: Annotated[int | None, typer.Option(
+        help="Power off N minutes after launch at the latest (0: never).")] = None,
+    ssh_cidr: Annotated[str | None, typer.Option(help="Allow SSH from this CIDR, not your IP/32.")] = None,
+    ssh_user: Annotated[str | None, typer.Option(help="The AMI's SSH user [ubuntu].")] = None,
+    ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
+) -> None:
+    """Provision a GPU box on EC2 (or reuse this project's) and wait until SSH answers."""
+    from . import config, ec2box
+
+    with _errors("the box (if launched) is recorded in .dlbox/state.json: run `dlbox up` to "
+                 "keep waiting or `dlbox down` to terminate it"):
+        cfg = config.load(_project(), region=region, profile=profile, instance_types=instance_type,
+                          spot=spot, disk_gb=disk_gb, idle_minutes=idle_minutes,
+                          max_lifetime_minutes=max_lifetime_minutes, ssh_cidr=ssh_cidr,
+                          ssh_user=ssh_user, ami=ami)
+        ec2box.up(_project(), cfg, _say)
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+@app.command()
+def status() -> None:
+    """Show this project's box as AWS sees it: state, address, uptime, cost, watchdog."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import ec2box
+
+    with _errors():
+        st = ec2box.status(_project())
+    if st is None:
+        typer.echo("no box is up in this project (`dlbox up` starts one)")
+        return
+    box = st.box
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("box", box.name),
+        ("instance", box.instance_id or "launch in flight"),
+        ("type", f"{box.instance_type or '?'} ({'spot' if box.spot else 'on-demand'}) in {box.zone or '?'}"),
+        ("state", st.state),
+        ("address", f"{st.public_ip}:{box.ssh_port}" if st.public_ip else "-"),
+        ("uptime", _duration(st.uptime_seconds)),
+        ("cost so far", f"${st.cost_usd:.2f} at ${box.usd_per_hour:.3f}/h" if st.cost_usd is not None
+         else "unknown"),
+        ("watchdog", _watchdog_line(box, st)),
+    ]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    Console().print(table)
+
+
+def _watchdog_line(box, st) -> str:
+    parts = []
+    if box.idle_minutes:
+        parts.append(f"powers off after {box.idle_minutes} idle minutes")
+    if st.lifetime_ends_at is not None:
+        left = (st.lifetime_ends_at - datetime.now(timezone.utc)).total_seconds()
+        parts.append(f"at the latest at {st.lifetime_ends_at:%Y-%m-%d %H:%M} UTC "
+                     f"(in {_duration(max(0.0, left))})")
+    return "; ".join(parts) or "off (the box runs until `dlbox down`)"
+
+
+@app.command()
+def down(
+    all_boxes: Annotated[bool, typer.Option("--all", help="Every dlbox instance in the region, "
+                                            "even without .dlbox/.")] = False,
+    region: RegionOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Terminate the box and wait until AWS confirms it, so nobody keeps paying."""
+    from . import config, ec2box
+
+    with _errors("the box may still be running: run `dlbox down` again"):
+        if all_boxes:
+            cfg = config.load(_project(), region=region, profile=profile)
+            ec2box.down_all(cfg.region, cfg.profile, _say)
+            return
+        total = ec2box.down(_project(), _say)
+    if total is not None:
+        typer.echo(f"box terminated; it cost about ${total:.2f}")
+
+
+@app.command()
+def ssh() -> None:
+    """Open an interactive shell on the box."""
+    from . import ec2box, state
+
+    config_file = state.state_dir(_project()) / ec2box.SSH_CONFIG_FILE
+    if not config_file.exists():
+        raise _fail(UsageError("no box is up in this project; run `dlbox up` first"))
+    ssh_bin = shutil.which("ssh")
+    if ssh_bin is None:
+        raise _fail(UsageError("the OpenSSH client (ssh) is not installed"))
+    os.execv(ssh_bin, [ssh_bin, "-F", str(config_file), ec2box.SSH_HOST_ALIAS])
 
 
 @data_app.command("sample")

@@ -1,0 +1,39 @@
+"""The project's SSH key: ed25519, made once under .dlbox/keys/ with mode 0600, never overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+KEY_FILE = "id_ed25519"
+
+
+def ensure(keys_dir: Path) -> tuple[Path, str]:
+    """(private key path, OpenSSH public key); creates the key if there is none yet."""
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = keys_dir / KEY_FILE
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+        try:  # O_EXCL: two concurrent `up`s cannot overwrite each other's key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+    private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                               serialization.PublicFormat.OpenSSH).decode()
+    (keys_dir / f"{KEY_FILE}.pub").write_text(public + "\n")
+    return path, public
+
+
+def fingerprint(public_key: str) -> str:
+    """A short stable id of a public key, for AWS key-pair names."""
+    return hashlib.sha256(public_key.split()[1].encode()).hexdigest()[:12]

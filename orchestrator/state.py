@@ -1,0 +1,65 @@
+"""The project's local state in .dlbox/state.json, always written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STATE_DIR = ".dlbox"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Box:
+    """The project's box. An EC2 box is recorded before run_instances returns."""
+
+    kind: str  # "ec2"
+    name: str
+    region: str
+    profile: str | None
+    key_name: str
+    key_path: str
+    created_key: bool  # dlbox imported the key pair: `down` deletes it
+    security_group_id: str
+    created_group: bool  # dlbox created the group: `down` deletes it
+    ssh_user: str
+    ssh_port: int
+    idle_minutes: int
+    max_lifetime_minutes: int
+    instance_id: str | None = None  # None while the launch request is in flight
+    instance_type: str | None = None
+    zone: str | None = None
+    spot: bool = False
+    host: str | None = None
+    usd_per_hour: float | None = None
+
+
+def state_dir(project_dir: Path) -> Path:
+    return project_dir / STATE_DIR
+
+
+def load_box(project_dir: Path) -> Box | None:
+    path = state_dir(project_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text()).get("box")
+    if not data:
+        return None
+    known = {f.name for f in fields(Box)}
+    return Box(**{k: v for k, v in data.items() if k in known})
+
+
+def save_box(project_dir: Path, box: Box | None) -> None:
+    """Replace the state file in one rename: a crash leaves the old or the new one."""
+    directory = state_dir(project_dir)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / STATE_FILE
+    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"version": STATE_VERSION, "box": asdict(box) if box else None},
+                              indent=2) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # the instance id must survive a power cut, not only a Ctrl-C
+    os.replace(tmp, path)
