@@ -50,3 +50,6 @@ def run_trainer(*args: str, env: dict | None = None, timeout: float = TRAINER_TI
         trainer_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+# moto: skip loading its thousands of default AMIs (≈1 s per test); set before moto loads.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")

@@ -1,0 +1,83 @@
+"""Test helpers for moto: a Deep Learning AMI and its SSM parameter, and injected EC2 errors."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime, timezone
+from unittest import mock
+
+from infra.ami import DEFAULT_NAME_PATTERN, DEFAULT_SSM_PARAMETER
+
+REGION = "us-east-1"
+DLAMI_ID = "ami-0d1a0000000000001"
+OLDER_DLAMI_ID = "ami-0d1a0000000000002"
+
+
+def _account() -> str:
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    return DEFAULT_ACCOUNT_ID
+
+
+def add_ami(image_id: str, name: str, created: datetime, region: str = REGION) -> None:
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+
+    backend = ec2_backends[_account()][region]
+    backend.amis[image_id] = Ami(
+        backend, image_id, name=name, owner_alias="amazon", owner_id="898082745236",
+        architecture="x86_64", root_device_type="ebs", root_device_name="/dev/sda1",
+        creation_date=created, virtualization_type="hvm", region_name=region,
+    )
+
+
+def add_ssm_parameter(name: str, value: str, region: str = REGION) -> None:
+    from moto.ssm.models import Parameter, ssm_backends
+
+    backend = ssm_backends[_account()][region]
+    backend._parameters[name].append(Parameter(
+        account_id=_account(), name=name, value=value, parameter_type="String",
+        description=None, allowed_pattern=None, keyid=None,
+        last_modified_date=datetime.now(timezone.utc), version=1, data_type="text",
+    ))
+
+
+def install_dlami(region: str = REGION, with_ssm: bool = True) -> None:
+    """Two DLAMIs by name (the newer one is DLAMI_ID) and, optionally, the SSM parameter."""
+    add_ami(OLDER_DLAMI_ID, DEFAULT_NAME_PATTERN.replace("*", "20260901"),
+            datetime(2026, 9, 1, tzinfo=timezone.utc), region)
+    add_ami(DLAMI_ID, DEFAULT_NAME_PATTERN.replace("*", "20261101"),
+            datetime(2026, 11, 1, tzinfo=timezone.utc), region)
+    if with_ssm:
+        add_ssm_parameter(DEFAULT_SSM_PARAMETER, DLAMI_ID, region)
+
+
+@contextlib.contextmanager
+def ec2_errors(rule):
+    """Make moto's run_instances raise rule(kwargs)'s error code (None: launch normally).
+
+    Patches the backend, so it works in-process and through moto's server alike.
+    """
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+    calls: list[dict] = []
+
+    def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        calls.append(kwargs)
+        code = rule(kwargs)
+        if code:
+            raise EC2ClientError(code, f"injected by the test: {code}")
+        return original(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    with mock.patch.object(EC2Backend, "run_instances", run_instances):
+        yield calls
+
+
+@contextlib.contextmanager
+def public_ip(address: str):
+    """Give new moto instances this public IP (e.g. a loopback sshd)."""
+    with mock.patch("moto.ec2.models.elastic_network_interfaces.random_public_ip",
+                    return_value=address):
+        yield

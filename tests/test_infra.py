@@ -1,0 +1,167 @@
+"""infra against moto in-process: what the described AWS resources really have."""
+
+from __future__ import annotations
+
+import base64
+
+import boto3
+import pytest
+
+from infra import ami, instances, network
+from infra.errors import CapacityError, InfraError, QuotaError, RegionError
+from infra.models import LaunchSpec
+from tests.awsfakes import DLAMI_ID, OLDER_DLAMI_ID, REGION, ec2_errors, install_dlami
+
+PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0JgG3sX9gdkkR6sWw1k9z3E8hYjC7M1v0A3v0GdVJ0 t"
+
+
+@pytest.fixture()
+def aws(monkeypatch):
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with mock_aws():
+        yield boto3.client("ec2", region_name=REGION), boto3.client("ssm", region_name=REGION)
+
+
+@pytest.fixture()
+def dlami(aws):
+    install_dlami()
+    return aws
+
+
+def _spec(ec2, **overrides) -> LaunchSpec:
+    image = ami.resolve(ec2, boto3.client("ssm", region_name=REGION))
+    network.ensure_key_pair(ec2, "k", PUBLIC_KEY, {"dlbox:project": "p"})
+    group, _ = network.ensure_security_group(ec2, "dlbox-p", "203.0.113.7/32", 22,
+                                             {"dlbox:project": "p"})
+    fields = dict(box="dlbox-p-1", project="p", owner="me", image=image,
+                  instance_types=("g4dn.xlarge", "g5.xlarge"), spot=False, spot_fallback=True,
+                  key_name="k", security_group_id=group, disk_gb=120, user_data="#!/bin/bash\n")
+    return LaunchSpec(**{**fields, **overrides})
+
+
+def test_ami_from_the_ssm_parameter(dlami):
+    ec2, ssm = dlami
+    image = ami.resolve(ec2, ssm)
+    assert image.image_id == DLAMI_ID and image.source.startswith("ssm:")
+
+
+def test_ami_falls_back_to_the_newest_by_name(aws):
+    install_dlami(with_ssm=False)
+    ec2, ssm = aws
+    image = ami.resolve(ec2, ssm)
+    assert image.image_id == DLAMI_ID and image.source.startswith("name:")
+    assert ami.resolve(ec2, ssm, OLDER_DLAMI_ID).image_id == OLDER_DLAMI_ID
+
+
+def test_ami_errors_name_the_region(aws):
+    ec2, ssm = aws
+    with pytest.raises(RegionError, match="us-east-1"):
+        ami.resolve(ec2, ssm)
+    with pytest.raises(RegionError, match="does not exist"):
+        ami.resolve(ec2, ssm, "ami-00000000000000000")
+    with pytest.raises(RegionError, match="SSM parameter"):
+        ami.resolve(ec2, ssm, "/aws/service/nothing/here")
+
+
+def test_security_group_allows_ssh_from_one_address_only(aws):
+    ec2, _ = aws
+    group, created = network.ensure_security_group(ec2, "dlbox-p", "203.0.113.7/32", 22,
+                                                   {"dlbox:project": "p"})
+    assert created
+    again, created_again = network.ensure_security_group(ec2, "dlbox-p", "198.51.100.9/32", 22,
+                                                         {"dlbox:project": "p"})
+    assert again == group and not created_again
+    rules = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], [x["CidrIp"] for x in r["IpRanges"]]) for r in rules] == [
+        (22, 22, ["198.51.100.9/32"])
+    ]
+    with pytest.raises(InfraError, match="whole internet"):
+        network.ensure_security_group(ec2, "dlbox-p", "0.0.0.0/0", 22, {})
+
+
+def test_key_pair_is_imported_once(aws):
+    ec2, _ = aws
+    assert network.ensure_key_pair(ec2, "k", PUBLIC_KEY, {"dlbox:project": "p"})
+    assert not network.ensure_key_pair(ec2, "k", PUBLIC_KEY, {"dlbox:project": "p"})
+    assert network.tagged_key_pairs(ec2) == ["k"]
+
+
+def test_launched_instance_is_hardened_and_tagged(dlami):
+    ec2, _ = dlami
+    recorded = []
+    launched = instances.launch(ec2, _spec(ec2), on_launched=recorded.append)
+    inst = launched.instance
+    assert recorded == [inst.instance_id]
+    raw = ec2.describe_instances(InstanceIds=[inst.instance_id])["Reservations"][0]["Instances"][0]
+    assert raw["MetadataOptions"]["HttpTokens"] == "required"
+    assert raw["ImageId"] == DLAMI_ID and raw["KeyName"] == "k"
+    tags = {t["Key"]: t["Value"] for t in raw["Tags"]}
+    assert tags == {"dlbox:box": "dlbox-p-1", "dlbox:project": "p", "dlbox:owner": "me",
+                    "Name": "dlbox-p-1"}
+    shutdown = ec2.describe_instance_attribute(InstanceId=inst.instance_id,
+                                               Attribute="instanceInitiatedShutdownBehavior")
+    assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    user_data = ec2.describe_instance_attribute(InstanceId=inst.instance_id, Attribute="userData")
+    assert base64.b64decode(user_data["UserData"]["Value"]).startswith(b"#!/bin/bash")
+    volume_id = raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    assert volume["Encrypted"] and volume["Size"] == 120 and volume["VolumeType"] == "gp3"
+    assert {t["Key"]: t["Value"] for t in volume["Tags"]}["dlbox:box"] == "dlbox-p-1"
+    group = ec2.describe_security_groups(GroupIds=[raw["SecurityGroups"][0]["GroupId"]])
+    cidrs = [r["CidrIp"] for p in group["SecurityGroups"][0]["IpPermissions"] for r in p["IpRanges"]]
+    assert cidrs == ["203.0.113.7/32"]
+
+
+def test_capacity_errors_move_to_the_next_zone_then_the_next_type(dlami):
+    ec2, _ = dlami
+    g4_zones = instances.zones_offering(ec2, "g4dn.xlarge")
+    with ec2_errors(lambda kw: "InsufficientInstanceCapacity"
+                    if kw["instance_type"] == "g4dn.xlarge" else None) as calls:
+        launched = instances.launch(ec2, _spec(ec2), on_launched=lambda _: None)
+    assert launched.instance.instance_type == "g5.xlarge"
+    assert [c["placement"] for c in calls[: len(g4_zones)]] == g4_zones
+    assert [a.outcome for a in launched.attempts[:-1]] == ["InsufficientInstanceCapacity"] * len(g4_zones)
+
+
+def test_quota_error_names_the_quota_and_stops(dlami):
+    ec2, _ = dlami
+    with ec2_errors(lambda kw: "VcpuLimitExceeded") as calls, \
+            pytest.raises(QuotaError, match="Running On-Demand G and VT instances"):
+        instances.launch(ec2, _spec(ec2), on_launched=lambda _: None)
+    assert len(calls) == 1
+    assert instances.find(ec2) == []
+
+
+def test_spot_without_capacity_falls_back_to_on_demand_when_allowed(dlami):
+    ec2, _ = dlami
+
+    def no_spot(kw):
+        return "InsufficientInstanceCapacity" if kw["instance_market_options"] == "spot" else None
+
+    with ec2_errors(no_spot):
+        launched = instances.launch(ec2, _spec(ec2, spot=True), on_launched=lambda _: None)
+        assert not launched.instance.spot
+        assert {a.market for a in launched.attempts} == {"spot", "on-demand"}
+        with pytest.raises(CapacityError, match=r"spot g5\.xlarge"):
+            instances.launch(ec2, _spec(ec2, spot=True, spot_fallback=False), on_launched=lambda _: None)
+
+
+def test_spot_launch_is_spot(dlami):
+    ec2, _ = dlami
+    launched = instances.launch(ec2, _spec(ec2, spot=True), on_launched=lambda _: None)
+    assert launched.instance.spot
+
+
+def test_find_by_tag_and_terminate_until_terminated(dlami):
+    ec2, _ = dlami
+    inst = instances.launch(ec2, _spec(ec2), on_launched=lambda _: None).instance
+    assert [i.instance_id for i in instances.find(ec2, project="p")] == [inst.instance_id]
+    assert instances.find(ec2, project="other") == []
+    instances.terminate(ec2, [inst.instance_id], timeout_s=30)
+    assert instances.describe(ec2, inst.instance_id).state == "terminated"
+    assert instances.find(ec2) == []
+    instances.terminate(ec2, [], timeout_s=30)  # nothing to do is fine

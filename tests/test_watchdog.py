@@ -1,0 +1,87 @@
+"""The box's watchdog script, rendered from its template and run here with a fake power-off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from orchestrator.config import Config
+from orchestrator.ec2box import user_data
+from orchestrator.render import render
+
+UNUSED_PORT = 1  # no SSH session can be established on it here
+
+
+def _watchdog(tmp_path, idle_s: int, lifetime_s: int):
+    script = tmp_path / "dlbox-watchdog"
+    script.write_text(render(
+        "watchdog.sh.j2", state_dir=str(tmp_path / "state"), idle_seconds=idle_s,
+        max_lifetime_seconds=lifetime_s, ssh_port=UNUSED_PORT,
+        poweroff_command=f"touch {tmp_path / 'powered-off'}",
+    ))
+    script.chmod(0o755)
+
+    def run(born_ago: int | None = None, active_ago: int | None = None) -> bool:
+        state = tmp_path / "state"
+        state.mkdir(exist_ok=True)
+        now = int(time.time())
+        if born_ago is not None:
+            (state / "born").write_text(f"{now - born_ago}\n")
+        if active_ago is not None:
+            (state / "last-active").write_text(f"{now - active_ago}\n")
+        (tmp_path / "powered-off").unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return (tmp_path / "powered-off").exists()
+
+    return run
+
+
+def test_idle_box_powers_off_after_the_limit(tmp_path):
+    run = _watchdog(tmp_path, idle_s=60, lifetime_s=0)
+    assert not run(born_ago=10)  # fresh box, idle 10 s
+    assert not run(born_ago=3600, active_ago=30)
+    assert run(born_ago=3600, active_ago=61)
+    assert "idle for" in (tmp_path / "state" / "poweroff.log").read_text()
+
+
+@pytest.fixture()
+def trainer_like_process():
+    """A process whose command line looks like a dlbox run (`... -m trainer ...`)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "trainer"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_running_training_keeps_the_box_alive(tmp_path, trainer_like_process):
+    run = _watchdog(tmp_path, idle_s=60, lifetime_s=0)
+    assert not run(born_ago=3600, active_ago=600)
+    last = int((tmp_path / "state" / "last-active").read_text())
+    assert abs(last - time.time()) < 5  # activity moved the idle clock
+
+
+def test_maximum_lifetime_wins_even_when_busy(tmp_path, trainer_like_process):
+    run = _watchdog(tmp_path, idle_s=60, lifetime_s=120)
+    assert not run(born_ago=100)
+    assert run(born_ago=121)
+    assert "maximum lifetime" in (tmp_path / "state" / "poweroff.log").read_text()
+
+
+def test_zero_disables_both_limits(tmp_path):
+    run = _watchdog(tmp_path, idle_s=0, lifetime_s=0)
+    assert not run(born_ago=10**6, active_ago=10**6)
+
+
+def test_user_data_installs_the_rendered_watchdog_and_timer():
+    text = user_data(Config(idle_minutes=45, max_lifetime_minutes=90, ssh_port=2222))
+    assert text.startswith("#!/bin/bash")
+    assert "IDLE_LIMIT_S=2700" in text and "LIFETIME_LIMIT_S=5400" in text
+    assert "SSH_PORT=2222" in text
+    assert "systemctl enable --now dlbox-watchdog.timer" in text
+    assert "OnUnitActiveSec=1min" in text
+    result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
