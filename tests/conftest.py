@@ -53,3 +53,13 @@ def run_trainer(*args: str, env: dict | None = None, timeout: float = TRAINER_TI
 
 # moto: skip loading its thousands of default AMIs (≈1 s per test); set before moto loads.
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 (installed by .ci/run: openssh-server)."""
+    from tests import sshd as sshd_mod
+
+    server = sshd_mod.start(tmp_path_factory.mktemp("sshd"))
+    yield server
+    sshd_mod.stop(server)

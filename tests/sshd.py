@@ -1,0 +1,70 @@
+"""A real OpenSSH server on loopback for tests (own host key, own authorized key, own port)."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"  # absolute: sshd re-executes itself
+SSHD_READY_TIMEOUT_S = 10
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class Sshd:
+    host: str
+    port: int
+    user: str
+    client_key: Path
+    host_public_key: str
+    proc: subprocess.Popen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def banner(host: str, port: int) -> bytes:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            return s.recv(64)
+    except OSError:
+        return b""
+
+
+def start(directory: Path) -> Sshd:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("host_ed25519", "client_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
+                       check=True)
+    (directory / "authorized_keys").write_text((directory / "client_ed25519.pub").read_text())
+    port, user = free_port(), getpass.getuser()
+    config = directory / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {directory / 'host_ed25519'}",
+        f"PidFile {directory / 'sshd.pid'}", f"AuthorizedKeysFile {directory / 'authorized_keys'}",
+        "StrictModes no", "UsePAM no", "PasswordAuthentication no", "PubkeyAuthentication yes",
+        "PermitRootLogin prohibit-password", f"AllowUsers {user}",
+        "Subsystem sftp internal-sftp", "",
+    ]))
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
+    while not banner("127.0.0.1", port).startswith(b"SSH-"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"sshd did not start: {proc.stderr.read().decode()}")
+        time.sleep(POLL_S)
+    return Sshd("127.0.0.1", port, user, directory / "client_ed25519",
+                (directory / "host_ed25519.pub").read_text().strip(), proc)
+
+
+def stop(server: Sshd) -> None:
+    server.proc.terminate()
+    server.proc.wait(timeout=10)

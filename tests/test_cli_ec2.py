@@ -1,0 +1,245 @@
+"""`dlbox up/status/down` run as a subprocess against moto's server over HTTP, SSH on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests import awsfakes
+from tests.sshd import free_port
+
+CALLER_IP = "203.0.113.7"
+CLI_TIMEOUT_S = 120
+POLL_S = 0.05
+DLBOX = str(Path(sys.executable).parent / "dlbox")
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ip_lookup_url():
+    """A stand-in for checkip.amazonaws.com that answers the caller's public IP."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(f"{CALLER_IP}\n".encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+
+
+@pytest.fixture()
+def aws(moto_url, monkeypatch):
+    """A fresh moto account with a Deep Learning AMI, and boto3 clients on it."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
+    awsfakes.install_dlami()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": moto_url}.items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("ec2", region_name=awsfakes.REGION)
+
+
+@pytest.fixture()
+def project(tmp_path, sshd, aws, moto_url, ip_lookup_url):
+    """A project folder whose boxes answer SSH at the loopback sshd."""
+    directory = tmp_path / "proj"
+    directory.mkdir()
+    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\n")
+    env = {
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": awsfakes.REGION, "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "DLBOX_IP_LOOKUP_URL": ip_lookup_url,
+    }
+    with awsfakes.public_ip("127.0.0.1"):
+        yield directory, env
+
+
+def dlbox(project, *args: str, env_drop: tuple = ()):
+    directory, env = project
+    env = {k: v for k, v in env.items() if k not in env_drop}
+    return subprocess.run([DLBOX, *args], cwd=directory, env=env, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S)
+
+
+def _state(directory: Path) -> dict:
+    return json.loads((directory / ".dlbox" / "state.json").read_text())["box"]
+
+
+def _instances(ec2, states=("pending", "running")) -> list[dict]:
+    pages = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": list(states)}])
+    return [i for r in pages["Reservations"] for i in r["Instances"]]
+
+
+def _one_line_error(result, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_up_status_down(project, aws, sshd):
+    directory, _ = project
+    up = dlbox(project, "up")
+    assert up.returncode == 0, up.stderr
+    box = _state(directory)
+    assert f"launched {box['instance_id']}: on-demand g4dn.xlarge" in up.stdout
+    assert "$0.526/h" in up.stdout
+    assert f"is up at 127.0.0.1:{sshd.port}" in up.stdout
+    assert stat.S_IMODE(os.stat(box["key_path"]).st_mode) == 0o600
+    ssh_config = (directory / ".dlbox" / "ssh_config").read_text()
+    assert "HostName 127.0.0.1" in ssh_config and "StrictHostKeyChecking accept-new" in ssh_config
+    group = aws.describe_security_groups(GroupIds=[box["security_group_id"]])["SecurityGroups"][0]
+    assert [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]] \
+        == [(sshd.port, [f"{CALLER_IP}/32"])]
+
+    status = dlbox(project, "status")
+    assert status.returncode == 0, status.stderr
+    for needle in (box["instance_id"], "running", "g4dn.xlarge (on-demand)", "$0.00 at $0.526/h",
+                   "powers off after 30 idle minutes", "at the latest at"):
+        assert needle in status.stdout
+
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert f"{box['instance_id']} terminated" in down.stdout and "it cost about $" in down.stdout
+    assert _instances(aws) == []
+    assert [i["State"]["Name"] for i in _instances(aws, ["terminated"])] == ["terminated"]
+    assert _state(directory) is None
+    assert aws.describe_key_pairs()["KeyPairs"] == []
+    assert [g["GroupName"] for g in aws.describe_security_groups()["SecurityGroups"]] == ["default"]
+    assert Path(box["key_path"]).exists()  # kept for the next `up`, never overwritten
+
+    again = dlbox(project, "down")
+    assert again.returncode == 0 and "no box is up" in again.stdout
+
+
+def test_up_twice_reuses_the_box(project, aws):
+    first = dlbox(project, "up")
+    assert first.returncode == 0, first.stderr
+    second = dlbox(project, "up")
+    assert second.returncode == 0, second.stderr
+    assert "reusing box" in second.stdout
+    assert len(_instances(aws)) == 1
+    assert dlbox(project, "down").returncode == 0
+
+
+def test_down_all_finds_boxes_without_local_state(project, aws):
+    directory, _ = project
+    assert dlbox(project, "up").returncode == 0
+    shutil.rmtree(directory / ".dlbox")
+    result = dlbox(project, "down", "--all", "--region", awsfakes.REGION)
+    assert result.returncode == 0, result.stderr
+    assert "1 dlbox instance(s) terminated" in result.stdout
+    assert _instances(aws) == []
+    assert aws.describe_key_pairs()["KeyPairs"] == []
+
+
+def test_ctrl_c_while_waiting_leaves_the_instance_recorded_for_down(project, aws):
+    directory, env = project
+    (directory / "dlbox.toml").write_text(f"ssh_port = {free_port()}\n")  # nothing answers there
+    proc = subprocess.Popen([DLBOX, "up"], cwd=directory, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    state_file = directory / ".dlbox" / "state.json"
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (state_file.exists() and (_state(directory) or {}).get("host")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 130
+    assert "dlbox down" in err and "Traceback" not in err
+    recorded = _state(directory)["instance_id"]
+    assert [i["InstanceId"] for i in _instances(aws)] == [recorded]
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert _instances(aws) == []
+
+
+def test_capacity_error_falls_back_and_says_so(project, aws):
+    first_zone = sorted(o["Location"] for o in aws.describe_instance_type_offerings(
+        LocationType="availability-zone",
+        Filters=[{"Name": "instance-type", "Values": ["g4dn.xlarge"]}])["InstanceTypeOfferings"])[0]
+    with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity"
+                             if kw["placement"] == first_zone else None):
+        result = dlbox(project, "up")
+    assert result.returncode == 0, result.stderr
+    assert (f"no on-demand g4dn.xlarge in {first_zone} (InsufficientInstanceCapacity); "
+            "trying the next") in result.stdout
+    assert len(_instances(aws)) == 1
+    assert dlbox(project, "down").returncode == 0
+
+
+def test_quota_error_is_one_clear_line_and_leaves_nothing(project, aws):
+    directory, _ = project
+    with awsfakes.ec2_errors(lambda kw: "VcpuLimitExceeded"):
+        result = dlbox(project, "up")
+    _one_line_error(result, 1, "Service Quotas", "Running On-Demand G and VT instances")
+    assert _instances(aws) == []
+    assert aws.describe_key_pairs()["KeyPairs"] == []
+    assert [g["GroupName"] for g in aws.describe_security_groups()["SecurityGroups"]] == ["default"]
+    assert _state(directory) is None
+
+
+def test_spot_unavailable_falls_back_to_on_demand(project, aws):
+    with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity"
+                             if kw["instance_market_options"] == "spot" else None):
+        result = dlbox(project, "up", "--spot")
+    assert result.returncode == 0, result.stderr
+    assert "no spot g5.xlarge" in result.stdout and ": on-demand g4dn.xlarge" in result.stdout
+    assert dlbox(project, "down").returncode == 0
+
+
+def test_user_errors_are_one_line(project, aws):
+    directory, _ = project
+    _one_line_error(dlbox(project, "up", env_drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+                    1, "no AWS credentials")
+    _one_line_error(dlbox(project, "up", "--region", "xx-nowhere-9"), 1, "unknown AWS region")
+    _one_line_error(dlbox(project, "up", "--ssh-cidr", "0.0.0.0/0"), 1, "whole internet")
+    (directory / "dlbox.toml").write_text("regoin = 'us-east-1'\n")
+    _one_line_error(dlbox(project, "up"), 2, "unknown key 'regoin'")
+    (directory / "dlbox.toml").write_text("disk_gb = 'big'\n")
+    _one_line_error(dlbox(project, "up"), 2, "disk_gb must be a whole number")
+    assert _instances(aws) == []
+
+
+def test_init_writes_a_config_that_loads(project):
+    directory, _ = project
+    (directory / "dlbox.toml").unlink()
+    result = dlbox(project, "init")
+    assert result.returncode == 0, result.stderr
+    text = (directory / "dlbox.toml").read_text()
+    assert "idle_minutes = 30" in text and "# ami" in text
+    _one_line_error(dlbox(project, "init"), 2, "--force")
+    from orchestrator import config
+
+    assert config.load(directory) == config.Config()
