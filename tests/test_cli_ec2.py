@@ -143,6 +143,34 @@ def test_up_status_down(project, aws, sshd):
     assert again.returncode == 0 and "no box is up" in again.stdout
 
 
+def test_ssh_config_logs_in_and_pins_the_host_key(project, sshd):
+    directory, env = project
+    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\nssh_user = {sshd.user!r}\n")
+    assert dlbox(project, "up").returncode == 0
+    authorized = sshd.client_key.parent / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + (directory / ".dlbox/keys/id_ed25519.pub").read_text())
+    ssh = ["ssh", "-F", str(directory / ".dlbox/ssh_config"), "-o", "BatchMode=yes", "dlbox"]
+    try:
+        first = subprocess.run([*ssh, "echo", "hello"], capture_output=True, text=True, timeout=30)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip() == "hello"
+        known = (directory / ".dlbox/known_hosts").read_text()
+        assert sshd.host_public_key.split()[1] in known
+        other_key = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                                    str(directory / "other")], check=True)
+        assert other_key.returncode == 0
+        forged = known.replace(sshd.host_public_key.split()[1],
+                               (directory / "other.pub").read_text().split()[1])
+        (directory / ".dlbox/known_hosts").write_text(forged)
+        refused = subprocess.run([*ssh, "true"], capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0
+        assert "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+    finally:
+        authorized.write_text(original)
+        assert dlbox(project, "down").returncode == 0
+
+
 def test_up_twice_reuses_the_box(project, aws):
     first = dlbox(project, "up")
     assert first.returncode == 0, first.stderr
