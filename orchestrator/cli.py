@@ -158,6 +158,8 @@ def status() -> None:
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", value)
     Console().print(table)
+    if st.state in ("shutting-down", "terminated", "gone"):
+        typer.echo("the box has stopped (the watchdog or AWS ended it); `dlbox down` cleans up")
 
 
 def _watchdog_line(box, st) -> str:

@@ -125,19 +125,17 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     key_path, public_key = keys.ensure(state.state_dir(project_dir) / "keys")
     tags = {TAG_PROJECT: project, TAG_OWNER: owner}
     key_name = f"dlbox-{project}-{keys.fingerprint(public_key)}"
-    created_key = network.ensure_key_pair(ec2, key_name, public_key, tags)
+    network.ensure_key_pair(ec2, key_name, public_key, tags)
     try:
-        group_id, created_group = network.ensure_security_group(
-            ec2, f"dlbox-{project}", cidr, cfg.ssh_port, tags)
+        group_id, _ = network.ensure_security_group(ec2, f"dlbox-{project}", cidr, cfg.ssh_port, tags)
     except InfraError:
-        if created_key:
-            network.delete_key_pair(ec2, key_name)
+        network.delete_key_pair(ec2, key_name)
         raise
     say(f"SSH open to {cidr} only (security group {group_id})")
     box = state.Box(
         kind="ec2", name=name, region=cfg.region, profile=cfg.profile, key_name=key_name,
-        key_path=str(key_path.resolve()), created_key=created_key, security_group_id=group_id,
-        created_group=created_group, ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
+        key_path=str(key_path.resolve()), security_group_id=group_id,
+        ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
         idle_minutes=cfg.idle_minutes, max_lifetime_minutes=cfg.max_lifetime_minutes,
     )
     state.save_box(project_dir, box)  # before launching: `down` can find the box by its tag
@@ -241,13 +239,11 @@ def down(project_dir: Path, say: Say) -> float | None:
 
 
 def _cleanup(project_dir: Path, ec2, box: state.Box, say: Say) -> None:
-    """Delete the group and key pair dlbox created, then forget the box."""
+    """Delete the project's group and key pair (both dlbox's own), then forget the box."""
     from infra import network
 
-    if box.created_group:
-        _delete_group(ec2, box.security_group_id)
-    if box.created_key:
-        network.delete_key_pair(ec2, box.key_name)
+    _delete_group(ec2, box.security_group_id)
+    network.delete_key_pair(ec2, box.key_name)
     state.save_box(project_dir, None)
     (state.state_dir(project_dir) / SSH_CONFIG_FILE).unlink(missing_ok=True)
 

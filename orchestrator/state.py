@@ -20,11 +20,9 @@ class Box:
     name: str
     region: str
     profile: str | None
-    key_name: str
+    key_name: str  # dlbox's own key pair and group: `down` deletes both
     key_path: str
-    created_key: bool  # dlbox imported the key pair: `down` deletes it
     security_group_id: str
-    created_group: bool  # dlbox created the group: `down` deletes it
     ssh_user: str
     ssh_port: int
     idle_minutes: int

@@ -1,0 +1,78 @@
+"""Small pieces of the orchestrator and infra, each against the real thing it wraps."""
+
+from __future__ import annotations
+
+import time
+
+import botocore.exceptions
+import pytest
+
+from infra import aws, prices
+from infra.errors import CredentialsError, InfraError
+from orchestrator import config, keys, netwait
+from orchestrator.errors import DlboxError, UsageError
+from tests.sshd import free_port
+
+
+def test_wait_for_ssh_names_host_and_port_when_nothing_answers():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(DlboxError, match=f"127.0.0.1:{port} did not answer SSH"):
+        netwait.wait_for_ssh("127.0.0.1", port, timeout_s=1.0)
+    assert time.monotonic() - started < 5  # bounded
+
+
+def test_wait_for_ssh_reads_a_real_banner(sshd):
+    assert netwait.wait_for_ssh(sshd.host, sshd.port, timeout_s=5).startswith("SSH-2.0-OpenSSH")
+
+
+@pytest.mark.parametrize("code", ["ExpiredToken", "AuthFailure", "UnauthorizedOperation"])
+def test_credential_errors_become_one_line(code):
+    error = botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "nope"}}, "X")
+    with pytest.raises(CredentialsError, match=code), aws.translated("do X"):
+        raise error
+
+
+def test_other_aws_errors_keep_their_code():
+    error = botocore.exceptions.ClientError({"Error": {"Code": "Weird", "Message": "m"}}, "X")
+    with pytest.raises(InfraError, match="Weird: m"), aws.translated("do X"):
+        raise error
+
+
+def test_on_demand_price_from_the_table_and_spot_from_aws(monkeypatch):
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with mock_aws():
+        import boto3
+
+        source = prices.AwsPrices(boto3.client("ec2", region_name="us-east-1"))
+        assert source.hourly("g4dn.xlarge", "us-east-1a", spot=False) == 0.526
+        spot = source.hourly("g4dn.xlarge", "us-east-1a", spot=True)
+        assert spot is not None and spot != 0.526  # moto's spot price history answered
+        assert source.hourly("x9.huge", "us-east-1a", spot=False) is None
+    assert prices.cost(0.5, 7200) == 1.0 and prices.cost(None, 10) is None
+
+
+def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
+    (tmp_path / "dlbox.toml").write_text(
+        'region = "eu-west-1"\nspot = true\ninstance_types = ["g5.xlarge"]\n')
+    cfg = config.load(tmp_path, region="us-west-2", disk_gb=None)
+    assert (cfg.region, cfg.spot, cfg.instance_types, cfg.disk_gb) == (
+        "us-west-2", True, ("g5.xlarge",), 100)
+    with pytest.raises(UsageError, match="idle_minutes"):
+        config.load(tmp_path, idle_minutes=-1)
+    (tmp_path / "dlbox.toml").write_text("region = [")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        config.load(tmp_path)
+
+
+def test_key_is_made_once_with_mode_0600_and_never_overwritten(tmp_path):
+    path, public = keys.ensure(tmp_path / "keys")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert public.startswith("ssh-ed25519 ")
+    before = path.read_bytes()
+    again_path, again_public = keys.ensure(tmp_path / "keys")
+    assert again_path.read_bytes() == before and again_public == public
+    assert len(keys.fingerprint(public)) == 12
