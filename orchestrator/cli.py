@@ -110,6 +110,8 @@ def up(
         help="Power off N minutes after launch at the latest (0: never).")] = None,
     ssh_cidr: Annotated[str | None, typer.Option(help="Allow SSH from this CIDR, not your IP/32.")] = None,
     ssh_user: Annotated[str | None, typer.Option(help="The AMI's SSH user [ubuntu].")] = None,
+    ssh_key: Annotated[str | None, typer.Option(
+        help="Your own private key (.pub beside it) instead of dlbox's.")] = None,
     ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
 ) -> None:
     """Provision a GPU box on EC2 (or reuse this project's) and wait until SSH answers."""
@@ -120,7 +122,7 @@ def up(
         cfg = config.load(_project(), region=region, profile=profile, instance_types=instance_type,
                           spot=spot, disk_gb=disk_gb, idle_minutes=idle_minutes,
                           max_lifetime_minutes=max_lifetime_minutes, ssh_cidr=ssh_cidr,
-                          ssh_user=ssh_user, ami=ami)
+                          ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
         ec2box.up(_project(), cfg, _say)
 
 

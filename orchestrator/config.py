@@ -37,6 +37,7 @@ class Config:
     ssh_user: str = "ubuntu"
     ssh_port: int = 22
     ssh_cidr: str | None = None
+    ssh_key: str | None = None  # your own private key (its .pub beside it) instead of dlbox's
     ami: str | None = None
     iam_instance_profile: str | None = None
 

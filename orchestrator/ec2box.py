@@ -122,7 +122,10 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     cidr = cfg.ssh_cidr or myip.public_cidr()
     image = ami.resolve(ec2, ssm, cfg.ami)
     say(f"AMI {image.image_id} ({image.name or image.source})")
-    key_path, public_key = keys.ensure(state.state_dir(project_dir) / "keys")
+    if cfg.ssh_key:
+        key_path, public_key = keys.own(cfg.ssh_key)
+    else:
+        key_path, public_key = keys.ensure(state.state_dir(project_dir) / "keys")
     tags = {TAG_PROJECT: project, TAG_OWNER: owner}
     key_name = f"dlbox-{project}-{keys.fingerprint(public_key)}"
     network.ensure_key_pair(ec2, key_name, public_key, tags)

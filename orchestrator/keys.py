@@ -9,6 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .errors import UsageError
+
 KEY_FILE = "id_ed25519"
 
 
@@ -37,3 +39,12 @@ def ensure(keys_dir: Path) -> tuple[Path, str]:
 def fingerprint(public_key: str) -> str:
     """A short stable id of a public key, for AWS key-pair names."""
     return hashlib.sha256(public_key.split()[1].encode()).hexdigest()[:12]
+
+
+def own(private_key: str) -> tuple[Path, str]:
+    """(private key path, public key) for the user's own key; its .pub must sit beside it."""
+    path = Path(private_key).expanduser().resolve()
+    public = path.with_name(path.name + ".pub")
+    if not path.is_file() or not public.is_file():
+        raise UsageError(f"ssh_key {private_key}: need the private key and {public.name} beside it")
+    return path, public.read_text().strip()

@@ -170,6 +170,18 @@ def test_ssh_config_logs_in_and_pins_the_host_key(project, sshd):
         assert dlbox(project, "down").returncode == 0
 
 
+def test_up_with_the_users_own_key_imports_its_public_half(project, aws, sshd):
+    result = dlbox(project, "up", "--ssh-key", str(sshd.client_key))
+    assert result.returncode == 0, result.stderr
+    public = sshd.client_key.with_suffix(".pub").read_text().split()[1]
+    pairs = aws.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]
+    assert [p["PublicKey"].split()[1] for p in pairs] == [public]
+    assert _state(project[0])["key_path"] == str(sshd.client_key.resolve())
+    assert dlbox(project, "down").returncode == 0
+    assert sshd.client_key.exists()  # the user's key is never touched
+    _one_line_error(dlbox(project, "up", "--ssh-key", "/no/such/key"), 2, "ssh_key")
+
+
 def test_up_twice_reuses_the_box(project, aws):
     first = dlbox(project, "up")
     assert first.returncode == 0, first.stderr
