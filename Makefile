@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := .demo/data
-DEMO_RUN := runs/demo
 
 .PHONY: venv demo test test-fast lint bench clean
 
@@ -16,17 +15,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: generate a sample dataset and train the article's scratch CNN on it, on the CPU
+## demo: generate a sample dataset, then up --local, train the article's scratch CNN, down
 demo: $(STAMP)
 	@test -d $(DEMO_DATA)/train || $(VENV)/bin/dlbox data sample $(DEMO_DATA) --n 1000 --test-n 100
-	rm -rf $(DEMO_RUN)
-	$(PY) -m trainer scratch --data $(DEMO_DATA) --out $(DEMO_RUN) --test $(DEMO_DATA) \
-		--epochs 20 --patience 4
-	@echo
-	@echo "model:      $(DEMO_RUN)/model.keras"
-	@echo "metrics:    $(DEMO_RUN)/metrics.json (history.csv, train.log, submission.csv beside it)"
-	@$(PY) -c "import json; m = json.load(open('$(DEMO_RUN)/metrics.json')); \
-		print(f\"val_accuracy {m['val_accuracy']:.3f} after {m['epochs_run']} epochs\")"
+	$(VENV)/bin/dlbox up --local
+	$(VENV)/bin/dlbox train scratch --data $(DEMO_DATA) --test $(DEMO_DATA) --epochs 20 \
+		--patience 4; status=$$?; $(VENV)/bin/dlbox down; exit $$status
 
 ## test: lint, then the whole suite (what CI runs)
 test: $(STAMP) lint

@@ -113,10 +113,19 @@ def up(
     ssh_key: Annotated[str | None, typer.Option(
         help="Your own private key (.pub beside it) instead of dlbox's.")] = None,
     ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Use this machine as the box.")] = False,
+    python: Annotated[str | None, typer.Option(
+        help="--local: the interpreter with TensorFlow [this one].")] = None,
 ) -> None:
     """Provision a GPU box on EC2 (or reuse this project's) and wait until SSH answers."""
     from . import config, ec2box
 
+    if local:
+        from . import localbox
+
+        with _errors():
+            localbox.up(_project(), python, _say)
+        return
     with _errors("the box (if launched) is recorded in .dlbox/state.json: run `dlbox up` to "
                  "keep waiting or `dlbox down` to terminate it"):
         cfg = config.load(_project(), region=region, profile=profile, instance_types=instance_type,
@@ -137,9 +146,13 @@ def status() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import ec2box
+    from . import ec2box, state
 
     with _errors():
+        current = state.load_box(_project())
+        if isinstance(current, state.LocalBox):
+            typer.echo(f"local box: {current.python}, runs in {current.workdir}")
+            return
         st = ec2box.status(_project())
     if st is None:
         typer.echo("no box is up in this project (`dlbox up` starts one)")
@@ -183,16 +196,88 @@ def down(
     profile: ProfileOpt = None,
 ) -> None:
     """Terminate the box and wait until AWS confirms it, so nobody keeps paying."""
-    from . import config, ec2box
+    from . import config, ec2box, localbox, state
 
     with _errors("the box may still be running: run `dlbox down` again"):
         if all_boxes:
             cfg = config.load(_project(), region=region, profile=profile)
             ec2box.down_all(cfg.region, cfg.profile, _say)
             return
+        current = state.load_box(_project())
+        if isinstance(current, state.LocalBox):
+            localbox.down(_project(), current, _say)
+            return
         total = ec2box.down(_project(), _say)
     if total is not None:
         typer.echo(f"box terminated; it cost about ${total:.2f}")
+
+
+MODELS = ("scratch", "vgg16")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="scratch or vgg16.")],
+    data: Annotated[str, typer.Option(help="Kaggle train/ folder or zip (or a folder with "
+                                           "train/).")],
+    test: Annotated[str | None, typer.Option(help="Kaggle test1/ folder or zip: also write "
+                                                  "submission.csv.")] = None,
+) -> None:
+    """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
+    from . import runs, state
+
+    with _errors():
+        if model not in MODELS:
+            raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
+        box = state.load_box(_project())
+        if box is None:
+            raise UsageError("no box is up in this project; run `dlbox up --local` first")
+        if not isinstance(box, state.LocalBox):
+            raise UsageError("training on an EC2 box is not built yet; use `dlbox up --local`")
+        run = runs.start(_project(), box, model, data, test, list(ctx.args), _say)
+    raise typer.Exit(_follow_and_finish(run))
+
+
+def _follow_and_finish(run) -> int:
+    """Stream the run; Ctrl-C detaches (the run goes on); pull and record the results."""
+    from . import runs
+
+    try:
+        code = runs.follow(run, _say)
+    except KeyboardInterrupt:
+        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
+                   "and pulls its results")
+        return 0
+    with _errors():
+        run = runs.finish(_project(), run, code)
+    where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    if run.val_accuracy is not None:
+        typer.echo(f"run {run.run_id} {run.status}: val_accuracy {run.val_accuracy:.4f}; "
+                   f"model, metrics, history and log in {where}")
+    else:
+        typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
+    return code
+
+
+@app.command()
+def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")]) -> None:
+    """Follow a run again and pull its results when it ends."""
+    from . import runs
+
+    with _errors():
+        run = runs.load(_project(), run_id)
+    raise typer.Exit(_follow_and_finish(run))
+
+
+@app.command()
+def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")]) -> None:
+    """Copy a run's results from the box into runs/<id>/ again (verified)."""
+    from . import runs
+
+    with _errors():
+        local = runs.pull(_project(), runs.load(_project(), run_id))
+    typer.echo(f"pulled into {local}")
 
 
 @app.command()

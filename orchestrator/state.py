@@ -35,22 +35,33 @@ class Box:
     usd_per_hour: float | None = None
 
 
+@dataclass(frozen=True)
+class LocalBox:
+    """This machine as the box: runs live under workdir, the trainer runs with python."""
+
+    kind: str  # "local"
+    name: str
+    workdir: str
+    python: str
+
+
 def state_dir(project_dir: Path) -> Path:
     return project_dir / STATE_DIR
 
 
-def load_box(project_dir: Path) -> Box | None:
+def load_box(project_dir: Path) -> Box | LocalBox | None:
     path = state_dir(project_dir) / STATE_FILE
     if not path.exists():
         return None
     data = json.loads(path.read_text()).get("box")
     if not data:
         return None
-    known = {f.name for f in fields(Box)}
-    return Box(**{k: v for k, v in data.items() if k in known})
+    cls = LocalBox if data.get("kind") == "local" else Box
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def save_box(project_dir: Path, box: Box | None) -> None:
+def save_box(project_dir: Path, box: Box | LocalBox | None) -> None:
     """Replace the state file in one rename: a crash leaves the old or the new one."""
     directory = state_dir(project_dir)
     directory.mkdir(mode=0o700, exist_ok=True)

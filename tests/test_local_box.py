@@ -1,0 +1,94 @@
+"""The local box end to end: `dlbox up --local`, `train`, `attach`, `pull`, `down` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DLBOX = str(Path(sys.executable).parent / "dlbox")
+CLI_TIMEOUT_S = 300
+POLL_S = 0.1
+
+
+def dlbox(cwd: Path, *args: str):
+    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def _run_dirs(project: Path) -> list[Path]:
+    return sorted(p for p in (project / "runs").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_up_local_train_down(tmp_path, small_sample):
+    up = dlbox(tmp_path, "up", "--local", "--python", sys.executable)
+    assert up.returncode == 0, up.stderr
+    assert "TensorFlow 2." in up.stdout
+    train = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--test",
+                  str(small_sample), "--epochs", "2", "--img-size", "32")
+    assert train.returncode == 0, train.stdout + train.stderr
+    [run] = _run_dirs(tmp_path)
+    assert f"run {run.name} done: val_accuracy" in train.stdout
+    for name in ("model.keras", "history.csv", "metrics.json", "train.log", "submission.csv"):
+        assert (run / name).stat().st_size > 0, name
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "done" and record["exit_code"] == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert record["val_accuracy"] == metrics["val_accuracy"]
+    assert metrics["epochs_run"] == 2
+
+    again = dlbox(tmp_path, "pull", run.name)
+    assert again.returncode == 0 and "pulled into" in again.stdout
+    down = dlbox(tmp_path, "down")
+    assert down.returncode == 0
+    assert not (tmp_path / ".dlbox" / "local-box").exists()
+    assert (run / "model.keras").exists()  # results pulled to runs/ stay
+
+
+@pytest.mark.slow
+def test_killed_dlbox_leaves_the_run_going_and_attach_gets_the_results(tmp_path, small_sample):
+    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
+                             "3", "--img-size", "32"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not list((tmp_path / ".dlbox" / "local-box" / "runs").glob("*/status.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGKILL)  # the laptop side dies mid-run
+    proc.wait()
+    [run] = _run_dirs(tmp_path)
+    attach = dlbox(tmp_path, "attach", run.name)
+    assert attach.returncode == 0, attach.stdout + attach.stderr
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+    assert dlbox(tmp_path, "down").returncode == 0
+
+
+def test_train_user_errors(tmp_path, small_sample):
+    no_box = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample))
+    assert no_box.returncode == 2 and "dlbox up --local" in no_box.stderr
+    bad_model = dlbox(tmp_path, "train", "resnet", "--data", str(small_sample))
+    assert bad_model.returncode == 2 and "unknown model" in bad_model.stderr
+    unknown = dlbox(tmp_path, "attach", "nope")
+    assert unknown.returncode == 2 and "no run 'nope'" in unknown.stderr
+    for result in (no_box, bad_model, unknown):
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
+    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    missing = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad_flag = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--epochs", "0")
+    assert bad_flag.returncode == 2
+    assert "--epochs must be at least 1" in bad_flag.stdout
+    assert dlbox(tmp_path, "down").returncode == 0
