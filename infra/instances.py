@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+import time
 import uuid
 from collections.abc import Callable
 
@@ -28,7 +30,9 @@ QUOTA_NAMES = {
 }
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 RUNNING_POLL_S = 5
-TERMINATED_POLL_S = 5
+TERMINATED_POLL_S = 2
+TERMINATED_POLL_MAX_S = 15
+UNKNOWN_ID_GRACE_S = 20  # a new id can be unknown to DescribeInstances for seconds
 
 
 def zones_offering(ec2, instance_type: str) -> list[str]:
@@ -185,15 +189,32 @@ def wait_running(ec2, instance_id: str, timeout_s: float) -> Instance:
 
 
 def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
-    """Terminate and wait until AWS reports every instance terminated (the bill stopped)."""
-    if not instance_ids:
-        return
-    with translated("terminate " + ", ".join(instance_ids)):
-        try:
-            ec2.terminate_instances(InstanceIds=instance_ids)
-        except ClientError as exc:
-            if error_code(exc) != "InvalidInstanceID.NotFound":
-                raise
+    """Terminate and poll until AWS reports every instance terminated (the bill stopped).
+
+    One call per instance: EC2 rejects a whole batch when one id is unknown. An id that
+    EC2 does not know yet (just launched) is retried until it knows it or the time is up.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    pending = list(dict.fromkeys(instance_ids))
+    delay = TERMINATED_POLL_S
+    while pending:
+        for instance_id in list(pending):
+            inst = describe(ec2, instance_id)
+            unknown_too_long = inst is None and time.monotonic() - started > UNKNOWN_ID_GRACE_S
+            if unknown_too_long or (inst is not None and inst.state == "terminated"):
+                pending.remove(instance_id)  # AWS forgets terminated instances after a while
+            elif inst is not None and inst.state != "shutting-down":
+                with translated(f"terminate {instance_id}"):
+                    try:
+                        ec2.terminate_instances(InstanceIds=[instance_id])
+                    except ClientError as exc:
+                        if error_code(exc) != "InvalidInstanceID.NotFound":
+                            raise
+        if not pending:
             return
-    _wait(ec2, "instance_terminated", instance_ids, TERMINATED_POLL_S, timeout_s,
-          "wait for " + ", ".join(instance_ids) + " to terminate")
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"{', '.join(pending)} not terminated after {timeout_s:.0f} s; "
+                              "run `dlbox down` again or check the EC2 console")
+        time.sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, TERMINATED_POLL_MAX_S)

@@ -11,6 +11,8 @@ from .errors import InfraError
 from .models import TAG_PROJECT
 
 SSH_PROTOCOL = "tcp"
+MIN_PREFIX_V4 = 16  # the widest network SSH may be opened to (a site, not the internet)
+MIN_PREFIX_V6 = 48
 
 
 def _tag_spec(resource: str, tags: dict[str, str]) -> list[dict]:
@@ -47,9 +49,11 @@ def check_cidr(cidr: str) -> str:
         net = ipaddress.ip_network(cidr, strict=False)
     except ValueError as exc:
         raise InfraError(f"{cidr!r} is not an IP address or CIDR; pass e.g. 203.0.113.7/32") from exc
-    if net.prefixlen == 0:
-        raise InfraError(f"refusing to open SSH to {cidr} (the whole internet); pass your "
-                         "own address as a /32")
+    widest = MIN_PREFIX_V4 if net.version == 4 else MIN_PREFIX_V6
+    if net.prefixlen < widest:
+        what = "the whole internet" if net.prefixlen == 0 else f"{net.num_addresses:,} addresses"
+        raise InfraError(f"refusing to open SSH to {cidr} ({what}); pass your own address "
+                         f"as a /32, or a network no wider than /{widest}")
     return str(net)
 
 

@@ -196,7 +196,7 @@ def down(
     profile: ProfileOpt = None,
 ) -> None:
     """Terminate the box and wait until AWS confirms it, so nobody keeps paying."""
-    from . import config, ec2box, localbox, state
+    from . import config, ec2box, state
 
     with _errors("the box may still be running: run `dlbox down` again"):
         if all_boxes:
@@ -205,6 +205,8 @@ def down(
             return
         current = state.load_box(_project())
         if isinstance(current, state.LocalBox):
+            from . import localbox
+
             localbox.down(_project(), current, _say)
             return
         total = ec2box.down(_project(), _say)
@@ -310,7 +312,8 @@ def data_sample(
             raise UsageError(f"--n must be 2..{MAX_SAMPLE_IMAGES} (got {n})")
         if test_n < 0:
             raise UsageError(f"--test-n must be 0 or more (got {test_n})")
-        if (directory / "train").exists() and any((directory / "train").iterdir()):
+        train_dir = directory / "train"
+        if train_dir.exists() and (not train_dir.is_dir() or any(train_dir.iterdir())):
             raise UsageError(f"{directory / 'train'} is not empty; choose another directory")
         try:
             summary = generate(directory, n, test_n=test_n, bad=bad, seed=seed)

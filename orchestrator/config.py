@@ -91,6 +91,8 @@ def load(project_dir: Path, **flags) -> Config:
         where = str(path)
         try:
             data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"{where}: cannot read it ({exc.strerror})") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{where}: not valid TOML ({exc}); fix it or run `dlbox init --force`") \
                 from exc

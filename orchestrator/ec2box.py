@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -47,7 +48,10 @@ def _clients(region: str, profile: str | None):
 
 
 def project_name(project_dir: Path) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in project_dir.resolve().name)[:40]
+    """The folder's name plus a hash of its path: two checkouts never share AWS resources."""
+    path = project_dir.resolve()
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in path.name)[:32]
+    return f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
 
 
 def user_data(cfg: Config) -> str:
@@ -69,9 +73,11 @@ def write_ssh_config(project_dir: Path, box: state.Box) -> Path:
         f"    HostName {box.host}\n"
         f"    User {box.ssh_user}\n"
         f"    Port {box.ssh_port}\n"
-        f"    IdentityFile {box.key_path}\n"
+        f'    IdentityFile "{box.key_path}"\n'
         "    IdentitiesOnly yes\n"
-        f"    UserKnownHostsFile {d / KNOWN_HOSTS_FILE}\n"
+        f'    UserKnownHostsFile "{d / KNOWN_HOSTS_FILE}"\n'
+        # Keyed by instance, not by IP: a recycled address is not mistaken for the old box.
+        f"    HostKeyAlias {box.instance_id}\n"
         # The first connection pins the box's key in .dlbox/known_hosts; a change is refused.
         "    StrictHostKeyChecking accept-new\n"
         "    ServerAliveInterval 30\n"
@@ -82,6 +88,8 @@ def write_ssh_config(project_dir: Path, box: state.Box) -> Path:
 def up(project_dir: Path, cfg: Config, say: Say, prices=None) -> state.Box:
     """Reuse the project's box if it lives, else launch one; return it once SSH answers."""
     box = state.load_box(project_dir)
+    if isinstance(box, state.LocalBox):
+        raise DlboxError("this project's box is the local one; run `dlbox down` first")
     if box is not None and box.region != cfg.region:
         raise DlboxError(f"this project's box is in {box.region}; run `dlbox down` first to "
                          f"start one in {cfg.region}")
@@ -89,8 +97,15 @@ def up(project_dir: Path, cfg: Config, say: Say, prices=None) -> state.Box:
         ec2, _ = _clients(box.region, box.profile)
         live = _live_instance(ec2, box)
         if live is not None:
+            from infra import network
+
             say(f"reusing box {box.name} ({live.instance_id}, {live.state})")
-            return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), say)
+            # Your address may have changed since the box was launched: open SSH to today's.
+            network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
+                                          cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
+                                          _tags(project_dir))
+            return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), say,
+                               launched_now=False)
         say(f"box {box.name} is gone; launching a new one")
         _cleanup(project_dir, ec2, box, say)
     return _launch(project_dir, cfg, say, prices)
@@ -109,10 +124,16 @@ def _live_instance(ec2, box: state.Box):
     return None
 
 
+def _tags(project_dir: Path) -> dict[str, str]:
+    from infra.models import TAG_OWNER, TAG_PROJECT
+
+    return {TAG_PROJECT: project_name(project_dir), TAG_OWNER: getpass.getuser()}
+
+
 def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     from infra import ami, instances, network
     from infra.errors import InfraError
-    from infra.models import TAG_OWNER, TAG_PROJECT, LaunchSpec
+    from infra.models import LaunchSpec
     from infra.prices import AwsPrices
 
     ec2, ssm = _clients(cfg.region, cfg.profile)
@@ -126,7 +147,7 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
         key_path, public_key = keys.own(cfg.ssh_key)
     else:
         key_path, public_key = keys.ensure(state.state_dir(project_dir) / "keys")
-    tags = {TAG_PROJECT: project, TAG_OWNER: owner}
+    tags = _tags(project_dir)
     key_name = f"dlbox-{project}-{keys.fingerprint(public_key)}"
     network.ensure_key_pair(ec2, key_name, public_key, tags)
     try:
@@ -168,11 +189,12 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     market = "spot" if inst.spot else "on-demand"
     price = f"${usd:.3f}/h" if usd is not None else "price unknown"
     say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
-    return _wait_ready(project_dir, ec2, box, say)
+    return _wait_ready(project_dir, ec2, box, say, launched_now=True)
 
 
-def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say) -> state.Box:
-    """Wait for running and an SSH banner; a box that never gets there is terminated."""
+def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: bool) -> state.Box:
+    """Wait for running and an SSH banner; a box launched now that never gets there is
+    terminated (a reused one may be busy training: it is left alone)."""
     from infra import instances
     from infra.errors import WaitTimeout
 
@@ -185,6 +207,8 @@ def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say) -> state.Box:
         state.save_box(project_dir, box)
         banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
     except (WaitTimeout, DlboxError) as exc:
+        if not launched_now:
+            raise
         say(f"{box.instance_id} did not become reachable ({exc}); terminating it")
         down(project_dir, say)
         raise
@@ -221,6 +245,8 @@ def down(project_dir: Path, say: Say) -> float | None:
     from infra.prices import cost
 
     box = state.load_box(project_dir)
+    if isinstance(box, state.LocalBox):
+        raise DlboxError("this project's box is the local one")
     if box is None:
         say("no box is up in this project")
         return None
@@ -230,6 +256,9 @@ def down(project_dir: Path, say: Say) -> float | None:
     launched = [instances.describe(ec2, i) for i in ids]
     say("terminating " + ", ".join(ids) + "..." if ids else f"box {box.name} never launched")
     instances.terminate(ec2, ids, TERMINATE_TIMEOUT_S)
+    still = [i.instance_id for i in instances.find(ec2, box=box.name) if i.state != "terminated"]
+    if still:
+        raise DlboxError(f"{', '.join(still)} still running; run `dlbox down` again")
     for inst in launched:
         if inst is not None:
             say(f"{inst.instance_id} terminated")

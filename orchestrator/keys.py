@@ -22,14 +22,25 @@ def ensure(keys_dir: Path) -> tuple[Path, str]:
         key = ed25519.Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
-        try:  # O_EXCL: two concurrent `up`s cannot overwrite each other's key
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = keys_dir / f".{KEY_FILE}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # link, not rename: an existing key (another `up` was faster) is never replaced
+            os.link(tmp, path)
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-    private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        finally:
+            tmp.unlink()
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # ssh refuses a private key others can read
+    try:
+        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise UsageError(f"{path} is not a readable private key; move it away and run "
+                         "`dlbox up` again for a new one") from exc
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH).decode()
     (keys_dir / f"{KEY_FILE}.pub").write_text(public + "\n")

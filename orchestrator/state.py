@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .errors import UsageError
+
 STATE_DIR = ".dlbox"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -53,12 +55,16 @@ def load_box(project_dir: Path) -> Box | LocalBox | None:
     path = state_dir(project_dir) / STATE_FILE
     if not path.exists():
         return None
-    data = json.loads(path.read_text()).get("box")
-    if not data:
-        return None
-    cls = LocalBox if data.get("kind") == "local" else Box
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+    try:
+        data = json.loads(path.read_text()).get("box")
+        if not data:
+            return None
+        cls = LocalBox if data.get("kind") == "local" else Box
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is damaged ({exc}); `dlbox down --all` finds the project's "
+                         "boxes by their tags, then delete the file") from exc
 
 
 def save_box(project_dir: Path, box: Box | LocalBox | None) -> None:

@@ -76,3 +76,13 @@ def test_key_is_made_once_with_mode_0600_and_never_overwritten(tmp_path):
     again_path, again_public = keys.ensure(tmp_path / "keys")
     assert again_path.read_bytes() == before and again_public == public
     assert len(keys.fingerprint(public)) == 12
+
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "10.0.0.0/8", "0.0.0.0/1", "::/0", "2001:db8::/32"])
+def test_ssh_is_never_opened_to_wide_networks(cidr):
+    from infra import network
+
+    with pytest.raises(InfraError, match="refusing to open SSH"):
+        network.check_cidr(cidr)
+    assert network.check_cidr("203.0.113.7/32") == "203.0.113.7/32"
+    assert network.check_cidr("198.51.100.0/24") == "198.51.100.0/24"

@@ -16,6 +16,8 @@ from .errors import (
     EXIT_FAILED,
     EXIT_IO,
     EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_USAGE,
     Interrupted,
     UsageError,
 )
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _fail(str(exc))
         return exc.exit_code
+    except OSError as exc:  # unreadable folders, a full disk while unzipping
+        _fail(f"{exc.filename or 'data'}: {exc.strerror or exc}; check the path and free space")
+        return EXIT_IO if _disk_full(exc) else EXIT_USAGE
     _setup_logging(out)
     log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv))
     hb = Heartbeat(out / "status.json", model=opts.model, epochs=opts.total_epochs).start()
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", exc)
         hb.finish("interrupted", message=str(exc))
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stands
+        hb.finish("interrupted", message="stopped by a second Ctrl-C")
+        return EXIT_SIGINT
     except UsageError as exc:
         hb.finish("failed", error=str(exc))
         _fail(str(exc))

@@ -12,7 +12,7 @@ from .status import write_json_atomic
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 # Options that must match for --resume to continue a run's checkpoints.
-RESUME_KEYS = ("model", "img_size", "val_split", "limit", "batch_size", "epochs",
+RESUME_KEYS = ("model", "data", "img_size", "val_split", "limit", "batch_size", "epochs",
                "fine_tune_epochs", "learning_rate", "weights")
 
 
@@ -32,7 +32,10 @@ class Checkpoints:
         if not path.exists():
             return None
         state = json.loads(path.read_text())
-        return state if state.get("version") == STATE_VERSION else None
+        if state.get("version") != STATE_VERSION:
+            raise UsageError(f"{path} was written by another trainer version; choose another "
+                             "--out (or delete that folder)")
+        return state
 
     def load_for_resume(self, options: dict) -> dict | None:
         """The saved state, if the run was started with the same options; else UsageError."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 from . import data, models, outputs, pipeline
 from .checkpoint import Checkpoints
-from .errors import DataError
+from .errors import DataError, TrainerError
 from .options import Options
 from .status import Heartbeat
 from .stop import StopSignal
@@ -151,7 +152,10 @@ def _image_cache(o: Options, out: Path, paths: list[str], hb: Heartbeat,
              int(ok.sum()), seconds, n / max(seconds, 1e-9), location)
     if npy is not None:
         images.flush()
-        np.save(ok_path, ok)  # written last: its presence marks the cache complete
+        tmp = ok_path.with_name(f".{ok_path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, ok)
+        os.replace(tmp, ok_path)  # written last, atomically: its presence marks the cache complete
     return images, ok, location
 
 
@@ -267,7 +271,9 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
             hb.update(phase=name, epoch=epoch + 1, epochs=o.total_epochs)
             row = _one_epoch(model, name, epoch, train_ds, val_ds, len(prep.train_index),
                              callbacks, state, ckpt, stop)
-            improved = state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]
+            # NaN never improves and is never kept as the best (x < NaN is always False).
+            improved = not math.isnan(row["val_loss"]) and (
+                state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"])
             if improved:
                 state.update(best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
                              best_val_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
@@ -355,6 +361,10 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
     log.info("%d training and %d validation images (%d skipped), cache in %s",
              len(prep.train_index), len(prep.val_index), len(prep.skipped), prep.cache)
     state = fit(o, out, prep, devices, hb, stop)
+    if state["best"] is None:
+        raise TrainerError("no epoch produced a finite validation loss (the loss diverged); "
+                           "lower --learning-rate")
+    outputs.write_history(out, state["history"])  # again: a kill may have come before the last write
 
     hb.update(phase="evaluating", stage=None)
     best = _load(devices, Path(out / "checkpoints" / state["best"]))
@@ -373,7 +383,7 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
         "model": o.model,
         **final,
         "best_epoch": state["best_epoch"],
-        "epochs_run": state["completed"],
+        "epochs_run": len(state["history"]),
         "epochs_planned": o.total_epochs,
         "train_images": len(prep.train_index),
         "val_images": len(prep.val_index),
