@@ -182,13 +182,17 @@ def test_up_with_the_users_own_key_imports_its_public_half(project, aws, sshd):
     _one_line_error(dlbox(project, "up", "--ssh-key", "/no/such/key"), 2, "ssh_key")
 
 
-def test_up_twice_reuses_the_box(project, aws):
+def test_up_twice_reuses_the_box_and_follows_a_new_address(project, aws, sshd):
     first = dlbox(project, "up")
     assert first.returncode == 0, first.stderr
-    second = dlbox(project, "up")
+    second = dlbox(project, "up", "--ssh-cidr", "198.51.100.9/32")  # moved to another network
     assert second.returncode == 0, second.stderr
     assert "reusing box" in second.stdout
     assert len(_instances(aws)) == 1
+    group = aws.describe_security_groups(
+        GroupIds=[_state(project[0])["security_group_id"]])["SecurityGroups"][0]
+    assert [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]] \
+        == [(sshd.port, ["198.51.100.9/32"])]
     assert dlbox(project, "down").returncode == 0
 
 

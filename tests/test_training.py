@@ -179,7 +179,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
                                   f"best-{metrics['best_epoch']:04d}.keras"})
 
 
-def test_resume_refuses_changed_arguments(sample, tmp_path):
+def test_resume_refuses_changed_arguments(sample, small_sample, tmp_path):
     out = tmp_path / "run"
     first = run_trainer("scratch", "--data", sample, "--out", out, "--img-size", "32",
                         "--epochs", "1", "--limit", "100")
@@ -188,6 +188,9 @@ def test_resume_refuses_changed_arguments(sample, tmp_path):
                         "--epochs", "1", "--limit", "100", "--resume")
     assert again.returncode == 2
     assert "--img-size 32" in again.stderr and "Traceback" not in again.stderr
+    other_data = run_trainer("scratch", "--data", small_sample, "--out", out, "--img-size", "32",
+                             "--epochs", "1", "--limit", "100", "--resume")
+    assert other_data.returncode == 2 and "--data" in other_data.stderr
 
 
 def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
