@@ -114,17 +114,26 @@ def up(
         help="Your own private key (.pub beside it) instead of dlbox's.")] = None,
     ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
     local: Annotated[bool, typer.Option("--local", help="Use this machine as the box.")] = False,
+    ssh_target: Annotated[str | None, typer.Option(
+        "--ssh", help="Use a machine you have: USER@HOST[:PORT].")] = None,
+    key: Annotated[str | None, typer.Option(help="--ssh: the private key that logs you in.")] = None,
     python: Annotated[str | None, typer.Option(
-        help="--local: the interpreter with TensorFlow [this one].")] = None,
+        help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
+    workdir: Annotated[str, typer.Option(help="--ssh: dlbox's folder on the box.")] = "~/dlbox",
 ) -> None:
-    """Provision a GPU box on EC2 (or reuse this project's) and wait until SSH answers."""
+    """Get a box: EC2 by default (or reuse this project's), this machine, or one over SSH."""
     from . import config, ec2box
 
-    if local:
-        from . import localbox
+    if local or ssh_target:
+        from . import boxes
 
         with _errors():
-            localbox.up(_project(), python, _say)
+            if local and ssh_target:
+                raise UsageError("--local and --ssh exclude each other; pick one")
+            if local:
+                boxes.up_local(_project(), python, _say)
+            else:
+                boxes.up_ssh(_project(), ssh_target, key, python, workdir, _say)
         return
     with _errors("the box (if launched) is recorded in .dlbox/state.json: run `dlbox up` to "
                  "keep waiting or `dlbox down` to terminate it"):
@@ -150,8 +159,9 @@ def status() -> None:
 
     with _errors():
         current = state.load_box(_project())
-        if isinstance(current, state.LocalBox):
-            typer.echo(f"local box: {current.python}, runs in {current.workdir}")
+        if isinstance(current, state.LocalBox | state.SshBox):
+            typer.echo(f"{current.kind} box {current.name}: {current.python}, runs in "
+                       f"{current.workdir}")
             return
         st = ec2box.status(_project())
     if st is None:
@@ -194,6 +204,8 @@ def down(
                                             "even without .dlbox/.")] = False,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
+    purge: Annotated[bool, typer.Option("--purge", help="SSH box: also delete dlbox's folder "
+                                        "there.")] = False,
 ) -> None:
     """Terminate the box and wait until AWS confirms it, so nobody keeps paying."""
     from . import config, ec2box, state
@@ -204,10 +216,10 @@ def down(
             ec2box.down_all(cfg.region, cfg.profile, _say)
             return
         current = state.load_box(_project())
-        if isinstance(current, state.LocalBox):
-            from . import localbox
+        if isinstance(current, state.LocalBox | state.SshBox):
+            from . import boxes
 
-            localbox.down(_project(), current, _say)
+            boxes.down(_project(), current, purge, _say)
             return
         total = ec2box.down(_project(), _say)
     if total is not None:
@@ -227,7 +239,7 @@ def train(
                                                   "submission.csv.")] = None,
 ) -> None:
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
-    from . import runs, state
+    from . import boxes, runs, state
 
     with _errors():
         if model not in MODELS:
@@ -235,24 +247,41 @@ def train(
         box = state.load_box(_project())
         if box is None:
             raise UsageError("no box is up in this project; run `dlbox up --local` first")
-        if not isinstance(box, state.LocalBox):
-            raise UsageError("training on an EC2 box is not built yet; use `dlbox up --local`")
-        run = runs.start(_project(), box, model, data, test, list(ctx.args), _say)
-    raise typer.Exit(_follow_and_finish(run))
+        machine = boxes.machine_for(_project(), box)
+        run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say)
+    raise typer.Exit(_follow_and_finish(run, machine))
 
 
-def _follow_and_finish(run) -> int:
+def _machine_of(run):
+    """The machine a recorded run ran on (it must still be this project's box)."""
+    from . import boxes, state
+
+    box = state.load_box(_project())
+    if box is None or box.name != run.box:
+        raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's box "
+                         "any more; its results are only what was pulled into runs/")
+    return boxes.machine_for(_project(), box)
+
+
+def _follow_and_finish(run, machine) -> int:
     """Stream the run; Ctrl-C detaches (the run goes on); pull and record the results."""
     from . import runs
 
     try:
-        code = runs.follow(run, _say)
+        code = runs.follow(run, machine, _say)
     except KeyboardInterrupt:
         typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
                    "and pulls its results")
         return 0
+    except DlboxError as exc:
+        raise _fail(exc) from None
+    except Exception as exc:  # the SSH link dropped: the run itself is detached and goes on
+        typer.secho(f"dlbox: lost contact with the box ({exc}); run {run.run_id} goes on there: "
+                    f"`dlbox attach {run.run_id}`", err=True, fg=typer.colors.RED)
+        return EXIT_INFRA
     with _errors():
-        run = runs.finish(_project(), run, code)
+        run = runs.finish(_project(), run, machine, code)
+    machine.close()
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     if run.val_accuracy is not None:
         typer.echo(f"run {run.run_id} {run.status}: val_accuracy {run.val_accuracy:.4f}; "
@@ -269,7 +298,8 @@ def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).
 
     with _errors():
         run = runs.load(_project(), run_id)
-    raise typer.Exit(_follow_and_finish(run))
+        machine = _machine_of(run)
+    raise typer.Exit(_follow_and_finish(run, machine))
 
 
 @app.command()
@@ -278,7 +308,9 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")
     from . import runs
 
     with _errors():
-        local = runs.pull(_project(), runs.load(_project(), run_id))
+        run = runs.load(_project(), run_id)
+        machine = _machine_of(run)
+        local = runs.pull(_project(), run, machine)
     typer.echo(f"pulled into {local}")
 
 

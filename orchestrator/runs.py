@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
-import shutil
-import subprocess
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import state
 from .errors import DlboxError, UsageError
+from .machines import LocalMachine, Machine, content_hash, tree_identity
 from .render import render
 
 RUNS_DIR = "runs"
@@ -66,78 +67,111 @@ def load(project_dir: Path, run_id: str) -> Run:
     return Run(**json.loads(path.read_text()))
 
 
-def code_dir() -> Path:
-    """The folder holding the `trainer` package of this install (what the box runs)."""
+def trainer_dir() -> Path:
+    """The `trainer` package of this install: what every run ships to its box."""
     import trainer
 
-    return Path(trainer.__file__).resolve().parent.parent
+    return Path(trainer.__file__).resolve().parent
 
 
-def start(project_dir: Path, box: state.LocalBox, model: str, data: str, test: str | None,
-          trainer_args: list[str], say: Say) -> Run:
-    """Start `python -m trainer` detached on the box; return the recorded run."""
-    data_path = Path(data).expanduser()
-    if not data_path.exists():
+def ship_code(machine: Machine, workdir: str) -> str:
+    """Put this install's trainer on the box under its content hash (once); return its dir."""
+    package = trainer_dir()
+    code = f"{workdir}/code/{content_hash(list(package.glob('*.py')), package)}"
+    if machine.read(f"{code}/.complete") is None:
+        staging = f"{code}.tmp"
+        machine.run(f"rm -rf {shlex.quote(staging)}")
+        machine.upload_tree(package, staging)
+        machine.run(f"rm -rf {shlex.quote(staging)}/trainer/__pycache__ {shlex.quote(code)} && "
+                    f"mv {shlex.quote(staging)} {shlex.quote(code)}")
+        machine.write(f"{code}/.complete", b"")
+    return code
+
+
+def ship_data(machine: Machine, workdir: str, local: Path, say: Say) -> str:
+    """The dataset on the box, in a cache keyed by its identity; sent only if not there yet."""
+    if isinstance(machine, LocalMachine):
+        return str(local)  # already here
+    remote = f"{workdir}/data/{tree_identity(local)}"
+    if machine.read(f"{remote}/.complete") is not None:
+        say(f"{local.name}: already on the box")
+        return f"{remote}/{local.name}"
+    say(f"sending {local.name} to the box...")
+    machine.run(f"rm -rf {shlex.quote(remote)}")
+    machine.upload_tree(local, remote)
+    machine.write(f"{remote}/.complete", b"")
+    return f"{remote}/{local.name}"
+
+
+def start(project_dir: Path, box: state.LocalBox | state.SshBox, machine: Machine, model: str,
+          data: str, test: str | None, trainer_args: list[str], say: Say) -> Run:
+    """Ship code and data, start `python -m trainer` detached on the box; return the run."""
+    local_data = Path(data).expanduser()
+    if not local_data.exists():
         raise UsageError(f"--data {data}: no such file or folder")
+    local_test = Path(test).expanduser() if test else None
+    if local_test is not None and not local_test.exists():
+        raise UsageError(f"--test {test}: no such file or folder")
     run_id = new_run_id(model)
-    remote = Path(box.workdir) / RUNS_DIR / run_id
-    remote.mkdir(parents=True)
-    args = [model, "--data", str(data_path.resolve()), "--out", str(remote), "--resume",
-            *(["--test", str(Path(test).expanduser().resolve())] if test else []), *trainer_args]
-    script = remote / "run.sh"
-    script.write_text(render("run.sh.j2", run_id=run_id, out=str(remote), code_dir=str(code_dir()),
-                             python=box.python, args=args))
-    run = Run(run_id=run_id, model=model, box=box.name, remote_dir=str(remote), args=args,
+    remote = f"{box.workdir}/{RUNS_DIR}/{run_id}"
+    code = ship_code(machine, box.workdir)
+    args = [model, "--data", ship_data(machine, box.workdir, local_data.resolve(), say),
+            "--out", remote, "--resume"]
+    if local_test is not None:
+        args += ["--test", ship_data(machine, box.workdir, local_test.resolve(), say)]
+    args += trainer_args
+    script = render("run.sh.j2", run_id=run_id, out=remote, code_dir=code, python=box.python,
+                    args=args)
+    machine.write(f"{remote}/run.sh", script.encode(), 0o755)
+    run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=args,
               started_at=_now())
     save(project_dir, run)
-    # A session of its own: the run outlives dlbox, Ctrl-C and a closed terminal.
-    subprocess.Popen(["bash", str(script)], start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
+    started = machine.run(f"cd {shlex.quote(remote)} && "
+                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+    if started.exit_code != 0:
+        raise DlboxError(f"could not start the run on {box.name}: {started.stderr.strip()}")
     say(f"run {run_id} started on the {box.name} box")
     return run
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(raw: bytes | None) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
         return None
 
 
-def follow(run: Run, say: Say, sleep=time.sleep) -> int:
+def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
     """Print each phase and each finished epoch until the run ends; return its exit status."""
-    remote = Path(run.remote_dir)
+    remote = run.remote_dir
     phase, epochs_shown = None, 0
     started = time.monotonic()
     while True:
-        status = _read_json(remote / "status.json") or {}
+        status = _read_json(machine.read(f"{remote}/status.json")) or {}
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)
-        rows = _history(remote / "history.csv")
+        rows = _history(machine.read(f"{remote}/history.csv"))
         for row in rows[epochs_shown:]:
             say(_epoch_line(row, status.get("epochs") or len(rows)))
         epochs_shown = max(epochs_shown, len(rows))
-        exit_file = remote / "exit_code"
-        if exit_file.exists():
-            code = int(exit_file.read_text().strip() or 1)
+        exit_code = machine.read(f"{remote}/exit_code")
+        if exit_code is not None:
+            code = int(exit_code.strip() or 1)
             if code != 0:
-                error = _last_line(remote / "stdout.log") or status.get("error")
+                error = _last_line(machine.read(f"{remote}/stdout.log")) or status.get("error")
                 if error:
                     say(error)
             return code
         if not status and time.monotonic() - started > START_TIMEOUT_S:
             raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "
-                             f"see {remote / 'stdout.log'}")
+                             f"see {remote}/stdout.log on the box")
         sleep(STATUS_POLL_S)
 
 
-def _history(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
+def _history(raw: bytes | None) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(raw.decode()))) if raw else []
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -147,25 +181,25 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{float(row['images_per_second']):.0f} img/s)")
 
 
-def _last_line(path: Path) -> str | None:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except FileNotFoundError:
-        return None
+def _last_line(raw: bytes | None) -> str | None:
+    lines = raw.decode(errors="replace").strip().splitlines() if raw else []
     return lines[-1] if lines else None
 
 
-def pull(project_dir: Path, run: Run) -> Path:
-    """Copy the results into runs/<id>/ and verify each copy by its SHA-256."""
+def pull(project_dir: Path, run: Run, machine: Machine) -> Path:
+    """Copy the results into runs/<id>/, each checked against the box's SHA-256."""
     local = project_dir / RUNS_DIR / run.run_id
     local.mkdir(parents=True, exist_ok=True)
-    for name in RESULT_FILES:
-        source = Path(run.remote_dir) / name
-        if not source.exists():
-            continue
+    listing = machine.run(f"cd {shlex.quote(run.remote_dir)} && sha256sum -- "
+                          + " ".join(RESULT_FILES) + " 2>/dev/null")
+    remote_sums = {name: digest for digest, name in
+                   (line.split(maxsplit=1) for line in listing.stdout.splitlines())}
+    if not remote_sums:
+        raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
+    for name, digest in remote_sums.items():
         tmp = local / f".{name}.part"
-        shutil.copyfile(source, tmp)
-        if _sha256(tmp) != _sha256(source):
+        machine.fetch(f"{run.remote_dir}/{name}", tmp)
+        if _sha256(tmp) != digest:
             tmp.unlink()
             raise DlboxError(f"copy of {name} does not match the box's; run `dlbox pull "
                              f"{run.run_id}`")
@@ -181,10 +215,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finish(project_dir: Path, run: Run, code: int) -> Run:
+def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
     """Pull the results and record how the run ended."""
-    local = pull(project_dir, run)
-    metrics = _read_json(local / "metrics.json") or {}
+    local = pull(project_dir, run, machine)
+    metrics = _read_json((local / "metrics.json").read_bytes()
+                         if (local / "metrics.json").exists() else None) or {}
     status = {0: "done", 75: "interrupted", 130: "interrupted"}.get(code, "failed")
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=_now())

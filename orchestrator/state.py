@@ -47,11 +47,29 @@ class LocalBox:
     python: str
 
 
+@dataclass(frozen=True)
+class SshBox:
+    """A machine the user already has, reached over SSH (its host key pinned at `up`)."""
+
+    kind: str  # "ssh"
+    name: str  # user@host:port
+    host: str
+    port: int
+    user: str
+    key_path: str
+    workdir: str  # absolute, on the box
+    python: str  # on the box, with TensorFlow
+
+
+KINDS = {"local": LocalBox, "ssh": SshBox, "ec2": Box}
+AnyBox = Box | LocalBox | SshBox
+
+
 def state_dir(project_dir: Path) -> Path:
     return project_dir / STATE_DIR
 
 
-def load_box(project_dir: Path) -> Box | LocalBox | None:
+def load_box(project_dir: Path) -> AnyBox | None:
     path = state_dir(project_dir) / STATE_FILE
     if not path.exists():
         return None
@@ -59,15 +77,15 @@ def load_box(project_dir: Path) -> Box | LocalBox | None:
         data = json.loads(path.read_text()).get("box")
         if not data:
             return None
-        cls = LocalBox if data.get("kind") == "local" else Box
+        cls = KINDS[data.get("kind", "ec2")]
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise UsageError(f"{path} is damaged ({exc}); `dlbox down --all` finds the project's "
                          "boxes by their tags, then delete the file") from exc
 
 
-def save_box(project_dir: Path, box: Box | LocalBox | None) -> None:
+def save_box(project_dir: Path, box: AnyBox | None) -> None:
     """Replace the state file in one rename: a crash leaves the old or the new one."""
     directory = state_dir(project_dir)
     directory.mkdir(mode=0o700, exist_ok=True)

@@ -1,0 +1,209 @@
+"""Where runs happen, behind one small interface: this machine, or one reached over SSH.
+
+A machine runs shell commands, reads small files, writes files and streams folders in,
+and fetches results out. Commands are data (strings from templates); the machine only
+carries them, so run logic is the same on every kind of box.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .errors import DlboxError
+
+SSH_CONNECT_TIMEOUT_S = 10
+SSH_CONNECT_ATTEMPTS = 4  # with jittered backoff: about 30 s before giving up
+SSH_CONNECT_FIRST_DELAY_S = 1.0
+COMMAND_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command left behind."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class Machine(Protocol):
+    """The operations a run needs from its box."""
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result: ...
+
+    def read(self, path: str) -> bytes | None: ...
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
+
+    def upload_tree(self, local: Path, remote_dir: str) -> None: ...
+
+    def fetch(self, path: str, local: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalMachine:
+    """This machine: commands through bash, files through the file system."""
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        os.chmod(path, mode)
+
+    def upload_tree(self, local: Path, remote_dir: str) -> None:
+        Path(remote_dir).mkdir(parents=True, exist_ok=True)
+        target = Path(remote_dir) / local.name
+        if local.is_dir():
+            shutil.copytree(local, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(local, target)
+
+    def fetch(self, path: str, local: Path) -> None:
+        shutil.copyfile(path, local)
+
+    def close(self) -> None:
+        pass
+
+
+class SshMachine:
+    """A machine reached over SSH with fabric; its host key is pinned in known_hosts."""
+
+    def __init__(self, host: str, port: int, user: str, key_path: str, known_hosts: Path,
+                 pin_new_host: bool = False) -> None:
+        self.host, self.port, self.user = host, port, user
+        self.conn = _connect(host, port, user, key_path, known_hosts, pin_new_host)
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
+        done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+        return Result(done.exited, done.stdout, done.stderr)
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with self.conn.sftp().open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
+        sftp = self.conn.sftp()
+        sftp.putfo(io.BytesIO(data), path)
+        sftp.chmod(path, mode)
+
+    def upload_tree(self, local: Path, remote_dir: str) -> None:
+        """One tar stream over one SSH channel: no round trip per file."""
+        channel = self.conn.client.get_transport().open_session()
+        channel.exec_command(f"mkdir -p {shlex.quote(remote_dir)} && "
+                             f"tar -x -f - -C {shlex.quote(remote_dir)}")
+        with channel.makefile("wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+            tar.add(str(local), arcname=local.name)
+        channel.shutdown_write()
+        code = channel.recv_exit_status()
+        if code != 0:
+            error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+            raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {error or code}"
+                             + ("; the box's disk is full" if "No space" in error else ""))
+
+    def fetch(self, path: str, local: Path) -> None:
+        self.conn.sftp().get(path, str(local))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _connect(host: str, port: int, user: str, key_path: str, known_hosts: Path,
+             pin_new_host: bool):
+    """A fabric Connection with our host-key policy, retried a few times with jitter."""
+    import fabric
+    import paramiko
+
+    class PinFirstKey(paramiko.MissingHostKeyPolicy):
+        """Record the key of a host met for the first time (at `up`); later: known_hosts."""
+
+        def missing_host_key(self, client, hostname, key):
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            client.save_host_keys(str(known_hosts))
+
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    known_hosts.touch(mode=0o600, exist_ok=True)
+    config = fabric.Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+    delay = SSH_CONNECT_FIRST_DELAY_S
+    for attempt in range(SSH_CONNECT_ATTEMPTS):
+        conn = fabric.Connection(
+            host, user=user, port=port, config=config, connect_timeout=SSH_CONNECT_TIMEOUT_S,
+            connect_kwargs={"key_filename": key_path, "look_for_keys": False,
+                            "allow_agent": False},
+        )
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(known_hosts))
+        client.set_missing_host_key_policy(PinFirstKey() if pin_new_host
+                                           else paramiko.RejectPolicy())
+        conn.client = client  # replaces fabric's default policy, which trusts any key
+        try:
+            conn.open()
+            return conn
+        except paramiko.BadHostKeyException as exc:
+            raise DlboxError(
+                f"the host key of {host}:{port} has CHANGED (now {exc.key.get_fingerprint().hex()}"
+                f"); refusing to connect. If the box was rebuilt, delete its line in {known_hosts}"
+            ) from exc
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise DlboxError(f"{host}:{port} is not in {known_hosts}; run `dlbox up` "
+                                 "again to pin its key") from exc
+            if isinstance(exc, paramiko.AuthenticationException):
+                raise DlboxError(f"{user}@{host}:{port} refused the key {key_path}") from exc
+            last = exc
+        except (TimeoutError, OSError) as exc:
+            last = exc
+        if attempt < SSH_CONNECT_ATTEMPTS - 1:
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
+    raise DlboxError(f"cannot reach {host}:{port} over SSH ({last}); check that the box is up "
+                     "and the address and port are right")
+
+
+def content_hash(paths: list[Path], root: Path) -> str:
+    """A short hash of files' names and bytes: the identity of shipped code."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tree_identity(path: Path) -> str:
+    """A short hash of a dataset's relative names, sizes and mtimes (no reading of contents)."""
+    digest = hashlib.sha256(path.name.encode())
+    if path.is_file():
+        st = path.stat()
+        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(root) / name
+            st = full.stat()
+            digest.update(f"{full.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,94 @@
+"""An SSH box end to end against a real OpenSSH server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import free_port
+
+DLBOX = str(Path(sys.executable).parent / "dlbox")
+CLI_TIMEOUT_S = 300
+
+
+def dlbox(cwd: Path, *args: str):
+    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@pytest.fixture()
+def ssh_up(tmp_path, sshd):
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    project.mkdir()
+    up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
+               str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+    assert up.returncode == 0, up.stderr
+    return project, remote
+
+
+@pytest.mark.slow
+def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
+    project, remote = ssh_up
+    known = (project / ".dlbox" / "known_hosts").read_text()
+    assert sshd.host_public_key.split()[1] in known  # pinned at `up`
+    train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
+                  str(small_sample), "--epochs", "2", "--img-size", "32")
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "sending" in train.stdout
+    [run] = [p for p in (project / "runs").iterdir() if p.is_dir()]
+    for name in ("model.keras", "history.csv", "metrics.json", "train.log", "submission.csv"):
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2
+    assert metrics["arguments"]["data"].startswith(str(remote / "data"))  # trained on the copy
+    [code] = list((remote / "code").iterdir())
+    assert (code / "trainer" / "__main__.py").exists()
+
+    again = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
+                  "--img-size", "32")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{small_sample.name}: already on the box" in again.stdout  # nothing sent again
+
+    down = dlbox(project, "down", "--purge")
+    assert down.returncode == 0, down.stderr
+    assert not remote.exists()
+    assert (run / "model.keras").exists()
+
+
+def test_changed_host_key_is_refused(ssh_up, sshd, tmp_path):
+    project, _ = ssh_up
+    known = project / ".dlbox" / "known_hosts"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    known.write_text(known.read_text().replace(sshd.host_public_key.split()[1],
+                                               (tmp_path / "k.pub").read_text().split()[1]))
+    result = dlbox(project, "train", "scratch", "--data", str(tmp_path))
+    assert result.returncode == 1
+    assert "host key of 127.0.0.1" in result.stderr and "CHANGED" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_box_names_host_and_port(tmp_path, sshd):
+    port = free_port()
+    result = dlbox(tmp_path, "up", "--ssh", f"root@127.0.0.1:{port}", "--key",
+                   str(sshd.client_key), "--python", sys.executable)
+    assert result.returncode == 1
+    assert f"cannot reach 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ssh_user_errors(tmp_path, sshd):
+    for args, needle in [
+        (["--ssh", "nohost"], "USER@HOST"),
+        (["--ssh", "root@127.0.0.1"], "--key"),
+        (["--ssh", "root@127.0.0.1", "--key", "/no/key"], "no such file"),
+        (["--ssh", "root@127.0.0.1", "--key", str(sshd.client_key)], "--python"),
+        (["--local", "--ssh", "root@h"], "exclude"),
+    ]:
+        result = dlbox(tmp_path, "up", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
