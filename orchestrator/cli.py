@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,6 +238,8 @@ def train(
                                            "train/).")],
     test: Annotated[str | None, typer.Option(help="Kaggle test1/ folder or zip: also write "
                                                   "submission.csv.")] = None,
+    down_after: Annotated[bool, typer.Option("--down-after", help="Take the box down once the "
+                                             "results are pulled and verified.")] = False,
 ) -> None:
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
     from . import boxes, runs, state
@@ -249,7 +252,11 @@ def train(
             raise UsageError("no box is up in this project; run `dlbox up --local` first")
         machine = boxes.machine_for(_project(), box)
         run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say)
-    raise typer.Exit(_follow_and_finish(run, machine))
+    code = _follow_and_finish(run, machine)
+    if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
+        with _errors("the box may still be running: run `dlbox down`"):
+            boxes.down(_project(), box, purge=False, say=_say)
+    raise typer.Exit(code)
 
 
 def _machine_of(run):
@@ -312,6 +319,90 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")
         machine = _machine_of(run)
         local = runs.pull(_project(), run, machine)
     typer.echo(f"pulled into {local}")
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str | None, typer.Argument(help="The run's id [the latest].")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+) -> None:
+    """Print a run's train.log from the box."""
+    import time
+
+    from . import runs
+
+    with _errors():
+        run = runs.resolve(_project(), run_id)
+        machine = _machine_of(run)
+        offset = 0
+        while True:
+            chunk = runs.read_log(run, machine, offset)
+            if chunk:
+                typer.echo(chunk.decode(errors="replace"), nl=False)
+                offset += len(chunk)
+            if not follow or machine.read(f"{run.remote_dir}/exit_code") is not None:
+                return
+            time.sleep(runs.STATUS_POLL_S)
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None:
+    """Stop a run with SIGTERM: the trainer checkpoints (resumable) and exits 75."""
+    from . import runs
+
+    with _errors():
+        run = runs.load(_project(), run_id)
+        machine = _machine_of(run)
+        code = runs.cancel(run, machine, _say)
+        run = runs.finish(_project(), run, machine, code)
+    typer.echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
+               f"{runs.RUNS_DIR}/{run.run_id}/")
+
+
+@app.command("runs")
+def list_runs() -> None:
+    """A table of this project's runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import runs
+
+    header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost")
+    rows = []
+    for run in runs.all_runs(_project()):
+        metrics = _json_file(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
+        seconds = _seconds_between(run.started_at, run.finished_at)
+        rows.append((
+            run.run_id, run.model, run.status,
+            f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
+            str(metrics.get("epochs_run", "-")),
+            _duration(seconds) if seconds is not None else "-",
+            run.box,
+            f"${run.usd_per_hour * seconds / 3600:.2f}" if run.usd_per_hour and seconds else "-",
+        ))
+    if not sys.stdout.isatty():  # piped: tab-separated, for scripts
+        for row in (header, *rows):
+            typer.echo("\t".join(row))
+        return
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _json_file(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _seconds_between(start: str, end: str | None) -> float | None:
+    if end is None:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 @app.command()

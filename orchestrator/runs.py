@@ -22,6 +22,7 @@ from .render import render
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"
 STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
+CANCEL_TIMEOUT_S = 300  # SIGTERM -> checkpoint written -> exit 75; a big model saves slowly
 START_TIMEOUT_S = 120  # until the trainer's first status.json
 RESULT_FILES = ("model.keras", "history.csv", "metrics.json", "train.log", "status.json",
                 "val_predictions.csv", "submission.csv", "stdout.log")
@@ -42,6 +43,7 @@ class Run:
     exit_code: int | None = None
     val_accuracy: float | None = None
     finished_at: str | None = None
+    usd_per_hour: float | None = None  # the box's price, for the cost column of `dlbox runs`
 
 
 def _now() -> str:
@@ -65,6 +67,50 @@ def load(project_dir: Path, run_id: str) -> Run:
     if not path.exists():
         raise UsageError(f"no run {run_id!r} in {RUNS_DIR}/; `ls {RUNS_DIR}` lists the runs")
     return Run(**json.loads(path.read_text()))
+
+
+def all_runs(project_dir: Path) -> list[Run]:
+    """Every run recorded under runs/, oldest first."""
+    found = []
+    for path in sorted((project_dir / RUNS_DIR).glob(f"*/{RUN_FILE}")):
+        try:
+            found.append(Run(**json.loads(path.read_text())))
+        except (ValueError, TypeError):
+            continue  # a damaged record is skipped, not fatal for the listing
+    return sorted(found, key=lambda r: r.started_at)
+
+
+def resolve(project_dir: Path, run_id: str | None) -> Run:
+    """The run named, or the latest one."""
+    if run_id is not None:
+        return load(project_dir, run_id)
+    runs = all_runs(project_dir)
+    if not runs:
+        raise UsageError("no runs yet in this project; `dlbox train` starts one")
+    return runs[-1]
+
+
+def read_log(run: Run, machine: Machine, offset: int) -> bytes:
+    """train.log from byte offset on (one command, however long the log)."""
+    done = machine.run(f"tail -c +{offset + 1} {shlex.quote(run.remote_dir)}/train.log 2>/dev/null")
+    return done.stdout.encode()
+
+
+def cancel(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
+    """SIGTERM the trainer (it checkpoints and exits 75); wait for it; return its exit status."""
+    status = _read_json(machine.read(f"{run.remote_dir}/status.json")) or {}
+    if machine.read(f"{run.remote_dir}/exit_code") is not None or not status.get("pid"):
+        raise UsageError(f"run {run.run_id} is not running")
+    sent = machine.run(f"kill -TERM {int(status['pid'])}")
+    if sent.exit_code != 0:
+        raise DlboxError(f"could not signal run {run.run_id}: {sent.stderr.strip()}")
+    say(f"asked run {run.run_id} to stop; waiting for its checkpoint...")
+    deadline = time.monotonic() + CANCEL_TIMEOUT_S
+    while (code := machine.read(f"{run.remote_dir}/exit_code")) is None:
+        if time.monotonic() > deadline:
+            raise DlboxError(f"run {run.run_id} still running {CANCEL_TIMEOUT_S} s after SIGTERM")
+        sleep(STATUS_POLL_S)
+    return int(code.strip() or 1)
 
 
 def trainer_dir() -> Path:

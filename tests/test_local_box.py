@@ -92,3 +92,34 @@ def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
     assert bad_flag.returncode == 2
     assert "--epochs must be at least 1" in bad_flag.stdout
     assert dlbox(tmp_path, "down").returncode == 0
+
+
+@pytest.mark.slow
+def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
+    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
+                             "200", "--patience", "0", "--img-size", "64"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while True:
+        found = list((tmp_path / ".dlbox" / "local-box" / "runs").glob("*/status.json"))
+        status = json.loads(found[0].read_text()) if found else {}
+        if status.get("phase") == "training" and status.get("step", 0) > 0:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(POLL_S)
+    [run] = _run_dirs(tmp_path)
+    cancel = dlbox(tmp_path, "cancel", run.name)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert "interrupted (exit 75)" in cancel.stdout
+    assert proc.wait(timeout=CLI_TIMEOUT_S) == 75  # `dlbox train` hands on the trainer's status
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+
+    logs = dlbox(tmp_path, "logs", run.name)
+    assert logs.returncode == 0 and "stopped by SIGTERM" in logs.stdout
+    listing = dlbox(tmp_path, "runs")
+    assert listing.returncode == 0
+    assert run.name in listing.stdout and "interrupted" in listing.stdout
+    again = dlbox(tmp_path, "cancel", run.name)
+    assert again.returncode == 2 and "not running" in again.stderr
+    assert dlbox(tmp_path, "down").returncode == 0
