@@ -15,7 +15,7 @@ def _environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(str(resources.files("templates"))),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
-        autoescape=jinja2.select_autoescape(["html"]),
+        autoescape=jinja2.select_autoescape(["html", "html.j2"]),
     )
     env.filters["q"] = lambda value: shlex.quote(str(value))
     return env

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import state
+from . import report, state
 from .errors import DlboxError, UsageError
 from .machines import LocalMachine, Machine, content_hash, tree_identity
 from .render import render
@@ -25,7 +25,7 @@ STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
 CANCEL_TIMEOUT_S = 300  # SIGTERM -> checkpoint written -> exit 75; a big model saves slowly
 START_TIMEOUT_S = 120  # until the trainer's first status.json
 RESULT_FILES = ("model.keras", "history.csv", "metrics.json", "train.log", "status.json",
-                "val_predictions.csv", "submission.csv", "stdout.log")
+                "val_predictions.csv", "submission.csv", "misclassified.jpg", "stdout.log")
 Say = Callable[[str], None]
 
 
@@ -270,4 +270,8 @@ def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=_now())
     save(project_dir, run)
+    seconds = (datetime.fromisoformat(run.finished_at)
+               - datetime.fromisoformat(run.started_at)).total_seconds()
+    cost = f"${run.usd_per_hour * seconds / 3600:.2f}" if run.usd_per_hour else "nothing (own machine)"
+    report.write(local, run, box=run.box, duration=f"{seconds / 60:.1f} min", cost=cost)
     return run

@@ -15,6 +15,11 @@ import pytest
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 CLI_TIMEOUT_S = 300
 POLL_S = 0.1
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; .ci/run installs
+# Headless, and quiet: no background connections (this machine has no internet).
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
 
 
 def dlbox(cwd: Path, *args: str):
@@ -26,17 +31,26 @@ def _run_dirs(project: Path) -> list[Path]:
     return sorted(p for p in (project / "runs").iterdir() if p.is_dir())
 
 
-@pytest.mark.slow
-def test_up_local_train_down(tmp_path, small_sample):
-    up = dlbox(tmp_path, "up", "--local", "--python", sys.executable)
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, small_sample):
+    """up --local, train scratch with a test set, pull; (project dir, run dir, train output)."""
+    project = tmp_path_factory.mktemp("local")
+    up = dlbox(project, "up", "--local", "--python", sys.executable)
     assert up.returncode == 0, up.stderr
     assert "TensorFlow 2." in up.stdout
-    train = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--test",
+    train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
                   str(small_sample), "--epochs", "2", "--img-size", "32")
     assert train.returncode == 0, train.stdout + train.stderr
-    [run] = _run_dirs(tmp_path)
+    [run] = _run_dirs(project)
+    return project, run, train
+
+
+@pytest.mark.slow
+def test_up_local_train_down(local_run):
+    project, run, train = local_run
     assert f"run {run.name} done: val_accuracy" in train.stdout
-    for name in ("model.keras", "history.csv", "metrics.json", "train.log", "submission.csv"):
+    for name in ("model.keras", "history.csv", "metrics.json", "train.log", "submission.csv",
+                 "report.html"):
         assert (run / name).stat().st_size > 0, name
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "done" and record["exit_code"] == 0
@@ -44,12 +58,42 @@ def test_up_local_train_down(tmp_path, small_sample):
     assert record["val_accuracy"] == metrics["val_accuracy"]
     assert metrics["epochs_run"] == 2
 
-    again = dlbox(tmp_path, "pull", run.name)
+    again = dlbox(project, "pull", run.name)
     assert again.returncode == 0 and "pulled into" in again.stdout
-    down = dlbox(tmp_path, "down")
+    down = dlbox(project, "down")
     assert down.returncode == 0
-    assert not (tmp_path / ".dlbox" / "local-box").exists()
+    assert not (project / ".dlbox" / "local-box").exists()
     assert (run / "model.keras").exists()  # results pulled to runs/ stay
+
+
+@pytest.mark.slow
+def test_report_loads_in_a_real_browser_with_its_images_and_charts(local_run):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    _, run, _ = local_run
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get((run / "report.html").as_uri())
+        assert driver.title == f"dlbox run {run.name}"
+        images = driver.execute_script(
+            "return [...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        assert images and all(done and width > 0 for _, done, width in images), images
+        assert [src for src, _, _ in images] == ["misclassified.jpg"]
+        charts = driver.execute_script(
+            "return [...document.querySelectorAll('svg.chart')].map("
+            "s => [s.getAttribute('aria-label'), s.querySelectorAll('polyline.series').length,"
+            " s.getBoundingClientRect().width])")
+        assert [(label, lines) for label, lines, _ in charts] == [("Loss", 2), ("Accuracy", 2)]
+        assert all(width > 100 for _, _, width in charts)
+        text = driver.find_element("tag name", "body").text
+        assert "validation accuracy" in text and "predicted dog" in text
+    finally:
+        driver.quit()
 
 
 @pytest.mark.slow

@@ -18,6 +18,10 @@ HISTORY_COLUMNS = (
 )
 SUBMISSION_CLIP = 0.005  # Kaggle scores log loss: a confident mistake must not cost infinity
 LOSS_EPSILON = 1e-7  # Keras' clip for binary cross-entropy
+MISCLASSIFIED_SHOWN = 24
+GRID_COLUMNS = 6
+TILE_PX = 128
+CAPTION_PX = 28
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -64,6 +68,32 @@ def write_submission(out: Path, ids: list[int], p_dog: np.ndarray) -> None:
     rows = sorted(zip(ids, p, strict=True))
     _write_text_atomic(out / "submission.csv", _csv([[i, f"{q:.6f}"] for i, q in rows],
                                                     ("id", "label")))
+
+
+def write_misclassified(out: Path, images: np.ndarray, rows: np.ndarray, keys: list[str],
+                        labels: np.ndarray, p_dog: np.ndarray) -> int:
+    """misclassified.jpg: the most confidently wrong validation images, captioned; the count.
+
+    images[rows[k]] is the k-th validation image (the cache is not copied).
+    """
+    from PIL import Image, ImageDraw
+
+    wrong = np.flatnonzero((p_dog > 0.5) != (labels > 0.5))
+    if not len(wrong):
+        return 0
+    worst = wrong[np.argsort(-np.abs(p_dog[wrong] - labels[wrong]))][:MISCLASSIFIED_SHOWN]
+    cols = min(GRID_COLUMNS, len(worst))
+    lines = -(-len(worst) // cols)
+    grid = Image.new("RGB", (cols * TILE_PX, lines * (TILE_PX + CAPTION_PX)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, i in enumerate(worst):
+        x, y = (n % cols) * TILE_PX, (n // cols) * (TILE_PX + CAPTION_PX)
+        grid.paste(Image.fromarray(np.asarray(images[rows[i]])).resize((TILE_PX, TILE_PX)), (x, y))
+        truth = "dog" if labels[i] > 0.5 else "cat"
+        draw.text((x + 3, y + TILE_PX + 2), f"{keys[i][:18]}", fill="black")
+        draw.text((x + 3, y + TILE_PX + 14), f"{truth}, P(dog) {p_dog[i]:.2f}", fill="firebrick")
+    grid.save(out / "misclassified.jpg", quality=88)
+    return len(wrong)
 
 
 def versions() -> dict:

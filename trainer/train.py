@@ -373,6 +373,8 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
     p_val, final = evaluate_best(best, prep, o.batch_size * devices.strategy.num_replicas_in_sync)
     val_keys = [prep.keys[i] for i in prep.val_index]
     outputs.write_val_predictions(out, val_keys, prep.labels[prep.val_index], p_val)
+    misclassified = outputs.write_misclassified(out, prep.images, prep.val_index, val_keys,
+                                                prep.labels[prep.val_index], p_val)
 
     test_skipped = None
     if test_items is not None:
@@ -387,6 +389,7 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
         "epochs_planned": o.total_epochs,
         "train_images": len(prep.train_index),
         "val_images": len(prep.val_index),
+        "misclassified": misclassified,
         "skipped_files": len(prep.skipped),
         "skipped": prep.skipped,
         "images_per_second": round(sum(rates) / len(rates), 1) if rates else None,

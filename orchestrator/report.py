@@ -1,0 +1,82 @@
+"""runs/<id>/report.html: learning curves, final metrics, confusion matrix, misclassified images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from markupsafe import Markup
+
+from .render import render
+
+CHART_W, CHART_H, CHART_PAD = 460, 260, 44
+SERIES_COLOURS = {"training": "#1f77b4", "validation": "#d62728"}
+
+
+def svg_chart(title: str, epochs: list[int], series: dict[str, list[float]]) -> Markup:
+    """A small line chart as inline SVG (no plotting library needed on the laptop)."""
+    values = [v for vs in series.values() for v in vs]
+    if not epochs or not values:
+        return Markup(f'<svg class="chart" width="{CHART_W}" height="{CHART_H}"><text x="10" '
+                      f'y="20">{title}: no epochs yet</text></svg>')
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1.0
+    x0, x1 = epochs[0], max(epochs[-1], epochs[0] + 1)
+    width, height = CHART_W - 2 * CHART_PAD, CHART_H - 2 * CHART_PAD
+
+    def xy(epoch: int, value: float) -> str:
+        x = CHART_PAD + (epoch - x0) / (x1 - x0) * width
+        y = CHART_PAD + (1 - (value - lo) / (hi - lo)) * height
+        return f"{x:.1f},{y:.1f}"
+
+    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_W}" '
+             f'height="{CHART_H}" role="img" aria-label="{title}">',
+             f'<text x="{CHART_W / 2}" y="18" text-anchor="middle" font-weight="bold">{title}</text>',
+             f'<rect x="{CHART_PAD}" y="{CHART_PAD}" width="{width}" height="{height}" '
+             'fill="none" stroke="#999"/>',
+             f'<text x="{CHART_PAD - 4}" y="{CHART_PAD + 4}" text-anchor="end" '
+             f'font-size="11">{hi:.3f}</text>',
+             f'<text x="{CHART_PAD - 4}" y="{CHART_PAD + height}" text-anchor="end" '
+             f'font-size="11">{lo:.3f}</text>',
+             f'<text x="{CHART_W / 2}" y="{CHART_H - 8}" text-anchor="middle" font-size="11">'
+             f'epoch {x0}–{epochs[-1]}</text>']
+    for n, (name, vs) in enumerate(series.items()):
+        colour = SERIES_COLOURS.get(name, "#333")
+        points = " ".join(xy(e, v) for e, v in zip(epochs, vs, strict=True))
+        parts.append(f'<polyline class="series" fill="none" stroke="{colour}" stroke-width="2" '
+                     f'points="{points}"/>')
+        parts.append(f'<text x="{CHART_PAD + 8 + 110 * n}" y="{CHART_PAD - 8}" font-size="12" '
+                     f'fill="{colour}">{name}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
+    """Render the report from what was pulled into run_dir."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    try:
+        with open(run_dir / "history.csv", newline="") as f:
+            history = list(csv.DictReader(f))
+    except OSError:
+        history = []
+    epochs = [int(r["epoch"]) for r in history]
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) for r in history]
+
+    matrix = (metrics.get("confusion_matrix") or {}).get("rows_true_cols_predicted")
+    path = run_dir / "report.html"
+    path.write_text(render(
+        "report.html.j2", run=run, metrics=metrics, history=history, box=box, duration=duration,
+        cost=cost, matrix=matrix,
+        loss_chart=svg_chart("Loss", epochs, {"training": column("loss"),
+                                              "validation": column("val_loss")}),
+        accuracy_chart=svg_chart("Accuracy", epochs, {"training": column("accuracy"),
+                                                      "validation": column("val_accuracy")}),
+        misclassified=(run_dir / "misclassified.jpg").exists(),
+    ))
+    return path
