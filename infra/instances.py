@@ -165,6 +165,12 @@ def find(ec2, *, project: str | None = None, box: str | None = None) -> list[Ins
         return [_instance(i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
+def console_output(ec2, instance_id: str) -> str:
+    """The instance's serial console text so far ("" until EC2 has some)."""
+    with translated(f"read the console output of {instance_id}"):
+        return ec2.get_console_output(InstanceId=instance_id, Latest=True).get("Output") or ""
+
+
 def _wait(ec2, waiter_name: str, ids: list[str], poll_s: int, timeout_s: float, what: str) -> None:
     if not ids:
         return  # a waiter on an empty list would describe every instance in the region
@@ -201,16 +207,17 @@ def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
     while pending:
         for instance_id in list(pending):
             inst = describe(ec2, instance_id)
-            unknown_too_long = inst is None and time.monotonic() - started > UNKNOWN_ID_GRACE_S
-            if unknown_too_long or (inst is not None and inst.state == "terminated"):
-                pending.remove(instance_id)  # AWS forgets terminated instances after a while
-            elif inst is not None and inst.state != "shutting-down":
+            if inst is not None and inst.state not in ("shutting-down", "terminated"):
                 with translated(f"terminate {instance_id}"):
                     try:
                         ec2.terminate_instances(InstanceIds=[instance_id])
                     except ClientError as exc:
                         if error_code(exc) != "InvalidInstanceID.NotFound":
                             raise
+                inst = describe(ec2, instance_id)
+            unknown_too_long = inst is None and time.monotonic() - started > UNKNOWN_ID_GRACE_S
+            if unknown_too_long or (inst is not None and inst.state == "terminated"):
+                pending.remove(instance_id)  # AWS forgets terminated instances after a while
         if not pending:
             return
         if time.monotonic() >= deadline:

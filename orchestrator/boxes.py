@@ -13,7 +13,6 @@ from .errors import DlboxError, UsageError
 from .machines import LocalMachine, Machine, SshMachine
 
 LOCAL_WORKDIR = "local-box"
-KNOWN_HOSTS_FILE = "known_hosts"
 TF_CHECK_TIMEOUT_S = 180
 TF_CHECK = ("import tensorflow as tf, keras; "
             "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU')))")
@@ -27,9 +26,12 @@ def machine_for(project_dir: Path, box: state.AnyBox, pin_new_host: bool = False
         return LocalMachine()
     if isinstance(box, state.SshBox):
         return SshMachine(box.host, box.port, box.user, box.key_path,
-                          state.state_dir(project_dir) / KNOWN_HOSTS_FILE, pin_new_host)
-    raise UsageError("training on an EC2 box is not built yet; use `dlbox up --local` or "
-                     "`dlbox up --ssh USER@HOST --python PATH`")
+                          state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host)
+    if box.python is None or box.workdir is None or box.host is None:
+        raise UsageError("this EC2 box has no TensorFlow environment yet: set python = "
+                         "\"/path/to/python\" in dlbox.toml and run `dlbox up` again")
+    return SshMachine(box.host, box.ssh_port, box.ssh_user, box.key_path,
+                      state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE)
 
 
 def check_python(machine: Machine, python: str) -> str:
@@ -80,7 +82,7 @@ def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, 
     _refuse_other_kind(existing, "ssh")
     host, port, user = match["host"], int(match["port"] or 22), match["user"]
     machine = SshMachine(host, port, user, str(key_path),
-                         state.state_dir(project_dir) / KNOWN_HOSTS_FILE, pin_new_host=True)
+                         state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host=True)
     try:
         made = machine.run(f"mkdir -p {workdir} && cd {workdir} && pwd")
         if made.exit_code != 0:
@@ -92,7 +94,7 @@ def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, 
                        key_path=str(key_path), workdir=made.stdout.strip(), python=python)
     state.save_box(project_dir, box)
     say(f"ssh box {box.name} ready ({versions}); runs in {box.workdir}; host key pinned in "
-        f"{state.state_dir(project_dir) / KNOWN_HOSTS_FILE}")
+        f"{state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE}")
     return box
 
 

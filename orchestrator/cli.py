@@ -141,7 +141,7 @@ def up(
         cfg = config.load(_project(), region=region, profile=profile, instance_types=instance_type,
                           spot=spot, disk_gb=disk_gb, idle_minutes=idle_minutes,
                           max_lifetime_minutes=max_lifetime_minutes, ssh_cidr=ssh_cidr,
-                          ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
+                          ssh_user=ssh_user, ssh_key=ssh_key, ami=ami, python=python)
         ec2box.up(_project(), cfg, _say)
 
 
@@ -255,7 +255,14 @@ def train(
     code = _follow_and_finish(run, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         with _errors("the box may still be running: run `dlbox down`"):
-            boxes.down(_project(), box, purge=False, say=_say)
+            if isinstance(box, state.Box):
+                from . import ec2box
+
+                total = ec2box.down(_project(), _say)
+                if total is not None:
+                    typer.echo(f"box terminated; it cost about ${total:.2f}")
+            else:
+                boxes.down(_project(), box, purge=False, say=_say)
     raise typer.Exit(code)
 
 

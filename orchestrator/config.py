@@ -38,6 +38,7 @@ class Config:
     ssh_port: int = 22
     ssh_cidr: str | None = None
     ssh_key: str | None = None  # your own private key (its .pub beside it) instead of dlbox's
+    python: str | None = None  # an interpreter on the box with TensorFlow (skips the set-up)
     ami: str | None = None
     iam_instance_profile: str | None = None
 

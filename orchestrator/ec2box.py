@@ -24,8 +24,8 @@ GROUP_DELETE_ATTEMPTS = 8  # a terminated instance's network interface lingers f
 GROUP_DELETE_FIRST_DELAY_S = 2.0
 BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"
 SSH_CONFIG_FILE = "ssh_config"
-KNOWN_HOSTS_FILE = "known_hosts"
 SSH_HOST_ALIAS = "dlbox"
+BOX_WORKDIR = "~/dlbox"
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def write_ssh_config(project_dir: Path, box: state.Box) -> Path:
         f"    Port {box.ssh_port}\n"
         f'    IdentityFile "{box.key_path}"\n'
         "    IdentitiesOnly yes\n"
-        f'    UserKnownHostsFile "{d / KNOWN_HOSTS_FILE}"\n'
+        f'    UserKnownHostsFile "{d / state.KNOWN_HOSTS_FILE}"\n'
         # Keyed by instance, not by IP: a recycled address is not mistaken for the old box.
         f"    HostKeyAlias {box.instance_id}\n"
         # The first connection pins the box's key in .dlbox/known_hosts; a change is refused.
@@ -105,7 +105,7 @@ def up(project_dir: Path, cfg: Config, say: Say, prices=None) -> state.Box:
                                           cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
                                           _tags(project_dir))
             return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), say,
-                               launched_now=False)
+                               launched_now=False, python=cfg.python)
         say(f"box {box.name} is gone; launching a new one")
         _cleanup(project_dir, ec2, box, say)
     return _launch(project_dir, cfg, say, prices)
@@ -189,10 +189,43 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     market = "spot" if inst.spot else "on-demand"
     price = f"${usd:.3f}/h" if usd is not None else "price unknown"
     say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
-    return _wait_ready(project_dir, ec2, box, say, launched_now=True)
+    return _wait_ready(project_dir, ec2, box, say, launched_now=True, python=cfg.python)
 
 
-def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: bool) -> state.Box:
+def _log_in(project_dir: Path, ec2, box: state.Box, python: str | None, say: Say) -> state.Box:
+    """First SSH login: pin the host key (checked against the console's fingerprints when
+    the console shows them), make dlbox's folder, check the Python that will train."""
+    from infra import instances
+
+    from .boxes import check_python
+    from .machines import SshMachine, console_fingerprints
+
+    expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
+    machine = SshMachine(box.host, box.ssh_port, box.ssh_user, box.key_path,
+                         state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host=True,
+                         expected_fingerprints=expected or None)
+    try:
+        made = machine.run(f"mkdir -p {BOX_WORKDIR} && cd {BOX_WORKDIR} && pwd")
+        if made.exit_code != 0:
+            raise DlboxError(f"cannot create {BOX_WORKDIR} on the box: {made.stderr.strip()}")
+        box = replace(box, workdir=made.stdout.strip())
+        python = python or box.python
+        if python:
+            say(f"box Python: {check_python(machine, python)}")
+            box = replace(box, python=python)
+        else:
+            say("no TensorFlow environment on the box yet: set python = \"/path/to/python\" "
+                "in dlbox.toml (automatic set-up comes in a later version)")
+    finally:
+        machine.close()
+    say("host key " + ("checked against the console output and " if expected else "")
+        + f"pinned in .dlbox/{state.KNOWN_HOSTS_FILE}")
+    state.save_box(project_dir, box)
+    return box
+
+
+def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: bool,
+                python: str | None = None) -> state.Box:
     """Wait for running and an SSH banner; a box launched now that never gets there is
     terminated (a reused one may be busy training: it is left alone)."""
     from infra import instances
@@ -206,6 +239,7 @@ def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: 
         box = replace(box, host=inst.public_ip)
         state.save_box(project_dir, box)
         banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
+        box = _log_in(project_dir, ec2, box, python, say)
     except (WaitTimeout, DlboxError) as exc:
         if not launched_now:
             raise
@@ -276,8 +310,20 @@ def _cleanup(project_dir: Path, ec2, box: state.Box, say: Say) -> None:
 
     _delete_group(ec2, box.security_group_id)
     network.delete_key_pair(ec2, box.key_name)
+    _forget_host_keys(project_dir, box)
     state.save_box(project_dir, None)
     (state.state_dir(project_dir) / SSH_CONFIG_FILE).unlink(missing_ok=True)
+
+
+def _forget_host_keys(project_dir: Path, box: state.Box) -> None:
+    """Drop the box's pinned keys: its address may go to another box tomorrow."""
+    path = state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE
+    if not path.exists() or not box.host:
+        return
+    names = {box.instance_id, box.host, f"[{box.host}]:{box.ssh_port}"}
+    kept = [line for line in path.read_text().splitlines()
+            if not set(line.split(" ", 1)[0].split(",")) & names]
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _delete_group(ec2, group_id: str) -> None:

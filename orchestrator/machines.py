@@ -7,6 +7,7 @@ carries them, so run logic is the same on every kind of box.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -91,9 +92,10 @@ class SshMachine:
     """A machine reached over SSH with fabric; its host key is pinned in known_hosts."""
 
     def __init__(self, host: str, port: int, user: str, key_path: str, known_hosts: Path,
-                 pin_new_host: bool = False) -> None:
+                 pin_new_host: bool = False, expected_fingerprints: set[str] | None = None) -> None:
         self.host, self.port, self.user = host, port, user
-        self.conn = _connect(host, port, user, key_path, known_hosts, pin_new_host)
+        self.conn = _connect(host, port, user, key_path, known_hosts, pin_new_host,
+                             expected_fingerprints)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
         done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
@@ -133,16 +135,29 @@ class SshMachine:
         self.conn.close()
 
 
+def fingerprint(key) -> str:
+    """OpenSSH's SHA256:... fingerprint of a paramiko key."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 def _connect(host: str, port: int, user: str, key_path: str, known_hosts: Path,
-             pin_new_host: bool):
+             pin_new_host: bool, expected_fingerprints: set[str] | None = None):
     """A fabric Connection with our host-key policy, retried a few times with jitter."""
     import fabric
     import paramiko
 
     class PinFirstKey(paramiko.MissingHostKeyPolicy):
-        """Record the key of a host met for the first time (at `up`); later: known_hosts."""
+        """Record the key of a host met for the first time (at `up`); later: known_hosts.
+
+        With expected fingerprints (an EC2 box's console prints them), a key not among
+        them is refused instead of pinned.
+        """
 
         def missing_host_key(self, client, hostname, key):
+            if expected_fingerprints and fingerprint(key) not in expected_fingerprints:
+                raise HostKeyMismatch(f"{host}:{port} presented host key {fingerprint(key)}, "
+                                      "which the box's console output does not list; refusing "
+                                      "to connect (someone may be in the middle)")
             client.get_host_keys().add(hostname, key.get_name(), key)
             client.save_host_keys(str(known_hosts))
 
@@ -164,6 +179,8 @@ def _connect(host: str, port: int, user: str, key_path: str, known_hosts: Path,
         try:
             conn.open()
             return conn
+        except HostKeyMismatch as exc:
+            raise DlboxError(str(exc)) from exc
         except paramiko.BadHostKeyException as exc:
             raise DlboxError(
                 f"the host key of {host}:{port} has CHANGED (now {exc.key.get_fingerprint().hex()}"
@@ -183,6 +200,23 @@ def _connect(host: str, port: int, user: str, key_path: str, known_hosts: Path,
             delay *= 2
     raise DlboxError(f"cannot reach {host}:{port} over SSH ({last}); check that the box is up "
                      "and the address and port are right")
+
+
+class HostKeyMismatch(Exception):
+    """Raised inside paramiko's handshake: the key is not the one the box announced."""
+
+
+def console_fingerprints(console: str) -> set[str]:
+    """The SHA256 host-key fingerprints cloud-init prints to an EC2 console, if any yet."""
+    inside, found = False, set()
+    for line in console.splitlines():
+        if "BEGIN SSH HOST KEY FINGERPRINTS" in line:
+            inside = True
+        elif "END SSH HOST KEY FINGERPRINTS" in line:
+            inside = False
+        elif inside:
+            found.update(word for word in line.split() if word.startswith("SHA256:"))
+    return found
 
 
 def content_hash(paths: list[Path], root: Path) -> str:

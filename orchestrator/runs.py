@@ -149,7 +149,7 @@ def ship_data(machine: Machine, workdir: str, local: Path, say: Say) -> str:
     return f"{remote}/{local.name}"
 
 
-def start(project_dir: Path, box: state.LocalBox | state.SshBox, machine: Machine, model: str,
+def start(project_dir: Path, box: state.AnyBox, machine: Machine, model: str,
           data: str, test: str | None, trainer_args: list[str], say: Say) -> Run:
     """Ship code and data, start `python -m trainer` detached on the box; return the run."""
     local_data = Path(data).expanduser()
@@ -170,7 +170,7 @@ def start(project_dir: Path, box: state.LocalBox | state.SshBox, machine: Machin
                     args=args)
     machine.write(f"{remote}/run.sh", script.encode(), 0o755)
     run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=args,
-              started_at=_now())
+              started_at=_now(), usd_per_hour=getattr(box, "usd_per_hour", None))
     save(project_dir, run)
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     started = machine.run(f"cd {shlex.quote(remote)} && "

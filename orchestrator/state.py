@@ -12,6 +12,7 @@ from .errors import UsageError
 STATE_DIR = ".dlbox"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+KNOWN_HOSTS_FILE = "known_hosts"  # pinned host keys of this project's boxes, under .dlbox/
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Box:
     spot: bool = False
     host: str | None = None
     usd_per_hour: float | None = None
+    workdir: str | None = None  # dlbox's folder on the box, once logged in
+    python: str | None = None  # an interpreter with TensorFlow on the box
 
 
 @dataclass(frozen=True)

@@ -70,18 +70,28 @@ def aws(moto_url, monkeypatch):
 
 @pytest.fixture()
 def project(tmp_path, sshd, aws, moto_url, ip_lookup_url):
-    """A project folder whose boxes answer SSH at the loopback sshd."""
+    """A project folder whose boxes are the loopback sshd, which accepts the project's key
+    (as cloud-init makes an EC2 instance accept its key pair)."""
+    from orchestrator import keys
+
     directory = tmp_path / "proj"
     directory.mkdir()
-    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\n")
+    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\nssh_user = {sshd.user!r}\n")
+    _, public = keys.ensure(directory / ".dlbox" / "keys")
+    authorized = sshd.client_key.parent / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + public + "\n")
     env = {
         "PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": moto_url,
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": awsfakes.REGION, "AWS_CONFIG_FILE": str(tmp_path / "none"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "DLBOX_IP_LOOKUP_URL": ip_lookup_url,
     }
-    with awsfakes.public_ip("127.0.0.1"):
-        yield directory, env
+    try:
+        with awsfakes.public_ip("127.0.0.1"):
+            yield directory, env
+    finally:
+        authorized.write_text(original)
 
 
 def dlbox(project, *args: str, env_drop: tuple = ()):
@@ -145,11 +155,7 @@ def test_up_status_down(project, aws, sshd):
 
 def test_ssh_config_logs_in_and_pins_the_host_key(project, sshd):
     directory, _ = project
-    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\nssh_user = {sshd.user!r}\n")
     assert dlbox(project, "up").returncode == 0
-    authorized = sshd.client_key.parent / "authorized_keys"
-    original = authorized.read_text()
-    authorized.write_text(original + (directory / ".dlbox/keys/id_ed25519.pub").read_text())
     ssh = ["ssh", "-F", str(directory / ".dlbox/ssh_config"), "-o", "BatchMode=yes", "dlbox"]
     try:
         first = subprocess.run([*ssh, "echo", "hello"], capture_output=True, text=True, timeout=30)
@@ -166,7 +172,6 @@ def test_ssh_config_logs_in_and_pins_the_host_key(project, sshd):
         assert refused.returncode != 0
         assert "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
     finally:
-        authorized.write_text(original)
         assert dlbox(project, "down").returncode == 0
 
 
@@ -288,3 +293,25 @@ def test_init_writes_a_config_that_loads(project):
     from orchestrator import config
 
     assert config.load(directory) == config.Config()
+
+
+@pytest.mark.slow
+def test_train_through_ec2_then_down_after(project, aws, small_sample):
+    """up on EC2 (moto; the instance is the loopback sshd), train scratch, --down-after."""
+    directory, _ = project
+    with open(directory / "dlbox.toml", "a") as f:
+        f.write(f"python = {sys.executable!r}\n")
+    up = dlbox(project, "up")
+    assert up.returncode == 0, up.stderr
+    assert "box Python: TensorFlow 2." in up.stdout and "pinned in .dlbox/known_hosts" in up.stdout
+    train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
+                  "--img-size", "32", "--down-after")
+    assert train.returncode == 0, train.stdout + train.stderr
+    [run] = [p for p in (directory / "runs").iterdir() if p.is_dir()]
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1
+    assert (run / "report.html").exists()
+    record = json.loads((run / "run.json").read_text())
+    assert record["box"].startswith("dlbox-") and record["usd_per_hour"] == 0.526
+    assert "box terminated" in train.stdout
+    assert _instances(aws) == []  # --down-after stopped the bill once the results were safe
+    assert _state(directory) is None

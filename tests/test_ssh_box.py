@@ -92,3 +92,28 @@ def test_ssh_user_errors(tmp_path, sshd):
         result = dlbox(tmp_path, "up", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_console_fingerprints_decide_whether_a_new_host_key_is_pinned(tmp_path, sshd):
+    """EC2 prints its host keys' fingerprints on the console: a different key is refused."""
+    from orchestrator.errors import DlboxError
+    from orchestrator.machines import SshMachine, console_fingerprints
+
+    keygen = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f",
+                             str(sshd.client_key.parent / "host_ed25519.pub")],
+                            capture_output=True, text=True, check=True)
+    real = keygen.stdout.split()[1]
+    console = ("cloud-init: ...\n-----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+               f"256 {real} root@box (ED25519)\n-----END SSH HOST KEY FINGERPRINTS-----\n")
+    assert console_fingerprints(console) == {real}
+    assert console_fingerprints("booting...\n") == set()
+    forged = {"SHA256:" + "A" * 43}
+    with pytest.raises(DlboxError, match="does not list"):
+        SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh1",
+                   pin_new_host=True, expected_fingerprints=forged)
+    assert (tmp_path / "kh1").read_text() == ""  # nothing pinned
+    machine = SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh2",
+                         pin_new_host=True, expected_fingerprints={real})
+    assert machine.run("echo ok").stdout.strip() == "ok"
+    machine.close()
+    assert sshd.host_public_key.split()[1] in (tmp_path / "kh2").read_text()
