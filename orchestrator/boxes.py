@@ -44,6 +44,20 @@ def check_python(machine: Machine, python: str) -> str:
     return f"TensorFlow {tf_version}, Keras {keras_version}, {gpus} GPU(s)"
 
 
+def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
+                 requirements: tuple[str, ...] | None, pip_args: tuple[str, ...]) -> tuple[str, str]:
+    """(python, versions line): the one given, or the box's dlbox venv (built if needed)."""
+    from . import environment
+
+    if python is None:
+        python = environment.prepare(machine, workdir, say,
+                                     requirements or environment.REQUIREMENTS, pip_args)
+    versions = check_python(machine, python)
+    if versions.endswith(" 0 GPU(s)"):
+        say("warning: TensorFlow sees no GPU on this box; training will run on its CPU")
+    return python, versions
+
+
 def _refuse_other_kind(existing: state.AnyBox | None, kind: str) -> None:
     if existing is not None and existing.kind != kind:
         raise UsageError(f"this project already has a {existing.kind} box ({existing.name}); "
@@ -65,7 +79,8 @@ def up_local(project_dir: Path, python: str | None, say: Say) -> state.LocalBox:
 
 
 def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, workdir: str,
-           say: Say) -> state.SshBox:
+           say: Say, requirements: tuple[str, ...] | None = None,
+           pip_args: tuple[str, ...] = ()) -> state.SshBox:
     """Use a machine the user already has: pin its host key, check its Python can train."""
     match = SSH_TARGET.match(target)
     if not match:
@@ -75,9 +90,6 @@ def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, 
     key_path = Path(key).expanduser().resolve()
     if not key_path.is_file():
         raise UsageError(f"--key {key}: no such file")
-    if python is None:
-        raise UsageError("setting up TensorFlow on an SSH box is not built yet; pass "
-                         "--python PATH (an interpreter on the box that has TensorFlow)")
     existing = state.load_box(project_dir)
     _refuse_other_kind(existing, "ssh")
     host, port, user = match["host"], int(match["port"] or 22), match["user"]
@@ -87,7 +99,8 @@ def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, 
         made = machine.run(f"mkdir -p {workdir} && cd {workdir} && pwd")
         if made.exit_code != 0:
             raise DlboxError(f"cannot create {workdir} on {host}: {made.stderr.strip()}")
-        versions = check_python(machine, python)
+        python, versions = ready_python(machine, made.stdout.strip(), python, say, requirements,
+                                        pip_args)
     finally:
         machine.close()
     box = state.SshBox(kind="ssh", name=f"{user}@{host}:{port}", host=host, port=port, user=user,

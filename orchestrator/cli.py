@@ -120,7 +120,8 @@ def up(
     key: Annotated[str | None, typer.Option(help="--ssh: the private key that logs you in.")] = None,
     python: Annotated[str | None, typer.Option(
         help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
-    workdir: Annotated[str, typer.Option(help="--ssh: dlbox's folder on the box.")] = "~/dlbox",
+    workdir: Annotated[str | None, typer.Option(
+        help="--ssh: dlbox's folder on the box [~/dlbox].")] = None,
 ) -> None:
     """Get a box: EC2 by default (or reuse this project's), this machine, or one over SSH."""
     from . import config, ec2box
@@ -134,7 +135,9 @@ def up(
             if local:
                 boxes.up_local(_project(), python, _say)
             else:
-                boxes.up_ssh(_project(), ssh_target, key, python, workdir, _say)
+                cfg = config.load(_project())
+                boxes.up_ssh(_project(), ssh_target, key, python or cfg.python,
+                             workdir or cfg.box_workdir, _say, cfg.box_requirements, cfg.pip_args)
         return
     with _errors("the box (if launched) is recorded in .dlbox/state.json: run `dlbox up` to "
                  "keep waiting or `dlbox down` to terminate it"):

@@ -39,6 +39,9 @@ class Config:
     ssh_cidr: str | None = None
     ssh_key: str | None = None  # your own private key (its .pub beside it) instead of dlbox's
     python: str | None = None  # an interpreter on the box with TensorFlow (skips the set-up)
+    box_requirements: tuple[str, ...] | None = None  # what the box's venv gets [TF for the GPU]
+    pip_args: tuple[str, ...] = ()  # extra pip flags on the box, e.g. a package mirror
+    box_workdir: str = "~/dlbox"  # dlbox's folder on SSH and EC2 boxes
     ami: str | None = None
     iam_instance_profile: str | None = None
 
@@ -70,14 +73,15 @@ def _check(cfg: Config, where: str) -> Config:
 def _coerce(key: str, value, where: str):
     """The file's value as the field's type, or a UsageError naming the key."""
     default = getattr(Config(), key)
-    expected = {"instance_types": list, "spot": bool, "spot_fallback": bool}.get(key)
+    expected = {"instance_types": list, "box_requirements": list, "pip_args": list, "spot": bool,
+                "spot_fallback": bool}.get(key)
     if expected is None:
         expected = int if isinstance(default, int) and not isinstance(default, bool) else str
     if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
         raise UsageError(f"{where}: {key} must be {TYPE_WORDS[expected]} (got {value!r})")
-    if key == "instance_types":
+    if expected is list:
         if not all(isinstance(t, str) for t in value):
-            raise UsageError(f"{where}: instance_types must be a list of strings")
+            raise UsageError(f"{where}: {key} must be a list of strings")
         return tuple(value)
     if expected is str and value == "":
         return None
@@ -102,7 +106,7 @@ def load(project_dir: Path, **flags) -> Config:
             raise UsageError(f"{where}: unknown key {unknown[0]!r}; valid keys: "
                              + ", ".join(sorted(KEYS)))
         cfg = _check(replace(cfg, **{k: _coerce(k, v, where) for k, v in data.items()}), where)
-    given = {k: (tuple(v) if k == "instance_types" else v) for k, v in flags.items() if v is not None}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items() if v is not None}
     return _check(replace(cfg, **given), "command line")
 
 

@@ -25,7 +25,6 @@ GROUP_DELETE_FIRST_DELAY_S = 2.0
 BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"
 SSH_CONFIG_FILE = "ssh_config"
 SSH_HOST_ALIAS = "dlbox"
-BOX_WORKDIR = "~/dlbox"
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,8 @@ def up(project_dir: Path, cfg: Config, say: Say, prices=None) -> state.Box:
             network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
                                           cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
                                           _tags(project_dir))
-            return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), say,
-                               launched_now=False, python=cfg.python)
+            return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), cfg,
+                               say, launched_now=False)
         say(f"box {box.name} is gone; launching a new one")
         _cleanup(project_dir, ec2, box, say)
     return _launch(project_dir, cfg, say, prices)
@@ -189,15 +188,15 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     market = "spot" if inst.spot else "on-demand"
     price = f"${usd:.3f}/h" if usd is not None else "price unknown"
     say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
-    return _wait_ready(project_dir, ec2, box, say, launched_now=True, python=cfg.python)
+    return _wait_ready(project_dir, ec2, box, cfg, say, launched_now=True)
 
 
-def _log_in(project_dir: Path, ec2, box: state.Box, python: str | None, say: Say) -> state.Box:
+def _log_in(project_dir: Path, ec2, box: state.Box, cfg: Config, say: Say) -> state.Box:
     """First SSH login: pin the host key (checked against the console's fingerprints when
     the console shows them), make dlbox's folder, check the Python that will train."""
     from infra import instances
 
-    from .boxes import check_python
+    from .boxes import ready_python
     from .machines import SshMachine, console_fingerprints
 
     expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
@@ -205,17 +204,14 @@ def _log_in(project_dir: Path, ec2, box: state.Box, python: str | None, say: Say
                          state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host=True,
                          expected_fingerprints=expected or None)
     try:
-        made = machine.run(f"mkdir -p {BOX_WORKDIR} && cd {BOX_WORKDIR} && pwd")
+        made = machine.run(f"mkdir -p {cfg.box_workdir} && cd {cfg.box_workdir} && pwd")
         if made.exit_code != 0:
-            raise DlboxError(f"cannot create {BOX_WORKDIR} on the box: {made.stderr.strip()}")
+            raise DlboxError(f"cannot create {cfg.box_workdir} on the box: {made.stderr.strip()}")
         box = replace(box, workdir=made.stdout.strip())
-        python = python or box.python
-        if python:
-            say(f"box Python: {check_python(machine, python)}")
-            box = replace(box, python=python)
-        else:
-            say("no TensorFlow environment on the box yet: set python = \"/path/to/python\" "
-                "in dlbox.toml (automatic set-up comes in a later version)")
+        python, versions = ready_python(machine, box.workdir, cfg.python or box.python, say,
+                                        cfg.box_requirements, cfg.pip_args)
+        say(f"box Python: {versions}")
+        box = replace(box, python=python)
     finally:
         machine.close()
     say("host key " + ("checked against the console output and " if expected else "")
@@ -224,8 +220,8 @@ def _log_in(project_dir: Path, ec2, box: state.Box, python: str | None, say: Say
     return box
 
 
-def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: bool,
-                python: str | None = None) -> state.Box:
+def _wait_ready(project_dir: Path, ec2, box: state.Box, cfg: Config, say: Say,
+                launched_now: bool) -> state.Box:
     """Wait for running and an SSH banner; a box launched now that never gets there is
     terminated (a reused one may be busy training: it is left alone)."""
     from infra import instances
@@ -239,7 +235,7 @@ def _wait_ready(project_dir: Path, ec2, box: state.Box, say: Say, launched_now: 
         box = replace(box, host=inst.public_ip)
         state.save_box(project_dir, box)
         banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
-        box = _log_in(project_dir, ec2, box, python, say)
+        box = _log_in(project_dir, ec2, box, cfg, say)
     except (WaitTimeout, DlboxError) as exc:
         if not launched_now:
             raise

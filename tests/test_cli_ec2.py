@@ -68,15 +68,29 @@ def aws(moto_url, monkeypatch):
     return boto3.client("ec2", region_name=awsfakes.REGION)
 
 
+@pytest.fixture(scope="session")
+def box_settings(tmp_path_factory) -> str:
+    """dlbox.toml lines shared by the EC2 tests: one work dir on the "box" whose venv is
+    built once from offline stand-in wheels (tests/fakewheels.py), then reused."""
+    from tests import fakewheels
+
+    root = tmp_path_factory.mktemp("ec2box")
+    wheels = fakewheels.build_all(root / "wheels")
+    return (f"box_workdir = {str(root / 'remote')!r}\n"
+            'box_requirements = ["tensorflow", "keras"]\n'
+            f'pip_args = ["--no-index", "--find-links", {str(wheels)!r}]\n')
+
+
 @pytest.fixture()
-def project(tmp_path, sshd, aws, moto_url, ip_lookup_url):
+def project(tmp_path, sshd, aws, moto_url, ip_lookup_url, box_settings):
     """A project folder whose boxes are the loopback sshd, which accepts the project's key
     (as cloud-init makes an EC2 instance accept its key pair)."""
     from orchestrator import keys
 
     directory = tmp_path / "proj"
     directory.mkdir()
-    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\nssh_user = {sshd.user!r}\n")
+    (directory / "dlbox.toml").write_text(f"ssh_port = {sshd.port}\nssh_user = {sshd.user!r}\n"
+                                          + box_settings)
     _, public = keys.ensure(directory / ".dlbox" / "keys")
     authorized = sshd.client_key.parent / "authorized_keys"
     original = authorized.read_text()

@@ -86,7 +86,6 @@ def test_ssh_user_errors(tmp_path, sshd):
         (["--ssh", "nohost"], "USER@HOST"),
         (["--ssh", "root@127.0.0.1"], "--key"),
         (["--ssh", "root@127.0.0.1", "--key", "/no/key"], "no such file"),
-        (["--ssh", "root@127.0.0.1", "--key", str(sshd.client_key)], "--python"),
         (["--local", "--ssh", "root@h"], "exclude"),
     ]:
         result = dlbox(tmp_path, "up", *args)
@@ -117,3 +116,31 @@ def test_console_fingerprints_decide_whether_a_new_host_key_is_pinned(tmp_path, 
     assert machine.run("echo ok").stdout.strip() == "ok"
     machine.close()
     assert sshd.host_public_key.split()[1] in (tmp_path / "kh2").read_text()
+
+
+def test_up_ssh_builds_the_box_venv_once_then_reuses_it(tmp_path, sshd):
+    from tests import fakewheels
+
+    wheels = fakewheels.build_all(tmp_path / "wheels")
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    project.mkdir()
+    (project / "dlbox.toml").write_text(
+        'box_requirements = ["tensorflow", "keras"]\n'
+        f'pip_args = ["--no-index", "--find-links", {str(wheels)!r}]\n')
+    args = ["up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key", str(sshd.client_key),
+            "--workdir", str(remote)]
+    first = dlbox(project, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"dlbox-env: built {remote}/env" in first.stdout
+    assert "0 GPU(s)" in first.stdout and "warning: TensorFlow sees no GPU" in first.stdout
+    box = json.loads((project / ".dlbox" / "state.json").read_text())["box"]
+    assert box["python"] == f"{remote}/env/bin/python"
+    again = dlbox(project, *args)
+    assert again.returncode == 0, again.stderr
+    assert f"dlbox-env: reused {remote}/env" in again.stdout
+    (project / "dlbox.toml").write_text('box_requirements = ["no-such-package-xyz"]\n'
+                                         'pip_args = ["--no-index"]\n')
+    broken = dlbox(project, *args)
+    assert broken.returncode == 1
+    assert "could not build the Python environment" in broken.stderr
+    assert "Traceback" not in broken.stderr
