@@ -254,7 +254,9 @@ def train(
         if box is None:
             raise UsageError("no box is up in this project; run `dlbox up --local` first")
         machine = boxes.machine_for(_project(), box)
-        run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say)
+        with _transfer_bar() as progress:
+            run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say,
+                             progress)
     code = _follow_and_finish(run, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         with _errors("the box may still be running: run `dlbox down`"):
@@ -267,6 +269,20 @@ def train(
             else:
                 boxes.down(_project(), box, purge=False, say=_say)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _transfer_bar():
+    """A progress bar with bytes/s and ETA for uploads, on a terminal; else no bar."""
+    if not sys.stdout.isatty():
+        yield None
+        return
+    from rich import progress as rp
+
+    with rp.Progress("sending", rp.BarColumn(), rp.DownloadColumn(), rp.TransferSpeedColumn(),
+                     rp.TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("sync", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _machine_of(run):

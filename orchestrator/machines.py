@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +48,9 @@ class Machine(Protocol):
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
 
+    def upload(self, root: Path, names: list[str], remote_dir: str,
+               progress: Callable[[int], None] | None = None) -> None: ...
+
     def upload_tree(self, local: Path, remote_dir: str) -> None: ...
 
     def fetch(self, path: str, local: Path) -> None: ...
@@ -72,6 +76,15 @@ class LocalMachine:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)
         os.chmod(path, mode)
+
+    def upload(self, root: Path, names: list[str], remote_dir: str,
+               progress: Callable[[int], None] | None = None) -> None:
+        for name in names:
+            target = Path(remote_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, target)  # copy2 keeps the mtime, as tar does
+            if progress is not None:
+                progress((root / name).stat().st_size)
 
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         Path(remote_dir).mkdir(parents=True, exist_ok=True)
@@ -114,19 +127,27 @@ class SshMachine:
         sftp.putfo(io.BytesIO(data), path)
         sftp.chmod(path, mode)
 
-    def upload_tree(self, local: Path, remote_dir: str) -> None:
-        """One tar stream over one SSH channel: no round trip per file."""
+    def upload(self, root: Path, names: list[str], remote_dir: str,
+               progress: Callable[[int], None] | None = None) -> None:
+        """root/<name> for each name as one tar stream over one SSH channel: no round trip
+        per file; tar keeps each file's mtime, so a later manifest check recognises it."""
         channel = self.conn.client.get_transport().open_session()
         channel.exec_command(f"mkdir -p {shlex.quote(remote_dir)} && "
                              f"tar -x -f - -C {shlex.quote(remote_dir)}")
-        with channel.makefile("wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-            tar.add(str(local), arcname=local.name)
+        with channel.makefile("wb") as raw:
+            stream = _Counting(raw, progress)
+            with tarfile.open(fileobj=stream, mode="w|") as tar:
+                for name in names:
+                    tar.add(str(root / name), arcname=name)
         channel.shutdown_write()
         code = channel.recv_exit_status()
         if code != 0:
             error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
             raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {error or code}"
                              + ("; the box's disk is full" if "No space" in error else ""))
+
+    def upload_tree(self, local: Path, remote_dir: str) -> None:
+        self.upload(local.parent, [local.name], remote_dir)
 
     def fetch(self, path: str, local: Path) -> None:
         self.conn.sftp().get(path, str(local))
@@ -202,6 +223,19 @@ def _connect(host: str, port: int, user: str, key_path: str, known_hosts: Path,
                      "and the address and port are right")
 
 
+class _Counting:
+    """A write-only file that reports how many bytes went through it."""
+
+    def __init__(self, raw, progress: Callable[[int], None] | None) -> None:
+        self.raw, self.progress = raw, progress
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        if self.progress is not None:
+            self.progress(len(data))
+        return len(data)
+
+
 class HostKeyMismatch(Exception):
     """Raised inside paramiko's handshake: the key is not the one the box announced."""
 
@@ -224,20 +258,4 @@ def content_hash(paths: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def tree_identity(path: Path) -> str:
-    """A short hash of a dataset's relative names, sizes and mtimes (no reading of contents)."""
-    digest = hashlib.sha256(path.name.encode())
-    if path.is_file():
-        st = path.stat()
-        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        return digest.hexdigest()[:16]
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = Path(root) / name
-            st = full.stat()
-            digest.update(f"{full.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

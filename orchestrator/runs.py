@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import report, state
+from . import report, state, sync
 from .errors import DlboxError, UsageError
-from .machines import LocalMachine, Machine, content_hash, tree_identity
+from .machines import LocalMachine, Machine, content_hash
 from .render import render
 
 RUNS_DIR = "runs"
@@ -134,23 +134,23 @@ def ship_code(machine: Machine, workdir: str) -> str:
     return code
 
 
-def ship_data(machine: Machine, workdir: str, local: Path, say: Say) -> str:
-    """The dataset on the box, in a cache keyed by its identity; sent only if not there yet."""
+def ship_data(machine: Machine, workdir: str, local: Path, say: Say,
+              progress: Callable[[int, int], None] | None = None) -> str:
+    """The dataset on the box, synced into its cache there (only what differs is sent)."""
     if isinstance(machine, LocalMachine):
         return str(local)  # already here
-    remote = f"{workdir}/data/{tree_identity(local)}"
-    if machine.read(f"{remote}/.complete") is not None:
-        say(f"{local.name}: already on the box")
-        return f"{remote}/{local.name}"
-    say(f"sending {local.name} to the box...")
-    machine.run(f"rm -rf {shlex.quote(remote)}")
-    machine.upload_tree(local, remote)
-    machine.write(f"{remote}/.complete", b"")
-    return f"{remote}/{local.name}"
+    result = sync.sync(machine, local, workdir, progress)
+    if result.sent_files:
+        say(f"{local.name}: sent {result.sent_files} of {result.files} files "
+            f"({result.sent_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s, verified")
+    else:
+        say(f"{local.name}: already on the box ({result.files} files, verified)")
+    return result.remote_path
 
 
 def start(project_dir: Path, box: state.AnyBox, machine: Machine, model: str,
-          data: str, test: str | None, trainer_args: list[str], say: Say) -> Run:
+          data: str, test: str | None, trainer_args: list[str], say: Say,
+          progress: Callable[[int, int], None] | None = None) -> Run:
     """Ship code and data, start `python -m trainer` detached on the box; return the run."""
     local_data = Path(data).expanduser()
     if not local_data.exists():
@@ -161,10 +161,10 @@ def start(project_dir: Path, box: state.AnyBox, machine: Machine, model: str,
     run_id = new_run_id(model)
     remote = f"{box.workdir}/{RUNS_DIR}/{run_id}"
     code = ship_code(machine, box.workdir)
-    args = [model, "--data", ship_data(machine, box.workdir, local_data.resolve(), say),
+    args = [model, "--data", ship_data(machine, box.workdir, local_data.resolve(), say, progress),
             "--out", remote, "--resume"]
     if local_test is not None:
-        args += ["--test", ship_data(machine, box.workdir, local_test.resolve(), say)]
+        args += ["--test", ship_data(machine, box.workdir, local_test.resolve(), say, progress)]
     args += trainer_args
     script = render("run.sh.j2", run_id=run_id, out=remote, code_dir=code, python=box.python,
                     args=args)

@@ -39,20 +39,21 @@ def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
                   str(small_sample), "--epochs", "2", "--img-size", "32")
     assert train.returncode == 0, train.stdout + train.stderr
-    assert "sending" in train.stdout
+    assert f"{small_sample.name}: sent 205 of 205 files" in train.stdout  # train/ and test1/
     [run] = [p for p in (project / "runs").iterdir() if p.is_dir()]
     for name in ("model.keras", "history.csv", "metrics.json", "train.log", "submission.csv"):
         assert (run / name).stat().st_size > 0, name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2
     assert metrics["arguments"]["data"].startswith(str(remote / "data"))  # trained on the copy
+    assert "dog.99.jpg" in os.listdir(Path(metrics["arguments"]["data"]) / "train")
     [code] = list((remote / "code").iterdir())
     assert (code / "trainer" / "__main__.py").exists()
 
     again = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
                   "--img-size", "32")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"{small_sample.name}: already on the box" in again.stdout  # nothing sent again
+    assert f"{small_sample.name}: already on the box (205 files, verified)" in again.stdout
 
     down = dlbox(project, "down", "--purge")
     assert down.returncode == 0, down.stderr
@@ -144,3 +145,39 @@ def test_up_ssh_builds_the_box_venv_once_then_reuses_it(tmp_path, sshd):
     assert broken.returncode == 1
     assert "could not build the Python environment" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+def test_sync_sends_only_what_differs_and_resumes_a_half_sent_copy(tmp_path, sshd, small_sample):
+    import shutil
+
+    from orchestrator import sync
+    from orchestrator.machines import SshMachine
+
+    data = tmp_path / "data"
+    shutil.copytree(small_sample, data)
+    machine = SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key),
+                         tmp_path / "known_hosts", pin_new_host=True)
+    workdir = str(tmp_path / "box")
+    try:
+        first = sync.sync(machine, data, workdir)
+        assert (first.files, first.sent_files) == (205, 205)
+        assert first.sent_bytes == sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+        assert sync.sync(machine, data, workdir).sent_files == 0  # unchanged: nothing sent
+
+        copy = Path(first.remote_path)
+        arrived = sorted((copy / "train").iterdir())
+        for path in arrived[:100]:  # as if the first sync had been killed halfway
+            path.unlink()
+        arrived[150].write_bytes(arrived[150].read_bytes()[:100])  # and one file cut short
+        changed = arrived[120].name
+        (data / "train" / changed).write_bytes(b"changed")  # one changed here
+        (data / "test1" / "2.jpg").unlink()  # one deleted here
+        seen = []
+        resumed = sync.sync(machine, data, workdir, progress=lambda done, total: seen.append(done))
+        assert resumed.sent_files == 100 + 1 + 1  # the missing, the cut short, the changed
+        assert resumed.removed_files == 1 and not (copy / "test1" / "2.jpg").exists()
+        assert seen and seen[-1] == resumed.sent_bytes
+        assert (copy / "train" / changed).read_bytes() == b"changed"
+        assert sync.sync(machine, data, workdir).sent_files == 0
+    finally:
+        machine.close()
