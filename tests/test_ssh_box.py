@@ -110,7 +110,7 @@ def test_console_fingerprints_decide_whether_a_new_host_key_is_pinned(tmp_path, 
     forged = {"SHA256:" + "A" * 43}
     with pytest.raises(DlboxError, match="does not list"):
         SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh1",
-                   pin_new_host=True, expected_fingerprints=forged)
+                   pin_new_host=True, expected_fingerprints=forged).run("true")
     assert (tmp_path / "kh1").read_text() == ""  # nothing pinned
     machine = SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh2",
                          pin_new_host=True, expected_fingerprints={real})
