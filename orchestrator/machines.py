@@ -53,8 +53,6 @@ class Machine(Protocol):
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result: ...
 
-    def run_bulk(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result: ...
-
     def read(self, path: str) -> bytes | None: ...
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
@@ -78,7 +76,6 @@ class LocalMachine:
                               timeout=timeout, stdin=subprocess.DEVNULL)
         return Result(done.returncode, done.stdout, done.stderr)
 
-    run_bulk = run
 
     def read(self, path: str) -> bytes | None:
         try:
@@ -128,7 +125,7 @@ class SshMachine:
 
     @property
     def conn(self):
-        """The paramiko/fabric connection, opened on first use (bulk work needs none)."""
+        """The paramiko/fabric connection, opened on first use."""
         if self._conn is None:
             self._conn = _connect(self.host, self.port, self.user, self.key_path,
                                   self.known_hosts, self._pin_new_host, self._expected)
@@ -144,15 +141,6 @@ class SshMachine:
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", f"{self.user}@{self.host}",
                 command]
-
-    def run_bulk(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
-        """A command with a large output (a listing of 25,000 files) through the OpenSSH
-        client: its C transport reads megabytes faster than paramiko."""
-        done = subprocess.run(self._ssh_argv(command), capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-        if done.returncode == 255:  # ssh's own failure, not the command's
-            raise DlboxError(f"ssh to {self.host}:{self.port} failed: {done.stderr.strip()}")
-        return Result(done.returncode, done.stdout, done.stderr)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
         done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
@@ -181,7 +169,7 @@ class SshMachine:
         round trip time, so on a long link several streams go several times faster.
         """
         started = time.monotonic()
-        self.run_bulk(f"mkdir -p {shlex.quote(remote_dir)}")
+        self.run(f"mkdir -p {shlex.quote(remote_dir)}")
         rtt = time.monotonic() - started
         sizes = sizes or {n: (root / n).stat().st_size for n in names}
         # A near link is CPU-bound (two streams keep both ends busy); a far one is bound by

@@ -55,8 +55,8 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
 
 def remote_manifest(machine: Machine, remote_root: str) -> Manifest:
     """The same listing from the box, in one command however many files there are."""
-    done = machine.run_bulk(f"cd {shlex.quote(remote_root)} 2>/dev/null && "
-                            "find . -type f -printf '%P\\t%s\\t%T@\\n'")
+    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null && "
+                       "find . -type f -printf '%P\\t%s\\t%T@\\n'")
     found: Manifest = {}
     for line in done.stdout.splitlines():
         name, size, mtime = line.rsplit("\t", 2)
@@ -78,7 +78,7 @@ def sync(machine: Machine, local: Path, workdir: str,
     todo = sorted(n for n, meta in mine.items() if theirs.get(n) != meta)
     extra = sorted(n for n in theirs if n not in mine and names is None)
     if extra:  # files deleted locally since the last sync: the copy must be exact
-        machine.run_bulk(f"cd {shlex.quote(remote_root)} && rm -f -- "
+        machine.run(f"cd {shlex.quote(remote_root)} && rm -f -- "
                     + " ".join(shlex.quote(n) for n in extra))
     total = sum(mine[n][0] for n in todo)
     sent = 0
