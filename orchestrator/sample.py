@@ -95,11 +95,19 @@ def _animal(img: Image.Image, rng: random.Random, dog: bool) -> None:
                           fill=(240, 240, 240), width=max(1, int(r / 40)))
 
 
+TEST_INDEX_BASE = 5_000_000  # render() index of test1/1.jpg
+
+
+def is_dog(seed: int, index: int) -> bool:
+    """Which animal render(seed, index, dog=None) draws (the answer key of test1/)."""
+    return random.Random(seed * 1_000_003 + index).random() < 0.5
+
+
 def render(seed: int, index: int, dog: bool | None) -> bytes:
     """One JPEG: a cat, a dog, or (dog=None, for test1/) either, chosen by the seed."""
     rng = random.Random(seed * 1_000_003 + index)
     if dog is None:
-        dog = rng.random() < 0.5
+        dog = rng.random() < 0.5  # the same first draw as is_dog()
     aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
     long_side = min(MAX_SIDE_PX, rng.randrange(300, 600))  # like Kaggle: many exactly 500
     w, h = (long_side, int(long_side / aspect)) if aspect >= 1 else (int(long_side * aspect), long_side)
@@ -154,7 +162,7 @@ def generate(root: Path, n: int, *, test_n: int = 50, bad: bool = False, seed: i
         dog = i % 2 == 1
         jobs.append((str(train_dir / f"{'dog' if dog else 'cat'}.{i // 2}.jpg"), seed, i, dog))
     for i in range(test_n):
-        jobs.append((str(test_dir / f"{i + 1}.jpg"), seed, 5_000_000 + i, None))
+        jobs.append((str(test_dir / f"{i + 1}.jpg"), seed, TEST_INDEX_BASE + i, None))
     if len(jobs) >= PARALLEL_MIN_IMAGES and workers != 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_one, jobs, chunksize=64))
