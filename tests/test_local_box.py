@@ -167,3 +167,14 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     again = dlbox(tmp_path, "cancel", run.name)
     assert again.returncode == 2 and "not running" in again.stderr
     assert dlbox(tmp_path, "down").returncode == 0
+
+
+@pytest.mark.slow
+def test_corrupt_zip_comes_back_as_one_clear_line(tmp_path):
+    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 this is not a whole zip")
+    result = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "train.zip"))
+    assert result.returncode == 2
+    assert "corrupt zip archive" in result.stdout or "not a readable zip" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert dlbox(tmp_path, "down").returncode == 0
