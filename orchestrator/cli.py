@@ -206,8 +206,10 @@ def _watchdog_line(box, st) -> str:
 def down(
     all_boxes: Annotated[bool, typer.Option("--all", help="Every dlbox instance in the region, "
                                             "even without .dlbox/.")] = False,
-    region: RegionOpt = None,
-    profile: ProfileOpt = None,
+    region: Annotated[str | None, typer.Option(
+        "--region", help="--all: the region to sweep [dlbox.toml or us-east-1].")] = None,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="AWS profile [the one the box was started with].")] = None,
     purge: Annotated[bool, typer.Option("--purge", help="SSH box: also delete dlbox's folder "
                                         "there.")] = False,
 ) -> None:
@@ -225,7 +227,7 @@ def down(
 
             boxes.down(_project(), current, purge, _say)
             return
-        total = ec2box.down(_project(), _say)
+        total = ec2box.down(_project(), _say, profile)
     if total is not None:
         typer.echo(f"box terminated; it cost about ${total:.2f}")
 
@@ -301,7 +303,7 @@ def _follow_and_finish(run, machine) -> int:
     from . import runs
 
     try:
-        code = runs.follow(run, machine, _say)
+        code = runs.follow(run, machine, _say, err=lambda line: typer.echo(line, err=True))
     except KeyboardInterrupt:
         typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
                    "and pulls its results")

@@ -269,8 +269,10 @@ def status(project_dir: Path) -> Status | None:
     return Status(box, inst.state, inst.public_ip, uptime, cost(box.usd_per_hour, uptime), ends)
 
 
-def down(project_dir: Path, say: Say) -> float | None:
-    """Terminate the project's box (verified), delete what dlbox made; return the cost."""
+def down(project_dir: Path, say: Say, profile: str | None = None) -> float | None:
+    """Terminate the project's box (verified), delete what dlbox made; return the cost.
+
+    profile overrides the one recorded at `up` (say it was renamed since)."""
     from infra import instances
     from infra.prices import cost
 
@@ -280,7 +282,7 @@ def down(project_dir: Path, say: Say) -> float | None:
     if box is None:
         say("no box is up in this project")
         return None
-    ec2, _ = _clients(box.region, box.profile)
+    ec2, _ = _clients(box.region, profile or box.profile)
     ids = [box.instance_id] if box.instance_id else []
     ids += [i.instance_id for i in instances.find(ec2, box=box.name) if i.instance_id not in ids]
     launched = [instances.describe(ec2, i) for i in ids]

@@ -188,8 +188,11 @@ def _read_json(raw: bytes | None) -> dict | None:
         return None
 
 
-def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
-    """Print each phase and each finished epoch until the run ends; return its exit status."""
+def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None) -> int:
+    """Print each phase and each finished epoch until the run ends; return its exit status.
+
+    A failed run's last words (the trainer's one-line error) go to err.
+    """
     remote = run.remote_dir
     phase, epochs_shown = None, 0
     started = time.monotonic()
@@ -208,7 +211,7 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
             if code != 0:
                 error = _last_line(machine.read(f"{remote}/stdout.log")) or status.get("error")
                 if error:
-                    say(error)
+                    (err or say)(error)
             return code
         if not status and time.monotonic() - started > START_TIMEOUT_S:
             raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "

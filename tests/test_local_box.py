@@ -134,7 +134,7 @@ def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
     assert missing.returncode == 2 and "no such file" in missing.stderr
     bad_flag = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--epochs", "0")
     assert bad_flag.returncode == 2
-    assert "--epochs must be at least 1" in bad_flag.stdout
+    assert "--epochs must be at least 1" in bad_flag.stderr
     assert dlbox(tmp_path, "down").returncode == 0
 
 
@@ -175,6 +175,6 @@ def test_corrupt_zip_comes_back_as_one_clear_line(tmp_path):
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 this is not a whole zip")
     result = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "train.zip"))
     assert result.returncode == 2
-    assert "corrupt zip archive" in result.stdout or "not a readable zip" in result.stdout
+    assert "corrupt zip archive" in result.stderr or "not a readable zip" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert dlbox(tmp_path, "down").returncode == 0
