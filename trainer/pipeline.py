@@ -71,6 +71,11 @@ def allocate(n: int, size: int, disk_path: Path | None) -> tuple[np.ndarray, str
         return np.zeros(shape, np.uint8), "memory"
     disk_path.parent.mkdir(parents=True, exist_ok=True)
     array = np.lib.format.open_memmap(disk_path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        # Reserve the blocks now: a sparse file would meet a full disk later as SIGBUS
+        # in the middle of decoding; this way it is an ENOSPC (exit 74) before any work.
+        with open(disk_path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(disk_path))
     return array, str(disk_path)
 
 
