@@ -27,9 +27,5 @@ class QuotaError(InfraError):
     """An account quota stops the launch; the message names it and how to raise it."""
 
 
-class NotFoundError(InfraError):
-    """A resource dlbox expected is gone."""
-
-
 class WaitTimeout(InfraError, TimeoutError):
     """A bounded wait ran out."""
