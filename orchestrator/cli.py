@@ -398,15 +398,14 @@ def list_runs() -> None:
     header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost")
     rows = []
     for run in runs.all_runs(_project()):
-        metrics = _json_file(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
-        seconds = _seconds_between(run.started_at, run.finished_at)
+        metrics = runs.read_local_json(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
         rows.append((
             run.run_id, run.model, run.status,
             f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
             str(metrics.get("epochs_run", "-")),
-            _duration(seconds) if seconds is not None else "-",
+            _duration(run.seconds) if run.seconds is not None else "-",
             run.box,
-            f"${run.usd_per_hour * seconds / 3600:.2f}" if run.usd_per_hour and seconds else "-",
+            f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
         ))
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts
         for row in (header, *rows):
@@ -416,21 +415,6 @@ def list_runs() -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
-
-
-def _json_file(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _seconds_between(start: str, end: str | None) -> float | None:
-    if end is None:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 @app.command()

@@ -106,7 +106,7 @@ def up(project_dir: Path, cfg: Config, say: Say, prices=None) -> state.Box:
             return _wait_ready(project_dir, ec2, replace(box, instance_id=live.instance_id), cfg,
                                say, launched_now=False)
         say(f"box {box.name} is gone; launching a new one")
-        _cleanup(project_dir, ec2, box, say)
+        _cleanup(project_dir, ec2, box)
     return _launch(project_dir, cfg, say, prices)
 
 
@@ -175,7 +175,7 @@ def _launch(project_dir: Path, cfg: Config, say: Say, prices) -> state.Box:
     try:
         launched = instances.launch(ec2, spec, on_launched=record)
     except InfraError:
-        _cleanup(project_dir, ec2, box, say)  # nothing runs: remove the key and group we made
+        _cleanup(project_dir, ec2, box)  # nothing runs: remove the key and group we made
         raise
     for attempt in launched.attempts[:-1]:
         say(f"no {attempt.market} {attempt.instance_type} in {attempt.zone} "
@@ -298,11 +298,11 @@ def down(project_dir: Path, say: Say, profile: str | None = None) -> float | Non
     if launched and launched[0] is not None:
         seconds = (datetime.now(timezone.utc) - launched[0].launch_time).total_seconds()
         total = cost(box.usd_per_hour, seconds)
-    _cleanup(project_dir, ec2, box, say)
+    _cleanup(project_dir, ec2, box)
     return total
 
 
-def _cleanup(project_dir: Path, ec2, box: state.Box, say: Say) -> None:
+def _cleanup(project_dir: Path, ec2, box: state.Box) -> None:
     """Delete the project's group and key pair (both dlbox's own), then forget the box."""
     from infra import network
 

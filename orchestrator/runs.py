@@ -45,6 +45,22 @@ class Run:
     finished_at: str | None = None
     usd_per_hour: float | None = None  # the box's price, for the cost column of `dlbox runs`
 
+    @property
+    def seconds(self) -> float | None:
+        """How long the run took (None while it has not finished)."""
+        if self.finished_at is None:
+            return None
+        return (datetime.fromisoformat(self.finished_at)
+                - datetime.fromisoformat(self.started_at)).total_seconds()
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What the box cost during the run (None on machines nobody rents by the hour)."""
+        seconds = self.seconds
+        if not self.usd_per_hour or seconds is None:
+            return None
+        return self.usd_per_hour * seconds / 3600
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -188,6 +204,14 @@ def _read_json(raw: bytes | None) -> dict | None:
         return None
 
 
+def read_local_json(path: Path) -> dict:
+    """A JSON file pulled into runs/, or {} if it is missing or damaged."""
+    try:
+        return _read_json(path.read_bytes()) or {}
+    except OSError:
+        return {}
+
+
 def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None) -> int:
     """Print each phase and each finished epoch until the run ends; return its exit status.
 
@@ -267,14 +291,11 @@ def _sha256(path: Path) -> str:
 def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
     """Pull the results and record how the run ended."""
     local = pull(project_dir, run, machine)
-    metrics = _read_json((local / "metrics.json").read_bytes()
-                         if (local / "metrics.json").exists() else None) or {}
+    metrics = read_local_json(local / "metrics.json")
     status = {0: "done", 75: "interrupted", 130: "interrupted"}.get(code, "failed")
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=_now())
     save(project_dir, run)
-    seconds = (datetime.fromisoformat(run.finished_at)
-               - datetime.fromisoformat(run.started_at)).total_seconds()
-    cost = f"${run.usd_per_hour * seconds / 3600:.2f}" if run.usd_per_hour else "nothing (own machine)"
-    report.write(local, run, box=run.box, duration=f"{seconds / 60:.1f} min", cost=cost)
+    cost = f"${run.cost_usd:.2f}" if run.cost_usd is not None else "nothing (own machine)"
+    report.write(local, run, box=run.box, duration=f"{run.seconds / 60:.1f} min", cost=cost)
     return run

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
-from .status import write_json_atomic
+from .status import write_json_atomic, write_text_atomic
 
 HISTORY_COLUMNS = (
     "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
@@ -24,12 +23,6 @@ TILE_PX = 128
 CAPTION_PX = 28
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv(rows: list[dict] | list[list], header: tuple[str, ...] | list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -40,7 +33,7 @@ def _csv(rows: list[dict] | list[list], header: tuple[str, ...] | list[str]) -> 
 
 
 def write_history(out: Path, rows: list[dict]) -> None:
-    _write_text_atomic(out / "history.csv", _csv(rows, HISTORY_COLUMNS))
+    write_text_atomic(out / "history.csv", _csv(rows, HISTORY_COLUMNS))
 
 
 def binary_metrics(labels: np.ndarray, p_dog: np.ndarray) -> dict:
@@ -59,14 +52,14 @@ def binary_metrics(labels: np.ndarray, p_dog: np.ndarray) -> dict:
 
 def write_val_predictions(out: Path, keys: list[str], labels: np.ndarray, p_dog: np.ndarray):
     rows = [[k, int(y), f"{p:.6f}"] for k, y, p in zip(keys, labels, p_dog, strict=True)]
-    _write_text_atomic(out / "val_predictions.csv", _csv(rows, ("file", "label", "p_dog")))
+    write_text_atomic(out / "val_predictions.csv", _csv(rows, ("file", "label", "p_dog")))
 
 
 def write_submission(out: Path, ids: list[int], p_dog: np.ndarray) -> None:
     """Kaggle's id,label with label = P(dog) clipped away from 0 and 1, sorted by id."""
     p = np.clip(p_dog, SUBMISSION_CLIP, 1 - SUBMISSION_CLIP)
     rows = sorted(zip(ids, p, strict=True))
-    _write_text_atomic(out / "submission.csv", _csv([[i, f"{q:.6f}"] for i, q in rows],
+    write_text_atomic(out / "submission.csv", _csv([[i, f"{q:.6f}"] for i, q in rows],
                                                     ("id", "label")))
 
 
