@@ -283,8 +283,45 @@ def _transfer_bar():
 
     with rp.Progress("sending", rp.BarColumn(), rp.DownloadColumn(), rp.TransferSpeedColumn(),
                      rp.TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("sync", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        task = bar.add_task("sync", total=None, visible=False)  # shown once bytes move
+        yield lambda done, total: bar.update(task, completed=done, total=total, visible=True)
+
+
+@contextlib.contextmanager
+def _status_bar():
+    """(say, on_status) for runs.follow: a live bar with metrics and ETA on a terminal.
+
+    Epoch lines go through the bar's console so they scroll above it; off a terminal
+    (a pipe, a log file, CI) there is no bar, only those lines.
+    """
+    if not sys.stdout.isatty():
+        yield _say, None
+        return
+    from rich import progress as rp
+
+    from .runs import bar_view
+
+    eta = rp.TextColumn("{task.fields[eta]}")
+    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
+                     rp.MofNCompleteColumn(), rp.TextColumn("{task.fields[metrics]}"), eta,
+                     transient=True) as bar:
+        task = bar.add_task("starting", total=None, metrics="", eta="")
+
+        def on_status(status: dict) -> None:
+            view = bar_view(status)
+            if view is None:
+                bar.update(task, visible=False)
+                return
+            left = "" if view.eta_seconds is None else f"ETA {_hms(view.eta_seconds)}"
+            bar.update(task, description=view.label, completed=view.step, total=view.steps,
+                       metrics=view.metrics, eta=left, visible=True)
+
+        yield (lambda line: bar.console.print(line, markup=False, highlight=False)), on_status
+
+
+def _hms(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _machine_of(run):
@@ -303,7 +340,9 @@ def _follow_and_finish(run, machine) -> int:
     from . import runs
 
     try:
-        code = runs.follow(run, machine, _say, err=lambda line: typer.echo(line, err=True))
+        with _status_bar() as (say, on_status):
+            code = runs.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
+                               on_status=on_status)
     except KeyboardInterrupt:
         typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
                    "and pulls its results")

@@ -189,7 +189,9 @@ def start(project_dir: Path, box: state.AnyBox, machine: Machine, model: str,
               started_at=_now(), usd_per_hour=getattr(box, "usd_per_hour", None))
     save(project_dir, run)
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
-    started = machine.run(f"cd {shlex.quote(remote)} && "
+    # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
+    # our stdout open, and this call would return only when the run ends.
+    started = machine.run(f"cd {shlex.quote(remote)} || exit 1; "
                           "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.name}: {started.stderr.strip()}")
@@ -212,16 +214,52 @@ def read_local_json(path: Path) -> dict:
         return {}
 
 
-def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None) -> int:
+@dataclass(frozen=True)
+class BarView:
+    """What a live progress bar shows of the trainer's status.json."""
+
+    label: str  # "training epoch 3/20", "caching images"...
+    step: int
+    steps: int | None  # None: no count to show (evaluating, starting)
+    metrics: str  # "loss 0.4123 acc 0.8012" while an epoch runs
+    eta_seconds: float | None  # the whole run's, by the trainer's estimate
+
+
+def bar_view(status: dict) -> BarView | None:
+    """The bar for a status.json, or None when there is nothing live to show."""
+    if not status or status.get("state", "running") != "running":
+        return None
+    phase = status.get("phase") or "starting"
+    steps = status.get("steps") or None
+    metrics = ""
+    if phase in ("training", "fine-tuning"):
+        label = f"{phase} epoch {status.get('epoch', 0)}/{status.get('epochs', 0)}"
+        if status.get("stage") == "validate":
+            label += " (validating)"
+        live = status.get("metrics") or {}
+        metrics = " ".join(f"{short} {live[key]:.4f}" for key, short in
+                           (("loss", "loss"), ("accuracy", "acc")) if key in live)
+    else:
+        label = {"caching": "caching images", "predicting": "predicting test images"}.get(phase,
+                                                                                          phase)
+    return BarView(label=label, step=int(status.get("step") or 0), steps=steps,
+                   metrics=metrics, eta_seconds=status.get("eta_seconds"))
+
+
+def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
+           on_status: Callable[[dict], None] | None = None) -> int:
     """Print each phase and each finished epoch until the run ends; return its exit status.
 
-    A failed run's last words (the trainer's one-line error) go to err.
+    A failed run's last words (the trainer's one-line error) go to err; on_status gets
+    every status.json read (for a live bar).
     """
     remote = run.remote_dir
     phase, epochs_shown = None, 0
     started = time.monotonic()
     while True:
         status = _read_json(machine.read(f"{remote}/status.json")) or {}
+        if on_status is not None:
+            on_status(status)
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)

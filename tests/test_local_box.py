@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +21,7 @@ import pytest
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 CLI_TIMEOUT_S = 300
 POLL_S = 0.1
+ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; .ci/run installs
 # Headless, and quiet: no background connections (this machine has no internet).
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -138,25 +145,61 @@ def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
     assert dlbox(tmp_path, "down").returncode == 0
 
 
+class Terminal:
+    """A command run on a pseudo-terminal (as a user's shell runs it); its output collected."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        main, child = pty.openpty()
+        # A wide terminal, so rich draws the whole bar on one line.
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+        self.proc = subprocess.Popen(args, cwd=cwd, stdin=child, stdout=child, stderr=child,
+                                     env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
+        os.close(child)
+        self._main, self._chunks = main, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._main, 65536)
+            except OSError:  # EIO: the command and everything it started closed the terminal
+                return
+            if not chunk:
+                return
+            self._chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        """What was written so far, less colours and cursor movements."""
+        return ANSI_CONTROL.sub("", b"".join(self._chunks).decode(errors="replace"))
+
+    def wait(self) -> int:
+        code = self.proc.wait(timeout=CLI_TIMEOUT_S)
+        self._reader.join(timeout=CLI_TIMEOUT_S)
+        os.close(self._main)
+        return code
+
+
 @pytest.mark.slow
 def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     assert dlbox(tmp_path, "up", "--local").returncode == 0
-    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
-                             "200", "--patience", "0", "--img-size", "64"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    term = Terminal([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs", "200",
+                     "--patience", "0", "--img-size", "64"], cwd=tmp_path)
     deadline = time.monotonic() + CLI_TIMEOUT_S
-    while True:
-        found = list((tmp_path / ".dlbox" / "local-box" / "runs").glob("*/status.json"))
-        status = json.loads(found[0].read_text()) if found else {}
-        if status.get("phase") == "training" and status.get("step", 0) > 0:
-            break
-        assert proc.poll() is None and time.monotonic() < deadline
+    # On a terminal, a live bar: the epoch, its steps, the running metrics, the run's ETA
+    # (known once an epoch has finished).
+    live_bar = re.compile(r"training epoch (\d+)/200 .* \d+/\d+ +loss \d\.\d{4} acc \d\.\d{4} +"
+                          r"ETA \d+:\d\d:\d\d")
+    while not live_bar.search(term.text):
+        assert term.proc.poll() is None and time.monotonic() < deadline, term.text
         time.sleep(POLL_S)
     [run] = _run_dirs(tmp_path)
+    assert re.search(r"training epoch 1/200: loss .* val_acc", term.text)  # scrolled above it
     cancel = dlbox(tmp_path, "cancel", run.name)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     assert "interrupted (exit 75)" in cancel.stdout
-    assert proc.wait(timeout=CLI_TIMEOUT_S) == 75  # `dlbox train` hands on the trainer's status
+    assert term.wait() == 75  # `dlbox train` hands on the trainer's status
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
 
     logs = dlbox(tmp_path, "logs", run.name)

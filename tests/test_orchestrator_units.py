@@ -9,7 +9,7 @@ import pytest
 
 from infra import aws, prices
 from infra.errors import CredentialsError, InfraError
-from orchestrator import config, keys, netwait
+from orchestrator import config, keys, netwait, runs
 from orchestrator.errors import DlboxError, UsageError
 from tests.sshd import free_port
 
@@ -86,3 +86,17 @@ def test_ssh_is_never_opened_to_wide_networks(cidr):
         network.check_cidr(cidr)
     assert network.check_cidr("203.0.113.7/32") == "203.0.113.7/32"
     assert network.check_cidr("198.51.100.0/24") == "198.51.100.0/24"
+
+
+def test_the_live_bar_shows_epoch_steps_metrics_and_the_runs_eta():
+    view = runs.bar_view({"state": "running", "phase": "fine-tuning", "epoch": 3, "epochs": 20,
+                          "stage": "validate", "step": 57, "steps": 63, "eta_seconds": 252.0,
+                          "metrics": {"loss": 0.41234, "accuracy": 0.8012, "lr": 1e-5}})
+    assert view == runs.BarView(label="fine-tuning epoch 3/20 (validating)", step=57, steps=63,
+                                metrics="loss 0.4123 acc 0.8012", eta_seconds=252.0)
+    caching = runs.bar_view({"state": "running", "phase": "caching", "step": 10, "steps": 2000})
+    assert (caching.label, caching.step, caching.steps, caching.metrics) == (
+        "caching images", 10, 2000, "")
+    assert runs.bar_view({"state": "running", "phase": "evaluating", "steps": 0}).steps is None
+    assert runs.bar_view({"state": "done", "phase": "evaluating"}) is None
+    assert runs.bar_view({}) is None
