@@ -240,14 +240,14 @@ def train(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="scratch or vgg16.")],
     data: Annotated[str, typer.Option(help="Kaggle train/ folder or zip (or a folder with "
-                                           "train/).")],
-    test: Annotated[str | None, typer.Option(help="Kaggle test1/ folder or zip: also write "
-                                                  "submission.csv.")] = None,
+                                           "train/), or `kaggle`: download it on the box.")],
+    test: Annotated[str | None, typer.Option(help="Kaggle test1/ folder or zip (or `kaggle`): "
+                                                  "also write submission.csv.")] = None,
     down_after: Annotated[bool, typer.Option("--down-after", help="Take the box down once the "
                                              "results are pulled and verified.")] = False,
 ) -> None:
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
-    from . import boxes, runs, state
+    from . import boxes, config, runs, state
 
     with _errors():
         if model not in MODELS:
@@ -258,7 +258,7 @@ def train(
         machine = boxes.machine_for(_project(), box)
         with _transfer_bar() as progress:
             run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say,
-                             progress)
+                             progress, config.load(_project()).pip_args)
     code = _follow_and_finish(run, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         with _errors("the box may still be running: run `dlbox down`"):

@@ -51,7 +51,8 @@ class Result:
 class Machine(Protocol):
     """The operations a run needs from its box."""
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result: ...
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
+            stdin: bytes | None = None) -> Result: ...
 
     def read(self, path: str) -> bytes | None: ...
 
@@ -71,9 +72,11 @@ class Machine(Protocol):
 class LocalMachine:
     """This machine: commands through bash, files through the file system."""
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
+            stdin: bytes | None = None) -> Result:
+        feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin.decode()}
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+                              timeout=timeout, **feed)
         return Result(done.returncode, done.stdout, done.stderr)
 
 
@@ -85,8 +88,10 @@ class LocalMachine:
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
-        os.chmod(path, mode)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, mode)  # before the content: never readable wider than mode
+            f.write(data)
 
     def upload(self, root: Path, names: list[str], remote_dir: str,
                progress: Callable[[int], None] | None = None,
@@ -142,8 +147,10 @@ class SshMachine:
                 "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", f"{self.user}@{self.host}",
                 command]
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> Result:
-        done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
+            stdin: bytes | None = None) -> Result:
+        feed = False if stdin is None else io.StringIO(stdin.decode())  # EOF closes its stdin
+        done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=feed)
         return Result(done.exited, done.stdout, done.stderr)
 
     def read(self, path: str) -> bytes | None:
@@ -155,9 +162,9 @@ class SshMachine:
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
-        sftp = self.conn.sftp()
-        sftp.putfo(io.BytesIO(data), path)
-        sftp.chmod(path, mode)
+        with self.conn.sftp().open(path, "wb") as f:
+            f.chmod(mode)  # before the content: never readable wider than mode
+            f.write(data)
 
     def upload(self, root: Path, names: list[str], remote_dir: str,
                progress: Callable[[int], None] | None = None,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import report, state, sync
+from . import kaggle, report, state, sync
 from .errors import DlboxError, UsageError
 from .machines import LocalMachine, Machine, content_hash
 from .render import render
@@ -164,23 +164,38 @@ def ship_data(machine: Machine, workdir: str, local: Path, say: Say,
     return result.remote_path
 
 
+def _local_dataset(spec: str | None, flag: str) -> Path | None:
+    """The local file or folder a --data/--test names (None for kaggle or no flag)."""
+    if spec is None or spec == kaggle.SOURCE:
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(f"{flag} {spec}: no such file or folder (or `{flag} kaggle` to "
+                         "download the competition's data on the box)")
+    return path.resolve()
+
+
 def start(project_dir: Path, box: state.AnyBox, machine: Machine, model: str,
           data: str, test: str | None, trainer_args: list[str], say: Say,
-          progress: Callable[[int, int], None] | None = None) -> Run:
+          progress: Callable[[int, int], None] | None = None,
+          pip_args: tuple[str, ...] = ()) -> Run:
     """Ship code and data, start `python -m trainer` detached on the box; return the run."""
-    local_data = Path(data).expanduser()
-    if not local_data.exists():
-        raise UsageError(f"--data {data}: no such file or folder")
-    local_test = Path(test).expanduser() if test else None
-    if local_test is not None and not local_test.exists():
-        raise UsageError(f"--test {test}: no such file or folder")
+    local_data, local_test = _local_dataset(data, "--data"), _local_dataset(test, "--test")
     run_id = new_run_id(model)
     remote = f"{box.workdir}/{RUNS_DIR}/{run_id}"
     code = ship_code(machine, box.workdir)
-    args = [model, "--data", ship_data(machine, box.workdir, local_data.resolve(), say, progress),
-            "--out", remote, "--resume"]
-    if local_test is not None:
-        args += ["--test", ship_data(machine, box.workdir, local_test.resolve(), say, progress)]
+    downloaded: list[str] = []  # the Kaggle zip, fetched at most once per run
+
+    def on_box(spec: str, local: Path | None) -> str:
+        if local is not None:
+            return ship_data(machine, box.workdir, local, say, progress)
+        if not downloaded:
+            downloaded.append(kaggle.fetch(machine, box.workdir, box.python, say, pip_args))
+        return downloaded[0]
+
+    args = [model, "--data", on_box(data, local_data), "--out", remote, "--resume"]
+    if test is not None:
+        args += ["--test", on_box(test, local_test)]
     args += trainer_args
     script = render("run.sh.j2", run_id=run_id, out=remote, code_dir=code, python=box.python,
                     args=args)

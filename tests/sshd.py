@@ -38,7 +38,8 @@ def banner(host: str, port: int) -> bytes:
         return b""
 
 
-def start(directory: Path) -> Sshd:
+def start(directory: Path, env: dict[str, str] | None = None) -> Sshd:
+    """Start sshd; env is set in every session (as a box's own /etc/environment would)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("host_ed25519", "client_ed25519"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
@@ -51,7 +52,8 @@ def start(directory: Path) -> Sshd:
         f"PidFile {directory / 'sshd.pid'}", f"AuthorizedKeysFile {directory / 'authorized_keys'}",
         "StrictModes no", "UsePAM no", "PasswordAuthentication no", "PubkeyAuthentication yes",
         "PermitRootLogin prohibit-password", f"AllowUsers {user}",
-        "Subsystem sftp internal-sftp", "",
+        "Subsystem sftp internal-sftp",
+        *([" ".join(["SetEnv", *(f"{k}={v}" for k, v in env.items())])] if env else []), "",
     ]))
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)

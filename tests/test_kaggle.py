@@ -1,0 +1,186 @@
+"""--data kaggle: the real kaggle client on the box, against a stand-in for api.kaggle.com."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from orchestrator import kaggle
+from orchestrator.errors import UsageError
+from tests import sshd as sshd_mod
+from tests.kagglefake import FakeKaggle
+
+DLBOX = str(Path(sys.executable).parent / "dlbox")
+CLI_TIMEOUT_S = 300
+USER, KEY = "alice", "0123456789abcdef"
+
+
+def _competition_zip(sample: Path) -> bytes:
+    """dogs-vs-cats.zip as Kaggle serves it: train.zip and test1.zip inside."""
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w") as zf:
+        for folder in ("train", "test1"):
+            inner = io.BytesIO()
+            with zipfile.ZipFile(inner, "w") as z:
+                for f in sorted((sample / folder).iterdir()):
+                    z.write(f, f"{folder}/{f.name}")
+            zf.writestr(f"{folder}.zip", inner.getvalue())
+    return outer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory, small_sample):
+    server = FakeKaggle(tmp_path_factory.mktemp("kaggle"), USER, KEY,
+                        {kaggle.COMPETITION: _competition_zip(small_sample)}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def home(tmp_path, fake):
+    """A user's home with ~/.kaggle/kaggle.json, and a box temp dir to watch for secrets."""
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": USER, "key": KEY}))
+    (home / ".kaggle" / "kaggle.json").chmod(0o600)
+    (tmp_path / "boxtmp").mkdir()
+    fake.rules_accepted, fake.on_download = True, None
+    fake.downloads.clear()
+    return home
+
+
+def dlbox(cwd: Path, *args: str, env: dict[str, str]):
+    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, env={**os.environ, **env})
+
+
+def _secrets_seen_by_the_server(fake: FakeKaggle, box_tmp: Path) -> list[tuple[str, int, int]]:
+    """Record, while the file is served, each credential file on the box and its modes."""
+    seen = []
+
+    def look():
+        for f in box_tmp.glob("tmp.*/*"):
+            seen.append((f.name, stat.S_IMODE(f.stat().st_mode),
+                         stat.S_IMODE(f.parent.stat().st_mode)))
+    fake.on_download = look
+    return seen
+
+
+# --- where the credentials come from ------------------------------------------------------
+
+
+def test_credentials_are_found_where_the_kaggle_package_looks(tmp_path):
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "u", "key": "k"}))
+    found = kaggle.find_credentials({}, tmp_path)
+    assert (found.name, json.loads(found.content)) == ("kaggle.json", {"username": "u", "key": "k"})
+    env = kaggle.find_credentials({"KAGGLE_USERNAME": "v", "KAGGLE_KEY": "w"}, tmp_path)
+    assert json.loads(env.content) == {"username": "v", "key": "w"}
+    (tmp_path / "token").write_text("KGAT_file\n")
+    assert kaggle.find_credentials({"KAGGLE_API_TOKEN": str(tmp_path / "token")}, tmp_path) == \
+        kaggle.Credentials("access_token", b"KGAT_file", str(tmp_path / "token"))
+    assert kaggle.find_credentials({"KAGGLE_API_TOKEN": "KGAT_env"}, tmp_path).content == b"KGAT_env"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "access_token").write_text("KGAT_dir")
+    assert kaggle.find_credentials({"KAGGLE_CONFIG_DIR": str(other)}, tmp_path).content == b"KGAT_dir"
+
+
+def test_missing_or_broken_credentials_say_what_to_do(tmp_path):
+    with pytest.raises(UsageError, match=r"kaggle\.com/settings/api"):
+        kaggle.find_credentials({}, tmp_path)
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"is not a Kaggle kaggle\.json"):
+        kaggle.find_credentials({}, tmp_path)
+
+
+# --- the local box ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_local_box_downloads_once_trains_and_leaves_no_credentials(tmp_path, fake, home):
+    box_tmp = tmp_path / "boxtmp"
+    env = {**fake.env(), "HOME": str(home), "TMPDIR": str(box_tmp)}
+    assert dlbox(tmp_path, "up", "--local", "--python", sys.executable, env=env).returncode == 0
+    seen = _secrets_seen_by_the_server(fake, box_tmp)
+    train = dlbox(tmp_path, "train", "scratch", "--data", "kaggle", "--test", "kaggle",
+                  "--epochs", "1", "--img-size", "32", env=env)
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert fake.downloads == [kaggle.COMPETITION]  # once, though --data and --test both asked
+    assert seen == [("kaggle.json", 0o600, 0o700)]  # on the box only while the download ran
+    assert list(box_tmp.glob("tmp.*")) == []  # and gone after
+    assert "credentials removed from the box" in train.stdout
+    [run] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert len((run / "submission.csv").read_text().splitlines()) == 1 + 5  # test1 from the zip
+    assert json.loads((run / "metrics.json").read_text())["train_images"] > 0
+
+    (home / ".kaggle" / "kaggle.json").unlink()  # the box has the data: no credentials needed
+    again = dlbox(tmp_path, "train", "scratch", "--data", "kaggle", "--epochs", "1",
+                  "--img-size", "32", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"kaggle {kaggle.COMPETITION}: already on the box" in again.stdout
+    assert fake.downloads == [kaggle.COMPETITION]
+    assert dlbox(tmp_path, "down", env=env).returncode == 0
+
+
+@pytest.mark.parametrize(("problem", "says"), [
+    ("rules", "accept the competition's rules at https://www.kaggle.com/competitions/dogs-vs-cats/rules"),
+    ("key", "Kaggle rejected the credentials"),
+    ("none", "--data kaggle needs your Kaggle API credentials"),
+])
+def test_refused_downloads_are_one_clear_line_and_leave_nothing(tmp_path, fake, home, problem, says):
+    box_tmp = tmp_path / "boxtmp"
+    env = {**fake.env(), "HOME": str(home), "TMPDIR": str(box_tmp)}
+    assert dlbox(tmp_path, "up", "--local", "--python", sys.executable, env=env).returncode == 0
+    fake.rules_accepted = problem != "rules"
+    if problem == "key":
+        (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": USER, "key": "no"}))
+    if problem == "none":
+        (home / ".kaggle" / "kaggle.json").unlink()
+    result = dlbox(tmp_path, "train", "scratch", "--data", "kaggle", env=env)
+    assert result.returncode == (2 if problem == "none" else 1), result.stdout + result.stderr
+    assert says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(box_tmp.glob("tmp.*")) == []
+    dest = tmp_path / ".dlbox" / "local-box" / "data" / f"kaggle-{kaggle.COMPETITION}"
+    assert not (dest / kaggle.MARKER).exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert fake.downloads == []
+
+
+# --- an SSH box ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ssh_box_gets_the_credentials_over_the_channel_and_removes_them(tmp_path, fake, home):
+    box_tmp = tmp_path / "boxtmp"
+    # The box's own environment reaches "Kaggle" through the proxy (as a box behind one would).
+    server = sshd_mod.start(tmp_path / "sshd", env={**fake.env(), "TMPDIR": str(box_tmp)})
+    try:
+        project, remote = tmp_path / "proj", tmp_path / "remote"
+        project.mkdir()
+        env = {"HOME": str(home)}
+        up = dlbox(project, "up", "--ssh", f"{server.user}@{server.host}:{server.port}", "--key",
+                   str(server.client_key), "--python", sys.executable, "--workdir", str(remote),
+                   env=env)
+        assert up.returncode == 0, up.stderr
+        seen = _secrets_seen_by_the_server(fake, box_tmp)
+        train = dlbox(project, "train", "scratch", "--data", "kaggle", "--epochs", "1",
+                      "--img-size", "32", env=env)
+        assert train.returncode == 0, train.stdout + train.stderr
+        assert seen == [("kaggle.json", 0o600, 0o700)]
+        assert list(box_tmp.glob("tmp.*")) == []
+        script = (remote / "kaggle_fetch.sh").read_text()
+        assert KEY not in script  # the key went over stdin, not into a file or a command line
+        assert (remote / "data" / f"kaggle-{kaggle.COMPETITION}" / kaggle.MARKER).exists()
+    finally:
+        sshd_mod.stop(server)
