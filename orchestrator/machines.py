@@ -223,8 +223,13 @@ class SshMachine:
         tar.wait()
         error = remote.stderr.read().decode(errors="replace").strip()
         if remote.wait() != 0 or tar.returncode != 0:
-            raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {error or 'tar failed'}"
-                             + ("; the box's disk is full" if "No space" in error else ""))
+            if "No space left on device" in error:
+                raise DlboxError(f"the box's disk is full: {self.host}:{remote_dir} has no space "
+                                 "left; free some there, or give an EC2 box a bigger disk "
+                                 "(disk_gb in dlbox.toml). What arrived is kept: the next "
+                                 "sync sends only the rest")
+            first = error.splitlines()[0] if error else "tar failed"  # tar repeats it per file
+            raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {first}")
 
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         self.upload(local.parent, [local.name], remote_dir)

@@ -181,3 +181,40 @@ def test_sync_sends_only_what_differs_and_resumes_a_half_sent_copy(tmp_path, ssh
         assert sync.sync(machine, data, workdir).sent_files == 0
     finally:
         machine.close()
+
+
+def test_a_full_disk_on_the_box_is_one_clear_line(tmp_path, sshd, small_sample):
+    from tests.disks import small_disk
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    with small_disk(tmp_path / "remote", "1m") as remote:  # the sample is ~4 MB
+        up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
+                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+        assert up.returncode == 0, up.stderr
+        result = dlbox(project, "train", "scratch", "--data", str(small_sample))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the box's disk is full" in result.stderr and str(remote) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (project / "runs").exists() or not any((project / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_training_is_exit_74_and_one_line(tmp_path, sshd, small_sample):
+    from tests.disks import small_disk
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    # Room for the ~4 MB sample and the run's files, not for a 13.5 MB image cache.
+    with small_disk(tmp_path / "remote", "8m") as remote:
+        up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
+                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+        assert up.returncode == 0, up.stderr
+        result = dlbox(project, "train", "scratch", "--data", str(small_sample), "--cache", "disk",
+                       "--img-size", "150", "--epochs", "1")
+    assert result.returncode == 74, result.stdout + result.stderr
+    assert "no space left on the device" in result.stderr and "--resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    [run] = [p for p in (project / "runs").iterdir() if p.is_dir()]
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"  # recorded, logs pulled
+    assert "no space left" in (run / "train.log").read_text()
