@@ -163,6 +163,9 @@ def main() -> None:
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else args.work) as tmp:
         work = Path(tmp)
+        if shm.is_dir():  # the sending side too: this VM's page cache is reclaimed within
+            # seconds, and reading 25,000 files back from its slow disk would swamp both tools
+            src = Path(shutil.copytree(src, work / "source" / "train"))
         server = sshd_mod.start(work / "sshd")
         proxy = DelayProxy(server.port, args.delay_ms / 1000)
         known_hosts = work / "known_hosts"

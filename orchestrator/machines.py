@@ -8,6 +8,8 @@ carries them, so run logic is the same on every kind of box.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -30,12 +32,16 @@ SSH_CONNECT_ATTEMPTS = 4  # with jittered backoff: about 30 s before giving up
 SSH_CONNECT_FIRST_DELAY_S = 1.0
 COMMAND_TIMEOUT_S = 600
 UPLOAD_STREAMS = 4  # parallel tar streams (SSH connections) per upload on a far link
-NEAR_LINK_STREAMS = 2
+NEAR_LINK_STREAMS = 1
 FAR_LINK_RTT_S = 0.02  # a command's round trip above this: a far link
 STREAM_CHUNK_BYTES = 1 << 20
+CHECKPOINT_RECORDS = 100  # GNU tar reports progress every 100 records of 10 KiB
+CHECKPOINT_TAG = "dlbox-sent"
+MAX_ERROR_LINES = 20  # of the box's complaints kept for the message
 # AES-GCM first: with AES-NI it is ~2x faster than OpenSSH's default ChaCha20 for bulk data;
 # a list, so a server without it falls back.
 SSH_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
+EMPTY_TAR = bytes(1024)  # two zero blocks: a valid archive with nothing in it
 MIN_STREAM_BYTES = 32 << 20  # below this a stream's own SSH handshake costs more than it saves
 
 
@@ -63,6 +69,10 @@ class Machine(Protocol):
                sizes: dict[str, int] | None = None) -> None: ...
 
     def upload_tree(self, local: Path, remote_dir: str) -> None: ...
+
+    def prepare_upload(self, remote_dir: str) -> None: ...
+
+    def discard_prepared(self) -> None: ...
 
     def fetch(self, path: str, local: Path) -> None: ...
 
@@ -111,6 +121,12 @@ class LocalMachine:
         else:
             shutil.copyfile(local, target)
 
+    def prepare_upload(self, remote_dir: str) -> None:
+        pass  # nothing to connect
+
+    def discard_prepared(self) -> None:
+        pass
+
     def fetch(self, path: str, local: Path) -> None:
         shutil.copyfile(path, local)
 
@@ -127,6 +143,7 @@ class SshMachine:
         self.key_path, self.known_hosts = key_path, known_hosts
         self._pin_new_host, self._expected = pin_new_host, expected_fingerprints
         self._conn = None
+        self._ready: tuple[str, subprocess.Popen] | None = None  # a stream opened ahead
 
     @property
     def conn(self):
@@ -179,8 +196,8 @@ class SshMachine:
         self.run(f"mkdir -p {shlex.quote(remote_dir)}")
         rtt = time.monotonic() - started
         sizes = sizes or {n: (root / n).stat().st_size for n in names}
-        # A near link is CPU-bound (two streams keep both ends busy); a far one is bound by
-        # each channel's window over the round trip, so more streams help.
+        # A near link is CPU-bound (more streams only add handshakes and contention); a far
+        # one is bound by each channel's window over the round trip, so more streams help.
         most = UPLOAD_STREAMS if rtt >= FAR_LINK_RTT_S else NEAR_LINK_STREAMS
         streams = max(1, min(most, len(names), sum(sizes.values()) // MIN_STREAM_BYTES))
         groups = _balanced(sizes, names, streams)
@@ -191,53 +208,115 @@ class SshMachine:
                 with lock:
                     progress(n)
 
+        opened = [self._ready[1]] if self._ready and self._ready[0] == remote_dir else []
+        if opened:
+            self._ready = None
         with ThreadPoolExecutor(len(groups)) as pool:
-            for future in [pool.submit(self._tar_stream, root, g, remote_dir, counted)
-                           for g in groups]:
+            for future in [pool.submit(self._tar_stream, root, g, remote_dir, counted,
+                                       sum(sizes[n] for n in g),
+                                       opened[0] if opened and i == 0 else None)
+                           for i, g in enumerate(groups)]:
                 future.result()
 
     def _tar_stream(self, root: Path, names: list[str], remote_dir: str,
-                    progress: Callable[[int], None]) -> None:
+                    progress: Callable[[int], None], size: int,
+                    receiver: subprocess.Popen | None = None) -> None:
         """`tar -c | ssh HOST tar -x` with the OpenSSH client: its C crypto moves bulk data
         several times faster than paramiko's; the host key must match the pinned one."""
-        ssh = self._ssh_argv(f"tar -x -f - -C {shlex.quote(remote_dir)}")
-        tar = subprocess.Popen(["tar", "-c", "-f", "-", "-C", str(root), "--null", "-T", "-"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        remote = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
+        remote = receiver or self._receiver(remote_dir)
+        # -h: a symlinked image goes as its content, as the manifest (which follows links) says.
+        argv = ["tar", "-c", "-h", "-f", "-", "-C", str(root), "--null", "-T", "-"]
+        if _gnu_tar():  # tar writes into ssh itself and reports its progress on stderr
+            tar = subprocess.Popen([*argv, f"--checkpoint={CHECKPOINT_RECORDS}",
+                                    f"--checkpoint-action=echo={CHECKPOINT_TAG} %{{w}}T"],
+                                   stdin=subprocess.PIPE, stdout=remote.stdin,
+                                   stderr=subprocess.PIPE)
+        else:  # bsdtar (macOS): no checkpoints, so the bytes pass through here to be counted
+            tar = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
         def feed_names() -> None:
-            tar.stdin.write(b"".join(name.encode() + b"\0" for name in names))
-            tar.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                tar.stdin.write(b"".join(name.encode() + b"\0" for name in names))
+                tar.stdin.close()
 
-        feeder = threading.Thread(target=feed_names, daemon=True)
-        feeder.start()
+        remote_errors: list[bytes] = []
+
+        def drain_remote_errors() -> None:  # a full pipe here would stall ssh, then tar
+            for line in remote.stderr:
+                if len(remote_errors) < MAX_ERROR_LINES:
+                    remote_errors.append(line)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feed_names, drain_remote_errors)]
+        for thread in threads:
+            thread.start()
+        tar_errors: list[str] = []
+        sent = 0
         try:
-            while chunk := tar.stdout.read(STREAM_CHUNK_BYTES):
-                remote.stdin.write(chunk)
-                progress(len(chunk))
-            remote.stdin.close()
+            if tar.stderr is not None:
+                remote.stdin.close()  # tar holds the pipe now: ssh sees EOF when tar exits
+                for line in tar.stderr:
+                    text = line.decode(errors="replace")
+                    if CHECKPOINT_TAG in text:
+                        written = int(text.split(CHECKPOINT_TAG, 1)[1].split()[0])
+                        progress(written - sent)
+                        sent = written
+                    else:
+                        tar_errors.append(text.strip())
+            else:
+                while chunk := tar.stdout.read(STREAM_CHUNK_BYTES):
+                    remote.stdin.write(chunk)
+                    progress(len(chunk))
+                remote.stdin.close()
         except BrokenPipeError:
             pass  # ssh ended early: its exit status and stderr say why
-        feeder.join()
         tar.wait()
-        error = remote.stderr.read().decode(errors="replace").strip()
-        if remote.wait() != 0 or tar.returncode != 0:
+        remote.wait()
+        for thread in threads:
+            thread.join()
+        error = b"".join(remote_errors).decode(errors="replace").strip()
+        if remote.returncode != 0 or tar.returncode != 0:
             if "No space left on device" in error:
                 raise DlboxError(f"the box's disk is full: {self.host}:{remote_dir} has no space "
                                  "left; free some there, or give an EC2 box a bigger disk "
                                  "(disk_gb in dlbox.toml). What arrived is kept: the next "
                                  "sync sends only the rest")
-            first = error.splitlines()[0] if error else "tar failed"  # tar repeats it per file
+            # tar repeats its complaint for every file: the first line says it.
+            first = (error or "\n".join(tar_errors) or "tar failed").splitlines()[0]
             raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {first}")
+        if tar.stderr is not None and sent < size:
+            progress(size - sent)  # the bytes since tar's last checkpoint
 
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         self.upload(local.parent, [local.name], remote_dir)
+
+    def prepare_upload(self, remote_dir: str) -> None:
+        """Open an upload stream to remote_dir now: its SSH handshake (several round trips,
+        ~0.3 s even on loopback) then overlaps the manifest work instead of following it."""
+        if self._ready is None and not (self._pin_new_host and self._conn is None):
+            self._ready = (remote_dir, self._receiver(remote_dir))
+
+    def discard_prepared(self) -> None:
+        """Close a stream opened ahead that had nothing to carry (an empty tar archive)."""
+        if self._ready is not None:
+            _, receiver = self._ready
+            self._ready = None
+            with contextlib.suppress(BrokenPipeError):
+                receiver.stdin.write(EMPTY_TAR)
+                receiver.stdin.close()
+            receiver.wait(timeout=COMMAND_TIMEOUT_S)
+
+    def _receiver(self, remote_dir: str) -> subprocess.Popen:
+        """`ssh HOST tar -x` into remote_dir (made if missing), reading the archive on stdin."""
+        quoted = shlex.quote(remote_dir)
+        return subprocess.Popen(self._ssh_argv(f"mkdir -p {quoted} && tar -x -f - -C {quoted}"),
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
 
     def fetch(self, path: str, local: Path) -> None:
         self.conn.sftp().get(path, str(local))
 
     def close(self) -> None:
+        self.discard_prepared()
         if self._conn is not None:
             self._conn.close()
 
@@ -344,3 +423,14 @@ def content_hash(paths: list[Path], root: Path) -> str:
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _gnu_tar() -> bool:
+    """Whether this machine's tar is GNU tar (Linux), which can report its own progress."""
+    try:
+        done = subprocess.run(["tar", "--version"], capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    except OSError:
+        return False
+    return "GNU tar" in done.stdout

@@ -9,6 +9,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .errors import DlboxError
 from .machines import Machine
 
 Manifest = dict[str, tuple[int, int]]  # relative name -> (size in bytes, mtime in whole seconds)
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # an empty folder's
 
 
 @dataclass(frozen=True)
@@ -44,39 +46,85 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
             st = (root / name).stat()
             found[name] = (st.st_size, int(st.st_mtime))
         return found
-    for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        for file in files:
-            path = os.path.join(directory, file)
-            st = os.stat(path)
-            found[os.path.relpath(path, root)] = (st.st_size, int(st.st_mtime))
+
+    def walk(directory: str, prefix: str) -> None:  # scandir: one stat per file, no relpath
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif entry.is_file():
+                    st = entry.stat()
+                    found[prefix + entry.name] = (st.st_size, int(st.st_mtime))
+
+    walk(str(root), "")
     return found
 
 
-def remote_manifest(machine: Machine, remote_root: str) -> Manifest:
+def digest(manifest: Manifest) -> str:
+    """SHA-256 of the listing's lines in byte order, as the box computes it."""
+    lines = sorted(f"{n}\t{size}\t{mtime}\n".encode() for n, (size, mtime) in manifest.items())
+    return hashlib.sha256(b"".join(lines)).hexdigest()
+
+
+def _listing(names: list[str] | None) -> str:
+    """A shell command printing `name<TAB>size<TAB>whole-second mtime` per file."""
+    if names is None:
+        return "find . -type f -printf '%P\\t%s\\t%T@\\n' | sed 's/\\.[0-9]*$//'"
+    return ("stat --printf '%n\\t%s\\t%Y\\n' -- " + " ".join(shlex.quote(n) for n in names)
+            + " 2>/dev/null")
+
+
+def remote_manifest(machine: Machine, remote_root: str, names: list[str] | None = None) -> Manifest:
     """The same listing from the box, in one command however many files there are."""
-    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null && "
-                       "find . -type f -printf '%P\\t%s\\t%T@\\n'")
+    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null && {_listing(names)}")
     found: Manifest = {}
     for line in done.stdout.splitlines():
         name, size, mtime = line.rsplit("\t", 2)
-        found[name] = (int(size), int(float(mtime)))
+        found[name] = (int(size), int(mtime))
     return found
+
+
+def remote_digest(machine: Machine, remote_root: str, names: list[str] | None = None) -> str | None:
+    """The box's listing digest (None if there is no copy): 64 bytes back, not the listing."""
+    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null || exit 0; "
+                       f"{_listing(names)} | LC_ALL=C sort | sha256sum")
+    return done.stdout.split()[0] if done.stdout.strip() else None
 
 
 def sync(machine: Machine, local: Path, workdir: str,
          progress: Callable[[int, int], None] | None = None) -> SyncResult:
-    """Make the box's cached copy of local (a folder or one file) exactly equal to it."""
+    """Make the box's cached copy of local (a folder or one file) exactly equal to it.
+
+    Digests first: an unchanged copy costs one 64-byte answer, and the box's full listing
+    comes over only when a copy there is partial or stale.
+    """
     started = time.monotonic()
     base = cache_dir(workdir, local)
     if local.is_dir():
         root, remote_root, names = local, f"{base}/{local.name}", None
     else:
         root, remote_root, names = local.parent, base, [local.name]
-    mine = local_manifest(root, names)
-    theirs = remote_manifest(machine, remote_root)
+    machine.prepare_upload(remote_root)  # in case there is something to send
+    try:
+        return _sync(machine, local, root, remote_root, names, progress, started)
+    finally:
+        machine.discard_prepared()  # nothing was: close the stream opened ahead
+
+
+def _sync(machine: Machine, local: Path, root: Path, remote_root: str, names: list[str] | None,
+          progress: Callable[[int, int], None] | None, started: float) -> SyncResult:
+    with ThreadPoolExecutor(1) as pool:  # walk the local files while the box answers
+        walking = pool.submit(local_manifest, root, names)
+        theirs_digest = remote_digest(machine, remote_root, names)
+        mine = walking.result()
+    if theirs_digest in (None, EMPTY_DIGEST):
+        theirs: Manifest = {}
+    elif theirs_digest == digest(mine):
+        theirs = dict(mine)
+    else:
+        theirs = remote_manifest(machine, remote_root, names)
     todo = sorted(n for n, meta in mine.items() if theirs.get(n) != meta)
-    extra = sorted(n for n in theirs if n not in mine and names is None)
+    extra = sorted(n for n in theirs if n not in mine)
     if extra:  # files deleted locally since the last sync: the copy must be exact
         machine.run(f"cd {shlex.quote(remote_root)} && rm -f -- "
                     + " ".join(shlex.quote(n) for n in extra))
@@ -91,12 +139,12 @@ def sync(machine: Machine, local: Path, workdir: str,
 
     if todo:
         machine.upload(root, todo, remote_root, on_bytes, {n: mine[n][0] for n in todo})
-    # Nothing sent: the first listing already proved the copy equal.
-    after = remote_manifest(machine, remote_root) if todo or extra else theirs
-    wrong = [n for n in mine if after.get(n) != mine[n]]
-    if wrong:
+    # Nothing sent: the first answer already proved the copy equal.
+    if (todo or extra) and remote_digest(machine, remote_root, names) != digest(mine):
+        after = remote_manifest(machine, remote_root, names)
+        wrong = [n for n in mine if after.get(n) != mine[n]] or sorted(set(after) - set(mine))
         raise DlboxError(f"{len(wrong)} file(s) differ on the box after the sync (first: "
-                         f"{wrong[0]}); run the command again")
+                         f"{wrong[0] if wrong else '?'}); run the command again")
     remote_path = remote_root if names is None else f"{remote_root}/{local.name}"
     return SyncResult(remote_path, len(mine), len(todo), total, len(extra),
                       time.monotonic() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import botocore.exceptions
@@ -100,3 +101,26 @@ def test_the_live_bar_shows_epoch_steps_metrics_and_the_runs_eta():
     assert runs.bar_view({"state": "running", "phase": "evaluating", "steps": 0}).steps is None
     assert runs.bar_view({"state": "done", "phase": "evaluating"}) is None
     assert runs.bar_view({}) is None
+
+
+def test_the_box_digests_a_listing_exactly_as_dlbox_does(tmp_path):
+    """find | sed | sort | sha256sum on the box and sync.digest here must agree, or every
+    unchanged dataset would be listed in full (and a changed one missed)."""
+    from orchestrator import sync
+    from orchestrator.machines import LocalMachine
+
+    root = tmp_path / "data"
+    for name in ("a", "a.b", "a b", "ab", "é.jpg", "sub/a", "sub/z/9.jpg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode() * 3)
+    os.utime(root / "a", (0, 1_700_000_000.999))  # a fraction: both sides truncate
+    machine = LocalMachine()
+    mine = sync.local_manifest(root)
+    assert set(mine) == {"a", "a.b", "a b", "ab", "é.jpg", "sub/a", "sub/z/9.jpg"}
+    assert mine["a"] == (3, 1_700_000_000)
+    assert sync.remote_digest(machine, str(root)) == sync.digest(mine)
+    assert sync.remote_manifest(machine, str(root)) == mine
+    assert sync.remote_digest(machine, str(root), ["a.b"]) == sync.digest({"a.b": mine["a.b"]})
+    assert sync.remote_digest(machine, str(tmp_path / "nowhere")) is None
+    (root / "sub" / "a").write_bytes(b"changed")
+    assert sync.remote_digest(machine, str(root)) != sync.digest(mine)
