@@ -275,13 +275,13 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
         status = _read_json(machine.read(f"{remote}/status.json")) or {}
         if on_status is not None:
             on_status(status)
+        rows = _history(machine.read(f"{remote}/history.csv"))
+        for row in rows[epochs_shown:]:  # before the phase line: the epochs came first
+            say(_epoch_line(row, status.get("epochs") or len(rows)))
+        epochs_shown = max(epochs_shown, len(rows))
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)
-        rows = _history(machine.read(f"{remote}/history.csv"))
-        for row in rows[epochs_shown:]:
-            say(_epoch_line(row, status.get("epochs") or len(rows)))
-        epochs_shown = max(epochs_shown, len(rows))
         exit_code = machine.read(f"{remote}/exit_code")
         if exit_code is not None:
             code = int(exit_code.strip() or 1)
