@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ FAR_LINK_RTT_S = 0.02  # a command's round trip above this: a far link
 STREAM_CHUNK_BYTES = 1 << 20
 CHECKPOINT_RECORDS = 100  # GNU tar reports progress every 100 records of 10 KiB
 CHECKPOINT_TAG = "dlbox-sent"
+CHECKPOINT_LINE = re.compile(rf"^tar: {CHECKPOINT_TAG} (\d+) ")
 MAX_ERROR_LINES = 20  # of the box's complaints kept for the message
 # AES-GCM first: with AES-NI it is ~2x faster than OpenSSH's default ChaCha20 for bulk data;
 # a list, so a server without it falls back.
@@ -85,8 +87,12 @@ class LocalMachine:
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
         feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin.decode()}
-        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                              timeout=timeout, **feed)
+        try:
+            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                  timeout=timeout, **feed)
+        except subprocess.TimeoutExpired:
+            raise DlboxError(f"a command on the local box took over {timeout:.0f} s: "
+                             f"{command.split()[0]} ...") from None
         return Result(done.returncode, done.stdout, done.stderr)
 
 
@@ -166,8 +172,14 @@ class SshMachine:
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
+        from invoke.exceptions import CommandTimedOut
+
         feed = False if stdin is None else io.StringIO(stdin.decode())  # EOF closes its stdin
-        done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=feed)
+        try:
+            done = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=feed)
+        except CommandTimedOut:
+            raise DlboxError(f"a command on {self.host} took over {timeout:.0f} s: "
+                             f"{command.split()[0]} ...") from None
         return Result(done.exited, done.stdout, done.stderr)
 
     def read(self, path: str) -> bytes | None:
@@ -208,9 +220,13 @@ class SshMachine:
                 with lock:
                     progress(n)
 
-        opened = [self._ready[1]] if self._ready and self._ready[0] == remote_dir else []
-        if opened:
-            self._ready = None
+        opened = []
+        if self._ready is not None and self._ready[0] == remote_dir:
+            if self._ready[1].poll() is None:  # still connected: it carries the first group
+                opened.append(self._ready[1])
+                self._ready = None
+            else:  # it could not connect (or was dropped): open a fresh one instead
+                self.discard_prepared()
         with ThreadPoolExecutor(len(groups)) as pool:
             for future in [pool.submit(self._tar_stream, root, g, remote_dir, counted,
                                        sum(sizes[n] for n in g),
@@ -256,10 +272,9 @@ class SshMachine:
                 remote.stdin.close()  # tar holds the pipe now: ssh sees EOF when tar exits
                 for line in tar.stderr:
                     text = line.decode(errors="replace")
-                    if CHECKPOINT_TAG in text:
-                        written = int(text.split(CHECKPOINT_TAG, 1)[1].split()[0])
-                        progress(written - sent)
-                        sent = written
+                    if checkpoint := CHECKPOINT_LINE.match(text):
+                        progress(int(checkpoint[1]) - sent)
+                        sent = int(checkpoint[1])
                     else:
                         tar_errors.append(text.strip())
             else:
@@ -269,10 +284,15 @@ class SshMachine:
                 remote.stdin.close()
         except BrokenPipeError:
             pass  # ssh ended early: its exit status and stderr say why
-        tar.wait()
-        remote.wait()
-        for thread in threads:
-            thread.join()
+        except BaseException:  # a failure here (or Ctrl-C): neither process outlives it
+            for proc in (tar, remote):
+                proc.kill()
+            raise
+        finally:
+            tar.wait()
+            remote.wait()
+            for thread in threads:
+                thread.join(timeout=COMMAND_TIMEOUT_S)
         error = b"".join(remote_errors).decode(errors="replace").strip()
         if remote.returncode != 0 or tar.returncode != 0:
             if "No space left on device" in error:
@@ -300,10 +320,15 @@ class SshMachine:
         if self._ready is not None:
             _, receiver = self._ready
             self._ready = None
-            with contextlib.suppress(BrokenPipeError):
+            with contextlib.suppress(OSError):  # BrokenPipe: it already ended
                 receiver.stdin.write(EMPTY_TAR)
                 receiver.stdin.close()
-            receiver.wait(timeout=COMMAND_TIMEOUT_S)
+            try:
+                receiver.wait(timeout=SSH_CONNECT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+                receiver.wait()
+            receiver.stderr.close()
 
     def _receiver(self, remote_dir: str) -> subprocess.Popen:
         """`ssh HOST tar -x` into remote_dir (made if missing), reading the archive on stdin."""

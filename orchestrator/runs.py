@@ -245,7 +245,8 @@ def bar_view(status: dict) -> BarView | None:
     if not status or status.get("state", "running") != "running":
         return None
     phase = status.get("phase") or "starting"
-    steps = status.get("steps") or None
+    counted = phase in ("training", "fine-tuning", "caching", "predicting")
+    steps = (status.get("steps") or None) if counted else None  # others keep stale counts
     metrics = ""
     if phase in ("training", "fine-tuning"):
         label = f"{phase} epoch {status.get('epoch', 0)}/{status.get('epochs', 0)}"
@@ -257,7 +258,7 @@ def bar_view(status: dict) -> BarView | None:
     else:
         label = {"caching": "caching images", "predicting": "predicting test images"}.get(phase,
                                                                                           phase)
-    return BarView(label=label, step=int(status.get("step") or 0), steps=steps,
+    return BarView(label=label, step=int(status.get("step") or 0) if steps else 0, steps=steps,
                    metrics=metrics, eta_seconds=status.get("eta_seconds"))
 
 

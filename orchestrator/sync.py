@@ -18,6 +18,7 @@ from .machines import Machine
 
 Manifest = dict[str, tuple[int, int]]  # relative name -> (size in bytes, mtime in whole seconds)
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # an empty folder's
+NS_PER_S = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
     if names is not None:
         for name in names:
             st = (root / name).stat()
-            found[name] = (st.st_size, int(st.st_mtime))
+            found[name] = (st.st_size, st.st_mtime_ns // NS_PER_S)
         return found
 
     def walk(directory: str, prefix: str) -> None:  # scandir: one stat per file, no relpath
@@ -54,7 +55,8 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
                     walk(entry.path, f"{prefix}{entry.name}/")
                 elif entry.is_file():
                     st = entry.stat()
-                    found[prefix + entry.name] = (st.st_size, int(st.st_mtime))
+                    # Whole seconds by integer division: int(st_mtime) can round a float up.
+                    found[prefix + entry.name] = (st.st_size, st.st_mtime_ns // NS_PER_S)
 
     walk(str(root), "")
     return found
@@ -62,7 +64,7 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
 
 def digest(manifest: Manifest) -> str:
     """SHA-256 of the listing's lines in byte order, as the box computes it."""
-    lines = sorted(f"{n}\t{size}\t{mtime}\n".encode() for n, (size, mtime) in manifest.items())
+    lines = sorted(os.fsencode(f"{n}\t{size}\t{mtime}\n") for n, (size, mtime) in manifest.items())
     return hashlib.sha256(b"".join(lines)).hexdigest()
 
 
@@ -86,8 +88,11 @@ def remote_manifest(machine: Machine, remote_root: str, names: list[str] | None 
 
 def remote_digest(machine: Machine, remote_root: str, names: list[str] | None = None) -> str | None:
     """The box's listing digest (None if there is no copy): 64 bytes back, not the listing."""
-    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null || exit 0; "
+    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null || exit 0; set -o pipefail; "
                        f"{_listing(names)} | LC_ALL=C sort | sha256sum")
+    if done.exit_code != 0 and names is None:  # (stat fails on a missing name: that is news)
+        raise DlboxError(f"could not list the dataset's copy on the box: "
+                         f"{done.stderr.strip() or 'find, sort or sha256sum failed'}")
     return done.stdout.split()[0] if done.stdout.strip() else None
 
 

@@ -56,12 +56,13 @@ def start(directory: Path, env: dict[str, str] | None = None) -> Sshd:
         *([" ".join(["SetEnv", *(f"{k}={v}" for k, v in env.items())])] if env else []), "",
     ]))
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    log = directory / "sshd.log"  # a file: a pipe nobody drains would stall sshd at 64 KiB
+    proc = subprocess.Popen([SSHD, "-D", "-E", str(log), "-f", str(config)])
     deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
     while not banner("127.0.0.1", port).startswith(b"SSH-"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"sshd did not start: {proc.stderr.read().decode()}")
+            raise RuntimeError(f"sshd did not start: {log.read_text() if log.exists() else ''}")
         time.sleep(POLL_S)
     return Sshd("127.0.0.1", port, user, directory / "client_ed25519",
                 (directory / "host_ed25519.pub").read_text().strip(), proc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import subprocess
 import sys
 import zipfile
@@ -62,36 +61,57 @@ def dlbox(cwd: Path, *args: str, env: dict[str, str]):
                           timeout=CLI_TIMEOUT_S, env={**os.environ, **env})
 
 
-def _secrets_seen_by_the_server(fake: FakeKaggle, box_tmp: Path) -> list[tuple[str, int, int]]:
-    """Record, while the file is served, each credential file on the box and its modes."""
-    seen = []
+def _where_the_key_is(fake: FakeKaggle) -> dict[str, list[str]]:
+    """Record, while the file is served, which processes hold the key and how."""
+    seen: dict[str, list[str]] = {"environ": [], "cmdline": []}
 
     def look():
-        for f in box_tmp.glob("tmp.*/*"):
-            seen.append((f.name, stat.S_IMODE(f.stat().st_mode),
-                         stat.S_IMODE(f.parent.stat().st_mode)))
+        for proc in Path("/proc").glob("[0-9]*"):
+            for kind in seen:
+                try:
+                    if KEY.encode() in (proc / kind).read_bytes():
+                        seen[kind].append((proc / "comm").read_text().strip())
+                except OSError:  # gone, or not ours to read
+                    pass
     fake.on_download = look
     return seen
+
+
+def _files_holding_the_key(*roots: Path) -> list[Path]:
+    return [f for root in roots for f in root.rglob("*")
+            if f.is_file() and KEY.encode() in f.read_bytes()]
 
 
 # --- where the credentials come from ------------------------------------------------------
 
 
 def test_credentials_are_found_where_the_kaggle_package_looks(tmp_path):
+    legacy = (("KAGGLE_USERNAME", "u"), ("KAGGLE_KEY", "k"))
     (tmp_path / ".kaggle").mkdir()
     (tmp_path / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "u", "key": "k"}))
-    found = kaggle.find_credentials({}, tmp_path)
-    assert (found.name, json.loads(found.content)) == ("kaggle.json", {"username": "u", "key": "k"})
+    (tmp_path / ".kaggle" / "access_token").write_text("KGAT_home")
+    assert kaggle.find_credentials({}, tmp_path).env == legacy  # read by every kaggle release
     env = kaggle.find_credentials({"KAGGLE_USERNAME": "v", "KAGGLE_KEY": "w"}, tmp_path)
-    assert json.loads(env.content) == {"username": "v", "key": "w"}
+    assert env.env == (("KAGGLE_USERNAME", "v"), ("KAGGLE_KEY", "w"))
+    assert env.stdin() == b"KAGGLE_USERNAME=v\nKAGGLE_KEY=w\n"
     (tmp_path / "token").write_text("KGAT_file\n")
     assert kaggle.find_credentials({"KAGGLE_API_TOKEN": str(tmp_path / "token")}, tmp_path) == \
-        kaggle.Credentials("access_token", b"KGAT_file", str(tmp_path / "token"))
-    assert kaggle.find_credentials({"KAGGLE_API_TOKEN": "KGAT_env"}, tmp_path).content == b"KGAT_env"
+        kaggle.Credentials((("KAGGLE_API_TOKEN", "KGAT_file"),), str(tmp_path / "token"))
+    assert kaggle.find_credentials({"KAGGLE_API_TOKEN": "KGAT_env"}, tmp_path).env == \
+        (("KAGGLE_API_TOKEN", "KGAT_env"),)
     other = tmp_path / "elsewhere"
     other.mkdir()
     (other / "access_token").write_text("KGAT_dir")
-    assert kaggle.find_credentials({"KAGGLE_CONFIG_DIR": str(other)}, tmp_path).content == b"KGAT_dir"
+    assert kaggle.find_credentials({"KAGGLE_CONFIG_DIR": str(other)}, tmp_path).env == \
+        (("KAGGLE_API_TOKEN", "KGAT_dir"),)
+
+
+def test_failed_downloads_are_told_apart():
+    assert "rejected the credentials" in kaggle._why("401 Client Error: Unauthorized for url")
+    assert "disk is full" in kaggle._why(" 401M/812M [00:04]\nOSError: [Errno 28] No space "
+                                          "left on device")
+    assert kaggle._why(" 401M/812M\nConnectionResetError: reset by peer") == \
+        "Kaggle download failed on the box: ConnectionResetError: reset by peer"
 
 
 def test_missing_or_broken_credentials_say_what_to_do(tmp_path):
@@ -107,18 +127,20 @@ def test_missing_or_broken_credentials_say_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_box_downloads_once_trains_and_leaves_no_credentials(tmp_path, fake, home):
+def test_local_box_downloads_once_trains_and_never_writes_the_credentials(tmp_path, fake, home):
     box_tmp = tmp_path / "boxtmp"
     env = {**fake.env(), "HOME": str(home), "TMPDIR": str(box_tmp)}
     assert dlbox(tmp_path, "up", "--local", "--python", sys.executable, env=env).returncode == 0
-    seen = _secrets_seen_by_the_server(fake, box_tmp)
+    seen = _where_the_key_is(fake)
     train = dlbox(tmp_path, "train", "scratch", "--data", "kaggle", "--test", "kaggle",
                   "--epochs", "1", "--img-size", "32", env=env)
     assert train.returncode == 0, train.stdout + train.stderr
     assert fake.downloads == [kaggle.COMPETITION]  # once, though --data and --test both asked
-    assert seen == [("kaggle.json", 0o600, 0o700)]  # on the box only while the download ran
-    assert list(box_tmp.glob("tmp.*")) == []  # and gone after
-    assert "credentials removed from the box" in train.stdout
+    # While it downloaded, the key was in the downloader's environment only: in no command
+    # line, and in no file on the box, then or after.
+    assert seen["environ"] and seen["cmdline"] == []
+    assert _files_holding_the_key(box_tmp, tmp_path / ".dlbox") == []
+    assert KEY not in train.stdout + train.stderr
     [run] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert len((run / "submission.csv").read_text().splitlines()) == 1 + 5  # test1 from the zip
     assert json.loads((run / "metrics.json").read_text())["train_images"] > 0
@@ -150,7 +172,8 @@ def test_refused_downloads_are_one_clear_line_and_leave_nothing(tmp_path, fake, 
     assert result.returncode == (2 if problem == "none" else 1), result.stdout + result.stderr
     assert says in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert list(box_tmp.glob("tmp.*")) == []
+    assert _files_holding_the_key(box_tmp, tmp_path / ".dlbox") == []
+    assert KEY not in result.stdout + result.stderr
     dest = tmp_path / ".dlbox" / "local-box" / "data" / f"kaggle-{kaggle.COMPETITION}"
     assert not (dest / kaggle.MARKER).exists()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -161,7 +184,7 @@ def test_refused_downloads_are_one_clear_line_and_leave_nothing(tmp_path, fake, 
 
 
 @pytest.mark.slow
-def test_ssh_box_gets_the_credentials_over_the_channel_and_removes_them(tmp_path, fake, home):
+def test_ssh_box_gets_the_credentials_over_the_channel_and_keeps_them_off_its_disk(tmp_path, fake, home):
     box_tmp = tmp_path / "boxtmp"
     # The box's own environment reaches "Kaggle" through the proxy (as a box behind one would).
     server = sshd_mod.start(tmp_path / "sshd", env={**fake.env(), "TMPDIR": str(box_tmp)})
@@ -173,14 +196,12 @@ def test_ssh_box_gets_the_credentials_over_the_channel_and_removes_them(tmp_path
                    str(server.client_key), "--python", sys.executable, "--workdir", str(remote),
                    env=env)
         assert up.returncode == 0, up.stderr
-        seen = _secrets_seen_by_the_server(fake, box_tmp)
+        seen = _where_the_key_is(fake)
         train = dlbox(project, "train", "scratch", "--data", "kaggle", "--epochs", "1",
                       "--img-size", "32", env=env)
         assert train.returncode == 0, train.stdout + train.stderr
-        assert seen == [("kaggle.json", 0o600, 0o700)]
-        assert list(box_tmp.glob("tmp.*")) == []
-        script = (remote / "kaggle_fetch.sh").read_text()
-        assert KEY not in script  # the key went over stdin, not into a file or a command line
+        assert seen["environ"] and seen["cmdline"] == []  # over the channel, into the env
+        assert _files_holding_the_key(box_tmp, remote) == []
         assert (remote / "data" / f"kaggle-{kaggle.COMPETITION}" / kaggle.MARKER).exists()
     finally:
         sshd_mod.stop(server)

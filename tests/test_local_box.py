@@ -191,9 +191,15 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     # (known once an epoch has finished).
     live_bar = re.compile(r"training epoch (\d+)/200 .* \d+/\d+ +loss \d\.\d{4} acc \d\.\d{4} +"
                           r"ETA \d+:\d\d:\d\d")
-    while not live_bar.search(term.text):
-        assert term.proc.poll() is None and time.monotonic() < deadline, term.text
-        time.sleep(POLL_S)
+    try:
+        while not live_bar.search(term.text):
+            assert term.proc.poll() is None and time.monotonic() < deadline, term.text
+            time.sleep(POLL_S)
+    except AssertionError:
+        term.proc.kill()  # and the detached run with it, through cancel below when it exists
+        for run in _run_dirs(tmp_path) if (tmp_path / "runs").is_dir() else []:
+            dlbox(tmp_path, "cancel", run.name)
+        raise
     [run] = _run_dirs(tmp_path)
     assert re.search(r"training epoch 1/200: loss .* val_acc", term.text)  # scrolled above it
     cancel = dlbox(tmp_path, "cancel", run.name)

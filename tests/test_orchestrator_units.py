@@ -98,7 +98,8 @@ def test_the_live_bar_shows_epoch_steps_metrics_and_the_runs_eta():
     caching = runs.bar_view({"state": "running", "phase": "caching", "step": 10, "steps": 2000})
     assert (caching.label, caching.step, caching.steps, caching.metrics) == (
         "caching images", 10, 2000, "")
-    assert runs.bar_view({"state": "running", "phase": "evaluating", "steps": 0}).steps is None
+    evaluating = runs.bar_view({"state": "running", "phase": "evaluating", "step": 63, "steps": 63})
+    assert (evaluating.label, evaluating.step, evaluating.steps) == ("evaluating", 0, None)
     assert runs.bar_view({"state": "done", "phase": "evaluating"}) is None
     assert runs.bar_view({}) is None
 
