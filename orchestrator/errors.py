@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# What to do about a full disk on the box, wherever dlbox meets one.
+DISK_FULL_FIX = "free some space there, or give an EC2 box a bigger disk (disk_gb in dlbox.toml)"
+
 
 class DlboxError(Exception):
     """Root of every error dlbox raises on purpose."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DlboxError, UsageError
+from .errors import DISK_FULL_FIX, DlboxError, UsageError
 from .machines import Machine
 from .render import render
 
@@ -125,8 +125,7 @@ def _why(output: str) -> str:
         return (f"Kaggle refused the download: accept the competition's rules at {RULES_URL} "
                 "with the account of your API token, then run the command again")
     if "no space left on device" in text:
-        return ("the box's disk is full: free space there (or give an EC2 box a bigger disk, "
-                "disk_gb in dlbox.toml), then run the command again")
+        return f"the box's disk is full: {DISK_FULL_FIX}; then run the command again"
     if re.search(r"\b401\b.*unauthorized|unauthenticated|kaggle auth login|"
                  r"could not find kaggle\.json", text):
         return f"Kaggle rejected the credentials; create a new API token at {TOKEN_URL}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import DlboxError
+from .errors import DISK_FULL_FIX, DlboxError
 
 SSH_CONNECT_TIMEOUT_S = 10
 SSH_CONNECT_ATTEMPTS = 4  # with jittered backoff: about 30 s before giving up
@@ -297,9 +297,8 @@ class SshMachine:
         if remote.returncode != 0 or tar.returncode != 0:
             if "No space left on device" in error:
                 raise DlboxError(f"the box's disk is full: {self.host}:{remote_dir} has no space "
-                                 "left; free some there, or give an EC2 box a bigger disk "
-                                 "(disk_gb in dlbox.toml). What arrived is kept: the next "
-                                 "sync sends only the rest")
+                                 f"left; {DISK_FULL_FIX}. What arrived is kept: the next sync "
+                                 "sends only the rest")
             # tar repeats its complaint for every file: the first line says it.
             first = (error or "\n".join(tar_errors) or "tar failed").splitlines()[0]
             raise DlboxError(f"upload to {self.host}:{remote_dir} failed: {first}")
