@@ -26,6 +26,12 @@ def out(tmp_path):
     return tmp_path / "out"
 
 
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """Zips the trainer extracts land in a temporary XDG cache, not the developer's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -68,6 +74,16 @@ def test_unreadable_zip(tmp_path, out):
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 not really a zip")
     _assert_user_error(run_trainer("scratch", "--data", tmp_path / "train.zip", "--out", out),
                        "zip", "download it again")
+
+
+def test_unwritable_extract_dir(tmp_path, out):
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as zf:
+        zf.writestr("train/cat.0.jpg", "x")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    _assert_user_error(run_trainer("scratch", "--data", tmp_path / "train.zip", "--out", out,
+                                   "--extract-dir", blocker / "x"),
+                       f"--extract-dir {blocker / 'x'}", "pass --extract-dir")
 
 
 def test_zip_without_labelled_images(tmp_path, out):

@@ -28,6 +28,12 @@ STATUS_KEYS = {"state", "phase", "epoch", "epochs", "step", "steps", "metrics", 
                "eta_seconds"}
 
 
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """Zips the trainer extracts land in a temporary XDG cache, not the developer's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options.parse(argv)
         out = options.prepare_out(opts)
-        labelled = data.find_labelled(opts.data)
-        test_items = data.find_unlabelled(opts.test) if opts.test else None
+        labelled = data.find_labelled(opts.data, opts.extract_dir)
+        test_items = data.find_unlabelled(opts.test, opts.extract_dir) if opts.test else None
     except UsageError as exc:
         _fail(str(exc))
         return exc.exit_code

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shutil
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .extract import extract_once
 
 LABELS = {"cat": 0, "dog": 1}
 CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
@@ -21,8 +19,6 @@ KAGGLE_NAME = re.compile(r"^(cat|dog)\.[^/]+$", re.IGNORECASE)
 MAX_SEARCH_DEPTH = 6  # steps followed into train/ folders, zips and wrapper folders
 PROBE_TAIL_BYTES = 4096  # where a complete JPEG has its end-of-image marker
 PROBE_THREADS = 16  # header reads are I/O bound (cold EBS), not CPU bound
-EXTRACTED_SUFFIX = ".unzipped"
-EXTRACT_MARKER = ".dlbox-extracted.json"
 
 
 @dataclass(frozen=True)
@@ -52,14 +48,19 @@ class Probe:
     problem: str | None  # why it is unreadable
 
 
-def find_labelled(path: str | os.PathLike) -> LabelledSet:
-    """Resolve --data (a folder, train.zip or dogs-vs-cats.zip) to its labelled images."""
+def find_labelled(path: str | os.PathLike, extract_dir: str | os.PathLike | None = None
+                  ) -> LabelledSet:
+    """Resolve --data (a folder, train.zip or dogs-vs-cats.zip) to its labelled images.
+
+    Zips are extracted into extract_dir (default: extract.default_dir()), never beside
+    themselves: nothing is ever written inside the dataset folder.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"--data {root}: no such file or folder; pass the Kaggle train/ folder or zip")
     for depth in range(MAX_SEARCH_DEPTH + 1):
         if root.is_file():
-            root = extract_once(root)
+            root = extract_once(root, extract_dir)
             continue
         found = _labelled_here(root)
         if found is not None:
@@ -74,14 +75,15 @@ def find_labelled(path: str | os.PathLike) -> LabelledSet:
     )
 
 
-def find_unlabelled(path: str | os.PathLike) -> list[tuple[int, str]]:
+def find_unlabelled(path: str | os.PathLike, extract_dir: str | os.PathLike | None = None
+                    ) -> list[tuple[int, str]]:
     """Resolve --test (the Kaggle test1/ folder or zip) to (numeric id, path), sorted by id."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"--test {root}: no such file or folder; pass the Kaggle test1/ folder or zip")
     for _ in range(MAX_SEARCH_DEPTH + 1):
         if root.is_file():
-            root = extract_once(root)
+            root = extract_once(root, extract_dir)
             continue
         items = _numbered_images(root)
         if items:
@@ -155,39 +157,6 @@ def _numbered_images(root: Path) -> list[tuple[int, str]]:
 
 def _sorted(examples: list[Example]) -> tuple[Example, ...]:
     return tuple(sorted(examples, key=lambda e: e.key))
-
-
-def extract_once(archive: Path) -> Path:
-    """Extract a zip beside itself (once; reused while the zip is unchanged); return the folder."""
-    if not zipfile.is_zipfile(archive):
-        raise DataError(f"{archive}: not a readable zip archive; download it again")
-    stat = archive.stat()
-    identity = {"name": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    target = archive.with_name(archive.name.removesuffix(".zip") + EXTRACTED_SUFFIX)
-    marker = target / EXTRACT_MARKER
-    if marker.exists() and json.loads(marker.read_text()) == identity:
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)  # extractall drops absolute and '..' components
-        (tmp / EXTRACT_MARKER).write_text(json.dumps(identity))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{archive}: corrupt zip archive ({exc}); download it again") from exc
-    except PermissionError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(
-            f"{archive}: cannot extract beside it ({exc.strerror}); extract it yourself "
-            "and pass the folder"
-        ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # the marker makes a half-extracted folder impossible to reuse
-    return target
 
 
 def unit_hash(salt: str, key: str) -> float:

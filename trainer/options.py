@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import extract
 from .errors import UsageError
 
 MODELS = ("scratch", "vgg16")
@@ -37,6 +38,7 @@ class Options:
     learning_rate: float
     patience: int  # 0 disables early stopping
     cache: str  # "auto", "memory" or "disk"
+    extract_dir: str  # where zips are extracted (never inside the dataset folder)
 
     @property
     def total_epochs(self) -> int:
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                    "0 = off [scratch 2, vgg16 3]")
     p.add_argument("--cache", choices=("auto", "memory", "disk"), default="auto",
                    help="where decoded images are kept: RAM when they fit, else --out/cache")
+    p.add_argument("--extract-dir", help="where zips are extracted, once per zip version "
+                   "[$XDG_CACHE_HOME/dlbox/extracted, else ~/.cache/dlbox/extracted]")
     return p
 
 
@@ -118,6 +122,8 @@ def parse(argv: list[str] | None = None) -> Options:
         learning_rate=defaults["learning_rate"] if ns.learning_rate is None else ns.learning_rate,
         patience=defaults["patience"] if ns.patience is None else ns.patience,
         cache=ns.cache,
+        extract_dir=str(Path(ns.extract_dir).expanduser() if ns.extract_dir
+                        else extract.default_dir()),
     )
     _validate(opts)
     return opts
