@@ -293,3 +293,35 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
     for mine, theirs in zip(base.weights, source.weights, strict=True):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
     assert not base.trainable
+
+
+# state.json as the trainer before ResumeState wrote it (keys in its order, version 1).
+PREVIOUS_STATE = {
+    "options": {"model": "vgg16", "epochs": 1, "fine_tune_epochs": 1}, "completed": 1,
+    "phase": "training", "phases_done": ["training"], "last": "last-0001.keras",
+    "best": "best-0001.keras", "best_val_loss": 0.69, "best_epoch": 1, "wait": 0,
+    "history": [{"epoch": 1, "phase": "training", "loss": 0.7}], "finished": False,
+    "version": 1,
+}
+
+
+def test_resume_state_reads_and_writes_the_previous_state_json(tmp_path):
+    from trainer.checkpoint import Checkpoints, ResumeState
+    from trainer.errors import UsageError
+
+    ckpt = Checkpoints(tmp_path)
+    (tmp_path / "state.json").write_text(json.dumps(PREVIOUS_STATE))
+    state = ckpt.load_for_resume(PREVIOUS_STATE["options"])
+    assert isinstance(state, ResumeState)
+    assert (state.completed, state.phases_done, state.best) == (1, ("training",),
+                                                                "best-0001.keras")
+    ckpt.commit(state)
+    written = json.loads((tmp_path / "state.json").read_text())
+    assert written == PREVIOUS_STATE and list(written) == list(PREVIOUS_STATE)
+    without_wait = {k: v for k, v in PREVIOUS_STATE.items() if k != "wait"}
+    (tmp_path / "state.json").write_text(json.dumps(without_wait))
+    with pytest.raises(UsageError, match="damaged"):
+        ckpt.load()
+    (tmp_path / "state.json").write_text('{"completed": 1, "hist')
+    with pytest.raises(UsageError, match="damaged"):
+        ckpt.load()

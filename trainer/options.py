@@ -9,13 +9,9 @@ from pathlib import Path
 
 from . import extract
 from .errors import UsageError
+from .recipes import RECIPES, Recipe
 
-MODELS = ("scratch", "vgg16")
-# Per-model defaults: the article's recipe for scratch; head then block5 fine-tuning for vgg16.
-DEFAULTS = {
-    "scratch": {"epochs": 50, "learning_rate": 0.01, "patience": 2, "fine_tune_epochs": 0},
-    "vgg16": {"epochs": 10, "learning_rate": 1e-4, "patience": 3, "fine_tune_epochs": 10},
-}
+MODELS = tuple(RECIPES)
 
 
 @dataclass(frozen=True)
@@ -41,8 +37,12 @@ class Options:
     extract_dir: str  # where zips are extracted (never inside the dataset folder)
 
     @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.model]
+
+    @property
     def total_epochs(self) -> int:
-        return self.epochs + self.fine_tune_epochs
+        return sum(phase.epochs(self) for phase in self.recipe.phases)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    tuned = _recipes_with("fine_tune_epochs")
     p = _Parser(
         prog="python -m trainer",
         description="Train the article's Dogs vs. Cats CNN (scratch) or VGG16 transfer model.",
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    "dogs-vs-cats.zip, or a folder with cats/ and dogs/")
     p.add_argument("--out", required=True, help="output folder (model, metrics, checkpoints)")
     p.add_argument("--epochs", type=int, help="training epochs (vgg16: head epochs) "
-                   "[scratch 50, vgg16 10]")
+                   f"[{_defaults('epochs')}]")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and device")
     p.add_argument("--img-size", type=int, default=150, help="square input size in pixels")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share, by file name")
@@ -76,11 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet",
                    help="vgg16 base weights: imagenet, none, or a weights file")
     p.add_argument("--fine-tune-epochs", type=int,
-                   help="vgg16: epochs with the last conv block unfrozen [10]")
+                   help=f"{_names(tuned)}: epochs with the last conv block unfrozen "
+                   f"[{_defaults('fine_tune_epochs', tuned)}]")
     p.add_argument("--learning-rate", type=float,
-                   help="initial learning rate [scratch 0.01 SGD, vgg16 1e-4 Adam]")
+                   help=f"initial learning rate [{_defaults('learning_rate')}]")
     p.add_argument("--patience", type=int, help="early-stopping patience on val_loss, "
-                   "0 = off [scratch 2, vgg16 3]")
+                   f"0 = off [{_defaults('patience')}]")
     p.add_argument("--cache", choices=("auto", "memory", "disk"), default="auto",
                    help="where decoded images are kept: RAM when they fit, else --out/cache")
     p.add_argument("--extract-dir", help="where zips are extracted, once per zip version "
@@ -88,17 +90,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _recipes_with(epochs_flag: str) -> list[Recipe]:
+    """The recipes with a phase that trains for the epochs in that Options field."""
+    return [r for r in RECIPES.values() if epochs_flag in r.epoch_flags()]
+
+
+def _names(recipes) -> str:
+    return ", ".join(r.name for r in recipes)
+
+
+def _defaults(flag: str, recipes=None) -> str:
+    """Each recipe's default for flag, for --help: 'scratch 50, vgg16 10'."""
+    recipes = RECIPES.values() if recipes is None else recipes
+    return ", ".join(f"{r.name} {getattr(r.defaults, flag):g}" for r in recipes)
+
+
 def parse(argv: list[str] | None = None) -> Options:
     """Parse and validate argv; raise UsageError naming the bad flag and the fix."""
     ns = _parser().parse_args(argv)
-    defaults = DEFAULTS[ns.model]
-    if ns.model == "scratch":
-        if ns.fine_tune_epochs:
-            raise UsageError("--fine-tune-epochs applies to vgg16 only; drop it for scratch")
-        if ns.weights not in ("imagenet", "none"):
-            raise UsageError("--weights applies to vgg16 only; drop it for scratch")
+    recipe = RECIPES[ns.model]
+    defaults = recipe.defaults
+    if ns.fine_tune_epochs and "fine_tune_epochs" not in recipe.epoch_flags():
+        tuned = _names(_recipes_with("fine_tune_epochs"))
+        raise UsageError(f"--fine-tune-epochs applies to {tuned} only; drop it for {ns.model}")
+    if ns.weights not in ("imagenet", "none") and not recipe.takes_weights:
+        takers = _names(r for r in RECIPES.values() if r.takes_weights)
+        raise UsageError(f"--weights applies to {takers} only; drop it for {ns.model}")
     weights = {"imagenet": "imagenet", "none": None}.get(ns.weights, ns.weights)
-    if ns.model == "vgg16" and weights not in ("imagenet", None):
+    if recipe.takes_weights and weights not in ("imagenet", None):
         if not Path(weights).expanduser().is_file():
             raise UsageError(f"--weights {ns.weights}: no such file; pass imagenet, none or "
                              "a VGG16 (include_top=False) weights file")
@@ -107,7 +126,7 @@ def parse(argv: list[str] | None = None) -> Options:
         model=ns.model,
         data=str(Path(ns.data).expanduser()),
         out=str(Path(ns.out).expanduser()),
-        epochs=defaults["epochs"] if ns.epochs is None else ns.epochs,
+        epochs=_given_or(ns.epochs, defaults.epochs),
         batch_size=ns.batch_size,
         img_size=ns.img_size,
         val_split=ns.val_split,
@@ -115,12 +134,10 @@ def parse(argv: list[str] | None = None) -> Options:
         limit=ns.limit,
         resume=ns.resume,
         test=None if ns.test is None else str(Path(ns.test).expanduser()),
-        weights=weights if ns.model == "vgg16" else None,
-        fine_tune_epochs=(
-            defaults["fine_tune_epochs"] if ns.fine_tune_epochs is None else ns.fine_tune_epochs
-        ),
-        learning_rate=defaults["learning_rate"] if ns.learning_rate is None else ns.learning_rate,
-        patience=defaults["patience"] if ns.patience is None else ns.patience,
+        weights=weights if recipe.takes_weights else None,
+        fine_tune_epochs=_given_or(ns.fine_tune_epochs, defaults.fine_tune_epochs),
+        learning_rate=_given_or(ns.learning_rate, defaults.learning_rate),
+        patience=_given_or(ns.patience, defaults.patience),
         cache=ns.cache,
         extract_dir=str(Path(ns.extract_dir).expanduser() if ns.extract_dir
                         else extract.default_dir()),
@@ -144,8 +161,10 @@ def _validate(o: Options) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    if o.model == "vgg16" and o.img_size < 32:
-        raise UsageError("--img-size must be at least 32 for vgg16")
+
+
+def _given_or(value, default):
+    return default if value is None else value
 
 
 def prepare_out(o: Options) -> Path:

@@ -9,25 +9,24 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from . import data, models, outputs, pipeline
-from .checkpoint import Checkpoints
+from . import data, outputs, pipeline
+from .checkpoint import Checkpoints, ResumeState
 from .errors import DataError, TrainerError
 from .options import Options
+from .recipes import Phase
 from .status import Heartbeat
 from .stop import StopSignal
 
 log = logging.getLogger("trainer")
 
-FINE_TUNE_LR_FACTOR = 0.1  # phase 2 learning rate relative to --learning-rate
 PREDICT_BATCH = 64
-SGD_MOMENTUM = 0.9  # the article's SGD(lr=0.01, momentum=0.9)
 MIXED_PRECISION_MIN_CC = (7, 0)  # tensor cores: Volta (V100), Turing (T4), Ampere (A10G) and up
 CPU_REPLICAS_ENV = "DLBOX_CPU_REPLICAS"  # split the CPU into N devices (tests MirroredStrategy)
 
@@ -200,53 +199,37 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=["accuracy"])
 
 
-def _fresh_model(o: Options, devices: Devices) -> keras.Model:
-    with devices.strategy.scope():
-        if o.model == "scratch":
-            model = models.build_scratch(o.img_size)
-            optimizer = keras.optimizers.SGD(learning_rate=o.learning_rate, momentum=SGD_MOMENTUM)
-        else:
-            model = models.build_vgg16(o.img_size, o.weights)
-            optimizer = keras.optimizers.Adam(learning_rate=o.learning_rate)
-        _compile(model, optimizer)
-    return model
-
-
-def _fine_tune_model(o: Options, devices: Devices, best: Path) -> keras.Model:
-    """Phase 2: the best phase-1 model with block5 unfrozen, at a lower learning rate."""
-    with devices.strategy.scope():
-        model = keras.models.load_model(best)
-        models.unfreeze_top_block(model)
-        _compile(model, keras.optimizers.Adam(learning_rate=o.learning_rate * FINE_TUNE_LR_FACTOR))
-    return model
-
-
 def _load(devices: Devices, path: Path) -> keras.Model:
     with devices.strategy.scope():
         return keras.models.load_model(path)
 
 
-def _phases(o: Options) -> list[tuple[str, int, int]]:
-    """(name, first epoch, end epoch) in global epoch numbers (0-based, end exclusive)."""
-    phases = [("training", 0, o.epochs)]
-    if o.model == "vgg16" and o.fine_tune_epochs:
-        phases.append(("fine-tuning", o.epochs, o.total_epochs))
-    return phases
+def _start_phase(o: Options, devices: Devices, phase: Phase, first_phase: bool,
+                 state: ResumeState, ckpt: Checkpoints) -> keras.Model:
+    """A phase's starting model: built (first phase) or the best so far; prepared, compiled."""
+    if not first_phase and state.best is None:
+        raise TrainerError(f"no epoch before {phase.name} produced a finite validation loss "
+                           "(the loss diverged); lower --learning-rate")
+    with devices.strategy.scope():
+        if first_phase:
+            model = o.recipe.build(o.img_size, o.weights)
+        else:
+            model = keras.models.load_model(ckpt.path(state.best))
+        if phase.prepare is not None:
+            phase.prepare(model)
+        _compile(model, o.recipe.optimizer(o.learning_rate * phase.lr_factor))
+    return model
 
 
 def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
-        stop: StopSignal) -> dict:
+        stop: StopSignal) -> ResumeState:
     """Run (or continue) every epoch of every phase; return the final checkpoint state."""
     ckpt = Checkpoints(out / "checkpoints")
-    state = (ckpt.load_for_resume(o.as_dict()) if o.resume else None) or {
-        "options": o.as_dict(), "completed": 0, "phase": None, "phases_done": [],
-        "last": None, "best": None, "best_val_loss": None, "best_epoch": None, "wait": 0,
-        "history": [], "finished": False,
-    }
-    if state["completed"]:
-        log.info("resuming after epoch %d of %d", state["completed"], o.total_epochs)
+    state = (ckpt.load_for_resume(o.as_dict()) if o.resume else None) or ResumeState(o.as_dict())
+    if state.completed:
+        log.info("resuming after epoch %d of %d", state.completed, o.total_epochs)
     # Weights, shuffling and augmentation; a resumed run does not replay epoch 1's order.
-    keras.utils.set_random_seed(o.seed + state["completed"])
+    keras.utils.set_random_seed(o.seed + state.completed)
     replicas = devices.strategy.num_replicas_in_sync
     global_batch = o.batch_size * replicas
     train_ds = pipeline.batches(prep.images, prep.labels, prep.train_index, global_batch,
@@ -254,56 +237,54 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
     val_ds = pipeline.batches(prep.images, prep.labels, prep.val_index, global_batch,
                               training=False)
     callbacks = [Progress(hb, stop)]
-    for name, first, end in _phases(o):
-        if name in state["phases_done"]:
+    for index, (phase, first, end) in enumerate(o.recipe.schedule(o)):
+        if phase.name in state.phases_done:
             continue
-        if state["phase"] == name and state["last"]:
-            model = _load(devices, ckpt.path(state["last"]))
-        elif name == "training":
-            model = _fresh_model(o, devices)
+        if state.phase == phase.name and state.last:  # resumed mid-phase: weights and optimizer
+            model = _load(devices, ckpt.path(state.last))
         else:
-            model = _fine_tune_model(o, devices, ckpt.path(state["best"]))
-            state["wait"] = 0
-        for epoch in range(max(first, state["completed"]), end):
-            if o.patience and state["wait"] >= o.patience:  # checked first: --resume agrees
+            model = _start_phase(o, devices, phase, index == 0, state, ckpt)
+            state = replace(state, wait=0)  # early stopping counts within a phase
+        for epoch in range(max(first, state.completed), end):
+            if o.patience and state.wait >= o.patience:  # checked first: --resume agrees
                 log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
                 break
-            hb.update(phase=name, epoch=epoch + 1, epochs=o.total_epochs)
-            row = _one_epoch(model, name, epoch, train_ds, val_ds, len(prep.train_index),
+            hb.update(phase=phase.name, epoch=epoch + 1, epochs=o.total_epochs)
+            row = _one_epoch(model, phase.name, epoch, train_ds, val_ds, len(prep.train_index),
                              callbacks, state, ckpt, stop)
             # NaN never improves and is never kept as the best (x < NaN is always False).
             improved = not math.isnan(row["val_loss"]) and (
-                state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"])
+                state.best_val_loss is None or row["val_loss"] < state.best_val_loss)
             if improved:
-                state.update(best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
-                             best_val_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
+                state = replace(state, best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
+                                best_val_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
             else:
-                state["wait"] += 1
-            state["history"].append(row)
-            state.update(phase=name, completed=epoch + 1,
-                         last=ckpt.save_model(model, f"last-{epoch + 1:04d}.keras"))
+                state = replace(state, wait=state.wait + 1)
+            state = replace(state, history=(*state.history, row), phase=phase.name,
+                            completed=epoch + 1,
+                            last=ckpt.save_model(model, f"last-{epoch + 1:04d}.keras"))
             ckpt.commit(state)
-            outputs.write_history(out, state["history"])
+            outputs.write_history(out, list(state.history))
             hb.epoch_done(row["seconds"])
             hb.update(metrics={k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
             log.info("%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
-                     "(%.1f s, %.0f img/s)%s", name, epoch + 1, o.total_epochs, row["loss"],
-                     row["accuracy"], row["val_loss"], row["val_accuracy"], row["seconds"],
-                     row["images_per_second"], " *best*" if improved else "")
+                     "(%.1f s, %.0f img/s)%s", phase.name, epoch + 1, o.total_epochs,
+                     row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
+                     row["seconds"], row["images_per_second"], " *best*" if improved else "")
             stop.check()
-        state["phases_done"].append(name)
+        state = replace(state, phases_done=(*state.phases_done, phase.name))
         ckpt.commit(state)
     return state
 
 
 def _one_epoch(model, phase: str, epoch: int, train_ds, val_ds, n_train: int, callbacks,
-               state: dict, ckpt: Checkpoints, stop: StopSignal) -> dict:
+               state: ResumeState, ckpt: Checkpoints, stop: StopSignal) -> dict:
     """Train and validate one epoch; on a stop request, checkpoint the weights and raise."""
 
     def stop_here() -> None:  # the epoch does not count: --resume redoes it from these weights
         if stop.requested:
-            state.update(phase=phase, last=ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras"))
-            ckpt.commit(state)
+            partial = ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
+            ckpt.commit(replace(state, phase=phase, last=partial))
             stop.check()
 
     started = time.monotonic()
@@ -361,14 +342,14 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
     log.info("%d training and %d validation images (%d skipped), cache in %s",
              len(prep.train_index), len(prep.val_index), len(prep.skipped), prep.cache)
     state = fit(o, out, prep, devices, hb, stop)
-    if state["best"] is None:
+    if state.best is None:
         raise TrainerError("no epoch produced a finite validation loss (the loss diverged); "
                            "lower --learning-rate")
-    outputs.write_history(out, state["history"])  # again: a kill may have come before the last write
+    outputs.write_history(out, list(state.history))  # again: a kill may have come before the last write
 
     hb.update(phase="evaluating", stage=None)
-    best = _load(devices, Path(out / "checkpoints" / state["best"]))
-    shutil.copyfile(out / "checkpoints" / state["best"], out / "model.keras.tmp")
+    best = _load(devices, Path(out / "checkpoints" / state.best))
+    shutil.copyfile(out / "checkpoints" / state.best, out / "model.keras.tmp")
     os.replace(out / "model.keras.tmp", out / "model.keras")
     p_val, final = evaluate_best(best, prep, o.batch_size * devices.strategy.num_replicas_in_sync)
     val_keys = [prep.keys[i] for i in prep.val_index]
@@ -380,12 +361,12 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
     if test_items is not None:
         test_skipped = predict_test(o, out, best, test_items, hb, stop)
 
-    rates = [r["images_per_second"] for r in state["history"]]
+    rates = [r["images_per_second"] for r in state.history]
     metrics = {
         "model": o.model,
         **final,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": len(state["history"]),
+        "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history),
         "epochs_planned": o.total_epochs,
         "train_images": len(prep.train_index),
         "val_images": len(prep.val_index),
@@ -405,8 +386,7 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
         metrics["test_images"] = len(test_items)
         metrics["test_skipped"] = test_skipped
     outputs.write_metrics(out, metrics)
-    state["finished"] = True
-    Checkpoints(out / "checkpoints").commit(state)
+    Checkpoints(out / "checkpoints").commit(replace(state, finished=True))
     log.info("done: val_accuracy %.4f val_loss %.4f (best epoch %d of %d) in %.0f s",
              metrics["val_accuracy"], metrics["val_loss"], metrics["best_epoch"],
              metrics["epochs_run"], metrics["wall_seconds"])
@@ -417,6 +397,6 @@ def finished_metrics(out: Path, o: Options) -> dict | None:
     """metrics.json of a run in --out that already finished (for an idempotent --resume)."""
     state = Checkpoints(out / "checkpoints").load_for_resume(o.as_dict()) if o.resume else None
     metrics = out / "metrics.json"
-    if state and state.get("finished") and metrics.exists():
+    if state and state.finished and metrics.exists():
         return json.loads(metrics.read_text())
     return None
