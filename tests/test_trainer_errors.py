@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -116,3 +117,58 @@ def test_help_and_user_errors_answer_before_importing_tensorflow(tmp_path):
                     if line.startswith("import time:")}
         assert "trainer.options" in imported
         assert not {"tensorflow", "keras", "numpy"} & imported
+
+
+def _assert_error_after_logging(result, exit_code: int, *needles: str) -> str:
+    """Log lines may come first; the last line is the error, and no traceback is anywhere."""
+    assert result.returncode == exit_code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("trainer: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in last
+    return last
+
+
+def test_resume_with_changed_flags_after_logging_started(small_sample, out):
+    from trainer.checkpoint import ResumeState
+    from trainer.options import parse
+
+    first = ["scratch", "--data", str(small_sample), "--out", str(out), "--img-size", "32"]
+    (out / "checkpoints").mkdir(parents=True)
+    state = ResumeState(parse(first).as_dict(), completed=1, phase="training",
+                        last="last-0001.keras")
+    (out / "checkpoints" / "state.json").write_text(json.dumps(state.to_json()))
+    result = run_trainer(*first[:-1], "48", "--resume")
+    _assert_error_after_logging(result, 2, "--img-size 32", "choose another --out")
+    assert "--img-size 32" in (out / "train.log").read_text()
+
+
+def test_unexpected_error_has_its_traceback_in_train_log_only(small_sample, tmp_path, out):
+    weights = tmp_path / "vgg16_notop.weights.h5"
+    weights.write_text("not an HDF5 weights file")
+    result = run_trainer("vgg16", "--data", small_sample, "--out", out, "--weights", weights,
+                         "--img-size", "32", "--limit", "40", "--epochs", "1")
+    _assert_error_after_logging(result, 1, "internal error", str(out / "train.log"))
+    assert "Traceback" in (out / "train.log").read_text()
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def test_unexpected_error_before_logging_names_its_traceback_file(small_sample, out,
+                                                                  monkeypatch, capsys):
+    from trainer import __main__ as cli
+    from trainer import data
+    from trainer.stop import StopSignal
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in\ndataset discovery")
+
+    monkeypatch.setattr(StopSignal, "install", lambda self: self)  # keep pytest's handlers
+    monkeypatch.setattr(data, "find_labelled", broken)
+    code = cli.main(["scratch", "--data", str(small_sample), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert code == 1
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert stderr.startswith("trainer: error: internal error, RuntimeError: a bug in dataset")
+    assert str(out / "train.log") in stderr
+    assert "Traceback" in (out / "train.log").read_text()

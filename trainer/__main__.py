@@ -1,4 +1,8 @@
-"""python -m trainer: flags in, files out; errors become exit codes here and only here."""
+"""python -m trainer: flags in, files out; errors become exit codes here and only here.
+
+Every failure ends stderr with one line, `trainer: error: <problem>; <fix>`. Tracebacks go
+to train.log only (or, before --out is known, to a file that line names).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,10 @@ import errno
 import logging
 import os
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from pathlib import Path
 
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter out of the logs.
@@ -25,21 +33,71 @@ from .status import Heartbeat
 from .stop import StopSignal
 
 log = logging.getLogger("trainer")
+log.addHandler(logging.NullHandler())  # before _setup_logging: nothing, not logging's lastResort
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+FILE_ONLY = "file_only"  # a record's extra flag: train.log only (stderr gets the error line)
+ERROR_LINE_CHARS = 400  # TensorFlow's messages run to pages; the error line stays readable
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats a record without its traceback or stack: those are for train.log only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A copy: the file handler formats the same record and caches its exc_text on it.
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                       "stack_info": None})
+        return super().format(plain)
 
 
 def _setup_logging(out: Path) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     to_file = logging.FileHandler(out / "train.log")  # appends: a resumed run keeps its past
+    to_file.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(_NoTraceback(LOG_FORMAT, LOG_DATE_FORMAT))
+    to_stderr.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     for handler in (to_file, to_stderr):
-        handler.setFormatter(fmt)
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # Python prints these tracebacks to stderr itself; log them instead (stderr drops them).
+    threading.excepthook = lambda a: log.error(
+        "thread %s failed", a.thread.name if a.thread else "?",
+        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    # File only: these come at exit too, after the error line that must stay stderr's last.
+    sys.unraisablehook = lambda u: log.warning(
+        "%s: %s", u.err_msg or "exception ignored", u.object,
+        exc_info=(u.exc_type, u.exc_value, u.exc_traceback), extra={FILE_ONLY: True})
 
 
-def _fail(message: str) -> None:
-    print(f"trainer: error: {message}", file=sys.stderr)
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= ERROR_LINE_CHARS else line[: ERROR_LINE_CHARS - 1] + "…"
+
+
+def _fail(message: str, level: int = logging.ERROR) -> None:
+    """The error line on stderr (the last line it gets), and the message in train.log."""
+    log.log(level, "%s", message, extra={FILE_ONLY: True})
+    print(f"trainer: error: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _internal_error(exc: BaseException, log_file: Path) -> str:
+    return (f"internal error, {type(exc).__name__}: {exc}; please report it with the traceback "
+            f"in {log_file}")
+
+
+def _crash_before_logging(exc: BaseException, out: Path | None) -> int:
+    """An unexpected error before train.log was opened: its traceback to a file, not stderr."""
+    where = out / "train.log" if out else Path(tempfile.gettempdir()) / f"trainer-{os.getpid()}.log"
+    stamp = time.strftime(LOG_DATE_FORMAT)
+    try:
+        with open(where, "a") as f:
+            f.write(f"{stamp} ERROR unexpected error\n{''.join(traceback.format_exception(exc))}")
+    except OSError:
+        where = Path("(unwritable)")
+    _fail(_internal_error(exc, where))
+    return EXIT_FAILED
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -50,7 +108,21 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """python -m trainer ARGV; returns the exit code (errors.py)."""
+    try:
+        return _main(argv)
+    except Exception as exc:  # failing while reporting a failure: still one line, no traceback
+        logs = [Path(h.baseFilename) for h in log.handlers if isinstance(h, logging.FileHandler)]
+        if not logs:
+            return _crash_before_logging(exc, None)
+        log.error("unexpected error", exc_info=exc, extra={FILE_ONLY: True})
+        _fail(_internal_error(exc, logs[0]))
+        return EXIT_FAILED
+
+
+def _main(argv: list[str] | None) -> int:
     stop = StopSignal().install()
+    out = None
     try:
         opts = options.parse(argv)
         out = options.prepare_out(opts)
@@ -62,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # unreadable folders, a full disk while unzipping
         _fail(f"{exc.filename or 'data'}: {exc.strerror or exc}; check the path and free space")
         return EXIT_IO if _disk_full(exc) else EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C while reading or unzipping the data
+        _fail("stopped by Ctrl-C before training started; rerun to start again")
+        return EXIT_SIGINT
+    except Exception as exc:
+        return _crash_before_logging(exc, out)
     _setup_logging(out)
     log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv))
     hb = Heartbeat(out / "status.json", model=opts.model, epochs=opts.total_epochs).start()
@@ -75,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             done = train.run(opts, out, labelled, test_items, hb, stop)
     except Interrupted as exc:
-        log.warning("%s", exc)
         hb.finish("interrupted", message=str(exc))
+        _fail(str(exc), logging.WARNING)
         return exc.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stands
-        hb.finish("interrupted", message="stopped by a second Ctrl-C")
+        message = "stopped by a second Ctrl-C; rerun with --resume to continue from the last checkpoint"
+        hb.finish("interrupted", message=message)
+        _fail(message, logging.WARNING)
         return EXIT_SIGINT
     except UsageError as exc:
         hb.finish("failed", error=str(exc))
@@ -89,13 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         if _disk_full(exc):
             message = (f"no space left on the device writing {out}; free disk space, "
                        "then rerun with --resume")
-            log.error("%s", message)
             hb.finish("failed", error=message)
             _fail(message)
             return EXIT_IO
-        log.exception("training failed")
+        log.exception("training failed", extra={FILE_ONLY: True})  # stderr: the error line
         hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        _fail(f"{type(exc).__name__}: {exc} (traceback in {out / 'train.log'})")
+        _fail(_internal_error(exc, out / "train.log"))
         return EXIT_FAILED
     hb.finish("done", metrics={k: done[k] for k in ("val_accuracy", "val_loss")},
               best_epoch=done["best_epoch"], epochs_run=done["epochs_run"])
