@@ -29,6 +29,10 @@ def session(region: str, profile: str | None = None) -> boto3.session.Session:
                                "pass another --profile") from exc
     if region not in s.get_available_regions("ec2") and not region.startswith(("us-iso", "local")):
         raise RegionError(f"unknown AWS region {region!r}; pass --region like us-east-1")
+    # Before anything reaches the network: no credentials is the first thing to say.
+    if s.get_credentials() is None:
+        raise CredentialsError("no AWS credentials found; run `aws configure`, set "
+                               "AWS_PROFILE or pass --profile")
     return s
 
 

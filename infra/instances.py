@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 import uuid
 from collections.abc import Callable
 
 from botocore.exceptions import ClientError, WaiterError
 
+from . import retry
 from .aws import error_code, translated
 from .errors import CapacityError, QuotaError, WaitTimeout
 from .models import TAG_BOX, TAG_PROJECT, Attempt, Instance, Launched, LaunchSpec
@@ -198,13 +198,12 @@ def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
     """Terminate and poll until AWS reports every instance terminated (the bill stopped).
 
     One call per instance: EC2 rejects a whole batch when one id is unknown. An id that
-    EC2 does not know yet (just launched) is retried until it knows it or the time is up.
+    EC2 does not know yet (just launched) is retried until it knows it or the grace is up.
     """
     started = time.monotonic()
-    deadline = started + timeout_s
     pending = list(dict.fromkeys(instance_ids))
-    delay = TERMINATED_POLL_S
-    while pending:
+
+    def one_round() -> list[str]:
         for instance_id in list(pending):
             inst = describe(ec2, instance_id)
             if inst is not None and inst.state not in ("shutting-down", "terminated"):
@@ -218,10 +217,10 @@ def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
             unknown_too_long = inst is None and time.monotonic() - started > UNKNOWN_ID_GRACE_S
             if unknown_too_long or (inst is not None and inst.state == "terminated"):
                 pending.remove(instance_id)  # AWS forgets terminated instances after a while
-        if not pending:
-            return
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"{', '.join(pending)} not terminated after {timeout_s:.0f} s; "
-                              "run `dlbox down` again or check the EC2 console")
-        time.sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, TERMINATED_POLL_MAX_S)
+        return pending
+
+    left = retry.poll(one_round, until=lambda ids: not ids, deadline_s=timeout_s,
+                      first_delay_s=TERMINATED_POLL_S, max_delay_s=TERMINATED_POLL_MAX_S)
+    if left:
+        raise WaitTimeout(f"{', '.join(left)} not terminated after {timeout_s:.0f} s; "
+                          "run `dlbox down` again or check the EC2 console")

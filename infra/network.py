@@ -6,6 +6,7 @@ import ipaddress
 
 from botocore.exceptions import ClientError
 
+from . import retry
 from .aws import error_code, translated
 from .errors import InfraError
 from .models import TAG_PROJECT
@@ -13,6 +14,9 @@ from .models import TAG_PROJECT
 SSH_PROTOCOL = "tcp"
 MIN_PREFIX_V4 = 16  # the widest network SSH may be opened to (a site, not the internet)
 MIN_PREFIX_V6 = 48
+GROUP_DELETE_DEADLINE_S = 180  # a terminated instance's interface lingers for a while
+GROUP_DELETE_FIRST_DELAY_S = 2.0
+GROUP_DELETE_MAX_DELAY_S = 20.0
 
 
 def _tag_spec(resource: str, tags: dict[str, str]) -> list[dict]:
@@ -111,14 +115,26 @@ def _only_ssh_from(ec2, group: dict, cidr: str, port: int) -> None:
                                              IpPermissions=[_ssh_permission(cidr, port)])
 
 
-def delete_security_group(ec2, group_id: str) -> None:
-    """Delete the group; gone already is fine."""
-    with translated(f"delete security group {group_id}"):
-        try:
-            ec2.delete_security_group(GroupId=group_id)
-        except ClientError as exc:
-            if error_code(exc) != "InvalidGroup.NotFound":
-                raise
+def delete_security_group(ec2, group_id: str, deadline_s: float = GROUP_DELETE_DEADLINE_S) -> None:
+    """Delete the group (gone already is fine), retrying while a terminated instance's
+    network interface still holds it (DependencyViolation, for a minute or so)."""
+
+    def delete() -> None:
+        with translated(f"delete security group {group_id}"):
+            try:
+                ec2.delete_security_group(GroupId=group_id)
+            except ClientError as exc:
+                if error_code(exc) != "InvalidGroup.NotFound":
+                    raise
+
+    retry.call(delete, retry_if=lambda exc: _aws_code(exc) == "DependencyViolation",
+               deadline_s=deadline_s, first_delay_s=GROUP_DELETE_FIRST_DELAY_S,
+               max_delay_s=GROUP_DELETE_MAX_DELAY_S)
+
+
+def _aws_code(exc: BaseException) -> str:
+    """The AWS error code behind an infra error (translated() chains the ClientError)."""
+    return error_code(exc.__cause__) if exc.__cause__ is not None else error_code(exc)
 
 
 def tagged_security_groups(ec2) -> list[str]:

@@ -1,128 +1,163 @@
-"""The local box and the SSH box: `up` checks the box can train, `down` forgets it."""
+"""Box kinds behind one interface: the protocol each kind implements, and the registry that
+turns a recorded kind back into its implementation. Commands look the kind up here, once."""
 
 from __future__ import annotations
 
-import re
-import shlex
-import sys
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 from . import state
-from .errors import DlboxError, UsageError
-from .machines import LocalMachine, Machine, SshMachine
+from .errors import UsageError
+from .machine import Machine
+from .sshtarget import SshTarget
 
-LOCAL_WORKDIR = "local-box"
-TF_CHECK_TIMEOUT_S = 180
-TF_CHECK = ("import tensorflow as tf, keras; "
-            "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU')))")
-SSH_TARGET = re.compile(r"^(?P<user>[^@\s]+)@(?P<host>[^:\s]+)(:(?P<port>\d+))?$")
 Say = Callable[[str], None]
 
 
-def machine_for(project_dir: Path, box: state.AnyBox, pin_new_host: bool = False) -> Machine:
-    """The machine behind a box record."""
-    if isinstance(box, state.LocalBox):
-        return LocalMachine()
-    if isinstance(box, state.SshBox):
-        return SshMachine(box.host, box.port, box.user, box.key_path,
-                          state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host)
-    if box.python is None or box.workdir is None or box.host is None:
-        raise UsageError("this EC2 box has no TensorFlow environment yet: set python = "
-                         "\"/path/to/python\" in dlbox.toml and run `dlbox up` again")
-    return SshMachine(box.host, box.ssh_port, box.ssh_user, box.key_path,
-                      state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE)
+@dataclass(frozen=True)
+class UpFlags:
+    """`dlbox up`'s flags as given (None: not given). Each kind takes only its own."""
+
+    local: bool = False
+    ssh: str | None = None
+    key: str | None = None
+    workdir: str | None = None
+    python: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    instance_type: tuple[str, ...] | None = None
+    spot: bool | None = None
+    disk_gb: int | None = None
+    idle_minutes: int | None = None
+    max_lifetime_minutes: int | None = None
+    ssh_cidr: str | None = None
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    ami: str | None = None
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+
+    def flag(self, name: str) -> str:
+        """The name on the command line, for messages."""
+        if name == "spot":
+            return "--spot" if self.spot else "--on-demand"
+        return f"--{name.replace('_', '-')}"
 
 
-def check_python(machine: Machine, python: str) -> str:
-    """A line naming TensorFlow, Keras and the GPUs python sees; UsageError if it cannot train."""
-    done = machine.run(f"{shlex.quote(python)} -c {shlex.quote(TF_CHECK)}", timeout=TF_CHECK_TIMEOUT_S)
-    if done.exit_code != 0:
-        raise UsageError(f"{python} cannot import TensorFlow and Keras on the box; install "
-                         "them (pip install 'dlbox[gpu]') or pass another --python")
-    tf_version, keras_version, gpus = done.stdout.split()[-3:]
-    return f"TensorFlow {tf_version}, Keras {keras_version}, {gpus} GPU(s)"
+@dataclass(frozen=True)
+class DownFlags:
+    """`dlbox down`'s flags (for one project's boxes)."""
+
+    purge: bool = False
+    profile: str | None = None
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
 
 
-def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
-                 requirements: tuple[str, ...] | None, pip_args: tuple[str, ...]) -> tuple[str, str]:
-    """(python, versions line): the one given, or the box's dlbox venv (built if needed)."""
-    from . import environment
+class Box(Protocol):
+    """A box of some kind: a frozen record in .dlbox/state.json plus what can be done with it."""
 
-    if python is None:
-        python = environment.prepare(machine, workdir, say,
-                                     requirements or environment.REQUIREMENTS, pip_args)
-    versions = check_python(machine, python)
-    if versions.endswith(" 0 GPU(s)"):
-        say("warning: TensorFlow sees no GPU on this box; training will run on its CPU")
-    return python, versions
+    kind: str  # the registry key, recorded with the box
+    name: str  # unique in the project
+    workdir: str | None  # dlbox's folder on the box (None until the box is ready)
+    python: str | None  # the interpreter that trains there
+    DESCRIPTION: ClassVar[str]  # "EC2 boxes", "the local box"...
+    UP_FLAGS: ClassVar[frozenset[str]]  # the `up` flags this kind takes
+    DOWN_FLAGS: ClassVar[frozenset[str]]
+
+    @classmethod
+    def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Box:
+        """Make (or reuse) a box of this kind, ready to train, and record it."""
+
+    @property
+    def label(self) -> str:
+        """How messages name the box: "the local box", "the SSH box u@h:22"..."""
+
+    @property
+    def hourly_usd(self) -> float | None:
+        """What the box costs per hour (None: nobody rents it by the hour)."""
+
+    def machine(self, project_dir: Path) -> Machine:
+        """The machine to run commands on; UsageError if the box is not ready for it."""
+
+    def ssh_target(self, project_dir: Path) -> SshTarget | None:
+        """How to log in to the box over SSH (None: it is this machine)."""
+
+    def status(self, project_dir: Path) -> list[tuple[str, str]]:
+        """What `dlbox status` shows, as (what, value) rows, read from the box's owner."""
+
+    def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
+        """End (or forget) the box, verified, and remove its record."""
 
 
-def _refuse_other_kind(existing: state.AnyBox | None, kind: str) -> None:
-    if existing is not None and existing.kind != kind:
-        raise UsageError(f"this project already has a {existing.kind} box ({existing.name}); "
-                         "run `dlbox down` first")
+def _registry() -> dict[str, type[Box]]:
+    from .ec2box import Ec2Box
+    from .localbox import LocalBox
+    from .sshbox import SshBox
+
+    return {cls.kind: cls for cls in (LocalBox, SshBox, Ec2Box)}
 
 
-def up_local(project_dir: Path, python: str | None, say: Say) -> state.LocalBox:
-    """Use this machine as the box; check its Python can train."""
-    existing = state.load_box(project_dir)
-    _refuse_other_kind(existing, "local")
-    interpreter = python or (existing.python if existing else sys.executable)
-    versions = check_python(LocalMachine(), interpreter)
-    workdir = state.state_dir(project_dir).resolve() / LOCAL_WORKDIR
-    workdir.mkdir(parents=True, exist_ok=True)
-    box = state.LocalBox(kind="local", name="local", workdir=str(workdir), python=interpreter)
-    state.save_box(project_dir, box)
-    say(f"local box ready: {interpreter} ({versions}); runs in {workdir}")
-    return box
+def kind_for_up(flags: UpFlags) -> type[Box]:
+    """The kind `up` makes: --local, --ssh, else EC2; a flag of another kind is refused."""
+    registry = _registry()
+    if flags.local and flags.ssh:
+        raise UsageError("--local and --ssh exclude each other; pick one")
+    cls = registry["local" if flags.local else "ssh" if flags.ssh else "ec2"]
+    foreign = [name for name in flags.given() if name not in cls.UP_FLAGS]
+    if foreign:
+        owners = [c for c in registry.values() if foreign[0] in c.UP_FLAGS]
+        which = " or ".join(c.DESCRIPTION for c in owners)
+        raise UsageError(f"{flags.flag(foreign[0])} is for {which}, not {cls.DESCRIPTION}; "
+                         f"drop {flags.flag(foreign[0])}")
+    return cls
 
 
-def up_ssh(project_dir: Path, target: str, key: str | None, python: str | None, workdir: str,
-           say: Say, requirements: tuple[str, ...] | None = None,
-           pip_args: tuple[str, ...] = ()) -> state.SshBox:
-    """Use a machine the user already has: pin its host key, check its Python can train."""
-    match = SSH_TARGET.match(target)
-    if not match:
-        raise UsageError(f"--ssh {target}: expected USER@HOST or USER@HOST:PORT")
-    if key is None:
-        raise UsageError("--ssh needs --key PATH (the private key that logs you in)")
-    key_path = Path(key).expanduser().resolve()
-    if not key_path.is_file():
-        raise UsageError(f"--key {key}: no such file")
-    existing = state.load_box(project_dir)
-    _refuse_other_kind(existing, "ssh")
-    host, port, user = match["host"], int(match["port"] or 22), match["user"]
-    machine = SshMachine(host, port, user, str(key_path),
-                         state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE, pin_new_host=True)
+def check_down_flags(box: Box, flags: DownFlags) -> None:
+    foreign = [name for name in flags.given() if name not in box.DOWN_FLAGS]
+    if foreign:
+        raise UsageError(f"--{foreign[0]} does not apply to {box.label}; drop it")
+
+
+def decode(record: dict) -> Box:
+    """The box a state record describes."""
+    cls = _registry().get(record["kind"])
+    if cls is None:
+        raise UsageError(f"this project records a box of kind {record['kind']!r}, which this "
+                         "dlbox does not know; upgrade dlbox (pip install -U dlbox)")
+    known = {f.name for f in dataclasses.fields(cls)}
     try:
-        made = machine.run(f"mkdir -p {workdir} && cd {workdir} && pwd")
-        if made.exit_code != 0:
-            raise DlboxError(f"cannot create {workdir} on {host}: {made.stderr.strip()}")
-        python, versions = ready_python(machine, made.stdout.strip(), python, say, requirements,
-                                        pip_args)
-    finally:
-        machine.close()
-    box = state.SshBox(kind="ssh", name=f"{user}@{host}:{port}", host=host, port=port, user=user,
-                       key_path=str(key_path), workdir=made.stdout.strip(), python=python)
-    state.save_box(project_dir, box)
-    say(f"ssh box {box.name} ready ({versions}); runs in {box.workdir}; host key pinned in "
-        f"{state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE}")
-    return box
+        return cls(**{k: v for k, v in record.items() if k in known})
+    except TypeError as exc:
+        path = state.state_dir(Path.cwd()) / state.STATE_FILE
+        raise UsageError(f"{path}: the record of box {record['name']!r} is damaged ({exc}); "
+                         "restore it, or move the file away and run `dlbox down --all`") from exc
 
 
-def down(project_dir: Path, box: state.LocalBox | state.SshBox, purge: bool, say: Say) -> None:
-    """Forget the box; the local box's work dir always goes, an SSH box's with --purge."""
-    if isinstance(box, state.LocalBox):
-        LocalMachine().run(f"rm -rf {shlex.quote(box.workdir)}")
-        say(f"local box removed ({box.workdir})")
-    elif purge:
-        machine = machine_for(project_dir, box)
-        try:
-            machine.run(f"rm -rf {shlex.quote(box.workdir)}")
-        finally:
-            machine.close()
-        say(f"removed {box.workdir} on {box.name}")
-    state.save_box(project_dir, None)
-    if isinstance(box, state.SshBox):
-        say(f"forgot ssh box {box.name}" + ("" if purge else f" (its {box.workdir} stays)"))
+def recorded(project_dir: Path) -> list[Box]:
+    """Every box the project records, oldest first."""
+    return [decode(record) for record in state.records(project_dir)]
+
+
+def current(project_dir: Path) -> Box | None:
+    """The project's box, or None."""
+    found = recorded(project_dir)
+    if len(found) > 1:
+        raise UsageError(f"this project records {len(found)} boxes ("
+                         + ", ".join(b.label for b in found) + "); `dlbox down` ends them all")
+    return found[0] if found else None
+
+
+def named(project_dir: Path, name: str) -> Box | None:
+    """The recorded box called name, or None."""
+    return next((b for b in recorded(project_dir) if b.name == name), None)
+
+
+def no_box() -> UsageError:
+    return UsageError("no box is up in this project; `dlbox up --local` (this machine), "
+                      "`dlbox up --ssh USER@HOST --key KEY` or `dlbox up` (EC2) starts one")

@@ -7,14 +7,15 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
+
 from . import __version__
-from .errors import DlboxError, UsageError
+from .errors import DlboxError, LostContact, UsageError
 
 app = typer.Typer(
     name="dlbox",
@@ -30,6 +31,8 @@ data_app = typer.Typer(help="Datasets: generate a sample in the Kaggle layout.",
 app.add_typer(data_app, name="data")
 
 MAX_SAMPLE_IMAGES = 100_000
+EXIT_INFRA = 1
+EXIT_INTERRUPTED = 130
 
 
 def _version(value: bool) -> None:
@@ -47,13 +50,9 @@ def main(
     """dlbox: three commands from a laptop to a trained CNN."""
 
 
-EXIT_INFRA = 1
-EXIT_INTERRUPTED = 130
-
-
-def _fail(exc: DlboxError) -> typer.Exit:
-    typer.secho(f"dlbox: error: {exc}", err=True, fg=typer.colors.RED)
-    return typer.Exit(exc.exit_code)
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(f"dlbox: error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
 
 
 def _say(message: str) -> None:
@@ -62,25 +61,31 @@ def _say(message: str) -> None:
 
 @contextlib.contextmanager
 def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
-    """The one place where dlbox's and infra's errors become a line and an exit code."""
+    """The one place where errors become a line and an exit code, by their type."""
     try:
         yield
     except DlboxError as exc:
-        raise _fail(exc) from None
+        raise _fail(str(exc), exc.exit_code) from None
+    except InfraError as exc:
+        raise _fail(str(exc), EXIT_INFRA) from None
     except KeyboardInterrupt:
         typer.secho("dlbox: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""),
                     err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:
-        # infra is imported lazily (boto3 is slow to import), so match its root by module.
-        if type(exc).__module__.startswith("infra."):
-            typer.secho(f"dlbox: error: {exc}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(EXIT_INFRA) from None
-        raise
 
 
 def _project() -> Path:
     return Path.cwd()
+
+
+def _box(project: Path):
+    """The project's box, or a UsageError that says how to get one."""
+    from . import boxes
+
+    box = boxes.current(project)
+    if box is None:
+        raise boxes.no_box()
+    return box
 
 
 RegionOpt = Annotated[str | None, typer.Option("--region", help="AWS region [dlbox.toml or us-east-1].")]
@@ -121,85 +126,52 @@ def up(
     python: Annotated[str | None, typer.Option(
         help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
     workdir: Annotated[str | None, typer.Option(
-        help="--ssh: dlbox's folder on the box [~/dlbox].")] = None,
+        help="SSH and EC2 boxes: dlbox's folder on the box [~/dlbox].")] = None,
 ) -> None:
     """Get a box: EC2 by default (or reuse this project's), this machine, or one over SSH."""
-    from . import config, ec2box
+    from . import boxes
 
-    if local or ssh_target:
-        from . import boxes
-
-        with _errors():
-            if local and ssh_target:
-                raise UsageError("--local and --ssh exclude each other; pick one")
-            if local:
-                boxes.up_local(_project(), python, _say)
-            else:
-                cfg = config.load(_project())
-                boxes.up_ssh(_project(), ssh_target, key, python or cfg.python,
-                             workdir or cfg.box_workdir, _say, cfg.box_requirements, cfg.pip_args)
-        return
-    with _errors("the box (if launched) is recorded in .dlbox/state.json: run `dlbox up` to "
-                 "keep waiting or `dlbox down` to terminate it"):
-        cfg = config.load(_project(), region=region, profile=profile, instance_types=instance_type,
-                          spot=spot, disk_gb=disk_gb, idle_minutes=idle_minutes,
-                          max_lifetime_minutes=max_lifetime_minutes, ssh_cidr=ssh_cidr,
-                          ssh_user=ssh_user, ssh_key=ssh_key, ami=ami, python=python)
-        ec2box.up(_project(), cfg, _say)
-
-
-def _duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    flags = boxes.UpFlags(
+        local=local, ssh=ssh_target, key=key, workdir=workdir, python=python, region=region,
+        profile=profile, instance_type=tuple(instance_type) if instance_type else None, spot=spot,
+        disk_gb=disk_gb, idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,
+        ssh_cidr=ssh_cidr, ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
+    with _errors("a box launched before the interrupt is recorded in .dlbox/state.json: "
+                 "`dlbox up` keeps waiting for it, `dlbox down` terminates it"):
+        kind = boxes.kind_for_up(flags)
+        existing = boxes.current(_project())
+        if existing is not None and existing.kind != kind.kind:
+            raise UsageError(f"this project's box is {existing.label}; `dlbox down` first, then "
+                             "`dlbox up` again")
+        kind.up(_project(), flags, existing, _say)
 
 
 @app.command()
 def status() -> None:
-    """Show this project's box as AWS sees it: state, address, uptime, cost, watchdog."""
+    """Show this project's box: state, address, uptime, cost, watchdog."""
+    with _errors():
+        from . import boxes
+
+        box = boxes.current(_project())
+        if box is None:
+            typer.echo("no box is up in this project (`dlbox up` starts one)")
+            return
+        rows = box.status(_project())
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
+    if not sys.stdout.isatty():  # piped: tab-separated, for scripts
+        for key, value in rows:
+            typer.echo(f"{key}\t{value}")
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from . import ec2box, state
-
-    with _errors():
-        current = state.load_box(_project())
-        if isinstance(current, state.LocalBox | state.SshBox):
-            typer.echo(f"{current.kind} box {current.name}: {current.python}, runs in "
-                       f"{current.workdir}")
-            return
-        st = ec2box.status(_project())
-    if st is None:
-        typer.echo("no box is up in this project (`dlbox up` starts one)")
-        return
-    box = st.box
     table = Table(show_header=False, box=None)
-    rows = [
-        ("box", box.name),
-        ("instance", box.instance_id or "launch in flight"),
-        ("type", f"{box.instance_type or '?'} ({'spot' if box.spot else 'on-demand'}) in {box.zone or '?'}"),
-        ("state", st.state),
-        ("address", f"{st.public_ip}:{box.ssh_port}" if st.public_ip else "-"),
-        ("uptime", _duration(st.uptime_seconds)),
-        ("cost so far", f"${st.cost_usd:.2f} at ${box.usd_per_hour:.3f}/h" if st.cost_usd is not None
-         else "unknown"),
-        ("watchdog", _watchdog_line(box, st)),
-    ]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", value)
     Console().print(table)
-    if st.state in ("shutting-down", "terminated", "gone"):
-        typer.echo("the box has stopped (the watchdog or AWS ended it); `dlbox down` cleans up")
-
-
-def _watchdog_line(box, st) -> str:
-    parts = []
-    if box.idle_minutes:
-        parts.append(f"powers off after {box.idle_minutes} idle minutes")
-    if st.lifetime_ends_at is not None:
-        left = (st.lifetime_ends_at - datetime.now(timezone.utc)).total_seconds()
-        parts.append(f"at the latest at {st.lifetime_ends_at:%Y-%m-%d %H:%M} UTC "
-                     f"(in {_duration(max(0.0, left))})")
-    return "; ".join(parts) or "off (the box runs until `dlbox down`)"
 
 
 @app.command()
@@ -213,23 +185,25 @@ def down(
     purge: Annotated[bool, typer.Option("--purge", help="SSH box: also delete dlbox's folder "
                                         "there.")] = False,
 ) -> None:
-    """Terminate the box and wait until AWS confirms it, so nobody keeps paying."""
-    from . import config, ec2box, state
+    """End the project's box (EC2: terminate, verified), so nobody keeps paying."""
+    from . import boxes
 
     with _errors("the box may still be running: run `dlbox down` again"):
         if all_boxes:
+            from . import config, ec2box
+
             cfg = config.load(_project(), region=region, profile=profile)
             ec2box.down_all(cfg.region, cfg.profile, _say)
             return
-        current = state.load_box(_project())
-        if isinstance(current, state.LocalBox | state.SshBox):
-            from . import boxes
-
-            boxes.down(_project(), current, purge, _say)
+        found = boxes.recorded(_project())
+        if not found:
+            typer.echo("no box is up in this project")
             return
-        total = ec2box.down(_project(), _say, profile)
-    if total is not None:
-        typer.echo(f"box terminated; it cost about ${total:.2f}")
+        flags = boxes.DownFlags(purge=purge, profile=profile)
+        for box in found:
+            boxes.check_down_flags(box, flags)
+        for box in found:
+            box.down(_project(), flags, _say)
 
 
 MODELS = ("scratch", "vgg16")
@@ -247,29 +221,20 @@ def train(
                                              "results are pulled and verified.")] = False,
 ) -> None:
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
-    from . import boxes, config, runs, state
+    from . import boxes, config, runs
 
     with _errors():
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
-        box = state.load_box(_project())
-        if box is None:
-            raise UsageError("no box is up in this project; run `dlbox up --local` first")
-        machine = boxes.machine_for(_project(), box)
+        box = _box(_project())
+        machine = box.machine(_project())
         with _transfer_bar() as progress:
             run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say,
                              progress, config.load(_project()).pip_args)
     code = _follow_and_finish(run, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         with _errors("the box may still be running: run `dlbox down`"):
-            if isinstance(box, state.Box):
-                from . import ec2box
-
-                total = ec2box.down(_project(), _say)
-                if total is not None:
-                    typer.echo(f"box terminated; it cost about ${total:.2f}")
-            else:
-                boxes.down(_project(), box, purge=False, say=_say)
+            box.down(_project(), boxes.DownFlags(), _say)
     raise typer.Exit(code)
 
 
@@ -289,7 +254,7 @@ def _transfer_bar():
 
 @contextlib.contextmanager
 def _status_bar():
-    """(say, on_status) for runs.follow: a live bar with metrics and ETA on a terminal.
+    """(say, on_status) for follow: a live bar with metrics and ETA on a terminal.
 
     Epoch lines go through the bar's console so they scroll above it; off a terminal
     (a pipe, a log file, CI) there is no bar, only those lines.
@@ -299,7 +264,7 @@ def _status_bar():
         return
     from rich import progress as rp
 
-    from .runs import bar_view
+    from .follow import bar_view
 
     eta = rp.TextColumn("{task.fields[eta]}")
     with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
@@ -325,34 +290,31 @@ def _hms(seconds: float) -> str:
 
 
 def _machine_of(run):
-    """The machine a recorded run ran on (it must still be this project's box)."""
-    from . import boxes, state
+    """The machine of the box a recorded run ran on (it must still be this project's box)."""
+    from . import boxes
 
-    box = state.load_box(_project())
-    if box is None or box.name != run.box:
+    box = boxes.named(_project(), run.box)
+    if box is None:
         raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's box "
-                         "any more; its results are only what was pulled into runs/")
-    return boxes.machine_for(_project(), box)
+                         f"any more; its results are what was pulled into runs/{run.run_id}/")
+    return box.machine(_project())
 
 
 def _follow_and_finish(run, machine) -> int:
     """Stream the run; Ctrl-C detaches (the run goes on); pull and record the results."""
-    from . import runs
+    from . import follow, runs
 
     try:
         with _status_bar() as (say, on_status):
-            code = runs.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
-                               on_status=on_status)
+            code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
+                                 on_status=on_status)
     except KeyboardInterrupt:
         typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
                    "and pulls its results")
         return 0
-    except DlboxError as exc:
-        raise _fail(exc) from None
-    except Exception as exc:  # the SSH link dropped: the run itself is detached and goes on
-        typer.secho(f"dlbox: lost contact with the box ({exc}); run {run.run_id} goes on there: "
-                    f"`dlbox attach {run.run_id}`", err=True, fg=typer.colors.RED)
-        return EXIT_INFRA
+    except LostContact as exc:  # the run itself is detached and goes on
+        raise _fail(f"{exc}; run {run.run_id} goes on there: `dlbox attach {run.run_id}`",
+                    exc.exit_code) from None
     with _errors():
         run = runs.finish(_project(), run, machine, code)
     machine.close()
@@ -366,7 +328,7 @@ def _follow_and_finish(run, machine) -> int:
 
 
 @app.command()
-def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")]) -> None:
+def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox runs`).")]) -> None:
     """Follow a run again and pull its results when it ends."""
     from . import runs
 
@@ -377,7 +339,7 @@ def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).
 
 
 @app.command()
-def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")]) -> None:
+def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox runs`).")]) -> None:
     """Copy a run's results from the box into runs/<id>/ again (verified)."""
     from . import runs
 
@@ -391,25 +353,28 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see runs/).")
 @app.command()
 def logs(
     run_id: Annotated[str | None, typer.Argument(help="The run's id [the latest].")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    follow_log: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines "
+                                             "until the run ends.")] = False,
 ) -> None:
     """Print a run's train.log from the box."""
     import time
 
-    from . import runs
+    from . import follow, runs
 
     with _errors():
         run = runs.resolve(_project(), run_id)
         machine = _machine_of(run)
         offset = 0
         while True:
-            chunk = runs.read_log(run, machine, offset)
+            chunk, ended = follow.read_log(machine, run, offset)
             if chunk:
-                typer.echo(chunk.decode(errors="replace"), nl=False)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
                 offset += len(chunk)
-            if not follow or machine.read(f"{run.remote_dir}/exit_code") is not None:
-                return
-            time.sleep(runs.STATUS_POLL_S)
+            if not follow_log or (ended and len(chunk) < follow.LOG_CHUNK_BYTES):
+                return  # the poll that saw the end also brought the log's last lines
+            if len(chunk) < follow.LOG_CHUNK_BYTES:
+                time.sleep(runs.STATUS_POLL_S)
 
 
 @app.command()
@@ -429,10 +394,8 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
 @app.command("runs")
 def list_runs() -> None:
     """A table of this project's runs."""
-    from rich.console import Console
-    from rich.table import Table
-
     from . import runs
+    from .humanize import duration
 
     header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost")
     rows = []
@@ -442,7 +405,7 @@ def list_runs() -> None:
             run.run_id, run.model, run.status,
             f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
             str(metrics.get("epochs_run", "-")),
-            _duration(run.seconds) if run.seconds is not None else "-",
+            duration(run.seconds) if run.seconds is not None else "-",
             run.box,
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
         ))
@@ -450,24 +413,33 @@ def list_runs() -> None:
         for row in (header, *rows):
             typer.echo("\t".join(row))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(*header)
     for row in rows:
         table.add_row(*row)
     Console().print(table)
 
 
-@app.command()
-def ssh() -> None:
-    """Open an interactive shell on the box."""
-    from . import ec2box, state
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(ctx: typer.Context) -> None:
+    """Log in to the box (or run a command there: dlbox ssh -- nvidia-smi)."""
+    from . import sshtarget, state
 
-    config_file = state.state_dir(_project()) / ec2box.SSH_CONFIG_FILE
-    if not config_file.exists():
-        raise _fail(UsageError("no box is up in this project; run `dlbox up` first"))
-    ssh_bin = shutil.which("ssh")
-    if ssh_bin is None:
-        raise _fail(UsageError("the OpenSSH client (ssh) is not installed"))
-    os.execv(ssh_bin, [ssh_bin, "-F", str(config_file), ec2box.SSH_HOST_ALIAS])
+    with _errors():
+        box = _box(_project())
+        target = box.ssh_target(_project())
+        if target is None:
+            raise UsageError(f"{box.label} is this machine; no SSH needed")
+        ssh_bin = shutil.which("ssh")
+        if ssh_bin is None:
+            raise UsageError("the OpenSSH client (ssh) is not installed; install openssh-client")
+        # Written again from the record: the file a user edited or lost never loosens the pinning.
+        sshtarget.write_config(state.state_dir(_project()), target)
+        argv = sshtarget.argv(target, *ctx.args, batch=False)
+    sys.stdout.flush()
+    os.execv(ssh_bin, argv)
 
 
 @data_app.command("sample")
@@ -481,7 +453,7 @@ def data_sample(
     """Write a small learnable dataset in the exact Kaggle layout."""
     from .sample import generate
 
-    try:
+    with _errors():
         if not 2 <= n <= MAX_SAMPLE_IMAGES:
             raise UsageError(f"--n must be 2..{MAX_SAMPLE_IMAGES} (got {n})")
         if test_n < 0:
@@ -494,8 +466,6 @@ def data_sample(
         except OSError as exc:
             raise UsageError(f"cannot write to {directory} ({exc.strerror}); choose another "
                              "directory") from exc
-    except DlboxError as exc:
-        raise _fail(exc) from None
     typer.echo(
         f"wrote {summary.train} training images to {directory / 'train'}, {summary.test} test "
         f"images to {directory / 'test1'}" + (f", {summary.bad} bad files" if bad else "")

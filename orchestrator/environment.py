@@ -1,4 +1,4 @@
-"""The trainer's Python environment on a box: a venv with TensorFlow for the GPU, built once."""
+"""The box's folder and the trainer's Python there: a venv with TensorFlow, built once."""
 
 from __future__ import annotations
 
@@ -6,22 +6,35 @@ import hashlib
 import shlex
 from collections.abc import Callable
 
-from .errors import DlboxError
-from .machines import Machine
+from .errors import DlboxError, UsageError
+from .machine import Machine, shell_path
 from .render import render
 
 # What the trainer is tested with (TensorFlow exactly; Keras as new as the box's Python allows).
 REQUIREMENTS = ("tensorflow[and-cuda]==2.21.0", "keras>=3.10,<4", "numpy", "pillow")
 BASE_PYTHON = "python3"
 ENV_SETUP_TIMEOUT_S = 1800  # ~3 GB of wheels on a fresh box
+TF_CHECK_TIMEOUT_S = 180
+TF_CHECK = ("import tensorflow as tf, keras; "
+            "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU')))")
+Say = Callable[[str], None]
 
 
 def requirements_hash(requirements: tuple[str, ...], pip_args: tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join((*requirements, "--", *pip_args)).encode()).hexdigest()[:16]
 
 
-def prepare(machine: Machine, workdir: str, say: Callable[[str], None],
-            requirements: tuple[str, ...] = REQUIREMENTS, pip_args: tuple[str, ...] = ()) -> str:
+def make_workdir(machine: Machine, workdir: str, where: str) -> str:
+    """Create dlbox's folder on the box (a leading ~ is the box user's home); its absolute path."""
+    made = machine.run(f"mkdir -p {shell_path(workdir)} && cd {shell_path(workdir)} && pwd -P")
+    if made.exit_code != 0 or not made.stdout.strip():
+        raise DlboxError(f"cannot create {workdir} on {where}: "
+                         f"{made.stderr.strip() or 'mkdir failed'}; pass another --workdir")
+    return made.stdout.strip().splitlines()[-1]
+
+
+def prepare(machine: Machine, workdir: str, say: Say, requirements: tuple[str, ...] = REQUIREMENTS,
+            pip_args: tuple[str, ...] = ()) -> str:
     """Find or build {workdir}/env; return its python (the caller checks it can train)."""
     env_dir = f"{workdir}/env"
     script = render("setup_env.sh.j2", env_dir=env_dir, base_python=BASE_PYTHON,
@@ -38,3 +51,25 @@ def prepare(machine: Machine, workdir: str, say: Callable[[str], None],
                                                "No space left" in done.stderr else ""))
     say(done.stdout.strip().splitlines()[-1])
     return f"{env_dir}/bin/python"
+
+
+def check_python(machine: Machine, python: str) -> str:
+    """A line naming TensorFlow, Keras and the GPUs python sees; UsageError if it cannot train."""
+    done = machine.run(f"{shell_path(python)} -c {shlex.quote(TF_CHECK)}", timeout=TF_CHECK_TIMEOUT_S)
+    words = done.stdout.split()
+    if done.exit_code != 0 or len(words) < 3:
+        raise UsageError(f"{python} cannot import TensorFlow and Keras on the box; install "
+                         "them (pip install 'dlbox[gpu]') or pass another --python")
+    tf_version, keras_version, gpus = words[-3:]
+    return f"TensorFlow {tf_version}, Keras {keras_version}, {gpus} GPU(s)"
+
+
+def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
+                 requirements: tuple[str, ...] | None, pip_args: tuple[str, ...]) -> tuple[str, str]:
+    """(python, versions line): the one given, or the box's dlbox venv (built if needed)."""
+    if python is None:
+        python = prepare(machine, workdir, say, requirements or REQUIREMENTS, pip_args)
+    versions = check_python(machine, python)
+    if versions.endswith(" 0 GPU(s)"):
+        say("warning: TensorFlow sees no GPU on this box; training will run on its CPU")
+    return python, versions

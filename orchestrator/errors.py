@@ -16,3 +16,7 @@ class UsageError(DlboxError, ValueError):
     """Bad input from the user: the message says what to do."""
 
     exit_code = 2
+
+
+class LostContact(DlboxError, ConnectionError):
+    """The box stopped answering (network, SSH): what runs there goes on."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
-from .machines import Machine
+from .machine import Machine
 from .render import render
 
 SOURCE = "kaggle"  # what --data and --test take to mean "download it on the box"

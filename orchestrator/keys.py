@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .atomic import write_atomic
 from .errors import UsageError
 
 KEY_FILE = "id_ed25519"
@@ -43,7 +44,7 @@ def ensure(keys_dir: Path) -> tuple[Path, str]:
                          "`dlbox up` again for a new one") from exc
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH).decode()
-    (keys_dir / f"{KEY_FILE}.pub").write_text(public + "\n")
+    write_atomic(keys_dir / f"{KEY_FILE}.pub", public + "\n")
     return path, public
 
 

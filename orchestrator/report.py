@@ -8,6 +8,7 @@ from pathlib import Path
 
 from markupsafe import Markup
 
+from .atomic import write_atomic
 from .render import render
 
 CHART_W, CHART_H, CHART_PAD = 460, 260, 44
@@ -70,7 +71,7 @@ def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
 
     matrix = (metrics.get("confusion_matrix") or {}).get("rows_true_cols_predicted")
     path = run_dir / "report.html"
-    path.write_text(render(
+    write_atomic(path, render(
         "report.html.j2", run=run, metrics=metrics, history=history, box=box, duration=duration,
         cost=cost, matrix=matrix,
         loss_chart=svg_chart("Loss", epochs, {"training": column("loss"),

@@ -1,101 +1,102 @@
-"""The project's local state in .dlbox/state.json, always written atomically."""
+"""The project's boxes in .dlbox/state.json: versioned records, locked while changed, written atomically.
+
+A project may hold several boxes (a replacement during a run, the nodes of a cluster); each
+record is a dict with at least "kind" and "name". What a kind's record means is the kind's
+business (orchestrator/boxes.py decodes them).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
-import os
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import UsageError
 
 STATE_DIR = ".dlbox"
 STATE_FILE = "state.json"
-STATE_VERSION = 1
+LOCK_FILE = "state.lock"
+STATE_VERSION = 2  # 1: {"box": {...} or null}; 2: {"boxes": [{...}, ...]}
 KNOWN_HOSTS_FILE = "known_hosts"  # pinned host keys of this project's boxes, under .dlbox/
-
-
-@dataclass(frozen=True)
-class Box:
-    """The project's box. An EC2 box is recorded before run_instances returns."""
-
-    kind: str  # "ec2"
-    name: str
-    region: str
-    profile: str | None
-    key_name: str  # dlbox's own key pair and group: `down` deletes both
-    key_path: str
-    security_group_id: str
-    ssh_user: str
-    ssh_port: int
-    idle_minutes: int
-    max_lifetime_minutes: int
-    instance_id: str | None = None  # None while the launch request is in flight
-    instance_type: str | None = None
-    zone: str | None = None
-    spot: bool = False
-    host: str | None = None
-    usd_per_hour: float | None = None
-    workdir: str | None = None  # dlbox's folder on the box, once logged in
-    python: str | None = None  # an interpreter with TensorFlow on the box
-
-
-@dataclass(frozen=True)
-class LocalBox:
-    """This machine as the box: runs live under workdir, the trainer runs with python."""
-
-    kind: str  # "local"
-    name: str
-    workdir: str
-    python: str
-
-
-@dataclass(frozen=True)
-class SshBox:
-    """A machine the user already has, reached over SSH (its host key pinned at `up`)."""
-
-    kind: str  # "ssh"
-    name: str  # user@host:port
-    host: str
-    port: int
-    user: str
-    key_path: str
-    workdir: str  # absolute, on the box
-    python: str  # on the box, with TensorFlow
-
-
-KINDS = {"local": LocalBox, "ssh": SshBox, "ec2": Box}
-AnyBox = Box | LocalBox | SshBox
 
 
 def state_dir(project_dir: Path) -> Path:
     return project_dir / STATE_DIR
 
 
-def load_box(project_dir: Path) -> AnyBox | None:
-    path = state_dir(project_dir) / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text()).get("box")
-        if not data:
-            return None
-        cls = KINDS[data.get("kind", "ec2")]
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise UsageError(f"{path} is damaged ({exc}); `dlbox down --all` finds the project's "
-                         "boxes by their tags, then delete the file") from exc
-
-
-def save_box(project_dir: Path, box: AnyBox | None) -> None:
-    """Replace the state file in one rename: a crash leaves the old or the new one."""
+def ensure_dir(project_dir: Path) -> Path:
+    """.dlbox/, private to its owner (it holds keys and addresses)."""
     directory = state_dir(project_dir)
     directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / STATE_FILE
-    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"version": STATE_VERSION, "box": asdict(box) if box else None},
-                              indent=2) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the instance id must survive a power cut, not only a Ctrl-C
-    os.replace(tmp, path)
+    return directory
+
+
+def records(project_dir: Path) -> list[dict]:
+    """Every box record of the project, oldest first ([] when there is no state)."""
+    path = state_dir(project_dir) / STATE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from exc
+    try:
+        data = json.loads(text)
+        version = data.get("version", 1)
+        if not isinstance(version, int):
+            raise ValueError(f"version {version!r}")
+        if version > STATE_VERSION:
+            raise UsageError(f"{path} was written by a newer dlbox (state version {version}; "
+                             f"this one reads up to {STATE_VERSION}); upgrade dlbox "
+                             "(pip install -U dlbox) to manage this project's boxes")
+        found = [data["box"]] if version == 1 and data.get("box") else data.get("boxes") or []
+        for record in found:
+            record.setdefault("kind", "ec2")  # version 1 wrote no kind for EC2 boxes
+            if not isinstance(record.get("name"), str) or not isinstance(record["kind"], str):
+                raise ValueError("a box without kind or name")
+        return found
+    except UsageError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise UsageError(f"{path} is damaged ({exc}); restore it, or move it away and run "
+                         "`dlbox down --all` to end this region's dlbox instances") from exc
+
+
+@contextlib.contextmanager
+def locked(project_dir: Path) -> Iterator[None]:
+    """Hold the project's state lock: read-modify-write of the records by one dlbox at a time."""
+    directory = ensure_dir(project_dir)
+    with open(directory / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _write(project_dir: Path, boxes: list[dict]) -> None:
+    # fsynced: an instance id must survive a power cut, not only a Ctrl-C.
+    write_atomic(ensure_dir(project_dir) / STATE_FILE,
+                 json.dumps({"version": STATE_VERSION, "boxes": boxes}, indent=2) + "\n",
+                 mode=0o600, durable=True)
+
+
+def put(project_dir: Path, box) -> None:
+    """Record a box (a dataclass with kind and name), replacing the record of that name."""
+    record = dataclasses.asdict(box)
+    with locked(project_dir):
+        boxes = [r for r in records(project_dir) if r["name"] != record["name"]]
+        _write(project_dir, [*boxes, record])
+
+
+def remove(project_dir: Path, name: str) -> None:
+    """Forget the box called name (nothing happens if it is not recorded)."""
+    with locked(project_dir):
+        boxes = records(project_dir)
+        kept = [r for r in boxes if r["name"] != name]
+        if len(kept) != len(boxes):
+            _write(project_dir, kept)

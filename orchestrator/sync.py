@@ -1,6 +1,10 @@
 """Dataset sync to a box: compare manifests (name, size, mtime), send only what differs as
-one tar stream, verify, and leave an exact copy. An interrupted sync resumes: what arrived
-whole is recognised and not sent again."""
+tar streams, verify, and leave an exact copy. An interrupted sync resumes: what arrived
+whole is recognised and not sent again.
+
+Names travel NUL-separated, on stdin or in listings, never on a command line: any byte a
+file name may hold survives, and no list is too long for a command.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DlboxError
-from .machines import Machine
+from .machine import Machine
 
 Manifest = dict[str, tuple[int, int]]  # relative name -> (size in bytes, mtime in whole seconds)
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # an empty folder's
 NS_PER_S = 1_000_000_000
+# One record per file: name TAB size TAB whole-second mtime NUL (find's %Ts and stat's %Y floor).
+FIND_RECORDS = "find . -type f -printf '%P\\t%s\\t%Ts\\0'"
+STAT_RECORDS = "xargs -0 -r stat --printf '%n\\t%s\\t%Y\\0' -- 2>/dev/null"
 
 
 @dataclass(frozen=True)
@@ -62,36 +69,44 @@ def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
     return found
 
 
+def _record(name: str, size: int, mtime: int) -> bytes:
+    return os.fsencode(name) + f"\t{size}\t{mtime}".encode() + b"\0"
+
+
 def digest(manifest: Manifest) -> str:
-    """SHA-256 of the listing's lines in byte order, as the box computes it."""
-    lines = sorted(os.fsencode(f"{n}\t{size}\t{mtime}\n") for n, (size, mtime) in manifest.items())
-    return hashlib.sha256(b"".join(lines)).hexdigest()
+    """SHA-256 of the listing's records in byte order, as the box computes it."""
+    records = sorted(_record(n, size, mtime) for n, (size, mtime) in manifest.items())
+    return hashlib.sha256(b"".join(records)).hexdigest()
 
 
-def _listing(names: list[str] | None) -> str:
-    """A shell command printing `name<TAB>size<TAB>whole-second mtime` per file."""
+def _names_stdin(names: list[str]) -> bytes:
+    return b"".join(os.fsencode(name) + b"\0" for name in names)
+
+
+def _listing(machine: Machine, remote_root: str, names: list[str] | None, then: str = ""):
+    """Run the box's listing of remote_root (all files, or names), piped into then."""
+    listing = FIND_RECORDS if names is None else STAT_RECORDS
+    command = f"cd {shlex.quote(remote_root)} 2>/dev/null || exit 0; {listing}{then}"
     if names is None:
-        return "find . -type f -printf '%P\\t%s\\t%T@\\n' | sed 's/\\.[0-9]*$//'"
-    return ("stat --printf '%n\\t%s\\t%Y\\n' -- " + " ".join(shlex.quote(n) for n in names)
-            + " 2>/dev/null")
+        command = "set -o pipefail; " + command  # (stat fails on a missing name: that is news)
+    return machine.run(command, stdin=None if names is None else _names_stdin(names))
 
 
 def remote_manifest(machine: Machine, remote_root: str, names: list[str] | None = None) -> Manifest:
     """The same listing from the box, in one command however many files there are."""
-    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null && {_listing(names)}")
     found: Manifest = {}
-    for line in done.stdout.splitlines():
-        name, size, mtime = line.rsplit("\t", 2)
-        found[name] = (int(size), int(mtime))
+    for record in _listing(machine, remote_root, names).stdout.split("\0"):
+        if record:
+            name, size, mtime = record.rsplit("\t", 2)
+            found[name] = (int(size), int(mtime))
     return found
 
 
 def remote_digest(machine: Machine, remote_root: str, names: list[str] | None = None) -> str | None:
     """The box's listing digest (None if there is no copy): 64 bytes back, not the listing."""
-    done = machine.run(f"cd {shlex.quote(remote_root)} 2>/dev/null || exit 0; set -o pipefail; "
-                       f"{_listing(names)} | LC_ALL=C sort | sha256sum")
-    if done.exit_code != 0 and names is None:  # (stat fails on a missing name: that is news)
-        raise DlboxError(f"could not list the dataset's copy on the box: "
+    done = _listing(machine, remote_root, names, " | LC_ALL=C sort -z | sha256sum")
+    if done.exit_code != 0:
+        raise DlboxError("could not list the dataset's copy on the box: "
                          f"{done.stderr.strip() or 'find, sort or sha256sum failed'}")
     return done.stdout.split()[0] if done.stdout.strip() else None
 
@@ -131,8 +146,11 @@ def _sync(machine: Machine, local: Path, root: Path, remote_root: str, names: li
     todo = sorted(n for n, meta in mine.items() if theirs.get(n) != meta)
     extra = sorted(n for n in theirs if n not in mine)
     if extra:  # files deleted locally since the last sync: the copy must be exact
-        machine.run(f"cd {shlex.quote(remote_root)} && rm -f -- "
-                    + " ".join(shlex.quote(n) for n in extra))
+        removed = machine.run(f"cd {shlex.quote(remote_root)} && xargs -0 -r rm -f --",
+                              stdin=_names_stdin(extra))
+        if removed.exit_code != 0:
+            raise DlboxError(f"could not delete {len(extra)} stale file(s) of the copy on the "
+                             f"box: {removed.stderr.strip().splitlines()[0] if removed.stderr else '?'}")
     total = sum(mine[n][0] for n in todo)
     sent = 0
 

@@ -115,8 +115,11 @@ def dlbox(project, *args: str, env_drop: tuple = ()):
                           timeout=CLI_TIMEOUT_S)
 
 
-def _state(directory: Path) -> dict:
-    return json.loads((directory / ".dlbox" / "state.json").read_text())["box"]
+def _state(directory: Path) -> dict | None:
+    """The project's one recorded box, or None."""
+    boxes = json.loads((directory / ".dlbox" / "state.json").read_text())["boxes"]
+    assert len(boxes) <= 1, boxes
+    return boxes[0] if boxes else None
 
 
 def _instances(ec2, states=("pending", "running")) -> list[dict]:
@@ -142,7 +145,7 @@ def test_up_status_down(project, aws, sshd):
     assert f"is up at 127.0.0.1:{sshd.port}" in up.stdout
     assert stat.S_IMODE(os.stat(box["key_path"]).st_mode) == 0o600
     ssh_config = (directory / ".dlbox" / "ssh_config").read_text()
-    assert "HostName 127.0.0.1" in ssh_config and "StrictHostKeyChecking accept-new" in ssh_config
+    assert "HostName 127.0.0.1" in ssh_config and "StrictHostKeyChecking yes" in ssh_config
     group = aws.describe_security_groups(GroupIds=[box["security_group_id"]])["SecurityGroups"][0]
     assert [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]] \
         == [(sshd.port, [f"{CALLER_IP}/32"])]

@@ -10,7 +10,7 @@ import pytest
 
 from infra import aws, prices
 from infra.errors import CredentialsError, InfraError
-from orchestrator import config, keys, netwait, runs
+from orchestrator import config, follow, keys, netwait
 from orchestrator.errors import DlboxError, UsageError
 from tests.sshd import free_port
 
@@ -90,25 +90,25 @@ def test_ssh_is_never_opened_to_wide_networks(cidr):
 
 
 def test_the_live_bar_shows_epoch_steps_metrics_and_the_runs_eta():
-    view = runs.bar_view({"state": "running", "phase": "fine-tuning", "epoch": 3, "epochs": 20,
+    view = follow.bar_view({"state": "running", "phase": "fine-tuning", "epoch": 3, "epochs": 20,
                           "stage": "validate", "step": 57, "steps": 63, "eta_seconds": 252.0,
                           "metrics": {"loss": 0.41234, "accuracy": 0.8012, "lr": 1e-5}})
-    assert view == runs.BarView(label="fine-tuning epoch 3/20 (validating)", step=57, steps=63,
+    assert view == follow.BarView(label="fine-tuning epoch 3/20 (validating)", step=57, steps=63,
                                 metrics="loss 0.4123 acc 0.8012", eta_seconds=252.0)
-    caching = runs.bar_view({"state": "running", "phase": "caching", "step": 10, "steps": 2000})
+    caching = follow.bar_view({"state": "running", "phase": "caching", "step": 10, "steps": 2000})
     assert (caching.label, caching.step, caching.steps, caching.metrics) == (
         "caching images", 10, 2000, "")
-    evaluating = runs.bar_view({"state": "running", "phase": "evaluating", "step": 63, "steps": 63})
+    evaluating = follow.bar_view({"state": "running", "phase": "evaluating", "step": 63, "steps": 63})
     assert (evaluating.label, evaluating.step, evaluating.steps) == ("evaluating", 0, None)
-    assert runs.bar_view({"state": "done", "phase": "evaluating"}) is None
-    assert runs.bar_view({}) is None
+    assert follow.bar_view({"state": "done", "phase": "evaluating"}) is None
+    assert follow.bar_view({}) is None
 
 
 def test_the_box_digests_a_listing_exactly_as_dlbox_does(tmp_path):
     """find | sed | sort | sha256sum on the box and sync.digest here must agree, or every
     unchanged dataset would be listed in full (and a changed one missed)."""
     from orchestrator import sync
-    from orchestrator.machines import LocalMachine
+    from orchestrator.localmachine import LocalMachine
 
     root = tmp_path / "data"
     for name in ("a", "a.b", "a b", "ab", "é.jpg", "sub/a", "sub/z/9.jpg"):

@@ -21,6 +21,12 @@ def dlbox(cwd: Path, *args: str):
                           timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+def _target(sshd, known_hosts: Path):
+    from orchestrator.sshtarget import SshTarget
+
+    return SshTarget(sshd.host, sshd.port, sshd.user, str(sshd.client_key), str(known_hosts))
+
+
 @pytest.fixture()
 def ssh_up(tmp_path, sshd):
     project, remote = tmp_path / "proj", tmp_path / "remote"
@@ -97,7 +103,8 @@ def test_ssh_user_errors(tmp_path, sshd):
 def test_console_fingerprints_decide_whether_a_new_host_key_is_pinned(tmp_path, sshd):
     """EC2 prints its host keys' fingerprints on the console: a different key is refused."""
     from orchestrator.errors import DlboxError
-    from orchestrator.machines import SshMachine, console_fingerprints
+    from orchestrator.hostkeys import console_fingerprints
+    from orchestrator.sshmachine import SshMachine
 
     keygen = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f",
                              str(sshd.client_key.parent / "host_ed25519.pub")],
@@ -109,11 +116,11 @@ def test_console_fingerprints_decide_whether_a_new_host_key_is_pinned(tmp_path, 
     assert console_fingerprints("booting...\n") == set()
     forged = {"SHA256:" + "A" * 43}
     with pytest.raises(DlboxError, match="does not list"):
-        SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh1",
-                   pin_new_host=True, expected_fingerprints=forged).run("true")
+        SshMachine(_target(sshd, tmp_path / "kh1"), pin_new_host=True,
+                   expected_fingerprints=forged).run("true")
     assert (tmp_path / "kh1").read_text() == ""  # nothing pinned
-    machine = SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key), tmp_path / "kh2",
-                         pin_new_host=True, expected_fingerprints={real})
+    machine = SshMachine(_target(sshd, tmp_path / "kh2"), pin_new_host=True,
+                         expected_fingerprints={real})
     assert machine.run("echo ok").stdout.strip() == "ok"
     machine.close()
     assert sshd.host_public_key.split()[1] in (tmp_path / "kh2").read_text()
@@ -134,7 +141,7 @@ def test_up_ssh_builds_the_box_venv_once_then_reuses_it(tmp_path, sshd):
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"dlbox-env: built {remote}/env" in first.stdout
     assert "0 GPU(s)" in first.stdout and "warning: TensorFlow sees no GPU" in first.stdout
-    box = json.loads((project / ".dlbox" / "state.json").read_text())["box"]
+    [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
     assert box["python"] == f"{remote}/env/bin/python"
     again = dlbox(project, *args)
     assert again.returncode == 0, again.stderr
@@ -151,12 +158,11 @@ def test_sync_sends_only_what_differs_and_resumes_a_half_sent_copy(tmp_path, ssh
     import shutil
 
     from orchestrator import sync
-    from orchestrator.machines import SshMachine
+    from orchestrator.sshmachine import SshMachine
 
     data = tmp_path / "data"
     shutil.copytree(small_sample, data)
-    machine = SshMachine(sshd.host, sshd.port, sshd.user, str(sshd.client_key),
-                         tmp_path / "known_hosts", pin_new_host=True)
+    machine = SshMachine(_target(sshd, tmp_path / "known_hosts"), pin_new_host=True)
     workdir = str(tmp_path / "box")
     try:
         first = sync.sync(machine, data, workdir)

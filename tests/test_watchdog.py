@@ -9,7 +9,7 @@ import time
 import pytest
 
 from orchestrator.config import Config
-from orchestrator.ec2box import user_data
+from orchestrator.ec2up import user_data
 from orchestrator.render import render
 
 UNUSED_PORT = 1  # no SSH session can be established on it here
@@ -18,7 +18,8 @@ UNUSED_PORT = 1  # no SSH session can be established on it here
 def _watchdog(tmp_path, idle_s: int, lifetime_s: int):
     script = tmp_path / "dlbox-watchdog"
     script.write_text(render(
-        "watchdog.sh.j2", state_dir=str(tmp_path / "state"), idle_seconds=idle_s,
+        "watchdog.sh.j2", state_dir=str(tmp_path / "state"), registry=str(tmp_path / "active"),
+        idle_seconds=idle_s,
         max_lifetime_seconds=lifetime_s, ssh_port=UNUSED_PORT,
         poweroff_command=f"touch {tmp_path / 'powered-off'}",
     ))
@@ -49,22 +50,42 @@ def test_idle_box_powers_off_after_the_limit(tmp_path):
 
 
 @pytest.fixture()
-def trainer_like_process():
-    """A process whose command line looks like a dlbox run (`... -m trainer ...`)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "trainer"])
+def registered_run(tmp_path):
+    """A live process announced in the run registry, as run.sh announces itself."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / "active").mkdir()
+    (tmp_path / "active" / "20261129-120000-scratch.pid").write_text(f"{proc.pid}\n")
     yield proc
     proc.kill()
     proc.wait()
 
 
-def test_a_running_training_keeps_the_box_alive(tmp_path, trainer_like_process):
+def test_a_trainer_elsewhere_on_the_machine_does_not_count(tmp_path):
+    """Only runs in the registry count: a `python -m trainer` of someone else (or of another
+    test) does not keep the box up, and a registered run that ended does not either."""
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m",
+                                  "trainer"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (tmp_path / "active").mkdir()
+    (tmp_path / "active" / "old.pid").write_text(f"{ended.pid}\n")
+    (tmp_path / "active" / "junk.pid").write_text("not a pid; rm -rf /\n")
+    try:
+        run = _watchdog(tmp_path, idle_s=60, lifetime_s=0)
+        assert run(born_ago=3600, active_ago=61)
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+
+
+def test_a_running_training_keeps_the_box_alive(tmp_path, registered_run):
     run = _watchdog(tmp_path, idle_s=60, lifetime_s=0)
     assert not run(born_ago=3600, active_ago=600)
     last = int((tmp_path / "state" / "last-active").read_text())
     assert abs(last - time.time()) < 5  # activity moved the idle clock
 
 
-def test_maximum_lifetime_wins_even_when_busy(tmp_path, trainer_like_process):
+def test_maximum_lifetime_wins_even_when_busy(tmp_path, registered_run):
     run = _watchdog(tmp_path, idle_s=60, lifetime_s=120)
     assert not run(born_ago=100)
     assert run(born_ago=121)
@@ -83,5 +104,6 @@ def test_user_data_installs_the_rendered_watchdog_and_timer():
     assert "SSH_PORT=2222" in text
     assert "systemctl enable --now dlbox-watchdog.timer" in text
     assert "OnUnitActiveSec=1min" in text
+    assert "chmod 1777 /var/lib/dlbox/active" in text and "REGISTRY=/var/lib/dlbox/active" in text
     result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,237 @@
+"""`dlbox up` on EC2: reuse the project's instance or launch one, wait for SSH, prepare it.
+
+After run_instances answers, every path ends in one of two states, and says which: the box
+recorded in .dlbox/state.json (usable by `dlbox up` and `dlbox down`), or the instance
+terminated, verified, because it never became usable.
+"""
+
+from __future__ import annotations
+
+import getpass
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import config, environment, keys, myip, netwait, sshtarget, state
+from .boxes import Box, Say, UpFlags
+from .ec2box import (
+    BOX_STATE_DIR_ON_BOX,
+    RUNS_REGISTRY_ON_BOX,
+    TERMINATE_TIMEOUT_S,
+    Ec2Box,
+    clients,
+    forget,
+    project_name,
+    ssm_client,
+)
+from .errors import DlboxError, UsageError
+from .render import render
+from .sshmachine import SshMachine
+
+RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
+BOOTING_CONNECT_DEADLINE_S = 60  # sshd answers before cloud-init is done: handshakes may drop
+
+
+def user_data(cfg: config.Config) -> str:
+    """The cloud-init script: installs the watchdog timer."""
+    watchdog = render(
+        "watchdog.sh.j2", state_dir=BOX_STATE_DIR_ON_BOX, registry=RUNS_REGISTRY_ON_BOX,
+        idle_seconds=cfg.idle_minutes * 60, max_lifetime_seconds=cfg.max_lifetime_minutes * 60,
+        ssh_port=cfg.ssh_port, poweroff_command="systemctl poweroff",
+    )
+    return render("user_data.sh.j2", state_dir=BOX_STATE_DIR_ON_BOX, registry=RUNS_REGISTRY_ON_BOX,
+                  watchdog=watchdog.rstrip())
+
+
+def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2Box:
+    """Reuse the project's box if it lives, else launch one; return it once it can train.
+
+    Local checks come first (dlbox.toml, region, credentials), then the network.
+    """
+    cfg = config.load(project_dir, region=flags.region, profile=flags.profile,
+                      instance_types=flags.instance_type, spot=flags.spot, disk_gb=flags.disk_gb,
+                      idle_minutes=flags.idle_minutes,
+                      max_lifetime_minutes=flags.max_lifetime_minutes, ssh_cidr=flags.ssh_cidr,
+                      ssh_user=flags.ssh_user, ssh_key=flags.ssh_key, ami=flags.ami,
+                      python=flags.python, box_workdir=flags.workdir)
+    if existing is not None and existing.region != cfg.region:
+        raise UsageError(f"this project's box is in {existing.region}; `dlbox down` first to "
+                         f"start one in {cfg.region}")
+    ec2 = clients(cfg.region, cfg.profile)
+    if existing is not None:
+        live = _live_instance(ec2, existing)
+        if live is not None:
+            from infra import network
+
+            say(f"reusing box {existing.name} ({live.instance_id}, {live.state})")
+            # Your address may have changed since the box was launched: open SSH to today's.
+            network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
+                                          cfg.ssh_cidr or myip.public_cidr(), existing.ssh_port,
+                                          _tags(project_dir))
+            return _ready(project_dir, ec2, replace(existing, instance_id=live.instance_id), cfg,
+                          say, launched_now=False)
+        say(f"box {existing.name} is gone; launching a new one")
+        forget(project_dir, ec2, existing)
+    return _launch(project_dir, cfg, ec2, say)
+
+
+def _live_instance(ec2, box: Ec2Box):
+    """The box's instance if it is pending or running: by id, else by its tags."""
+    from infra import instances
+
+    found = instances.describe(ec2, box.instance_id) if box.instance_id else None
+    if found is None:
+        tagged = instances.find(ec2, box=box.name)
+        found = tagged[0] if tagged else None
+    if found is not None and found.state in ("pending", "running"):
+        return found
+    return None
+
+
+def _tags(project_dir: Path) -> dict[str, str]:
+    from infra.models import TAG_OWNER, TAG_PROJECT
+
+    return {TAG_PROJECT: project_name(project_dir), TAG_OWNER: getpass.getuser()}
+
+
+def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
+    from infra import ami, instances, network
+    from infra.errors import InfraError
+    from infra.models import LaunchSpec
+    from infra.prices import AwsPrices
+
+    project = project_name(project_dir)
+    name = f"dlbox-{project}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    cidr = cfg.ssh_cidr or myip.public_cidr()
+    image = ami.resolve(ec2, ssm_client(cfg.region, cfg.profile), cfg.ami)
+    say(f"AMI {image.image_id} ({image.name or image.source})")
+    if cfg.ssh_key:
+        key_path, public_key = keys.own(cfg.ssh_key)
+    else:
+        key_path, public_key = keys.ensure(state.ensure_dir(project_dir) / "keys")
+    tags = _tags(project_dir)
+    key_name = f"dlbox-{project}-{keys.fingerprint(public_key)}"
+    network.ensure_key_pair(ec2, key_name, public_key, tags)
+    try:
+        group_id, _ = network.ensure_security_group(ec2, f"dlbox-{project}", cidr, cfg.ssh_port, tags)
+    except InfraError:
+        network.delete_key_pair(ec2, key_name)
+        raise
+    say(f"SSH open to {cidr} only (security group {group_id})")
+    box = Ec2Box(
+        name=name, region=cfg.region, profile=cfg.profile, key_name=key_name,
+        key_path=str(key_path.resolve()), security_group_id=group_id,
+        ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
+        idle_minutes=cfg.idle_minutes, max_lifetime_minutes=cfg.max_lifetime_minutes,
+    )
+    state.put(project_dir, box)  # before launching: `down` can find the box by its tag
+    spec = LaunchSpec(
+        box=name, project=project, owner=getpass.getuser(), image=image,
+        instance_types=cfg.instance_types, spot=cfg.spot, spot_fallback=cfg.spot_fallback,
+        key_name=key_name, security_group_id=group_id, disk_gb=cfg.disk_gb,
+        user_data=user_data(cfg), iam_instance_profile=cfg.iam_instance_profile,
+    )
+
+    def record(instance_id: str) -> None:
+        nonlocal box
+        box = replace(box, instance_id=instance_id)
+        state.put(project_dir, box)
+
+    try:
+        launched = instances.launch(ec2, spec, on_launched=record)
+    except BaseException as exc:
+        if box.instance_id is not None:
+            return _give_up(project_dir, ec2, box, launched_now=True)
+        if isinstance(exc, InfraError):  # nothing runs: remove the key and group we made
+            forget(project_dir, ec2, box)
+        raise
+    try:
+        for attempt in launched.attempts[:-1]:
+            say(f"no {attempt.market} {attempt.instance_type} in {attempt.zone} "
+                f"({attempt.outcome}); trying the next")
+        inst = launched.instance
+        usd = AwsPrices(ec2).hourly(inst.instance_type, inst.zone, inst.spot)
+        box = replace(box, instance_type=inst.instance_type, zone=inst.zone, spot=inst.spot,
+                      usd_per_hour=usd)
+        state.put(project_dir, box)
+        market = "spot" if inst.spot else "on-demand"
+        price = f"${usd:.3f}/h" if usd is not None else "price unknown"
+        say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
+    except BaseException:
+        return _give_up(project_dir, ec2, box, launched_now=True)
+    return _ready(project_dir, ec2, box, cfg, say, launched_now=True)
+
+
+def _ready(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say,
+           launched_now: bool) -> Ec2Box:
+    """Wait for running, an SSH banner and a first login that prepares the box."""
+    from infra import instances
+
+    try:
+        inst = instances.wait_running(ec2, box.instance_id, RUNNING_TIMEOUT_S)
+        if not inst.public_ip:
+            raise DlboxError(f"{inst.instance_id} has no public IP; the default subnet must "
+                             "assign public addresses")
+        box = replace(box, host=inst.public_ip)
+        state.put(project_dir, box)
+        banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
+        box = _log_in(project_dir, ec2, box, cfg, say)
+        sshtarget.write_config(state.state_dir(project_dir), box.ssh_target(project_dir))
+    except BaseException:
+        return _give_up(project_dir, ec2, box, launched_now)
+    say(f"box {box.name} is up at {box.host}:{box.ssh_port} ({banner}); "
+        f"`dlbox ssh` or `ssh -F .dlbox/ssh_config {sshtarget.SSH_HOST_ALIAS}`")
+    return box
+
+
+def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -> Ec2Box:
+    """First SSH login: pin the host key (checked against the console's fingerprints when
+    the console shows them), make dlbox's folder, check the Python that will train."""
+    from infra import instances
+
+    from .hostkeys import console_fingerprints
+
+    expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
+    machine = SshMachine(box.ssh_target(project_dir), pin_new_host=True,
+                         expected_fingerprints=expected or None,
+                         connect_deadline_s=BOOTING_CONNECT_DEADLINE_S)
+    try:
+        box = replace(box, workdir=environment.make_workdir(machine, cfg.box_workdir, box.label))
+        python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
+                                                    say, cfg.box_requirements, cfg.pip_args)
+        say(f"box Python: {versions}")
+        box = replace(box, python=python)
+    finally:
+        machine.close()
+    say("host key " + ("checked against the console output and " if expected else "")
+        + f"pinned in .dlbox/{state.KNOWN_HOSTS_FILE}")
+    state.put(project_dir, box)
+    return box
+
+
+def _give_up(project_dir: Path, ec2, box: Ec2Box, launched_now: bool):
+    """Called from an except block after run_instances: end in one of the two states, say which.
+
+    Ctrl-C, or a box that was already up: it stays recorded. A box launched now that
+    failed to become usable: terminated, verified. Always raises.
+    """
+    import sys
+
+    from infra import instances
+    from infra.errors import InfraError
+
+    exc = sys.exc_info()[1]
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc  # the CLI says the box is recorded: `dlbox up` resumes, `dlbox down` ends it
+    why = str(exc) if isinstance(exc, DlboxError | InfraError) else f"{type(exc).__name__}: {exc}"
+    if not launched_now:
+        raise DlboxError(f"{why}; {box.instance_id} stays up and recorded: `dlbox up` tries "
+                         "again, `dlbox down` terminates it") from exc
+    try:
+        instances.terminate(ec2, [box.instance_id], TERMINATE_TIMEOUT_S)
+        forget(project_dir, ec2, box)
+    except Exception as failed:
+        raise DlboxError(f"{box.instance_id} never became usable ({why}), and terminating it "
+                         f"failed too ({failed}); it stays recorded: run `dlbox down`") from exc
+    raise DlboxError(f"{box.instance_id} never became usable ({why}); it was terminated "
+                     "(verified) and nothing of it is left running") from exc

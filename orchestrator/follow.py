@@ -1,0 +1,169 @@
+"""Following a run: one command per poll brings status, history, new log lines and the exit
+status; phases, finished epochs and the trainer's warnings are shown as they happen."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import re
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import DlboxError
+from .machine import Machine
+from .runs import STATUS_POLL_S, Run, read_json
+
+START_TIMEOUT_S = 120  # until the trainer's first status.json
+LOG_CHUNK_BYTES = 1 << 20  # of train.log per poll, at most
+MAX_WARNINGS_SHOWN = 20  # per follow; the rest are in `dlbox logs`
+POLLED = ("status.json", "history.csv", "exit_code")
+LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>WARNING|ERROR|CRITICAL) (?P<message>.*)$")
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one poll saw of a run on the box (None: the file is not there)."""
+
+    status: dict | None
+    history: list[dict]
+    exit_code: int | None
+    log: bytes  # train.log from the offset asked for
+
+
+def poll_command(remote_dir: str, log_offset: int) -> str:
+    """A command printing each polled file, then train.log from log_offset, one base64 line
+    each ("-" for a missing file): one round trip, binary-safe, however the files change."""
+    files = " ".join(POLLED)
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 3; "
+            f'for f in {files}; do if [ -e "$f" ]; then base64 -w0 < "$f"; else printf -; fi; '
+            f"echo; done; tail -c +{log_offset + 1} train.log 2>/dev/null | "
+            f"head -c {LOG_CHUNK_BYTES} | base64 -w0; echo")
+
+
+def poll(machine: Machine, run: Run, log_offset: int = 0) -> Snapshot:
+    done = machine.run(poll_command(run.remote_dir, log_offset))
+    lines = done.stdout.split("\n")
+    if done.exit_code != 0 or len(lines) < len(POLLED) + 1:
+        raise DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "
+                         "(deleted, or the box was replaced); what was pulled is in runs/")
+    raw = [None if line == "-" else base64.b64decode(line) for line in lines[:len(POLLED)]]
+    status, history, exit_code = raw
+    return Snapshot(status=read_json(status), history=_history(history),
+                    exit_code=int(exit_code.strip() or 1) if exit_code is not None else None,
+                    log=base64.b64decode(lines[len(POLLED)]))
+
+
+def read_log(machine: Machine, run: Run, offset: int) -> tuple[bytes, bool]:
+    """(train.log from offset, whether the run has ended) in one round trip."""
+    snapshot = poll(machine, run, offset)
+    return snapshot.log, snapshot.exit_code is not None
+
+
+def _history(raw: bytes | None) -> list[dict]:
+    if not raw:
+        return []
+    return list(csv.DictReader(io.StringIO(raw.decode(errors="replace"))))
+
+
+@dataclass(frozen=True)
+class BarView:
+    """What a live progress bar shows of the trainer's status.json."""
+
+    label: str  # "training epoch 3/20", "caching images"...
+    step: int
+    steps: int | None  # None: no count to show (evaluating, starting)
+    metrics: str  # "loss 0.4123 acc 0.8012" while an epoch runs
+    eta_seconds: float | None  # the whole run's, by the trainer's estimate
+
+
+def bar_view(status: dict) -> BarView | None:
+    """The bar for a status.json, or None when there is nothing live to show."""
+    if not status or status.get("state", "running") != "running":
+        return None
+    phase = status.get("phase") or "starting"
+    counted = phase in ("training", "fine-tuning", "caching", "predicting")
+    steps = (status.get("steps") or None) if counted else None  # others keep stale counts
+    metrics = ""
+    if phase in ("training", "fine-tuning"):
+        label = f"{phase} epoch {status.get('epoch', 0)}/{status.get('epochs', 0)}"
+        if status.get("stage") == "validate":
+            label += " (validating)"
+        live = status.get("metrics") or {}
+        metrics = " ".join(f"{short} {live[key]:.4f}" for key, short in
+                           (("loss", "loss"), ("accuracy", "acc")) if key in live)
+    else:
+        label = {"caching": "caching images", "predicting": "predicting test images"}.get(phase,
+                                                                                          phase)
+    return BarView(label=label, step=int(status.get("step") or 0) if steps else 0, steps=steps,
+                   metrics=metrics, eta_seconds=status.get("eta_seconds"))
+
+
+class _Warnings:
+    """The trainer's warnings from new bytes of train.log, complete lines only."""
+
+    def __init__(self, say: Say) -> None:
+        self.say, self.offset, self.shown, self._partial = say, 0, 0, b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            match = LOG_LINE.match(line.decode(errors="replace"))
+            if match is None or match["level"] != "WARNING":
+                continue  # errors come once, as the run's last words
+            self.shown += 1
+            if self.shown <= MAX_WARNINGS_SHOWN:
+                self.say(f"warning: {match['message']}")
+            elif self.shown == MAX_WARNINGS_SHOWN + 1:
+                self.say("warning: more warnings in the run's log (`dlbox logs`)")
+
+
+def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
+           on_status: Callable[[dict], None] | None = None) -> int:
+    """Print each phase, each finished epoch and each warning until the run ends; return its
+    exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
+    gets every status.json read (for a live bar)."""
+    phase, epochs_shown = None, 0
+    warnings = _Warnings(say)
+    started = time.monotonic()
+    while True:
+        snap = poll(machine, run, warnings.offset)
+        warnings.feed(snap.log)
+        status = snap.status or {}
+        if on_status is not None:
+            on_status(status)
+        for row in snap.history[epochs_shown:]:  # before the phase line: the epochs came first
+            say(_epoch_line(row, status.get("epochs") or len(snap.history)))
+        epochs_shown = max(epochs_shown, len(snap.history))
+        if status.get("phase") not in (None, phase, "training", "fine-tuning"):
+            say(f"{status['phase']}...")
+        phase = status.get("phase", phase)
+        if snap.exit_code is not None:
+            if snap.log and len(snap.log) == LOG_CHUNK_BYTES:
+                continue  # more of the log to show first
+            if snap.exit_code != 0:
+                error = _last_line(machine.read(f"{run.remote_dir}/stdout.log")) \
+                    or status.get("error")
+                if error:
+                    (err or say)(error)
+            return snap.exit_code
+        if not status and time.monotonic() - started > START_TIMEOUT_S:
+            raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "
+                             f"see {run.remote_dir}/stdout.log on the box")
+        sleep(STATUS_POLL_S)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"{row['phase']} epoch {row['epoch']}/{epochs}: loss {float(row['loss']):.4f} "
+            f"acc {float(row['accuracy']):.4f} val_loss {float(row['val_loss']):.4f} "
+            f"val_acc {float(row['val_accuracy']):.4f} ({float(row['seconds']):.0f} s, "
+            f"{float(row['images_per_second']):.0f} img/s)")
+
+
+def _last_line(raw: bytes | None) -> str | None:
+    lines = raw.decode(errors="replace").strip().splitlines() if raw else []
+    return lines[-1] if lines else None

@@ -1,0 +1,66 @@
+"""The local box: this machine, with runs under .dlbox/local-box and datasets used in place."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from . import environment, state
+from .boxes import Box, DownFlags, Say, UpFlags
+from .localmachine import LocalMachine
+from .machine import Machine
+from .sshtarget import SshTarget
+
+LOCAL_WORKDIR = "local-box"
+
+
+@dataclass(frozen=True)
+class LocalBox:
+    """This machine as the box: runs live under workdir, the trainer runs with python."""
+
+    name: str
+    workdir: str
+    python: str
+    kind: str = "local"
+
+    DESCRIPTION: ClassVar[str] = "the local box"
+    UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"local", "python"})
+    DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset()
+    hourly_usd: ClassVar[None] = None
+
+    @classmethod
+    def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> LocalBox:
+        """Use this machine as the box; check its Python can train."""
+        interpreter = flags.python or (existing.python if existing else None) or sys.executable
+        versions = environment.check_python(LocalMachine(), interpreter)
+        workdir = state.ensure_dir(project_dir).resolve() / LOCAL_WORKDIR
+        workdir.mkdir(exist_ok=True)
+        box = cls(name="local", workdir=str(workdir), python=interpreter)
+        state.put(project_dir, box)
+        say(f"local box ready: {interpreter} ({versions}); runs in {workdir}")
+        return box
+
+    @property
+    def label(self) -> str:
+        return "the local box"
+
+    def machine(self, project_dir: Path) -> Machine:
+        return LocalMachine()
+
+    def ssh_target(self, project_dir: Path) -> SshTarget | None:
+        return None
+
+    def runs_registry(self) -> str:
+        return f"{self.workdir}/active"
+
+    def status(self, project_dir: Path) -> list[tuple[str, str]]:
+        return [("box", "local (this machine)"), ("python", self.python), ("runs in", self.workdir)]
+
+    def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
+        """Remove the box's work dir (runs' results are already in runs/) and forget it."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        state.remove(project_dir, self.name)
+        say(f"local box removed ({self.workdir})")

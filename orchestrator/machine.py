@@ -1,0 +1,66 @@
+"""Where runs happen, behind one small interface: this machine, or one reached over SSH.
+
+A machine runs shell commands, reads small files, writes files, streams folders in and
+fetches results out. Commands are data (strings from templates); the machine only carries
+them, so run logic is the same on every kind of box.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+COMMAND_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command left behind (bytes that are not UTF-8 kept as surrogates, as os.fsdecode)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def decode(raw: bytes) -> str:
+    """Command output as text; file names with odd bytes survive the round trip (os.fsencode)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def shell_path(path: str) -> str:
+    """path quoted for the box's shell, with a leading ~ still meaning the box user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+class Machine(Protocol):
+    """The operations a run needs from its box."""
+
+    same_filesystem: bool  # True: the box sees this machine's files (datasets are used in place)
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
+            stdin: bytes | None = None) -> Result: ...
+
+    def read(self, path: str) -> bytes | None: ...
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
+
+    def upload(self, root: Path, names: list[str], remote_dir: str,
+               progress: Callable[[int], None] | None = None,
+               sizes: dict[str, int] | None = None) -> None: ...
+
+    def upload_tree(self, local: Path, remote_dir: str) -> None: ...
+
+    def prepare_upload(self, remote_dir: str) -> None: ...
+
+    def discard_prepared(self) -> None: ...
+
+    def fetch(self, path: str, local: Path) -> None: ...
+
+    def close(self) -> None: ...
