@@ -38,14 +38,23 @@ def banner(host: str, port: int) -> bytes:
         return b""
 
 
-def start(directory: Path, env: dict[str, str] | None = None) -> Sshd:
-    """Start sshd; env is set in every session (as a box's own /etc/environment would)."""
+def _keygen(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".pub").unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+def start(directory: Path, env: dict[str, str] | None = None, port: int | None = None) -> Sshd:
+    """Start sshd; env is set in every session (as a box's own /etc/environment would).
+
+    Keys already in directory are kept (a restart is the same server); port: a given one."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("host_ed25519", "client_ed25519"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
-                       check=True)
-    (directory / "authorized_keys").write_text((directory / "client_ed25519.pub").read_text())
-    port, user = free_port(), getpass.getuser()
+        if not (directory / name).exists():
+            _keygen(directory / name)
+    if not (directory / "authorized_keys").exists():
+        (directory / "authorized_keys").write_text((directory / "client_ed25519.pub").read_text())
+    port, user = port or free_port(), getpass.getuser()
     config = directory / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {directory / 'host_ed25519'}",
@@ -71,3 +80,19 @@ def start(directory: Path, env: dict[str, str] | None = None) -> Sshd:
 def stop(server: Sshd) -> None:
     server.proc.terminate()
     server.proc.wait(timeout=10)
+
+
+def restart(server: Sshd, new_host_key: bool = False) -> Sshd:
+    """The same server stopped and started on its port (with a new host key if asked: a
+    rebuilt box, or someone in the middle)."""
+    stop(server)
+    directory = server.client_key.parent
+    if new_host_key:
+        _keygen(directory / "host_ed25519")
+    return start(directory, port=server.port)
+
+
+def authorize(server: Sshd, public_key: str) -> None:
+    """Let public_key log in too (as cloud-init installs an EC2 key pair)."""
+    path = server.client_key.parent / "authorized_keys"
+    path.write_text(path.read_text() + public_key.strip() + "\n")

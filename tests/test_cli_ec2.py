@@ -19,7 +19,9 @@ import boto3
 import pytest
 
 from tests import awsfakes
+from tests import sshd as sshd_mod
 from tests.sshd import free_port
+from tests.tcpproxy import Proxy
 
 CALLER_IP = "203.0.113.7"
 CLI_TIMEOUT_S = 120
@@ -108,9 +110,9 @@ def project(tmp_path, sshd, aws, moto_url, ip_lookup_url, box_settings):
         authorized.write_text(original)
 
 
-def dlbox(project, *args: str, env_drop: tuple = ()):
+def dlbox(project, *args: str, env_drop: tuple = (), env_set: dict | None = None):
     directory, env = project
-    env = {k: v for k, v in env.items() if k not in env_drop}
+    env = {k: v for k, v in env.items() if k not in env_drop} | (env_set or {})
     return subprocess.run([DLBOX, *args], cwd=directory, env=env, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S)
 
@@ -332,3 +334,140 @@ def test_train_through_ec2_then_down_after(project, aws, small_sample):
     assert "box terminated" in train.stdout
     assert _instances(aws) == []  # --down-after stopped the bill once the results were safe
     assert _state(directory) is None
+
+
+def _use_port(directory: Path, port: int) -> None:
+    """Point the project's EC2 boxes (moto's instances are 127.0.0.1) at another SSH port."""
+    toml = directory / "dlbox.toml"
+    toml.write_text("\n".join(f"ssh_port = {port}" if line.startswith("ssh_port") else line
+                              for line in toml.read_text().splitlines()) + "\n")
+
+
+def test_a_dropped_first_handshake_is_tried_again(project, aws, sshd):
+    """sshd answers before the box is ready and drops the first handshakes: `up` goes on."""
+    directory, _ = project
+    proxy = Proxy(sshd.host, sshd.port)
+    proxy.drop_handshakes = 3  # the banner wait, then two logins cut after the banner
+    _use_port(directory, proxy.port)
+    try:
+        up = dlbox(project, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert proxy.drop_handshakes == 0 and proxy.connections > 3
+        box = _state(directory)
+        assert box["python"] and [i["InstanceId"] for i in _instances(aws)] == [box["instance_id"]]
+    finally:
+        assert dlbox(project, "down").returncode == 0
+        proxy.close()
+    assert _instances(aws) == []
+
+
+def test_a_box_that_never_becomes_usable_is_terminated_and_says_so(project, aws, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")],
+                   check=True)  # a key the box does not accept
+    result = dlbox(project, "up", "--ssh-key", str(tmp_path / "other"))
+    _one_line_error(result, 1, "never became usable", "refused the key", "terminated (verified)")
+    assert _instances(aws) == []
+    assert len(_instances(aws, ["terminated"])) == 1
+    assert _state(project[0]) is None
+    assert aws.describe_key_pairs()["KeyPairs"] == []
+    assert [g["GroupName"] for g in aws.describe_security_groups()["SecurityGroups"]] == ["default"]
+
+
+@pytest.mark.slow
+def test_a_handshake_that_always_drops_ends_in_a_terminated_box(project, aws, sshd):
+    """Every login cut short (EOF in the handshake): one line, and nothing left running."""
+    directory, _ = project
+    proxy = Proxy(sshd.host, sshd.port)
+    proxy.drop_handshakes = 10**6
+    _use_port(directory, proxy.port)
+    try:
+        result = dlbox(project, "up")
+    finally:
+        proxy.close()
+    _one_line_error(result, 1, "never became usable", f"127.0.0.1:{proxy.port}",
+                    "terminated (verified)")
+    assert "Aborted" not in result.stdout + result.stderr
+    assert _instances(aws) == [] and _state(directory) is None
+
+
+def test_local_checks_come_before_the_network(project, aws):
+    """Offline and without credentials: the message is about the credentials."""
+    dead = f"http://127.0.0.1:{free_port()}/"
+    result = dlbox(project, "up", env_drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+                   env_set={"DLBOX_IP_LOOKUP_URL": dead})
+    _one_line_error(result, 1, "no AWS credentials")
+    bad_region = dlbox(project, "up", "--region", "xx-nowhere-9", env_set={"DLBOX_IP_LOOKUP_URL": dead})
+    _one_line_error(bad_region, 1, "unknown AWS region")
+    assert _instances(aws) == []
+
+
+def test_ssh_logins_accept_only_the_key_dlbox_pinned(project, aws, tmp_path):
+    """ssh -F .dlbox/ssh_config, `dlbox ssh` and dlbox's own commands all refuse a box that
+    now shows another host key (rebuilt, or someone in the middle)."""
+    from orchestrator import keys
+
+    directory, _ = project
+    server = sshd_mod.start(tmp_path / "box")
+    try:
+        sshd_mod.authorize(server, keys.ensure(directory / ".dlbox" / "keys")[1])
+        _use_port(directory, server.port)
+        assert dlbox(project, "up").returncode == 0
+        config = directory / ".dlbox" / "ssh_config"
+        ssh = ["ssh", "-F", str(config), "-o", "BatchMode=yes", "dlbox"]
+        first = subprocess.run([*ssh, "echo", "hello"], capture_output=True, text=True, timeout=30)
+        assert (first.returncode, first.stdout.strip()) == (0, "hello"), first.stderr
+        own = dlbox(project, "ssh", "--", "echo", "from dlbox ssh")
+        assert (own.returncode, own.stdout.strip()) == (0, "from dlbox ssh"), own.stderr
+        pinned = (directory / ".dlbox" / "known_hosts").read_text()
+
+        server = sshd_mod.restart(server, new_host_key=True)
+        again = subprocess.run([*ssh, "true"], capture_output=True, text=True, timeout=30)
+        assert again.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in again.stderr
+        refused = dlbox(project, "ssh", "--", "true")
+        assert refused.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+        _one_line_error(dlbox(project, "train", "scratch", "--data", str(tmp_path)), 1, "CHANGED")
+        assert (directory / ".dlbox" / "known_hosts").read_text() == pinned  # nothing trusted
+    finally:
+        sshd_mod.stop(server)
+        assert dlbox(project, "down").returncode == 0
+
+
+def test_every_command_on_every_kind_does_its_job_or_says_one_line(project, aws, sshd, tmp_path):
+    directory, _ = project
+    on_ssh = ["up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
+              str(sshd.client_key), "--python", sys.executable, "--workdir", str(tmp_path / "remote")]
+    _one_line_error(dlbox(project, "up", "--local", "--spot"), 2, "--spot is for EC2 boxes")
+    _one_line_error(dlbox(project, "up", *on_ssh[1:], "--region", "eu-west-1"), 2,
+                    "--region is for EC2 boxes")
+    _one_line_error(dlbox(project, "up", "--local", "--key", "k"), 2, "--key is for SSH boxes")
+    _one_line_error(dlbox(project, "ssh"), 2, "no box is up")
+    _one_line_error(dlbox(project, "train", "scratch", "--data", "."), 2, "no box is up")
+
+    assert dlbox(project, "up", "--local").returncode == 0
+    _one_line_error(dlbox(project, "up"), 2, "the local box", "dlbox down")
+    _one_line_error(dlbox(project, *on_ssh), 2, "the local box", "dlbox down")
+    _one_line_error(dlbox(project, "ssh"), 2, "this machine")
+    _one_line_error(dlbox(project, "down", "--purge"), 2, "--purge does not apply to the local box")
+    local = dlbox(project, "status")
+    assert local.returncode == 0 and "local (this machine)" in local.stdout
+    assert dlbox(project, "down").returncode == 0
+
+    assert dlbox(project, *on_ssh).returncode == 0
+    _one_line_error(dlbox(project, "up"), 2, "the SSH box", "dlbox down")
+    _one_line_error(dlbox(project, "up", "--local"), 2, "the SSH box")
+    hello = dlbox(project, "ssh", "echo", "hello")
+    assert (hello.returncode, hello.stdout.strip()) == (0, "hello"), hello.stderr
+    remote = dlbox(project, "status")
+    assert remote.returncode == 0 and f"ssh {sshd.user}@127.0.0.1:{sshd.port}" in remote.stdout
+    _one_line_error(dlbox(project, "down", "--profile", "p"), 2, "--profile does not apply")
+    assert dlbox(project, "down").returncode == 0
+
+    assert dlbox(project, "up").returncode == 0
+    _one_line_error(dlbox(project, "up", "--local"), 2, "the EC2 box")
+    _one_line_error(dlbox(project, *on_ssh), 2, "the EC2 box")
+    _one_line_error(dlbox(project, "down", "--purge"), 2, "--purge does not apply to the EC2 box")
+    hello = dlbox(project, "ssh", "echo", "hello")
+    assert (hello.returncode, hello.stdout.strip()) == (0, "hello"), hello.stderr
+    assert dlbox(project, "status").returncode == 0
+    assert dlbox(project, "down").returncode == 0
+    assert _instances(aws) == [] and _state(directory) is None

@@ -224,3 +224,59 @@ def test_a_disk_that_fills_while_training_is_exit_74_and_one_line(tmp_path, sshd
     [run] = [p for p in (project / "runs").iterdir() if p.is_dir()]
     assert json.loads((run / "run.json").read_text())["status"] == "failed"  # recorded, logs pulled
     assert "no space left" in (run / "train.log").read_text()
+
+
+def test_sync_deletes_20000_files_without_one_long_command(tmp_path, sshd):
+    """Files deleted here are deleted there with their names on stdin: no command line,
+    however many (one `rm` with 20,000 names broke the SSH channel)."""
+    from orchestrator import sync
+    from orchestrator.sshmachine import SshMachine
+
+    data = tmp_path / "many"
+    (data / "train").mkdir(parents=True)
+    for n in range(20_000):
+        (data / "train" / f"cat.{n}.jpg").write_bytes(b"x")
+    machine = SshMachine(_target(sshd, tmp_path / "known_hosts"), pin_new_host=True)
+    try:
+        first = sync.sync(machine, data, str(tmp_path / "box"))
+        assert first.sent_files == 20_000
+        for n in range(1, 20_000):
+            (data / "train" / f"cat.{n}.jpg").unlink()
+        second = sync.sync(machine, data, str(tmp_path / "box"))
+        assert (second.removed_files, second.sent_files) == (19_999, 0)
+        assert os.listdir(Path(second.remote_path) / "train") == ["cat.0.jpg"]
+    finally:
+        machine.close()
+
+
+ODD_NAMES = ["new\nline.jpg", "tab\there.jpg", "space d.jpg", "-leading-dash.jpg", "quote'\".jpg",
+             "$(touch PWNED).jpg", "; rm -rf x.jpg", "ünïcødé.jpg", "\\back.jpg", "*.jpg"]
+
+
+def test_sync_keeps_names_with_odd_bytes_exact(tmp_path, sshd):
+    """Names with newlines, shell syntax, non-UTF-8 bytes: copied exactly, nothing executed,
+    and a second sync sends nothing."""
+    from orchestrator import sync
+    from orchestrator.sshmachine import SshMachine
+
+    data = tmp_path / "odd"
+    (data / "train").mkdir(parents=True)
+    names = [*ODD_NAMES, os.fsdecode(b"latin1-\xe9t\xe9.jpg")]
+    for i, name in enumerate(names):
+        (data / "train" / name).write_bytes(f"image {i}".encode())
+    machine = SshMachine(_target(sshd, tmp_path / "known_hosts"), pin_new_host=True)
+    workdir = tmp_path / "box"
+    try:
+        first = sync.sync(machine, data, str(workdir))
+        assert first.sent_files == len(names)
+        copy = Path(first.remote_path) / "train"
+        assert sorted(os.listdir(os.fsencode(copy))) == sorted(os.fsencode(n) for n in names)
+        for i, name in enumerate(names):
+            assert (copy / name).read_bytes() == f"image {i}".encode()
+        assert sync.sync(machine, data, str(workdir)).sent_files == 0
+        (data / "train" / names[0]).unlink()
+        assert sync.sync(machine, data, str(workdir)).removed_files == 1
+        assert not (copy / names[0]).exists()
+    finally:
+        machine.close()
+    assert not list(tmp_path.rglob("PWNED"))

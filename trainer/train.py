@@ -70,6 +70,9 @@ def setup_devices() -> Devices:
     )
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    elif gpus:
+        log.warning("a GPU older than compute capability %d.%d: no mixed precision (slower)",
+                    *MIXED_PRECISION_MIN_CC)
     if len(gpus) > 1:
         strategy = tf.distribute.MirroredStrategy()
     elif cpu_replicas > 1:
@@ -130,6 +133,9 @@ def _image_cache(o: Options, out: Path, paths: list[str], hb: Heartbeat,
         o.cache == "auto" and not pipeline.cache_fits_in_memory(n, o.img_size)
     )
     npy = ok_path = None
+    if on_disk and o.cache == "auto":
+        log.warning("%d decoded images do not fit in half the free memory: caching them on disk "
+                    "(slower; --cache memory to insist)", n)
     if on_disk:
         key = _files_key(paths, o.img_size)
         npy = out / "cache" / f"images-{o.img_size}px-{key}.npy"
@@ -226,8 +232,9 @@ def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
     """Run (or continue) every epoch of every phase; return the final checkpoint state."""
     ckpt = Checkpoints(out / "checkpoints")
     state = (ckpt.load_for_resume(o.as_dict()) if o.resume else None) or ResumeState(o.as_dict())
-    if state.completed:
-        log.info("resuming after epoch %d of %d", state.completed, o.total_epochs)
+    if state.completed:  # a warning: whoever follows the run should see it was resumed
+        log.warning("resuming after epoch %d of %d from the run's checkpoint", state.completed,
+                    o.total_epochs)
     # Weights, shuffling and augmentation; a resumed run does not replay epoch 1's order.
     keras.utils.set_random_seed(o.seed + state.completed)
     replicas = devices.strategy.num_replicas_in_sync

@@ -1,0 +1,90 @@
+"""A TCP proxy on loopback in front of a server, with network faults to order: handshakes
+cut after the server's first bytes, every open connection dropped at once."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+CHUNK_BYTES = 65536
+
+
+class Proxy:
+    """Relays 127.0.0.1:port to target; faults are set by the test between or during steps."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.drop_handshakes = 0  # the next N connections end after the server's first bytes
+        self.refuse = False  # accept, then close at once
+        self.silent = False  # accept, then never relay a byte (a peer that never speaks)
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self.connections += 1
+                cut_early = self.drop_handshakes > 0
+                self.drop_handshakes -= cut_early
+            threading.Thread(target=self._serve, args=(client, cut_early), daemon=True).start()
+
+    def _serve(self, client: socket.socket, cut_early: bool) -> None:
+        if self.refuse:
+            client.close()
+            return
+        with self._lock:
+            self._open.append(client)
+        if self.silent:
+            return  # held open, never answered, until cut() or close()
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._open.append(upstream)
+        if cut_early:
+            with contextlib.suppress(OSError):
+                client.sendall(upstream.recv(CHUNK_BYTES))  # the banner, then nothing
+            for sock in (client, upstream):
+                self._close(sock)
+            return
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(CHUNK_BYTES):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        with self._lock, contextlib.suppress(ValueError):
+            self._open.remove(sock)
+
+    def cut(self) -> int:
+        """Drop every open connection now (a link that went down); how many there were."""
+        with self._lock:
+            victims = list(self._open)
+        for sock in victims:
+            self._close(sock)
+        return len(victims)
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
