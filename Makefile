@@ -1,13 +1,20 @@
 # dlbox developer entry points. Every target sets up .venv/ first (once, and again when
-# pyproject.toml changes), so `make demo` and `make test` work on a fresh machine.
+# pyproject.toml changes), so `make demo` and `make test` work on a fresh machine: the
+# system packages they need (python3-venv; for the tests the OpenSSH server, rsync,
+# chromium) are installed by tests/system-deps.sh as root or with passwordless sudo, and
+# otherwise it stops at once with the one command to run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := .demo/data
+SYSTEM_DEPS := bash tests/system-deps.sh
+GOAL := make $(or $(MAKECMDGOALS),venv)
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast test-deps lint bench clean
+.NOTPARALLEL:  # prerequisites in order: system packages are checked before anything runs
 
 $(STAMP): pyproject.toml
+	@$(SYSTEM_DEPS) venv '$(GOAL)'
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,dev]'
@@ -23,12 +30,16 @@ demo: $(STAMP)
 		--patience 4; status=$$?; $(VENV)/bin/dlbox down; exit $$status
 
 ## test: lint, then the whole suite (what CI runs)
-test: $(STAMP) lint
+test: test-deps $(STAMP) lint
 	$(PY) -m pytest
 
 ## test-fast: skip the slow end-to-end tests while iterating
-test-fast: $(STAMP)
+test-fast: test-deps $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# what the suite drives: sshd and ssh on loopback, rsync, chromium and chromedriver
+test-deps:
+	@$(SYSTEM_DEPS) suite '$(GOAL)'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
