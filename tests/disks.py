@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+# For the tests that use small_disk: they run wherever root is (CI), and are reported as
+# skipped, with this reason, elsewhere.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root (CI runs as root)")
 
 
 @contextlib.contextmanager
