@@ -16,12 +16,14 @@ TRAINER_TIMEOUT_S = 300
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch):
-    """Keep the developer's cloud credentials and TF noise out of every test."""
+def _isolated_env(monkeypatch, tmp_path_factory):
+    """Keep the developer's cloud credentials, TF noise and ~/.cache out of every test
+    (the trainer extracts zips under $XDG_CACHE_HOME/dlbox/extracted by default)."""
     for name in list(os.environ):
         if name.startswith(("AWS_", "KAGGLE_", "DLBOX_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 @pytest.fixture(scope="session")
