@@ -152,8 +152,11 @@ class Terminal:
         main, child = pty.openpty()
         # A wide terminal, so rich draws the whole bar on one line.
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+        # Its own process group, SIGINT at its default: Ctrl-C reaches it as from a shell.
         self.proc = subprocess.Popen(args, cwd=cwd, stdin=child, stdout=child, stderr=child,
-                                     env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
+                                     env={**os.environ, "TERM": "xterm", "COLUMNS": "200"},
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(child)
         self._main, self._chunks = main, []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -173,6 +176,19 @@ class Terminal:
     def text(self) -> str:
         """What was written so far, less colours and cursor movements."""
         return ANSI_CONTROL.sub("", b"".join(self._chunks).decode(errors="replace"))
+
+    def ctrl_c(self) -> None:
+        """What the terminal does on Ctrl-C: SIGINT to the whole foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait_for(self, pattern: str, deadline_s: float = CLI_TIMEOUT_S) -> re.Match:
+        deadline = time.monotonic() + deadline_s
+        while not (match := re.search(pattern, self.text)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"no {pattern!r} in: {self.text}")
+            time.sleep(POLL_S)
+        return match
 
     def wait(self) -> int:
         code = self.proc.wait(timeout=CLI_TIMEOUT_S)
@@ -227,3 +243,40 @@ def test_corrupt_zip_comes_back_as_one_clear_line(tmp_path):
     assert "corrupt zip archive" in result.stderr or "not a readable zip" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert dlbox(tmp_path, "down").returncode == 0
+
+
+@pytest.mark.slow
+def test_warnings_live_then_ctrl_c_detaches_then_logs_follow_and_attach(tmp_path):
+    """The trainer's warnings appear while it runs; Ctrl-C on a terminal detaches (the run
+    goes on); `logs -f` prints the whole log to its last line; `attach` pulls the results."""
+    from orchestrator.sample import generate
+
+    data = tmp_path / "data"
+    generate(data, 300, test_n=0, bad=True, seed=3)  # four files that cannot be decoded
+    project = tmp_path / "proj"
+    project.mkdir()
+    assert dlbox(project, "up", "--local").returncode == 0
+    term = Terminal([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "8",
+                     "--patience", "0", "--img-size", "32"], cwd=project)
+    term.wait_for(r"training epoch 1/8: loss")
+    text = term.text
+    assert text.count("warning: skipped") == 4, text
+    assert text.index("warning: skipped") < text.index("training epoch 1/8: loss")  # live
+    term.ctrl_c()
+    assert term.wait() == 0
+    [run] = _run_dirs(project)
+    assert f"detached; run {run.name} goes on" in term.text
+    assert "Traceback" not in term.text
+
+    logs = subprocess.run([DLBOX, "logs", "-f", run.name], cwd=project, capture_output=True,
+                          timeout=CLI_TIMEOUT_S)
+    assert logs.returncode == 0, logs.stderr
+    on_box = (project / ".dlbox" / "local-box" / "runs" / run.name / "train.log").read_bytes()
+    assert logs.stdout == on_box  # every line, the last ones too
+    assert b"done: val_accuracy" in on_box.splitlines()[-1]
+
+    attach = dlbox(project, "attach", run.name)
+    assert attach.returncode == 0, attach.stdout + attach.stderr
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 8
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+    assert dlbox(project, "down").returncode == 0

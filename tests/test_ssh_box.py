@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,98 @@ def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"{small_sample.name}: already on the box (205 files, verified)" in again.stdout
 
+    assert (run / "report.html").stat().st_size > 0
+    listing = dlbox(project, "runs")
+    rows = [line.split("\t") for line in listing.stdout.splitlines()]
+    assert rows[0][:3] == ["run", "model", "status"]
+    assert [r[:3] for r in rows[1:]] == [[p.name, "scratch", "done"] for p in _runs(project)]
+
     down = dlbox(project, "down", "--purge")
     assert down.returncode == 0, down.stderr
     assert not remote.exists()
     assert (run / "model.keras").exists()
+
+
+def _runs(project: Path) -> list[Path]:
+    return sorted(p for p in (project / "runs").iterdir() if p.is_dir())
+
+
+def _kaggle_sized_zip(path: Path, entries: int) -> None:
+    """train.zip with Kaggle's 20,000-ish entries: tiny JPEGs (two looks), cat.N and dog.N."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    looks = []
+    for colour in ((200, 120, 40), (40, 90, 200)):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), colour).save(buf, "JPEG")
+        looks.append(buf.getvalue())
+    with zipfile.ZipFile(path, "w") as zf:
+        for n in range(entries):
+            label = ("cat", "dog")[n % 2]
+            zf.writestr(f"train/{label}.{n // 2}.jpg", looks[n % 2])
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_zip_folder_sends_nothing_and_trains(ssh_up, tmp_path):
+    """The trainer never writes inside the synced copy: the next sync finds it exact."""
+    project, remote = ssh_up
+    data = tmp_path / "kaggle"
+    data.mkdir()
+    _kaggle_sized_zip(data / "train.zip", 20_000)
+    args = ["train", "scratch", "--data", str(data), "--epochs", "1", "--img-size", "32",
+            "--limit", "200"]
+    first = dlbox(project, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"{data.name}: sent 1 of 1 files" in first.stdout
+    [copy] = (remote / "data").iterdir()
+    assert sorted(p.name for p in copy.rglob("*")) == ["kaggle", "train.zip"]  # untouched
+    [extracted] = (remote / "extracted").iterdir()
+    assert len(list((extracted / "train").iterdir())) == 20_000
+
+    second = dlbox(project, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{data.name}: already on the box (1 files, verified)" in second.stdout
+    assert [p.name for p in (remote / "extracted").iterdir()] == [extracted.name]  # reused
+    assert "Traceback" not in first.stderr + second.stderr
+
+
+@pytest.mark.slow
+def test_a_dropped_link_while_following_is_one_line_and_attach_finishes(tmp_path, sshd,
+                                                                        small_sample):
+    """The SSH link goes down mid-run: `train` says so in one line and exits; the run goes
+    on on the box; `attach` follows it again and pulls the results."""
+    from tests.tcpproxy import Proxy
+
+    proxy = Proxy(sshd.host, sshd.port)
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    project.mkdir()
+    try:
+        up = dlbox(project, "up", "--ssh", f"{sshd.user}@127.0.0.1:{proxy.port}", "--key",
+                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+        assert up.returncode == 0, up.stderr
+        train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
+                                  "--epochs", "6", "--patience", "0", "--img-size", "32"],
+                                 cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not list((remote / "runs").glob("*/history.csv")):
+            assert train.poll() is None and time.monotonic() < deadline, train.communicate()
+            time.sleep(0.1)
+        assert proxy.cut() > 0  # the link goes down; the box and its run do not
+        out, err = train.communicate(timeout=CLI_TIMEOUT_S)
+        assert train.returncode == 1, out + err
+        [run] = _runs(project)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "lost the SSH connection" in err and f"dlbox attach {run.name}" in err
+
+        attach = dlbox(project, "attach", run.name)
+        assert attach.returncode == 0, attach.stdout + attach.stderr
+        assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 6
+    finally:
+        proxy.close()
 
 
 def test_changed_host_key_is_refused(ssh_up, sshd, tmp_path):
