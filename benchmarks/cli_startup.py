@@ -7,13 +7,12 @@ Usage: python benchmarks/cli_startup.py [--repeats 15]
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,39 +21,88 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 BIN = Path(sys.executable).parent
 TARGET_HELP_RATIO = 1.5
+CALLER_CIDR = "203.0.113.7/32"  # stands for the caller's public IP: no lookup over the network
+SETUP_TIMEOUT_S = 120
 
 
-def fake_ssh_server() -> int:
-    """A port that answers with an SSH banner, enough for `dlbox up` to call the box ready."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        while True:
-            conn, _ = server.accept()
-            conn.sendall(b"SSH-2.0-benchmark\r\n")
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return server.getsockname()[1]
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float | None = None) -> None:
+    """Run cmd; if it fails, print its stderr and exit 1 (the finally blocks still clean up)."""
+    try:
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        fail(f"{' '.join(cmd)} did not finish in {timeout:.0f} s:\n{(stderr or '').rstrip()}")
+    if result.returncode != 0:
+        fail(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr.rstrip()}")
 
 
-def box_in_moto(project: Path) -> dict:
-    """Start moto's server, bring a box up in it with `dlbox up`; return the env to reach it."""
+def fail(message: str) -> None:
+    print(message, file=sys.stderr)
+    raise SystemExit(1)
+
+
+def write_project(project: Path, box, workdir: Path) -> None:
+    """dlbox.toml for a "box" that is the loopback sshd, which accepts the project's key (as
+    cloud-init makes an EC2 instance accept its key pair); this interpreter has TensorFlow,
+    so `up` builds no venv on it."""
+    from orchestrator import keys
+
+    (project / "dlbox.toml").write_text(
+        f"python = {sys.executable!r}\nssh_port = {box.port}\nssh_user = {box.user!r}\n"
+        f"ssh_cidr = {CALLER_CIDR!r}\nbox_workdir = {str(workdir)!r}\n")
+    _, public = keys.ensure(project / ".dlbox" / "keys")
+    authorized = box.client_key.parent / "authorized_keys"
+    authorized.write_text(authorized.read_text() + public + "\n")
+
+
+def measure(tmp: Path, repeats: int) -> dict[str, list[float]]:
+    """Start moto's server and a loopback sshd, `dlbox up` a box (EC2 in moto, SSH to the
+    sshd), time the commands, `dlbox down`; moto and sshd are stopped whatever happens."""
     from moto.server import ThreadedMotoServer
 
     from tests import awsfakes
+    from tests import sshd as sshd_mod
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    awsfakes.install_dlami()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": awsfakes.REGION}
-    (project / "dlbox.toml").write_text(f"ssh_port = {fake_ssh_server()}\nssh_cidr = '203.0.113.7/32'\n")
-    with awsfakes.public_ip("127.0.0.1"):
-        subprocess.run([str(BIN / "dlbox"), "up"], cwd=project, env=env, check=True,
-                       capture_output=True)
-    return env
+    project = tmp / "project"
+    project.mkdir()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no line per request
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        awsfakes.install_dlami()
+        try:
+            box = sshd_mod.start(tmp / "sshd")
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:  # no sshd, ssh-keygen
+            fail(f"the loopback sshd did not start: {e}")
+        try:
+            write_project(project, box, tmp / "box")
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DLBOX_"))}
+            env.update({"HOME": str(tmp), "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": awsfakes.REGION,
+                        "AWS_CONFIG_FILE": str(tmp / "none"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "none")})
+            with awsfakes.public_ip("127.0.0.1"):
+                run([str(BIN / "dlbox"), "up"], project, env, SETUP_TIMEOUT_S)
+            commands = {
+                "python -c 'import typer'": [sys.executable, "-c", "import typer"],
+                "dlbox --help": [str(BIN / "dlbox"), "--help"],
+                "dlbox status (box in moto)": [str(BIN / "dlbox"), "status"],
+            }
+            times: dict[str, list[float]] = {name: [] for name in commands}
+            for _ in range(repeats):
+                for name, cmd in commands.items():
+                    start = time.perf_counter()
+                    run(cmd, project, env, SETUP_TIMEOUT_S)
+                    times[name].append(time.perf_counter() - start)
+            run([str(BIN / "dlbox"), "down"], project, env, SETUP_TIMEOUT_S)
+            return times
+        finally:
+            sshd_mod.stop(box)
+    finally:
+        moto.stop()
 
 
 def main() -> None:
@@ -62,21 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp)
-        env = box_in_moto(project)
-        commands = {
-            "python -c 'import typer'": [sys.executable, "-c", "import typer"],
-            "dlbox --help": [str(BIN / "dlbox"), "--help"],
-            "dlbox status (box in moto)": [str(BIN / "dlbox"), "status"],
-        }
-        times: dict[str, list[float]] = {name: [] for name in commands}
-        for _ in range(args.repeats):
-            for name, cmd in commands.items():
-                start = time.perf_counter()
-                subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
-                times[name].append(time.perf_counter() - start)
-        subprocess.run([str(BIN / "dlbox"), "down"], cwd=project, env=env, check=True,
-                       capture_output=True)
+        times = measure(Path(tmp), args.repeats)
     base = statistics.median(times["python -c 'import typer'"])
     print(f"median of {args.repeats} interleaved runs, {os.cpu_count()} CPUs")
     print(f"{'':30} {'ms':>7}  vs import typer")
