@@ -246,12 +246,14 @@ def pull(project_dir: Path, run: Run, machine: Machine) -> Path:
         raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
     for name, digest in remote_sums.items():
         tmp = local / f".{name}.part"
-        machine.fetch(f"{run.remote_dir}/{name}", tmp)
-        if _sha256(tmp) != digest:
-            tmp.unlink()
-            raise DlboxError(f"copy of {name} does not match the box's; run `dlbox pull "
-                             f"{run.run_id}`")
-        os.replace(tmp, local / name)
+        try:
+            machine.fetch(f"{run.remote_dir}/{name}", tmp)
+            if _sha256(tmp) != digest:
+                raise DlboxError(f"copy of {name} does not match the box's; run `dlbox pull "
+                                 f"{run.run_id}`")
+            os.replace(tmp, local / name)  # a file in runs/ is always a whole, verified one
+        finally:
+            tmp.unlink(missing_ok=True)
     return local
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from orchestrator.sample import generate
 
 REPO = Path(__file__).resolve().parents[1]
+CALLER_IP = "203.0.113.7"  # what the stand-in for checkip.amazonaws.com answers
 TRAINER_TIMEOUT_S = 300
 
 
@@ -65,3 +69,61 @@ def sshd(tmp_path_factory):
     server = sshd_mod.start(tmp_path_factory.mktemp("sshd"))
     yield server
     sshd_mod.stop(server)
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ip_lookup_url():
+    """A stand-in for checkip.amazonaws.com that answers the caller's public IP."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(f"{CALLER_IP}\n".encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+
+
+@pytest.fixture()
+def aws(moto_url, monkeypatch):
+    """A fresh moto account with a Deep Learning AMI, and boto3 clients on it."""
+    import boto3
+
+    from tests import awsfakes
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
+    awsfakes.install_dlami()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": moto_url}.items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("ec2", region_name=awsfakes.REGION)
+
+
+@pytest.fixture(scope="session")
+def box_settings(tmp_path_factory) -> str:
+    """dlbox.toml lines shared by the EC2 tests: one work dir on the "box" whose venv is
+    built once from offline stand-in wheels (tests/fakewheels.py), then reused."""
+    from tests import fakewheels
+
+    root = tmp_path_factory.mktemp("ec2box")
+    wheels = fakewheels.build_all(root / "wheels")
+    return (f"box_workdir = {str(root / 'remote')!r}\n"
+            'box_requirements = ["tensorflow", "keras"]\n'
+            f'pip_args = ["--no-index", "--find-links", {str(wheels)!r}]\n')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 import subprocess
 import time
@@ -64,7 +65,8 @@ def start(directory: Path, env: dict[str, str] | None = None, port: int | None =
         "Subsystem sftp internal-sftp",
         *([" ".join(["SetEnv", *(f"{k}={v}" for k, v in env.items())])] if env else []), "",
     ]))
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    if os.geteuid() == 0:  # root's sshd wants its privilege-separation folder; a user's does not
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     log = directory / "sshd.log"  # a file: a pipe nobody drains would stall sshd at 64 KiB
     proc = subprocess.Popen([SSHD, "-D", "-E", str(log), "-f", str(config)])
     deadline = time.monotonic() + SSHD_READY_TIMEOUT_S

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 CHUNK_BYTES = 65536
 
@@ -18,6 +19,7 @@ class Proxy:
         self.drop_handshakes = 0  # the next N connections end after the server's first bytes
         self.refuse = False  # accept, then close at once
         self.silent = False  # accept, then never relay a byte (a peer that never speaks)
+        self.rate_bytes_per_s: float | None = None  # a slow link (each direction of each connection)
         self.connections = 0
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -63,8 +65,11 @@ class Proxy:
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
-            while data := source.recv(CHUNK_BYTES):
+            while data := source.recv(CHUNK_BYTES if self.rate_bytes_per_s is None
+                                      else max(1024, int(self.rate_bytes_per_s / 20))):
                 sink.sendall(data)
+                if self.rate_bytes_per_s is not None:
+                    time.sleep(len(data) / self.rate_bytes_per_s)
         except OSError:
             pass
         for sock in (source, sink):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
@@ -10,77 +9,20 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 
 from tests import awsfakes
 from tests import sshd as sshd_mod
+from tests.conftest import CALLER_IP
 from tests.sshd import free_port
 from tests.tcpproxy import Proxy
 
-CALLER_IP = "203.0.113.7"
 CLI_TIMEOUT_S = 120
 POLL_S = 0.05
 DLBOX = str(Path(sys.executable).parent / "dlbox")
-
-
-@pytest.fixture(scope="session")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def ip_lookup_url():
-    """A stand-in for checkip.amazonaws.com that answers the caller's public IP."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(f"{CALLER_IP}\n".encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-
-
-@pytest.fixture()
-def aws(moto_url, monkeypatch):
-    """A fresh moto account with a Deep Learning AMI, and boto3 clients on it."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"))
-    awsfakes.install_dlami()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": moto_url}.items():
-        monkeypatch.setenv(key, value)
-    return boto3.client("ec2", region_name=awsfakes.REGION)
-
-
-@pytest.fixture(scope="session")
-def box_settings(tmp_path_factory) -> str:
-    """dlbox.toml lines shared by the EC2 tests: one work dir on the "box" whose venv is
-    built once from offline stand-in wheels (tests/fakewheels.py), then reused."""
-    from tests import fakewheels
-
-    root = tmp_path_factory.mktemp("ec2box")
-    wheels = fakewheels.build_all(root / "wheels")
-    return (f"box_workdir = {str(root / 'remote')!r}\n"
-            'box_requirements = ["tensorflow", "keras"]\n'
-            f'pip_args = ["--no-index", "--find-links", {str(wheels)!r}]\n')
 
 
 @pytest.fixture()

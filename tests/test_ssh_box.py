@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.disks import needs_root
 from tests.sshd import free_port
 
 DLBOX = str(Path(sys.executable).parent / "dlbox")
@@ -278,6 +279,7 @@ def test_sync_sends_only_what_differs_and_resumes_a_half_sent_copy(tmp_path, ssh
         machine.close()
 
 
+@needs_root
 def test_a_full_disk_on_the_box_is_one_clear_line(tmp_path, sshd, small_sample):
     from tests.disks import small_disk
 
@@ -294,6 +296,7 @@ def test_a_full_disk_on_the_box_is_one_clear_line(tmp_path, sshd, small_sample):
     assert not (project / "runs").exists() or not any((project / "runs").iterdir())
 
 
+@needs_root
 @pytest.mark.slow
 def test_a_disk_that_fills_while_training_is_exit_74_and_one_line(tmp_path, sshd, small_sample):
     from tests.disks import small_disk
