@@ -223,7 +223,8 @@ def train(
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
     from . import boxes, config, runs
 
-    with _errors():
+    with _errors("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
+                 "follows it"):
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
         box = _box(_project())
@@ -313,8 +314,8 @@ def _follow_and_finish(run, machine) -> int:
                    "and pulls its results")
         return 0
     except LostContact as exc:  # the run itself is detached and goes on
-        raise _fail(f"{exc}; run {run.run_id} goes on there: `dlbox attach {run.run_id}`",
-                    exc.exit_code) from None
+        raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach {run.run_id}` "
+                    "follows it again", exc.exit_code) from None
     with _errors():
         run = runs.finish(_project(), run, machine, code)
     machine.close()

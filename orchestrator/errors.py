@@ -20,3 +20,8 @@ class UsageError(DlboxError, ValueError):
 
 class LostContact(DlboxError, ConnectionError):
     """The box stopped answering (network, SSH): what runs there goes on."""
+
+    def __init__(self, reason: str,
+                 fix: str = "check the box is up (`dlbox status`), then run the command again"):
+        super().__init__(f"{reason}; {fix}")
+        self.reason = reason  # what happened, for callers that know a better fix

@@ -273,5 +273,5 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
 
 def _unreachable(target: SshTarget, exc: BaseException) -> LostContact:
     return LostContact(f"cannot reach {target.address} over SSH ({type(exc).__name__}: "
-                       f"{exc or 'connection closed'}); check that the box is up and the "
+                       f"{exc or 'connection closed'})", "check that the box is up and the "
                        "address and port are right")

@@ -127,8 +127,8 @@ def send(remote: subprocess.Popen, root: Path, names: list[str], where: str,
         # tar repeats its complaint for every file: the first line says it.
         first = (error or "\n".join(tar_errors) or "tar failed").splitlines()[0]
         if remote.returncode == SSH_EXIT_DISCONNECTED:
-            raise LostContact(f"the connection dropped while sending to {where} ({first}); what "
-                              "arrived is kept: run the command again to send the rest")
+            raise LostContact(f"the connection dropped while sending to {where} ({first})",
+                              "what arrived is kept: run the command again to send the rest")
         raise DlboxError(f"upload to {where} failed: {first}")
     if tar.stderr is not None and sent < size:
         progress(size - sent)  # the bytes since tar's last checkpoint
