@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orchestrator import sync  # noqa: E402
-from orchestrator.machines import SshMachine  # noqa: E402
 from orchestrator.sample import generate  # noqa: E402
+from orchestrator.sshmachine import SshMachine  # noqa: E402
+from orchestrator.sshtarget import SshTarget  # noqa: E402
 from tests import sshd as sshd_mod  # noqa: E402
 
 CHUNK = 65536
@@ -94,8 +95,8 @@ def compare(name: str, port: int, src: Path, work: Path, server, known_hosts: Pa
     shutil.copyfile(known_hosts, dlbox_known_hosts)
 
     def dlbox_sync() -> None:  # connecting is part of the time, as it is for rsync
-        machine = SshMachine("127.0.0.1", port, server.user, str(server.client_key),
-                             dlbox_known_hosts)
+        machine = SshMachine(SshTarget("127.0.0.1", port, server.user, str(server.client_key),
+                                       str(dlbox_known_hosts)))
         try:
             sync.sync(machine, src, str(work / "dlbox"))
         finally:

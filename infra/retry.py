@@ -19,8 +19,8 @@ def _policy(deadline_s: float, first_delay_s: float, max_delay_s: float, sleep) 
     return {
         # Never start a sleep that would end past the deadline.
         "stop": tenacity.stop_before_delay(deadline_s),
-        "wait": tenacity.wait_exponential_jitter(initial=first_delay_s, max=max_delay_s,
-                                                 jitter=first_delay_s),
+        "wait": (tenacity.wait_exponential(multiplier=first_delay_s, max=max_delay_s)
+                 + tenacity.wait_random(0, first_delay_s)),
         "sleep": sleep,
     }
 
