@@ -125,3 +125,49 @@ def test_the_box_digests_a_listing_exactly_as_dlbox_does(tmp_path):
     assert sync.remote_digest(machine, str(tmp_path / "nowhere")) is None
     (root / "sub" / "a").write_bytes(b"changed")
     assert sync.remote_digest(machine, str(root)) != sync.digest(mine)
+
+
+def test_state_of_another_dlbox_version_is_one_clear_line(tmp_path):
+    """An older state file is read (version 1 held one box, EC2 without a kind); a newer or
+    damaged one is a UsageError naming the fix, never a traceback."""
+    import json
+
+    from orchestrator import boxes, state
+
+    path = tmp_path / ".dlbox" / "state.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"version": 1, "box": {
+        "kind": "local", "name": "local", "workdir": "/w", "python": "/p"}}))
+    [box] = boxes.recorded(tmp_path)
+    assert (box.kind, box.workdir, box.label) == ("local", "/w", "the local box")
+    path.write_text(json.dumps({"version": 1, "box": None}))
+    assert boxes.current(tmp_path) is None
+    path.write_text(json.dumps({"version": 99, "boxes": []}))
+    with pytest.raises(UsageError, match="newer dlbox .*upgrade dlbox"):
+        state.records(tmp_path)
+    for damaged in ("{not json", '{"version": 2, "boxes": [{"kind": "ec2"}]}', "[]"):
+        path.write_text(damaged)
+        with pytest.raises(UsageError, match="is damaged"):
+            state.records(tmp_path)
+    path.write_text(json.dumps({"version": 2, "boxes": [{"kind": "quantum", "name": "q"}]}))
+    with pytest.raises(UsageError, match="does not know; upgrade dlbox"):
+        boxes.current(tmp_path)
+
+
+def test_state_keeps_several_boxes_and_replaces_by_name(tmp_path):
+    from orchestrator import boxes, state
+    from orchestrator.localbox import LocalBox
+    from orchestrator.sshbox import SshBox
+
+    local = LocalBox(name="local", workdir="/w", python="/p")
+    remote = SshBox(name="u@h:22", host="h", port=22, user="u", key_path="/k", workdir="/r",
+                    python="/py")
+    state.put(tmp_path, local)
+    state.put(tmp_path, remote)
+    state.put(tmp_path, LocalBox(name="local", workdir="/w2", python="/p"))
+    assert [(b.kind, b.workdir) for b in boxes.recorded(tmp_path)] == [("ssh", "/r"), ("local", "/w2")]
+    with pytest.raises(UsageError, match="records 2 boxes"):
+        boxes.current(tmp_path)
+    state.remove(tmp_path, "u@h:22")
+    assert boxes.current(tmp_path) == LocalBox(name="local", workdir="/w2", python="/p")
+    assert oct((tmp_path / ".dlbox" / "state.json").stat().st_mode & 0o777) == "0o600"
