@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shlex
 import socket
 import subprocess
@@ -24,8 +23,6 @@ SSH_CONNECT_DEADLINE_S = 15  # a dropped handshake is tried again, for this long
 SSH_CONNECT_FIRST_DELAY_S = 1.0
 SSH_CONNECT_MAX_DELAY_S = 8.0
 SFTP_TIMEOUT_S = 60  # one file operation; a silent peer is lost contact after this
-CHANNEL_POLL_S = 0.2
-READ_CHUNK_BYTES = 1 << 16
 UPLOAD_STREAMS = 4  # parallel tar streams (SSH connections) per upload on a far link
 NEAR_LINK_STREAMS = 1
 FAR_LINK_RTT_S = 0.02  # a command's round trip above this: a far link
@@ -80,7 +77,9 @@ class SshMachine:
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
-        """One command on a fresh channel of the open connection: bytes in, bytes out."""
+        """One command on a fresh channel of the open connection: bytes in, bytes out.
+
+        timeout bounds each wait for the box (silence longer than that is a timeout)."""
         with self._link(f"running {command.split()[0]}"):
             channel = self.conn.client.get_transport().open_session(
                 timeout=sshtarget.SSH_CONNECT_TIMEOUT_S)
@@ -90,11 +89,12 @@ class SshMachine:
                 if stdin:
                     channel.sendall(stdin)
                 channel.shutdown_write()
-                out, err = _collect(channel, time.monotonic() + timeout)
-                if out is None:
+                try:
+                    out, err = _collect(channel, timeout)
+                except TimeoutError:
                     raise DlboxError(f"a command on {self.target.host} took over {timeout:.0f} s: "
-                                     f"{command.split()[0]} ...")
-                return Result(channel.recv_exit_status(), decode(out), decode(err))
+                                     f"{command.split()[0]} ...") from None
+                return Result(channel.exit_status, decode(out), decode(err))
 
     def _sftp(self):
         sftp = self.conn.sftp()
@@ -188,21 +188,27 @@ class SshMachine:
             self._conn = None
 
 
-def _collect(channel, deadline: float) -> tuple[bytes | None, bytes]:
-    """stdout and stderr until the command exits (both drained: neither fills and stalls it);
-    (None, ...) past the deadline."""
-    out, err = bytearray(), bytearray()
-    while True:
-        while channel.recv_ready():
-            out += channel.recv(READ_CHUNK_BYTES)
-        while channel.recv_stderr_ready():
-            err += channel.recv_stderr(READ_CHUNK_BYTES)
-        if channel.exit_status_ready() and not channel.recv_ready() \
-                and not channel.recv_stderr_ready():
-            return bytes(out), bytes(err)  # the exit status follows all its data
-        if time.monotonic() > deadline:
-            return None, bytes(err)
-        select.select([channel], [], [], CHANNEL_POLL_S)
+def _collect(channel, timeout: float) -> tuple[bytes, bytes]:
+    """stdout and stderr to their end, both drained at once (neither fills and stalls the
+    command), then the exit status; socket.timeout if the box falls silent for timeout."""
+    err: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def drain_stderr() -> None:
+        try:
+            err.append(channel.makefile_stderr("rb").read())
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=drain_stderr, daemon=True)
+    reader.start()
+    out = channel.makefile("rb").read()
+    reader.join(timeout)
+    if errors:
+        raise errors[0]
+    if reader.is_alive() or not channel.status_event.wait(timeout):
+        raise TimeoutError("no exit status")
+    return out, err[0] if err else b""
 
 
 def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[str] | None,

@@ -24,7 +24,9 @@ Manifest = dict[str, tuple[int, int]]  # relative name -> (size in bytes, mtime 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # an empty folder's
 NS_PER_S = 1_000_000_000
 # One record per file: name TAB size TAB whole-second mtime NUL (find's %Ts and stat's %Y floor).
-FIND_RECORDS = "find . -type f -printf '%P\\t%s\\t%Ts\\0'"
+# TZ=UTC: %Ts goes through localtime(), which without TZ stats /etc/localtime for every file
+# (2.5x slower on 25,000 files); the epoch seconds are the same in any zone.
+FIND_RECORDS = "TZ=UTC find . -type f -printf '%P\\t%s\\t%Ts\\0'"
 STAT_RECORDS = "xargs -0 -r stat --printf '%n\\t%s\\t%Y\\0' -- 2>/dev/null"
 
 
