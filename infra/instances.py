@@ -116,8 +116,8 @@ def launch(ec2, spec: LaunchSpec, on_launched: Callable[[str], None]) -> Launche
                             raise
                         attempts.append(Attempt(instance_type, zone, market, code))
                         continue
+                on_launched(raw["Instances"][0]["InstanceId"])  # first: nothing may come between
                 instance = _instance(raw["Instances"][0])
-                on_launched(instance.instance_id)
                 attempts.append(Attempt(instance_type, zone, market, "launched"))
                 return Launched(instance, tuple(attempts))
     tried = "; ".join(f"{a.market} {a.instance_type} in {a.zone}: {a.outcome}" for a in attempts)
@@ -206,7 +206,9 @@ def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:
     def one_round() -> list[str]:
         for instance_id in list(pending):
             inst = describe(ec2, instance_id)
-            if inst is not None and inst.state not in ("shutting-down", "terminated"):
+            # Asked even when EC2 does not list the id yet (a launch seconds old may be
+            # unknown to DescribeInstances, not to TerminateInstances).
+            if inst is None or inst.state not in ("shutting-down", "terminated"):
                 with translated(f"terminate {instance_id}"):
                     try:
                         ec2.terminate_instances(InstanceIds=[instance_id])

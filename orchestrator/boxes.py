@@ -1,20 +1,21 @@
-"""Box kinds behind one interface: the protocol each kind implements, and the registry that
-turns a recorded kind back into its implementation. Commands look the kind up here, once."""
+"""Box kinds behind one interface: the protocol each kind implements, and their registry.
+
+The registry turns a recorded kind back into its implementation; commands look the kind
+up here, once, and never test what kind a box is.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 from . import state
 from .errors import UsageError
+from .humanize import Say
 from .machine import Machine
 from .sshtarget import SshTarget
-
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class UpFlags:
     ami: str | None = None
 
     def given(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        return _given(self)
 
     def flag(self, name: str) -> str:
         """The name on the command line, for messages."""
@@ -56,7 +57,17 @@ class DownFlags:
     profile: str | None = None
 
     def given(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        return _given(self)
+
+
+def _given(flags) -> list[str]:
+    """The flags that differ from their default (`--on-demand` is given, spot=False)."""
+    return [f.name for f in fields(flags) if getattr(flags, f.name) != f.default]
+
+
+def registry_in(workdir: str) -> str:
+    """Where runs announce themselves on a box that has no watchdog: under dlbox's folder."""
+    return f"{workdir}/active"
 
 
 class Box(Protocol):
@@ -67,6 +78,7 @@ class Box(Protocol):
     workdir: str | None  # dlbox's folder on the box (None until the box is ready)
     python: str | None  # the interpreter that trains there
     DESCRIPTION: ClassVar[str]  # "EC2 boxes", "the local box"...
+    INTERRUPTED_UP: ClassVar[str]  # what Ctrl-C during `up` leaves, and what to do
     UP_FLAGS: ClassVar[frozenset[str]]  # the `up` flags this kind takes
     DOWN_FLAGS: ClassVar[frozenset[str]]
 
@@ -87,6 +99,9 @@ class Box(Protocol):
 
     def ssh_target(self, project_dir: Path) -> SshTarget | None:
         """How to log in to the box over SSH (None: it is this machine)."""
+
+    def runs_registry(self) -> str:
+        """The folder on the box where each live run leaves its pid (the watchdog reads it)."""
 
     def status(self, project_dir: Path) -> list[tuple[str, str]]:
         """What `dlbox status` shows, as (what, value) rows, read from the box's owner."""

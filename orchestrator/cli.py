@@ -68,6 +68,10 @@ def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
         raise _fail(str(exc), exc.exit_code) from None
     except InfraError as exc:
         raise _fail(str(exc), EXIT_INFRA) from None
+    except OSError as exc:  # this machine's files: a full disk, a folder not writable
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise _fail(f"{where}{exc.strerror or exc}; free space or fix the permissions, then run "
+                    "the command again", EXIT_INFRA) from None
     except KeyboardInterrupt:
         typer.secho("dlbox: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""),
                     err=True, fg=typer.colors.YELLOW)
@@ -136,13 +140,13 @@ def up(
         profile=profile, instance_type=tuple(instance_type) if instance_type else None, spot=spot,
         disk_gb=disk_gb, idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,
         ssh_cidr=ssh_cidr, ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
-    with _errors("a box launched before the interrupt is recorded in .dlbox/state.json: "
-                 "`dlbox up` keeps waiting for it, `dlbox down` terminates it"):
+    with _errors():
         kind = boxes.kind_for_up(flags)
         existing = boxes.current(_project())
         if existing is not None and existing.kind != kind.kind:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first, then "
                              "`dlbox up` again")
+    with _errors(kind.INTERRUPTED_UP):
         kind.up(_project(), flags, existing, _say)
 
 
@@ -316,6 +320,8 @@ def _follow_and_finish(run, machine) -> int:
     except LostContact as exc:  # the run itself is detached and goes on
         raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach {run.run_id}` "
                     "follows it again", exc.exit_code) from None
+    except DlboxError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     with _errors():
         run = runs.finish(_project(), run, machine, code)
     machine.close()
@@ -400,7 +406,9 @@ def list_runs() -> None:
 
     header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost")
     rows = []
-    for run in runs.all_runs(_project()):
+    with _errors():
+        recorded = runs.all_runs(_project())
+    for run in recorded:
         metrics = runs.read_local_json(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
         rows.append((
             run.run_id, run.model, run.status,

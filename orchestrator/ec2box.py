@@ -49,6 +49,9 @@ class Ec2Box:
     kind: str = "ec2"
 
     DESCRIPTION: ClassVar[str] = "EC2 boxes"
+    INTERRUPTED_UP: ClassVar[str] = ("a box launched before the interrupt is recorded in "
+                                     ".dlbox/state.json: `dlbox up` keeps waiting for it, "
+                                     "`dlbox down` terminates it")
     UP_FLAGS: ClassVar[frozenset[str]] = EC2_UP_FLAGS
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"profile"})
 
@@ -70,7 +73,7 @@ class Ec2Box:
         if self.host is None:
             raise UsageError(f"{self.label} has no address yet; `dlbox up` waits for it")
         return SshTarget(self.host, self.ssh_port, self.ssh_user, self.key_path,
-                         str(state.state_dir(project_dir).resolve() / state.KNOWN_HOSTS_FILE))
+                         state.known_hosts(project_dir))
 
     def machine(self, project_dir: Path) -> Machine:
         if self.python is None or self.workdir is None:
@@ -136,7 +139,12 @@ class Ec2Box:
             raise DlboxError(f"{', '.join(still)} still running; run `dlbox down` again")
         for inst in launched:
             say(f"{inst.instance_id} terminated")
-        forget(project_dir, ec2, self)
+        try:
+            forget(project_dir, ec2, self)
+        except Exception as exc:
+            raise DlboxError(f"{', '.join(ids) or self.name} terminated (verified), but cleaning "
+                             f"up after it failed ({exc}); run `dlbox down` again to delete its "
+                             "key pair and group") from exc
         if launched:
             seconds = (datetime.now(timezone.utc) - launched[0].launch_time).total_seconds()
             total = cost(self.usd_per_hour, seconds)
@@ -170,11 +178,11 @@ def forget(project_dir: Path, ec2, box: Ec2Box) -> None:
 
     network.delete_security_group(ec2, box.security_group_id)
     network.delete_key_pair(ec2, box.key_name)
-    if box.host:
-        hostkeys.forget(state.state_dir(project_dir) / state.KNOWN_HOSTS_FILE,
-                        {box.host, f"[{box.host}]:{box.ssh_port}"})
+    if box.host:  # its address may go to another box tomorrow
+        target = box.ssh_target(project_dir)
+        hostkeys.forget(Path(target.known_hosts), {target.known_hosts_name})
     state.remove(project_dir, box.name)
-    (state.state_dir(project_dir) / sshtarget.SSH_CONFIG_FILE).unlink(missing_ok=True)
+    sshtarget.remove_config(state.state_dir(project_dir))
 
 
 def down_all(region: str, profile: str | None, say: Say) -> int:

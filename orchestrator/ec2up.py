@@ -11,13 +11,13 @@ import getpass
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from . import config, environment, keys, myip, netwait, sshtarget, state
-from .boxes import Box, Say, UpFlags
+from .boxes import Box, DownFlags, Say, UpFlags
 from .ec2box import (
     BOX_STATE_DIR_ON_BOX,
     RUNS_REGISTRY_ON_BOX,
-    TERMINATE_TIMEOUT_S,
     Ec2Box,
     clients,
     forget,
@@ -30,6 +30,10 @@ from .sshmachine import SshMachine
 
 RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
 BOOTING_CONNECT_DEADLINE_S = 60  # sshd answers before cloud-init is done: handshakes may drop
+CLOUD_INIT_TIMEOUT_S = 300  # the user data (watchdog, run registry) done before the first run
+# Waits for cloud-init where there is one (a DLAMI); elsewhere nothing to wait for.
+CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
+                   "cloud-init status --wait >/dev/null 2>&1; exit 0")
 
 
 def user_data(cfg: config.Config) -> str:
@@ -57,22 +61,30 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
     if existing is not None and existing.region != cfg.region:
         raise UsageError(f"this project's box is in {existing.region}; `dlbox down` first to "
                          f"start one in {cfg.region}")
-    ec2 = clients(cfg.region, cfg.profile)
+    # Paths OpenSSH cannot take are refused now, not after a launch.
+    sshtarget.check_paths(cfg.ssh_key or str(state.state_dir(project_dir) / "keys"),
+                          state.known_hosts(project_dir))
     if existing is not None:
+        # The account the box lives in, unless told otherwise: a plain `up` after
+        # `up --profile work` must find it, not launch a second one elsewhere.
+        ec2 = clients(cfg.region, flags.profile or existing.profile)
         live = _live_instance(ec2, existing)
         if live is not None:
-            from infra import network
-
             say(f"reusing box {existing.name} ({live.instance_id}, {live.state})")
-            # Your address may have changed since the box was launched: open SSH to today's.
-            network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
-                                          cfg.ssh_cidr or myip.public_cidr(), existing.ssh_port,
-                                          _tags(project_dir))
-            return _ready(project_dir, ec2, replace(existing, instance_id=live.instance_id), cfg,
-                          say, launched_now=False)
+            box = replace(existing, instance_id=live.instance_id)
+            try:
+                from infra import network
+
+                # Your address may have changed since the launch: open SSH to today's.
+                network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
+                                              cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
+                                              _tags(project_dir))
+            except BaseException:
+                _give_up(project_dir, box, launched_now=False, say=say)
+            return _ready(project_dir, ec2, box, cfg, say, launched_now=False)
         say(f"box {existing.name} is gone; launching a new one")
         forget(project_dir, ec2, existing)
-    return _launch(project_dir, cfg, ec2, say)
+    return _launch(project_dir, cfg, clients(cfg.region, cfg.profile), say)
 
 
 def _live_instance(ec2, box: Ec2Box):
@@ -141,9 +153,13 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
         launched = instances.launch(ec2, spec, on_launched=record)
     except BaseException as exc:
         if box.instance_id is not None:
-            return _give_up(project_dir, ec2, box, launched_now=True)
+            _give_up(project_dir, box, launched_now=True, say=say)
         if isinstance(exc, InfraError):  # nothing runs: remove the key and group we made
-            forget(project_dir, ec2, box)
+            try:
+                forget(project_dir, ec2, box)
+            except Exception as cleanup:
+                raise DlboxError(f"{exc}; nothing was launched, but deleting its key pair and "
+                                 f"group failed too ({cleanup}): `dlbox down` retries") from exc
         raise
     try:
         for attempt in launched.attempts[:-1]:
@@ -158,7 +174,7 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
         price = f"${usd:.3f}/h" if usd is not None else "price unknown"
         say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
     except BaseException:
-        return _give_up(project_dir, ec2, box, launched_now=True)
+        _give_up(project_dir, box, launched_now=True, say=say)
     return _ready(project_dir, ec2, box, cfg, say, launched_now=True)
 
 
@@ -178,7 +194,7 @@ def _ready(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say,
         box = _log_in(project_dir, ec2, box, cfg, say)
         sshtarget.write_config(state.state_dir(project_dir), box.ssh_target(project_dir))
     except BaseException:
-        return _give_up(project_dir, ec2, box, launched_now)
+        _give_up(project_dir, box, launched_now, say)
     say(f"box {box.name} is up at {box.host}:{box.ssh_port} ({banner}); "
         f"`dlbox ssh` or `ssh -F .dlbox/ssh_config {sshtarget.SSH_HOST_ALIAS}`")
     return box
@@ -196,6 +212,7 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
                          expected_fingerprints=expected or None,
                          connect_deadline_s=BOOTING_CONNECT_DEADLINE_S)
     try:
+        machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
         box = replace(box, workdir=environment.make_workdir(machine, cfg.box_workdir, box.label))
         python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
                                                     say, cfg.box_requirements, cfg.pip_args)
@@ -209,29 +226,28 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
     return box
 
 
-def _give_up(project_dir: Path, ec2, box: Ec2Box, launched_now: bool):
+def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> NoReturn:
     """Called from an except block after run_instances: end in one of the two states, say which.
 
-    Ctrl-C, or a box that was already up: it stays recorded. A box launched now that
-    failed to become usable: terminated, verified. Always raises.
+    Ctrl-C, a closed stdout, or a box that was already up: it stays recorded. A box launched
+    now that failed to become usable: ended as `dlbox down` ends a box (terminated, verified
+    by id and by tag, key pair and group deleted). Always raises.
     """
     import sys
 
-    from infra import instances
     from infra.errors import InfraError
 
     exc = sys.exc_info()[1]
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt | BrokenPipeError):
         raise exc  # the CLI says the box is recorded: `dlbox up` resumes, `dlbox down` ends it
     why = str(exc) if isinstance(exc, DlboxError | InfraError) else f"{type(exc).__name__}: {exc}"
     if not launched_now:
         raise DlboxError(f"{why}; {box.instance_id} stays up and recorded: `dlbox up` tries "
                          "again, `dlbox down` terminates it") from exc
     try:
-        instances.terminate(ec2, [box.instance_id], TERMINATE_TIMEOUT_S)
-        forget(project_dir, ec2, box)
+        box.down(project_dir, DownFlags(), say)
     except Exception as failed:
-        raise DlboxError(f"{box.instance_id} never became usable ({why}), and terminating it "
-                         f"failed too ({failed}); it stays recorded: run `dlbox down`") from exc
+        raise DlboxError(f"{box.instance_id} never became usable ({why}), and ending it failed "
+                         f"({failed}); it stays recorded: run `dlbox down`") from exc
     raise DlboxError(f"{box.instance_id} never became usable ({why}); it was terminated "
                      "(verified) and nothing of it is left running") from exc

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Callable
 
 from .errors import DlboxError, UsageError
+from .humanize import Say
 from .machine import Machine, shell_path
 from .render import render
 
@@ -15,9 +15,10 @@ REQUIREMENTS = ("tensorflow[and-cuda]==2.21.0", "keras>=3.10,<4", "numpy", "pill
 BASE_PYTHON = "python3"
 ENV_SETUP_TIMEOUT_S = 1800  # ~3 GB of wheels on a fresh box
 TF_CHECK_TIMEOUT_S = 180
-TF_CHECK = ("import tensorflow as tf, keras; "
-            "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU')))")
-Say = Callable[[str], None]
+# Versions and GPUs on one line, then the interpreter's own absolute path (what runs record).
+TF_CHECK = ("import sys, tensorflow as tf, keras; "
+            "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU'))); "
+            "print(sys.executable)")
 
 
 def requirements_hash(requirements: tuple[str, ...], pip_args: tuple[str, ...]) -> str:
@@ -38,6 +39,7 @@ def prepare(machine: Machine, workdir: str, say: Say, requirements: tuple[str, .
     """Find or build {workdir}/env; return its python (the caller checks it can train)."""
     env_dir = f"{workdir}/env"
     script = render("setup_env.sh.j2", env_dir=env_dir, base_python=BASE_PYTHON,
+                    lock_timeout_s=ENV_SETUP_TIMEOUT_S,
                     requirements=list(requirements), pip_args=list(pip_args),
                     requirements_hash=requirements_hash(requirements, pip_args))
     path = f"{workdir}/setup_env.sh"
@@ -53,15 +55,18 @@ def prepare(machine: Machine, workdir: str, say: Say, requirements: tuple[str, .
     return f"{env_dir}/bin/python"
 
 
-def check_python(machine: Machine, python: str) -> str:
-    """A line naming TensorFlow, Keras and the GPUs python sees; UsageError if it cannot train."""
+def check_python(machine: Machine, python: str) -> tuple[str, str]:
+    """(python's absolute path, a line naming TensorFlow, Keras and the GPUs it sees);
+    UsageError if it cannot train. The path is what runs use: `~/venv/bin/python` becomes
+    the box user's /home/... once, here."""
     done = machine.run(f"{shell_path(python)} -c {shlex.quote(TF_CHECK)}", timeout=TF_CHECK_TIMEOUT_S)
-    words = done.stdout.split()
-    if done.exit_code != 0 or len(words) < 3:
+    lines = done.stdout.strip().splitlines()
+    words = lines[-2].split() if len(lines) >= 2 else []
+    if done.exit_code != 0 or len(words) != 3 or not lines[-1].startswith("/"):
         raise UsageError(f"{python} cannot import TensorFlow and Keras on the box; install "
                          "them (pip install 'dlbox[gpu]') or pass another --python")
-    tf_version, keras_version, gpus = words[-3:]
-    return f"TensorFlow {tf_version}, Keras {keras_version}, {gpus} GPU(s)"
+    tf_version, keras_version, gpus = words
+    return lines[-1], f"TensorFlow {tf_version}, Keras {keras_version}, {gpus} GPU(s)"
 
 
 def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
@@ -69,7 +74,7 @@ def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
     """(python, versions line): the one given, or the box's dlbox venv (built if needed)."""
     if python is None:
         python = prepare(machine, workdir, say, requirements or REQUIREMENTS, pip_args)
-    versions = check_python(machine, python)
+    python, versions = check_python(machine, python)
     if versions.endswith(" 0 GPU(s)"):
         say("warning: TensorFlow sees no GPU on this box; training will run on its CPU")
     return python, versions

@@ -18,6 +18,10 @@ class UsageError(DlboxError, ValueError):
     exit_code = 2
 
 
+class CommandTimedOut(DlboxError, TimeoutError):
+    """A command on the box ran (or stayed silent) longer than its bound."""
+
+
 class LostContact(DlboxError, ConnectionError):
     """The box stopped answering (network, SSH): what runs there goes on."""
 

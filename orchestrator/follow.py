@@ -1,5 +1,7 @@
-"""Following a run: one command per poll brings status, history, new log lines and the exit
-status; phases, finished epochs and the trainer's warnings are shown as they happen."""
+"""Following a run: its phases, finished epochs and the trainer's warnings as they happen.
+
+One command per poll brings status, history, new log lines and the exit status.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import DlboxError
+from .errors import CommandTimedOut, DlboxError, LostContact
+from .humanize import Say
 from .machine import Machine
 from .runs import STATUS_POLL_S, Run, read_json
 
 START_TIMEOUT_S = 120  # until the trainer's first status.json
+POLL_TIMEOUT_S = 60  # one poll; a box silent for longer is lost contact
 LOG_CHUNK_BYTES = 1 << 20  # of train.log per poll, at most
 MAX_WARNINGS_SHOWN = 20  # per follow; the rest are in `dlbox logs`
 POLLED = ("status.json", "history.csv", "exit_code")
 LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>WARNING|ERROR|CRITICAL) (?P<message>.*)$")
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,10 @@ def poll_command(remote_dir: str, log_offset: int) -> str:
 
 
 def poll(machine: Machine, run: Run, log_offset: int = 0) -> Snapshot:
-    done = machine.run(poll_command(run.remote_dir, log_offset))
+    try:
+        done = machine.run(poll_command(run.remote_dir, log_offset), timeout=POLL_TIMEOUT_S)
+    except CommandTimedOut as exc:
+        raise LostContact(f"the box did not answer for {POLL_TIMEOUT_S} s") from exc
     lines = done.stdout.split("\n")
     if done.exit_code != 0 or len(lines) < len(POLLED) + 1:
         raise DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "

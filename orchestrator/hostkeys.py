@@ -1,5 +1,7 @@
-"""Host-key pinning: the first key a new box shows is recorded (checked against the EC2
-console's fingerprints when it has printed them); after that only that key is accepted."""
+"""Host-key pinning: a new box's first key is recorded, and after that only that key is accepted.
+
+The first key is checked against the EC2 console's fingerprints when it has printed them.
+"""
 
 from __future__ import annotations
 

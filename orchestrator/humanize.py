@@ -1,6 +1,10 @@
-"""Figures as people read them."""
+"""What dlbox tells people: the type of its line printer, and figures as people read them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+Say = Callable[[str], None]  # prints one line for the user
 
 
 def duration(seconds: float) -> str:

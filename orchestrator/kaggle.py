@@ -7,11 +7,12 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
+from .humanize import Say
 from .machine import Machine
 from .render import render
 
@@ -24,7 +25,6 @@ TOKEN_URL = "https://www.kaggle.com/settings/api"
 REQUIREMENTS = ("kaggle>=1.7,<3", "six")
 DOWNLOAD_TIMEOUT_S = 3600  # ~800 MB; minutes in an AWS region, longer on a home line
 MARKER = ".dlbox-complete"  # written (with the zip's size) only after a whole, tested download
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import environment, state
-from .boxes import Box, DownFlags, Say, UpFlags
+from .boxes import Box, DownFlags, Say, UpFlags, registry_in
 from .localmachine import LocalMachine
 from .machine import Machine
 from .sshtarget import SshTarget
@@ -27,6 +27,7 @@ class LocalBox:
     kind: str = "local"
 
     DESCRIPTION: ClassVar[str] = "the local box"
+    INTERRUPTED_UP: ClassVar[str] = "nothing was changed: run `dlbox up --local` again"
     UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"local", "python"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset()
     hourly_usd: ClassVar[None] = None
@@ -34,8 +35,8 @@ class LocalBox:
     @classmethod
     def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> LocalBox:
         """Use this machine as the box; check its Python can train."""
-        interpreter = flags.python or (existing.python if existing else None) or sys.executable
-        versions = environment.check_python(LocalMachine(), interpreter)
+        asked = flags.python or (existing.python if existing else None) or sys.executable
+        interpreter, versions = environment.check_python(LocalMachine(), asked)
         workdir = state.ensure_dir(project_dir).resolve() / LOCAL_WORKDIR
         workdir.mkdir(exist_ok=True)
         box = cls(name="local", workdir=str(workdir), python=interpreter)
@@ -54,7 +55,7 @@ class LocalBox:
         return None
 
     def runs_registry(self) -> str:
-        return f"{self.workdir}/active"
+        return registry_in(self.workdir)
 
     def status(self, project_dir: Path) -> list[tuple[str, str]]:
         return [("box", "local (this machine)"), ("python", self.python), ("runs in", self.workdir)]

@@ -8,13 +8,13 @@ import time
 from .errors import DlboxError
 
 SSH_WAIT_TIMEOUT_S = 300
-SSH_CONNECT_TIMEOUT_S = 5  # per try, for the connection and for the banner
+BANNER_TIMEOUT_S = 5  # per try, for the connection and for the banner
 SSH_POLL_FIRST_S = 0.5
 SSH_POLL_MAX_S = 10
 BANNER_MAX_BYTES = 256
 
 
-def read_banner(host: str, port: int, timeout_s: float = SSH_CONNECT_TIMEOUT_S) -> str | None:
+def read_banner(host: str, port: int, timeout_s: float = BANNER_TIMEOUT_S) -> str | None:
     """The server's SSH identification line, or None if it does not answer with one in time."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:

@@ -16,6 +16,7 @@ from . import codeship, kaggle, report, sync
 from .atomic import write_atomic
 from .boxes import Box
 from .errors import DlboxError, UsageError
+from .humanize import Say
 from .machine import Machine
 
 RUNS_DIR = "runs"
@@ -26,8 +27,8 @@ RESULT_FILES = ("model.keras", "history.csv", "metrics.json", "train.log", "stat
                 "val_predictions.csv", "submission.csv", "misclassified.jpg", "stdout.log")
 # Trainer flags dlbox sets itself: given through `train`, they would send results elsewhere.
 OWNED_FLAGS = ("--data", "--test", "--out", "--resume", "--extract-dir")
+LISTING_END = "dlbox-listing-end"  # the last line of a complete listing of results
 EXTRACT_DIR = "extracted"  # under the box's workdir: zips unpacked once, shared by runs
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def load(project_dir: Path, run_id: str) -> Run:
         raise UsageError(f"no run {run_id!r} in {RUNS_DIR}/; `dlbox runs` lists them")
     try:
         return _decode(path)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path} is damaged ({exc}); its results, if pulled, are beside it") \
             from exc
 
@@ -110,7 +111,7 @@ def all_runs(project_dir: Path) -> list[Run]:
     for path in sorted((project_dir / RUNS_DIR).glob(f"*/{RUN_FILE}")):
         try:
             found.append(_decode(path))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError, OSError):
             continue  # a damaged record is skipped, not fatal for the listing
     return sorted(found, key=lambda r: r.started_at)
 
@@ -238,10 +239,14 @@ def pull(project_dir: Path, run: Run, machine: Machine) -> Path:
     """Copy the results into runs/<id>/, each checked against the box's SHA-256."""
     local = project_dir / RUNS_DIR / run.run_id
     local.mkdir(parents=True, exist_ok=True)
-    listing = machine.run(f"cd {shlex.quote(run.remote_dir)} && sha256sum -- "
-                          + " ".join(RESULT_FILES) + " 2>/dev/null")
+    listing = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; sha256sum -- "
+                          + " ".join(RESULT_FILES) + f" 2>/dev/null; echo {LISTING_END}")
+    lines = listing.stdout.splitlines()
+    if not lines or lines[-1] != LISTING_END:  # cut short: never take a partial list as all
+        raise DlboxError(f"could not list the results of run {run.run_id} in {run.remote_dir} "
+                         f"on the box; run `dlbox pull {run.run_id}` again")
     remote_sums = {name: digest for digest, name in
-                   (line.split(maxsplit=1) for line in listing.stdout.splitlines())}
+                   (line.split(maxsplit=1) for line in lines[:-1])}
     if not remote_sums:
         raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
     for name, digest in remote_sums.items():

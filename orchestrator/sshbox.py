@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import config, environment, sshtarget, state
-from .boxes import Box, DownFlags, Say, UpFlags
+from .boxes import Box, DownFlags, Say, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
 from .sshmachine import SshMachine
@@ -34,6 +34,8 @@ class SshBox:
     kind: str = "ssh"
 
     DESCRIPTION: ClassVar[str] = "SSH boxes"
+    INTERRUPTED_UP: ClassVar[str] = ("the box is as you had it, its key pinned if the login "
+                                     "got that far: run `dlbox up --ssh ...` again")
     UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"ssh", "key", "python", "workdir"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"purge"})
     hourly_usd: ClassVar[None] = None
@@ -55,7 +57,8 @@ class SshBox:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "
                              f"use {name}")
         cfg = config.load(project_dir)
-        target = SshTarget(host, port, user, str(key_path), _known_hosts(project_dir))
+        target = SshTarget(host, port, user, str(key_path), state.known_hosts(project_dir))
+        sshtarget.check_paths(target.key_path, target.known_hosts)
         machine = SshMachine(target, pin_new_host=True)
         try:
             workdir = environment.make_workdir(machine, flags.workdir or cfg.box_workdir, name)
@@ -77,13 +80,14 @@ class SshBox:
         return f"the SSH box {self.name}"
 
     def ssh_target(self, project_dir: Path) -> SshTarget:
-        return SshTarget(self.host, self.port, self.user, self.key_path, _known_hosts(project_dir))
+        return SshTarget(self.host, self.port, self.user, self.key_path,
+                         state.known_hosts(project_dir))
 
     def machine(self, project_dir: Path) -> Machine:
         return SshMachine(self.ssh_target(project_dir))
 
     def runs_registry(self) -> str:
-        return f"{self.workdir}/active"
+        return registry_in(self.workdir)
 
     def status(self, project_dir: Path) -> list[tuple[str, str]]:
         return [("box", f"ssh {self.name}"), ("python", self.python), ("runs in", self.workdir),
@@ -99,9 +103,6 @@ class SshBox:
                 machine.close()
             say(f"removed {self.workdir} on {self.name}")
         state.remove(project_dir, self.name)
-        (state.state_dir(project_dir) / sshtarget.SSH_CONFIG_FILE).unlink(missing_ok=True)
+        sshtarget.remove_config(state.state_dir(project_dir))
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
 
-
-def _known_hosts(project_dir: Path) -> str:
-    return str(state.state_dir(project_dir).resolve() / state.KNOWN_HOSTS_FILE)

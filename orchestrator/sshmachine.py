@@ -1,5 +1,8 @@
-"""A box reached over SSH: commands and small files over one paramiko connection (fabric),
-bulk uploads as OpenSSH tar streams; only the host key pinned in known_hosts is accepted."""
+"""A box reached over SSH: commands and files on one paramiko connection, bulk as tar streams.
+
+Commands and small files go over one fabric/paramiko connection, bulk uploads as OpenSSH
+tar streams; only the host key pinned in known_hosts is accepted.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import hostkeys, sshtarget, tarstream
-from .errors import DlboxError, LostContact
+from .errors import CommandTimedOut, DlboxError, LostContact, UsageError
 from .machine import COMMAND_TIMEOUT_S, Result, decode
 from .sshtarget import SshTarget
 
@@ -69,9 +72,10 @@ class SshMachine:
             yield
         except DlboxError:
             raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise DlboxError(f"{doing} on {self.target.host}: {exc.strerror or exc}; check the "
+                             "path and its permissions on the box") from exc
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
-                raise
             raise LostContact(f"lost the SSH connection to {self.target.address} while "
                               f"{doing} ({type(exc).__name__}: {exc or 'no answer'})") from exc
 
@@ -92,8 +96,10 @@ class SshMachine:
                 try:
                     out, err = _collect(channel, timeout)
                 except TimeoutError:
-                    raise DlboxError(f"a command on {self.target.host} took over {timeout:.0f} s: "
-                                     f"{command.split()[0]} ...") from None
+                    raise CommandTimedOut(f"a command on {self.target.host} took over "
+                                          f"{timeout:.0f} s: {command.split()[0]} ...") from None
+                if channel.exit_status == -1 and not channel.get_transport().is_active():
+                    raise EOFError("the connection closed before the command's exit status")
                 return Result(channel.exit_status, decode(out), decode(err))
 
     def _sftp(self):
@@ -220,6 +226,9 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
     from infra import retry
 
     known_hosts = Path(target.known_hosts)
+    if not Path(target.key_path).is_file():
+        raise UsageError(f"the SSH key {target.key_path} is missing; put it back, or `dlbox down` "
+                         "and `dlbox up` with another key")
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
     known_hosts.touch(mode=0o600, exist_ok=True)
     config = fabric.Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
@@ -243,6 +252,8 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
         except BaseException:
             conn.close()
             raise
+        # Keep NAT and firewalls from dropping an idle link while a run is followed.
+        conn.transport.set_keepalive(sshtarget.SERVER_ALIVE_INTERVAL_S)
         return conn
 
     def transient(exc: BaseException) -> bool:

@@ -46,6 +46,12 @@ def _quoted(value: str) -> str:
     return f'"{value}"'
 
 
+def check_paths(*paths: str) -> None:
+    """DlboxError now for a path OpenSSH could not be given (before anything is started)."""
+    for path in paths:
+        _quoted(path)
+
+
 def options(target: SshTarget) -> list[tuple[str, str]]:
     """OpenSSH options: the pinned key only (never a new or changed one), dlbox's key only."""
     return [
@@ -76,3 +82,8 @@ def write_config(state_dir: Path, target: SshTarget) -> Path:
     path = state_dir / SSH_CONFIG_FILE
     write_atomic(path, "\n".join(lines) + "\n", mode=0o600)
     return path
+
+
+def remove_config(state_dir: Path) -> None:
+    """The box is gone: so is its ssh_config."""
+    (state_dir / SSH_CONFIG_FILE).unlink(missing_ok=True)

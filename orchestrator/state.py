@@ -28,6 +28,11 @@ def state_dir(project_dir: Path) -> Path:
     return project_dir / STATE_DIR
 
 
+def known_hosts(project_dir: Path) -> str:
+    """The file holding the pinned host keys of the project's boxes (absolute)."""
+    return str(state_dir(project_dir).resolve() / KNOWN_HOSTS_FILE)
+
+
 def ensure_dir(project_dir: Path) -> Path:
     """.dlbox/, private to its owner (it holds keys and addresses)."""
     directory = state_dir(project_dir)

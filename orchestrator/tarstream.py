@@ -108,8 +108,8 @@ def send(remote: subprocess.Popen, root: Path, names: list[str], where: str,
                 remote.stdin.write(chunk)
                 progress(len(chunk))
             remote.stdin.close()
-    except BrokenPipeError:
-        pass  # ssh ended early: its exit status and stderr say why
+    except BrokenPipeError:  # ssh ended early: its exit status and stderr say why
+        tar.kill()  # it may be blocked writing to a pipe nobody reads any more
     except BaseException:  # a failure here (or Ctrl-C): neither process outlives it
         for proc in (tar, remote):
             proc.kill()

@@ -234,6 +234,8 @@ def test_user_errors_are_one_line(project, aws):
     directory, _ = project
     _one_line_error(dlbox(project, "up", env_drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
                     1, "no AWS credentials")
+    _one_line_error(dlbox(project, "down", "--all", env_drop=("AWS_SECRET_ACCESS_KEY",)), 1,
+                    "incomplete")
     _one_line_error(dlbox(project, "up", "--region", "xx-nowhere-9"), 1, "unknown AWS region")
     _one_line_error(dlbox(project, "up", "--ssh-cidr", "0.0.0.0/0"), 1, "whole internet")
     (directory / "dlbox.toml").write_text("regoin = 'us-east-1'\n")
@@ -379,6 +381,7 @@ def test_every_command_on_every_kind_does_its_job_or_says_one_line(project, aws,
     on_ssh = ["up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
               str(sshd.client_key), "--python", sys.executable, "--workdir", str(tmp_path / "remote")]
     _one_line_error(dlbox(project, "up", "--local", "--spot"), 2, "--spot is for EC2 boxes")
+    _one_line_error(dlbox(project, "up", "--local", "--on-demand"), 2, "--on-demand is for EC2")
     _one_line_error(dlbox(project, "up", *on_ssh[1:], "--region", "eu-west-1"), 2,
                     "--region is for EC2 boxes")
     _one_line_error(dlbox(project, "up", "--local", "--key", "k"), 2, "--key is for SSH boxes")

@@ -280,3 +280,29 @@ def test_warnings_live_then_ctrl_c_detaches_then_logs_follow_and_attach(tmp_path
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 8
     assert json.loads((run / "run.json").read_text())["status"] == "done"
     assert dlbox(project, "down").returncode == 0
+
+
+def test_the_box_python_is_recorded_absolute_and_a_vanished_run_is_one_line(tmp_path):
+    """`--python ~/...` is resolved once at `up` (runs quote it, so a ~ would never expand);
+    following a run whose folder is gone from the box is one line, not a traceback."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "py").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # a wrapper in ~
+    (home / "py").chmod(0o755)
+    project = tmp_path / "proj"
+    project.mkdir()
+    env = {**os.environ, "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    up = subprocess.run([DLBOX, "up", "--local", "--python", "~/py"], cwd=project, env=env,
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert up.returncode == 0, up.stderr
+    [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
+    assert box["python"] == sys.executable  # the interpreter itself, by its absolute path
+    run = project / "runs" / "20261129-000000-scratch"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({
+        "run_id": run.name, "model": "scratch", "box": "local", "args": [],
+        "remote_dir": str(tmp_path / "nowhere"), "started_at": "2026-11-29T00:00:00+00:00"}))
+    for command in ("attach", "logs"):
+        result = dlbox(project, command, run.name)
+        assert result.returncode == 1 and "is gone from the box" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -143,7 +143,7 @@ def test_state_of_another_dlbox_version_is_one_clear_line(tmp_path):
     path.write_text(json.dumps({"version": 1, "box": None}))
     assert boxes.current(tmp_path) is None
     path.write_text(json.dumps({"version": 99, "boxes": []}))
-    with pytest.raises(UsageError, match="newer dlbox .*upgrade dlbox"):
+    with pytest.raises(UsageError, match=r"newer dlbox .*upgrade dlbox"):
         state.records(tmp_path)
     for damaged in ("{not json", '{"version": 2, "boxes": [{"kind": "ec2"}]}', "[]"):
         path.write_text(damaged)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -372,3 +373,40 @@ def test_sync_keeps_names_with_odd_bytes_exact(tmp_path, sshd):
     finally:
         machine.close()
     assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_a_link_dropped_during_a_command_is_lost_contact(tmp_path, sshd):
+    """Not a command that "exited -1" with half its output: the caller must know."""
+    from orchestrator.errors import LostContact
+    from orchestrator.sshmachine import SshMachine
+    from tests.tcpproxy import Proxy
+
+    proxy = Proxy(sshd.host, sshd.port)
+    target = _target(sshd, tmp_path / "known_hosts")
+    machine = SshMachine(type(target)(target.host, proxy.port, target.user, target.key_path,
+                                      target.known_hosts), pin_new_host=True)
+    try:
+        assert machine.run("echo ok").stdout == "ok\n"
+        timer = threading.Timer(1.0, proxy.cut)
+        timer.start()
+        with pytest.raises(LostContact, match=r"lost the SSH connection .* run the command again"):
+            machine.run("echo partial; sleep 5")
+        timer.join()
+    finally:
+        machine.close()
+        proxy.close()
+
+
+def test_a_missing_key_is_one_line_at_once(ssh_up, sshd, tmp_path):
+    project, _ = ssh_up
+    [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
+    moved = tmp_path / "moved-key"
+    Path(box["key_path"]).rename(moved)
+    try:
+        started = time.monotonic()
+        result = dlbox(project, "train", "scratch", "--data", str(tmp_path))
+        assert time.monotonic() - started < 20  # not retried as if the box were booting
+        assert result.returncode == 2 and "the SSH key" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    finally:
+        moved.rename(box["key_path"])

@@ -51,8 +51,8 @@ def test_idle_box_powers_off_after_the_limit(tmp_path):
 
 @pytest.fixture()
 def registered_run(tmp_path):
-    """A live process announced in the run registry, as run.sh announces itself."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A live run.sh announced in the run registry, as run.sh announces itself."""
+    proc = subprocess.Popen(["bash", "-c", "sleep 60; :", "run.sh"])
     (tmp_path / "active").mkdir()
     (tmp_path / "active" / "20261129-120000-scratch.pid").write_text(f"{proc.pid}\n")
     yield proc
@@ -70,6 +70,7 @@ def test_a_trainer_elsewhere_on_the_machine_does_not_count(tmp_path):
     (tmp_path / "active").mkdir()
     (tmp_path / "active" / "old.pid").write_text(f"{ended.pid}\n")
     (tmp_path / "active" / "junk.pid").write_text("not a pid; rm -rf /\n")
+    (tmp_path / "active" / "reused.pid").write_text(f"{elsewhere.pid}\n")  # alive, not a run
     try:
         run = _watchdog(tmp_path, idle_s=60, lifetime_s=0)
         assert run(born_ago=3600, active_ago=61)
