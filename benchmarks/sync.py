@@ -56,18 +56,24 @@ class DelayProxy:
         due: queue.Queue = queue.Queue()
 
         def read() -> None:
-            while data := src.recv(CHUNK):
-                due.put((time.monotonic() + self.delay_s, data))
+            try:
+                while data := src.recv(CHUNK):
+                    due.put((time.monotonic() + self.delay_s, data))
+            except OSError:
+                pass  # a peer that reset the connection: the same end as a close
             due.put((time.monotonic() + self.delay_s, b""))
 
         def write() -> None:
             while True:
                 at, data = due.get()
                 time.sleep(max(0.0, at - time.monotonic()))
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
                     return
-                dst.sendall(data)
 
         threading.Thread(target=read, daemon=True).start()
         threading.Thread(target=write, daemon=True).start()

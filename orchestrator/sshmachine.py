@@ -134,9 +134,7 @@ class SshMachine:
         Each SSH channel is capped by sshd's flow-control window over the round trip time,
         so on a long link several streams go several times faster.
         """
-        started = time.monotonic()
-        self.run(f"mkdir -p {shlex.quote(remote_dir)}")
-        rtt = time.monotonic() - started
+        rtt = self._round_trip_s()
         sizes = sizes or {n: (root / n).stat().st_size for n in names}
         # A near link is CPU-bound (more streams only add handshakes and contention); a far
         # one is bound by each channel's window over the round trip, so more streams help.
@@ -166,6 +164,15 @@ class SshMachine:
         with ThreadPoolExecutor(len(groups)) as pool:
             for future in [pool.submit(stream, i, g) for i, g in enumerate(groups)]:
                 future.result()
+
+    def _round_trip_s(self) -> float:
+        """One round trip on the open connection: an SFTP stat starts no process on the box
+        (a command would also time the user's shell start-up, .bashrc and all)."""
+        with self._link("measuring the link"):
+            sftp = self._sftp()
+            started = time.monotonic()
+            sftp.stat(".")
+            return time.monotonic() - started
 
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         self.upload(local.parent, [local.name], remote_dir)
