@@ -378,10 +378,11 @@ def logs(
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 offset += len(chunk)
-            if not follow_log or (ended and len(chunk) < follow.LOG_CHUNK_BYTES):
+            if len(chunk) == follow.LOG_CHUNK_BYTES:
+                continue  # more of it is there now
+            if not follow_log or ended:
                 return  # the poll that saw the end also brought the log's last lines
-            if len(chunk) < follow.LOG_CHUNK_BYTES:
-                time.sleep(runs.STATUS_POLL_S)
+            time.sleep(runs.STATUS_POLL_S)
 
 
 @app.command()
