@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Protocol
 
 # On-demand Linux prices in us-east-1, USD per hour, from the EC2 On-Demand pricing page
 # (aws.amazon.com/ec2/pricing/on-demand/) as published in 2025. Other regions differ by
@@ -16,12 +15,6 @@ ON_DEMAND_USD_PER_HOUR = {
     "g6e.xlarge": 1.861, "g6e.2xlarge": 2.24208,
 }
 PRICE_SOURCE = "EC2 On-Demand pricing page, Linux, us-east-1, 2025 (embedded table)"
-
-
-class PriceSource(Protocol):
-    """Anything that can price an instance (tests pass their own)."""
-
-    def hourly(self, instance_type: str, zone: str, spot: bool) -> float | None: ...
 
 
 class AwsPrices:

@@ -139,8 +139,8 @@ def check_down_flags(box: Box, flags: DownFlags) -> None:
         raise UsageError(f"--{foreign[0]} does not apply to {box.label}; drop it")
 
 
-def decode(record: dict) -> Box:
-    """The box a state record describes."""
+def decode(record: dict, project_dir: Path) -> Box:
+    """The box a record of project_dir's state describes."""
     cls = _registry().get(record["kind"])
     if cls is None:
         raise UsageError(f"this project records a box of kind {record['kind']!r}, which this "
@@ -149,14 +149,14 @@ def decode(record: dict) -> Box:
     try:
         return cls(**{k: v for k, v in record.items() if k in known})
     except TypeError as exc:
-        path = state.state_dir(Path.cwd()) / state.STATE_FILE
+        path = state.state_dir(project_dir) / state.STATE_FILE
         raise UsageError(f"{path}: the record of box {record['name']!r} is damaged ({exc}); "
                          "restore it, or move the file away and run `dlbox down --all`") from exc
 
 
 def recorded(project_dir: Path) -> list[Box]:
     """Every box the project records, oldest first."""
-    return [decode(record) for record in state.records(project_dir)]
+    return [decode(record, project_dir) for record in state.records(project_dir)]
 
 
 def current(project_dir: Path) -> Box | None:

@@ -18,6 +18,7 @@ from .boxes import Box
 from .errors import DlboxError, UsageError
 from .humanize import Say
 from .machine import Machine
+from .render import render
 
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"
@@ -201,8 +202,6 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
     if test_on_box is not None:
         args += ["--test", test_on_box]
     args += trainer_args
-    from .render import render
-
     script = render("run.sh.j2", run_id=run_id, out=remote, code_dir=code, python=box.python,
                     args=args, registry=box.runs_registry())
     machine.write(f"{remote}/run.sh", script.encode(), 0o755)
