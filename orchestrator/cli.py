@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,12 @@ def main(
     ] = False,
 ) -> None:
     """dlbox: three commands from a laptop to a trained CNN."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C does: every cleanup runs and no child (tar, ssh) outlives us."""
+    raise SystemExit(128 + signum)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -316,7 +323,7 @@ def _follow_and_finish(run, machine) -> int:
     except KeyboardInterrupt:
         typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
                    "and pulls its results")
-        return 0
+        return EXIT_INTERRUPTED  # as shells expect of Ctrl-C; the run itself goes on
     except LostContact as exc:  # the run itself is detached and goes on
         raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach {run.run_id}` "
                     "follows it again", exc.exit_code) from None

@@ -148,6 +148,8 @@ class Day:
         assert "Traceback" not in outcome.stdout + outcome.stderr, str(outcome)
         if outcome.code in (None, 0):
             return
+        if outcome.code == 130 and "detached; run" in outcome.stdout:
+            return  # Ctrl-C while following: the run goes on, as the line on stdout says
         lines = outcome.stderr.strip().splitlines()
         assert len(lines) == 1, str(outcome)
         if outcome.code not in TRAINER_CODES:

@@ -58,7 +58,7 @@ def _detach_then_cancel(day: Day, data: Path) -> Path:
     proc.send_signal(signal.SIGINT)
     detached = day.finish(proc, ("train", "..."))
     run = day.runs()[-1]
-    assert detached.code == 0 and f"detached; run {run.name} goes on" in detached.stdout
+    assert detached.code == 130 and f"detached; run {run.name} goes on" in detached.stdout
     cancel = day.dlbox("cancel", run.name)
     assert "interrupted (exit 75)" in cancel.stdout
     again = day.dlbox("attach", run.name, ok=False)  # it ended: attach pulls, hands on 75
