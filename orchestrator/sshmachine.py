@@ -7,6 +7,7 @@ tar streams; only the host key pinned in known_hosts is accepted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -47,14 +48,17 @@ class SshMachine:
         self._pin_new_host, self._expected = pin_new_host, expected_fingerprints
         self._connect_deadline_s = connect_deadline_s
         self._conn = None
+        self._heartbeat: _Heartbeat | None = None
         self._ready: tuple[str, subprocess.Popen] | None = None  # a stream opened ahead
 
     @property
     def conn(self):
-        """The fabric connection, opened on first use."""
+        """The fabric connection, opened on first use and watched by a heartbeat."""
         if self._conn is None:
             self._conn = _connect(self.target, self._pin_new_host, self._expected,
                                   self._connect_deadline_s)
+            self._heartbeat = _Heartbeat(self._conn.transport, sshtarget.server_alive_interval_s(),
+                                         sshtarget.alive_bound_s())
         return self._conn
 
     def _ssh_argv(self, *command: str) -> list[str]:
@@ -72,12 +76,17 @@ class SshMachine:
             yield
         except DlboxError:
             raise
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise DlboxError(f"{doing} on {self.target.host}: {exc.strerror or exc}; check the "
-                             "path and its permissions on the box") from exc
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise LostContact(f"lost the SSH connection to {self.target.address} while "
-                              f"{doing} ({type(exc).__name__}: {exc or 'no answer'})") from exc
+        except Exception as exc:
+            if self._heartbeat is not None and self._heartbeat.dead.is_set():
+                raise LostContact(f"{self.target.address} stopped answering (no reply over SSH "
+                                  f"for {self._heartbeat.bound_s} s) while {doing}") from exc
+            if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+                raise DlboxError(f"{doing} on {self.target.host}: {exc.strerror or exc}; check "
+                                 "the path and its permissions on the box") from exc
+            if isinstance(exc, paramiko.SSHException | EOFError | OSError):
+                raise LostContact(f"lost the SSH connection to {self.target.address} while "
+                                  f"{doing} ({type(exc).__name__}: {exc or 'no answer'})") from exc
+            raise
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
@@ -196,9 +205,50 @@ class SshMachine:
 
     def close(self) -> None:
         self.discard_prepared()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class _Heartbeat:
+    """Asks the box for an answer every interval_s (as OpenSSH's ServerAliveInterval does);
+    none within bound_s: the transport is closed, which ends every wait on it.
+
+    paramiko waits without a bound for a channel's exec and an SFTP session's start, and its
+    own keepalive wants no reply, so it never notices a peer that stopped (a frozen sshd, a
+    link that drops packets without a reset). Asking also keeps NAT from dropping an idle link.
+    """
+
+    def __init__(self, transport, interval_s: float, bound_s: float) -> None:
+        self.transport, self.interval_s, self.bound_s = transport, interval_s, bound_s
+        self.dead = threading.Event()  # set once the box missed its bound
+        self._stopped = threading.Event()
+        threading.Thread(target=self._beat, daemon=True, name="dlbox-heartbeat").start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.interval_s) and self.transport.is_active():
+            # A request sent interval_s after the last answer, so the whole silence stays
+            # within bound_s. Any answer will do: sshd refuses this unknown request at once.
+            timer = threading.Timer(max(self.bound_s - self.interval_s, self.interval_s),
+                                    self._lost)
+            timer.daemon = True
+            timer.start()
+            try:
+                self.transport.global_request("keepalive@openssh.com", wait=True)
+            except Exception:  # the transport already failed: its users hear why
+                return
+            finally:
+                timer.cancel()
+
+    def _lost(self) -> None:
+        self.dead.set()
+        self.transport.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def _collect(channel, timeout: float) -> tuple[bytes, bytes]:
@@ -232,6 +282,7 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
 
     from infra import retry
 
+    _quiet_paramiko()
     known_hosts = Path(target.known_hosts)
     if not Path(target.key_path).is_file():
         raise UsageError(f"the SSH key {target.key_path} is missing; put it back, or `dlbox down` "
@@ -241,12 +292,13 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
     config = fabric.Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
 
     def attempt():
+        sock = _speaking_socket(target)
         conn = fabric.Connection(
             target.host, user=target.user, port=target.port, config=config,
             connect_timeout=sshtarget.SSH_CONNECT_TIMEOUT_S,
             connect_kwargs={"key_filename": target.key_path, "look_for_keys": False,
                             "allow_agent": False, "banner_timeout": sshtarget.SSH_CONNECT_TIMEOUT_S,
-                            "auth_timeout": sshtarget.SSH_CONNECT_TIMEOUT_S},
+                            "auth_timeout": sshtarget.SSH_CONNECT_TIMEOUT_S, "sock": sock},
         )
         client = paramiko.SSHClient()
         client.load_host_keys(str(known_hosts))
@@ -258,9 +310,8 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
             conn.open()
         except BaseException:
             conn.close()
+            sock.close()
             raise
-        # Keep NAT and firewalls from dropping an idle link while a run is followed.
-        conn.transport.set_keepalive(sshtarget.SERVER_ALIVE_INTERVAL_S)
         return conn
 
     def transient(exc: BaseException) -> bool:
@@ -293,6 +344,35 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
         raise _unreachable(target, exc) from exc
     except (EOFError, OSError) as exc:
         raise _unreachable(target, exc) from exc
+
+
+def _quiet_paramiko() -> None:
+    """paramiko logs its transport thread's failures (tracebacks and all); with no handler,
+    Python's last resort prints them on stderr. They reach the user as our one line instead."""
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+
+
+def _speaking_socket(target: SshTarget) -> socket.socket:
+    """A TCP connection to the box once its server has begun to speak (the SSH banner).
+
+    A port that accepts and never speaks (not an SSH server, a stuck proxy) is said in one
+    line at once, not retried: a booting box refuses connections until its sshd listens."""
+    sock = socket.create_connection((target.host, target.port),
+                                    timeout=sshtarget.SSH_CONNECT_TIMEOUT_S)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # bounded by the timeout; paramiko reads the banner next
+    except TimeoutError:
+        sock.close()
+        raise DlboxError(f"{target.address} accepted a TCP connection but sent no SSH banner "
+                         f"within {sshtarget.SSH_CONNECT_TIMEOUT_S} s; is it an SSH server? "
+                         "Check the host and port") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _unreachable(target: SshTarget, exc: BaseException) -> LostContact:

@@ -6,15 +6,19 @@ ssh_config users give to ssh or VS Code: all of them accept only the host key dl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_atomic
-from .errors import DlboxError
+from .errors import DlboxError, UsageError
 
 SSH_CONNECT_TIMEOUT_S = 10
 SERVER_ALIVE_INTERVAL_S = 15  # with SERVER_ALIVE_COUNT: a silent peer is dropped within 60 s
 SERVER_ALIVE_COUNT = 4
+# Seconds between keepalives instead of SERVER_ALIVE_INTERVAL_S (a link that needs another
+# bound; the tests' frozen box): the one place dlbox reads it.
+SERVER_ALIVE_INTERVAL_ENV = "DLBOX_SERVER_ALIVE_INTERVAL_S"
 SSH_CONFIG_FILE = "ssh_config"
 SSH_HOST_ALIAS = "dlbox"
 
@@ -39,6 +43,22 @@ class SshTarget:
         return f"{self.host}:{self.port}"
 
 
+def server_alive_interval_s() -> int:
+    """Seconds between keepalives; a box that answers none of SERVER_ALIVE_COUNT is lost."""
+    raw = os.environ.get(SERVER_ALIVE_INTERVAL_ENV)
+    if raw is None:
+        return SERVER_ALIVE_INTERVAL_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{SERVER_ALIVE_INTERVAL_ENV}={raw!r}: expected whole seconds (1 or "
+                         f"more); unset it for the default of {SERVER_ALIVE_INTERVAL_S}")
+    return int(raw)
+
+
+def alive_bound_s() -> int:
+    """How long a box may stay silent (no answer to keepalives) before it counts as lost."""
+    return server_alive_interval_s() * SERVER_ALIVE_COUNT
+
+
 def _quoted(value: str) -> str:
     if '"' in value or "\n" in value:
         raise DlboxError(f"cannot hand {value!r} to OpenSSH (a double quote or a newline in a "
@@ -61,7 +81,7 @@ def options(target: SshTarget) -> list[tuple[str, str]]:
         ("GlobalKnownHostsFile", "/dev/null"),
         ("StrictHostKeyChecking", "yes"),
         ("ConnectTimeout", str(SSH_CONNECT_TIMEOUT_S)),
-        ("ServerAliveInterval", str(SERVER_ALIVE_INTERVAL_S)),
+        ("ServerAliveInterval", str(server_alive_interval_s())),
         ("ServerAliveCountMax", str(SERVER_ALIVE_COUNT)),
     ]
 

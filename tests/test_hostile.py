@@ -1,0 +1,133 @@
+"""A hostile or broken world on an SSH box: a frozen sshd, odd and linked files, a port that
+never speaks, shell syntax in paths. Real OpenSSH on loopback, real tar and ssh."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import sshd as sshd_mod
+from tests.test_ssh_box import DLBOX
+
+ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
+POLL_S = 0.05
+WAIT_S = 120  # for anything that should happen much sooner
+
+
+def _until(predicate, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll until predicate holds; fail if WAIT_S pass or proc (dlbox) ends first."""
+    from infra import retry
+
+    retry.poll(lambda: predicate() or (proc is not None and proc.poll() is not None), until=bool,
+               deadline_s=WAIT_S, first_delay_s=POLL_S, max_delay_s=POLL_S)
+    assert predicate(), f"no {what}: " + (str(proc.communicate()) if proc else f"{WAIT_S} s")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, pgrp, session, ...)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _processes() -> dict[int, list[str]]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            found[int(entry.name)] = fields
+    return found
+
+
+def _descendants(root: int) -> list[int]:
+    procs, found, todo = _processes(), [], [root]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, fields in procs.items() if int(fields[1]) == parent]
+        found += children
+        todo += children
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _up(project: Path, server, remote: Path, port: int | None = None, env=None):
+    project.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [DLBOX, "up", "--ssh", f"{server.user}@{server.host}:{port or server.port}", "--key",
+         str(server.client_key), "--python", sys.executable, "--workdir", str(remote)],
+        cwd=project, capture_output=True, text=True, timeout=WAIT_S, env=env)
+
+
+@pytest.mark.slow
+def test_a_frozen_sshd_is_one_line_within_the_bound_and_the_run_goes_on(tmp_path, small_sample):
+    """sshd SIGSTOPped while a run is followed: dlbox says so in one line naming `dlbox
+    attach` within the keepalive bound; the run itself finishes on the box."""
+    server = sshd_mod.start(tmp_path / "sshd")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "DLBOX_SERVER_ALIVE_INTERVAL_S": str(ALIVE_INTERVAL_S)}
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    frozen: list[int] = []
+    try:
+        up = _up(project, server, remote, env=env)
+        assert up.returncode == 0, up.stderr
+        train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
+                                  "--epochs", "3", "--patience", "0", "--img-size", "32"],
+                                 cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        _until(lambda: list((remote / "runs").glob("*/status.json")), train, "the run started")
+        frozen = [server.proc.pid, *(pid for pid in _descendants(server.proc.pid)
+                                     if _comm(pid).startswith("sshd"))]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = train.communicate(timeout=WAIT_S)
+        took = time.monotonic() - stopped
+        [run] = [p.name for p in (remote / "runs").iterdir()]
+        assert train.returncode == 1, out + err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "stopped answering" in err and f"dlbox attach {run}" in err
+        assert took < 4 * ALIVE_INTERVAL_S + 6, f"{took:.1f} s: {err}"
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+        _until(lambda: (remote / "runs" / run / "exit_code").exists(), what="the run's end")
+        assert (remote / "runs" / run / "exit_code").read_text().strip() == "0"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        sshd_mod.stop(server)
+
+
+@pytest.mark.slow
+def test_a_port_that_never_speaks_is_one_line_naming_host_and_port(tmp_path, sshd):
+    """TCP accepted, no SSH banner ever: one line naming host, port and what was expected (no
+    paramiko tracebacks), within one banner wait."""
+    from orchestrator.sshtarget import SSH_CONNECT_TIMEOUT_S
+    from tests.tcpproxy import Proxy
+
+    proxy = Proxy(sshd.host, sshd.port)
+    proxy.silent = True
+    try:
+        started = time.monotonic()
+        up = _up(tmp_path / "proj", sshd, tmp_path / "remote", port=proxy.port)
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert up.returncode == 1, up.stdout + up.stderr
+    [line] = up.stderr.splitlines()
+    assert f"127.0.0.1:{proxy.port} accepted a TCP connection but sent no SSH banner" in line
+    assert "is it an SSH server?" in line
+    assert took < 2 * SSH_CONNECT_TIMEOUT_S, took
