@@ -30,6 +30,13 @@ def decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def printable(name: str) -> str:
+    """A file name for a one-line message: odd bytes as \\xNN, a newline as \\n (never a
+    second line, never an encoding error on the terminal)."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shell_path(path: str) -> str:
     """path quoted for the box's shell, with a leading ~ still meaning the box user's home."""
     if path == "~":

@@ -150,6 +150,8 @@ def ship_data(machine: Machine, workdir: str, local: Path, say: Say,
     if machine.same_filesystem:
         return str(local)  # used in place
     result = sync.sync(machine, local, workdir, progress)
+    for line in result.warnings():  # files not sent (links out of the dataset...), named
+        say(line)
     if result.sent_files:
         say(f"{local.name}: sent {result.sent_files} of {result.files} files "
             f"({result.sent_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s, verified")

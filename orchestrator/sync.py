@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DlboxError
-from .machine import Machine
+from .machine import Machine, printable
 
 Manifest = dict[str, tuple[int, int]]  # relative name -> (size in bytes, mtime in whole seconds)
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # an empty folder's
@@ -28,6 +28,7 @@ NS_PER_S = 1_000_000_000
 # (2.5x slower on 25,000 files); the epoch seconds are the same in any zone.
 FIND_RECORDS = "TZ=UTC find . -type f -printf '%P\\t%s\\t%Ts\\0'"
 STAT_RECORDS = "xargs -0 -r stat --printf '%n\\t%s\\t%Y\\0' -- 2>/dev/null"
+MAX_SKIPPED_SHOWN = 20  # skipped files named to the user, per dataset; then a count
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,15 @@ class SyncResult:
     sent_bytes: int
     removed_files: int
     seconds: float
+    skipped: tuple[str, ...] = ()  # "NAME: why" for each file not sent (links leading out...)
+
+    def warnings(self) -> list[str]:
+        """One line per skipped file, for the user; the first MAX_SKIPPED_SHOWN, then a count."""
+        lines = [f"warning: skipped {entry}" for entry in self.skipped[:MAX_SKIPPED_SHOWN]]
+        if len(self.skipped) > MAX_SKIPPED_SHOWN:
+            lines.append(f"warning: skipped {len(self.skipped) - MAX_SKIPPED_SHOWN} more "
+                         "file(s) of the same kinds")
+        return lines
 
 
 def cache_dir(workdir: str, local: Path) -> str:
@@ -48,27 +58,59 @@ def cache_dir(workdir: str, local: Path) -> str:
     return f"{workdir}/data/{local.name}-{key}"
 
 
-def local_manifest(root: Path, names: list[str] | None = None) -> Manifest:
-    """Every file under root (or just names), with size and mtime."""
+def local_manifest(root: Path, names: list[str] | None = None,
+                   skipped: list[str] | None = None) -> Manifest:
+    """Every file under root (or just names, which the user named), with size and mtime;
+    what is not sent goes to skipped as "NAME: why"."""
     found: Manifest = {}
     if names is not None:
         for name in names:
             st = (root / name).stat()
             found[name] = (st.st_size, st.st_mtime_ns // NS_PER_S)
         return found
+    skipped = [] if skipped is None else skipped
+    inside = os.path.realpath(root)  # a linked root the user named is the dataset itself
 
     def walk(directory: str, prefix: str) -> None:  # scandir: one stat per file, no relpath
         with os.scandir(directory) as entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    walk(entry.path, f"{prefix}{entry.name}/")
-                elif entry.is_file():
-                    st = entry.stat()
-                    # Whole seconds by integer division: int(st_mtime) can round a float up.
-                    found[prefix + entry.name] = (st.st_size, st.st_mtime_ns // NS_PER_S)
+                name = prefix + entry.name
+                if entry.is_symlink():
+                    why = _unfollowed(entry.path, inside)
+                    if why:
+                        skipped.append(f"{printable(name)}: {why}")
+                        continue
+                elif entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{name}/")
+                    continue
+                elif not entry.is_file(follow_symlinks=False):
+                    skipped.append(f"{printable(name)}: not a regular file (a FIFO, socket or device)")
+                    continue
+                st = entry.stat()  # a link's target: its content is what tar -h sends
+                # Whole seconds by integer division: int(st_mtime) can round a float up.
+                found[name] = (st.st_size, st.st_mtime_ns // NS_PER_S)
 
     walk(str(root), "")
     return found
+
+
+def _unfollowed(link: str, inside: str) -> str | None:
+    """Why a link in the dataset is not sent (None: it is sent as a file).
+
+    A link to a file inside the dataset goes as that file's content (an image used twice).
+    Anything else would send what the user never put in the dataset (`ln -s ~/.ssh/id_ed25519
+    train/cat.1.jpg` would copy a private key to the box), or send a folder's files twice or in
+    a loop: never followed, always named.
+    """
+    target = os.path.realpath(link)
+    kind = "folder" if os.path.isdir(target) else "file" if os.path.isfile(target) else None
+    if kind is None:
+        return "a link to nothing (or not to a regular file), not followed"
+    if os.path.commonpath([target, inside]) != inside:
+        return f"a link to a {kind} outside the dataset, not followed"
+    if kind == "folder":
+        return "a link to a folder in the dataset, not followed (its files would go twice)"
+    return None
 
 
 def _record(name: str, size: int, mtime: int) -> bytes:
@@ -135,8 +177,9 @@ def sync(machine: Machine, local: Path, workdir: str,
 
 def _sync(machine: Machine, local: Path, root: Path, remote_root: str, names: list[str] | None,
           progress: Callable[[int, int], None] | None, started: float) -> SyncResult:
+    skipped: list[str] = []
     with ThreadPoolExecutor(1) as pool:  # walk the local files while the box answers
-        walking = pool.submit(local_manifest, root, names)
+        walking = pool.submit(local_manifest, root, names, skipped)
         theirs_digest = remote_digest(machine, remote_root, names)
         mine = walking.result()
     if theirs_digest in (None, EMPTY_DIGEST):
@@ -169,7 +212,8 @@ def _sync(machine: Machine, local: Path, root: Path, remote_root: str, names: li
         after = remote_manifest(machine, remote_root, names)
         wrong = [n for n in mine if after.get(n) != mine[n]] or sorted(set(after) - set(mine))
         raise DlboxError(f"{len(wrong)} file(s) differ on the box after the sync (first: "
-                         f"{wrong[0] if wrong else '?'}); run the command again")
+                         f"{printable(wrong[0]) if wrong else '?'}); run the command again")
     remote_path = remote_root if names is None else f"{remote_root}/{local.name}"
     return SyncResult(remote_path, len(mine), len(todo), total, len(extra),
-                      time.monotonic() - started)
+                      time.monotonic() - started,
+                      tuple(f"{printable(local.name)}/{entry}" for entry in sorted(skipped)))

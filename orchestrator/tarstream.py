@@ -67,7 +67,8 @@ def balanced(sizes: dict[str, int], names: list[str], parts: int) -> list[list[s
 def send(remote: subprocess.Popen, root: Path, names: list[str], where: str,
          progress: Callable[[int], None], size: int) -> None:
     """Stream root/<names> into the receiver remote; where names the destination in errors."""
-    # -h: a symlinked image goes as its content, as the manifest (which follows links) says.
+    # -h: a link among names goes as its target's content. The manifest lets through only
+    # links to files inside the dataset (sync._unfollowed); nothing else is ever named here.
     argv = ["tar", "-c", "-h", "-f", "-", "-C", str(root), "--null", "-T", "-"]
     if _gnu_tar():  # tar writes into ssh itself and reports its progress on stderr
         tar = subprocess.Popen([*argv, f"--checkpoint={CHECKPOINT_RECORDS}",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.test_ssh_box import DLBOX
+from tests.test_ssh_box import DLBOX, _target
 
 ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
 POLL_S = 0.05
@@ -131,3 +131,45 @@ def test_a_port_that_never_speaks_is_one_line_naming_host_and_port(tmp_path, ssh
     assert f"127.0.0.1:{proxy.port} accepted a TCP connection but sent no SSH banner" in line
     assert "is it an SSH server?" in line
     assert took < 2 * SSH_CONNECT_TIMEOUT_S, took
+
+
+def _files_under(root: Path):
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = Path(directory) / name
+            if not path.is_symlink():
+                yield path
+
+
+def test_links_out_of_the_dataset_are_never_followed_and_named(tmp_path, sshd):
+    """A link to a secret outside the dataset and a link to a folder: neither is sent, the
+    warnings name both; a link to an image inside goes as that image; the rest arrives."""
+    from orchestrator import runs
+    from orchestrator.sample import generate
+    from orchestrator.sshmachine import SshMachine
+
+    data = tmp_path / "data"
+    generate(data, 20, test_n=0, seed=3)
+    secret = b"-----BEGIN OPENSSH PRIVATE KEY----- dlbox-test-" + os.urandom(16).hex().encode()
+    (tmp_path / "id_ed25519").write_bytes(secret)
+    (data / "train" / "cat.9001.jpg").symlink_to(tmp_path / "id_ed25519")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "dog.9002.jpg").write_bytes((data / "train" / "dog.0.jpg").read_bytes())
+    (data / "train" / "more").symlink_to(tmp_path / "more")
+    (data / "train" / "cat.9003.jpg").symlink_to("cat.0.jpg")  # inside: sent as that image
+    remote, said = tmp_path / "remote", []
+    machine = SshMachine(_target(sshd, tmp_path / "known_hosts"), pin_new_host=True)
+    try:
+        copy = Path(runs.ship_data(machine, str(remote), data, said.append))
+    finally:
+        machine.close()
+    warned = [line for line in said if line.startswith("warning: skipped")]
+    assert any("data/train/cat.9001.jpg: a link to a file outside the dataset" in w
+               for w in warned), said
+    assert any("data/train/more: a link to a folder outside the dataset" in w for w in warned), said
+    assert len(warned) == 2 and "data: sent 21 of 21 files" in said[-1], said  # 20 + the inside link
+    for path in _files_under(remote):
+        assert secret not in path.read_bytes(), path
+    assert (copy / "train" / "cat.9003.jpg").read_bytes() == (data / "train" / "cat.0.jpg").read_bytes()
+    assert (copy / "train" / "dog.9.jpg").read_bytes() == (data / "train" / "dog.9.jpg").read_bytes()
+    assert not (copy / "train" / "cat.9001.jpg").exists() and not (copy / "train" / "more").exists()
