@@ -6,12 +6,11 @@ up here, once, and never test what kind a box is.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from . import state
+from . import records, state
 from .errors import UsageError
 from .humanize import Say
 from .machine import Machine
@@ -145,13 +144,12 @@ def decode(record: dict, project_dir: Path) -> Box:
     if cls is None:
         raise UsageError(f"this project records a box of kind {record['kind']!r}, which this "
                          "dlbox does not know; upgrade dlbox (pip install -U dlbox)")
-    known = {f.name for f in dataclasses.fields(cls)}
     try:
-        return cls(**{k: v for k, v in record.items() if k in known})
-    except TypeError as exc:
+        return records.build(cls, record)
+    except ValueError as exc:
         path = state.state_dir(project_dir) / state.STATE_FILE
         raise UsageError(f"{path}: the record of box {record['name']!r} is damaged ({exc}); "
-                         "restore it, or move the file away and run `dlbox down --all`") from exc
+                         "restore it, or move the file away and run `dlbox down`") from exc
 
 
 def recorded(project_dir: Path) -> list[Box]:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import codeship, kaggle, report, sync
+from . import codeship, kaggle, records, report, sync
 from .atomic import write_atomic
 from .boxes import Box
-from .errors import DlboxError, UsageError
+from .errors import DISK_FULL_FIX, DlboxError, UsageError
 from .humanize import Say
 from .machine import Machine
 from .render import render
@@ -29,6 +32,11 @@ RESULT_FILES = ("model.keras", "history.csv", "metrics.json", "train.log", "stat
 # Trainer flags dlbox sets itself: given through `train`, they would send results elsewhere.
 OWNED_FLAGS = ("--data", "--test", "--out", "--resume", "--extract-dir")
 LISTING_END = "dlbox-listing-end"  # the last line of a complete listing of results
+SNAPSHOT_PREFIX = ".dlbox-pull-"  # in the run's folder on the box: a pull's private copies
+SNAPSHOT_NAME = re.compile(r"\.dlbox-pull-[A-Za-z0-9]+")
+# A snapshot this old was left by a pull cut off before its cleanup (no pull takes this long).
+STALE_SNAPSHOT_MIN = 60
+MAX_ID_TRIES = 20  # run ids taken on a box shared with other projects, before giving up
 EXTRACT_DIR = "extracted"  # under the box's workdir: zips unpacked once, shared by runs
 
 
@@ -83,6 +91,41 @@ def reserve_run_id(project_dir: Path, model: str) -> str:
     raise DlboxError(f"could not reserve a run folder under {RUNS_DIR}/; clean it up")
 
 
+def reserve_command(parent: str, remote: str) -> str:
+    """A command that makes remote (not -p: it must be new) and prints reserved, or taken."""
+    p, r = shlex.quote(parent), shlex.quote(remote)
+    return (f"mkdir -p -- {p} || exit 1; if mkdir -- {r} 2>/dev/null; then echo reserved; "
+            f"elif [ -e {r} ]; then echo taken; else mkdir -- {r}; fi")
+
+
+def _reserve_on_box(project_dir: Path, machine: Machine, workdir: str,
+                    model: str) -> tuple[str, str]:
+    """(run id, its folder on the box), both folders made by this call: another project or
+    laptop sharing the box may hold an id this project has never used."""
+    parent = f"{workdir}/{RUNS_DIR}"
+    skipped: list[str] = []  # kept reserved here until the end, so the next id differs
+    try:
+        for _ in range(MAX_ID_TRIES):
+            run_id = reserve_run_id(project_dir, model)
+            remote = f"{parent}/{run_id}"
+            done = machine.run(reserve_command(parent, remote))
+            answer = done.stdout.strip()
+            if answer == "reserved":
+                return run_id, remote
+            skipped.append(run_id)
+            if answer != "taken":
+                error = _last_line(done.stderr) or f"exit status {done.exit_code}"
+                fix = DISK_FULL_FIX if "No space left" in error else "check its permissions"
+                raise DlboxError(f"could not make the run's folder {remote} on the box ({error}); "
+                                 f"{fix}, then run the command again")
+        raise DlboxError(f"{MAX_ID_TRIES} run ids in a row were taken in {parent} on the box; "
+                         "clean it up, then run the command again")
+    finally:
+        for run_id in skipped:
+            with contextlib.suppress(OSError):
+                (project_dir / RUNS_DIR / run_id).rmdir()
+
+
 def save(project_dir: Path, run: Run) -> None:
     directory = project_dir / RUNS_DIR / run.run_id
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,9 +133,8 @@ def save(project_dir: Path, run: Run) -> None:
 
 
 def _decode(path: Path) -> Run:
-    data = json.loads(path.read_text())
-    known = {f.name for f in fields(Run)}
-    return Run(**{k: v for k, v in data.items() if k in known})
+    """The run a run.json records; ValueError naming what is wrong with it."""
+    return records.build(Run, json.loads(path.read_text()))
 
 
 def load(project_dir: Path, run_id: str) -> Run:
@@ -101,19 +143,23 @@ def load(project_dir: Path, run_id: str) -> Run:
         raise UsageError(f"no run {run_id!r} in {RUNS_DIR}/; `dlbox runs` lists them")
     try:
         return _decode(path)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise UsageError(f"{path} is damaged ({exc}); its results, if pulled, are beside it") \
-            from exc
+    except ValueError as exc:  # json's errors, UnicodeDecodeError and records' are ValueErrors
+        raise UsageError(f"{path} is damaged ({exc}); restore it, or move its folder away "
+                         "(its results, if pulled, are beside it)") from exc
 
 
-def all_runs(project_dir: Path) -> list[Run]:
-    """Every run recorded under runs/, oldest first."""
+def _warn(line: str) -> None:
+    print(f"dlbox: warning: {line}", file=sys.stderr)
+
+
+def all_runs(project_dir: Path, warn: Say = _warn) -> list[Run]:
+    """Every run recorded under runs/, oldest first; a damaged record is skipped with a warning."""
     found = []
     for path in sorted((project_dir / RUNS_DIR).glob(f"*/{RUN_FILE}")):
         try:
             found.append(_decode(path))
-        except (ValueError, TypeError, AttributeError, OSError):
-            continue  # a damaged record is skipped, not fatal for the listing
+        except (ValueError, OSError) as exc:  # not fatal for the listing
+            warn(f"skipped {path}: it is damaged ({exc}); restore it, or move its folder away")
     return sorted(found, key=lambda r: r.started_at)
 
 
@@ -172,11 +218,16 @@ def _local_dataset(spec: str | None, flag: str) -> Path | None:
 
 
 def _check_trainer_args(trainer_args: list[str]) -> None:
+    """Refuse a flag dlbox sets, also abbreviated (argparse takes --ou for --out)."""
     for arg in trainer_args:
         flag = arg.split("=", 1)[0]
-        if flag in OWNED_FLAGS:
-            raise UsageError(f"{flag} is set by dlbox (results go to runs/<id>/, data through "
-                             "--data/--test of `dlbox train`); drop it from the trainer flags")
+        if not flag.startswith("--") or len(flag) < 3:
+            continue
+        owned = next((f for f in OWNED_FLAGS if f.startswith(flag)), None)
+        if owned is not None:
+            named = owned if flag == owned else f"{flag} means {owned} to the trainer, which"
+            raise UsageError(f"{named} is set by dlbox (results go to runs/<id>/, data through "
+                             f"--data/--test of `dlbox train`); drop {flag} from the trainer flags")
 
 
 def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, test: str | None,
@@ -197,8 +248,7 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
 
     data_on_box = on_box(local_data)
     test_on_box = on_box(local_test) if test is not None else None
-    run_id = reserve_run_id(project_dir, model)
-    remote = f"{box.workdir}/{RUNS_DIR}/{run_id}"
+    run_id, remote = _reserve_on_box(project_dir, machine, box.workdir, model)
     args = [model, "--data", data_on_box, "--out", remote, "--resume",
             "--extract-dir", f"{box.workdir}/{EXTRACT_DIR}"]
     if test_on_box is not None:
@@ -236,31 +286,77 @@ def read_local_json(path: Path) -> dict:
         return {}
 
 
-def pull(project_dir: Path, run: Run, machine: Machine) -> Path:
-    """Copy the results into runs/<id>/, each checked against the box's SHA-256."""
+def snapshot_command(remote_dir: str) -> str:
+    """A command that copies the results present into a private folder of the run's, then
+    prints its name, "ended" or "running", the copies' SHA-256 sums and LISTING_END.
+
+    The trainer rewrites its files while it runs: copies made in one go agree with their
+    sums, whatever it writes meanwhile. Whether it ended is read before copying: "ended"
+    means every copy is final.
+    """
+    copies = " ".join(RESULT_FILES)
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 3; "
+            f"find . -maxdepth 1 -name '{SNAPSHOT_PREFIX}*' -mmin +{STALE_SNAPSHOT_MIN} "
+            "-exec rm -rf {} + 2>/dev/null; "
+            "if [ -e exit_code ]; then state=ended; else state=running; fi; "
+            f"snap=$(mktemp -d ./{SNAPSHOT_PREFIX}XXXXXXXX) || exit 1; "
+            f'for f in {copies}; do if [ -e "$f" ]; then '
+            # a file that vanished meanwhile is not a failure; a full disk is
+            'cp --reflink=auto -- "$f" "$snap"/ || [ ! -e "$f" ] || { rm -rf "$snap"; exit 1; }; '
+            'fi; done; echo "${snap#./}"; echo $state; '
+            f'cd "$snap" || exit 1; sha256sum -- * 2>/dev/null; echo {LISTING_END}')
+
+
+def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print) -> Path:
+    """Copy the results into runs/<id>/, each checked against the box's SHA-256: a snapshot,
+    said so, while the run is still going."""
     local = project_dir / RUNS_DIR / run.run_id
     local.mkdir(parents=True, exist_ok=True)
-    listing = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; sha256sum -- "
-                          + " ".join(RESULT_FILES) + f" 2>/dev/null; echo {LISTING_END}")
+    listing = machine.run(snapshot_command(run.remote_dir))
+    if listing.exit_code == 3:
+        raise DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "
+                         "(deleted, or the box was replaced); what was pulled is in runs/")
     lines = listing.stdout.splitlines()
-    if not lines or lines[-1] != LISTING_END:  # cut short: never take a partial list as all
-        raise DlboxError(f"could not list the results of run {run.run_id} in {run.remote_dir} "
-                         f"on the box; run `dlbox pull {run.run_id}` again")
-    remote_sums = {name: digest for digest, name in
-                   (line.split(maxsplit=1) for line in lines[:-1])}
-    if not remote_sums:
-        raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
-    for name, digest in remote_sums.items():
-        tmp = local / f".{name}.part"
-        try:
-            machine.fetch(f"{run.remote_dir}/{name}", tmp)
-            if _sha256(tmp) != digest:
-                raise DlboxError(f"copy of {name} does not match the box's; run `dlbox pull "
-                                 f"{run.run_id}`")
-            os.replace(tmp, local / name)  # a file in runs/ is always a whole, verified one
-        finally:
-            tmp.unlink(missing_ok=True)
+    # Cut short: never take a partial list as all.
+    if (len(lines) < 3 or lines[-1] != LISTING_END or not SNAPSHOT_NAME.fullmatch(lines[0])
+            or lines[1] not in ("ended", "running")):
+        error = _last_line(listing.stderr)
+        fix = DISK_FULL_FIX if "No space left" in error else f"run `dlbox pull {run.run_id}` again"
+        raise DlboxError(f"could not copy the results of run {run.run_id} in {run.remote_dir} "
+                         f"on the box{f' ({error})' if error else ''}; {fix}")
+    snapshot = f"{run.remote_dir}/{lines[0]}"
+    try:
+        remote_sums = {name: digest for digest, name in
+                       (line.split(maxsplit=1) for line in lines[2:-1])}
+        if not remote_sums:
+            raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
+        for name, digest in remote_sums.items():
+            _fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id)
+    finally:
+        with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
+            machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
+    if lines[1] != "ended":
+        say(f"run {run.run_id} is still going; pulled a snapshot of what it has so far")
     return local
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str) -> None:
+    """remote copied to local whole and verified, or not at all."""
+    # A name of its own: two pulls of one run at once (two terminals) never share a part file.
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+    try:
+        machine.fetch(remote, tmp)
+        if _sha256(tmp) != digest:
+            raise DlboxError(f"copy of {local.name} does not match the box's; run `dlbox pull "
+                             f"{run_id}`")
+        os.replace(tmp, local)  # a file in runs/ is always a whole, verified one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

@@ -51,15 +51,21 @@ def records(project_dir: Path) -> list[dict]:
         raise UsageError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from exc
     try:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object, got {type(data).__name__}")
         version = data.get("version", 1)
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise ValueError(f"version {version!r}")
         if version > STATE_VERSION:
             raise UsageError(f"{path} was written by a newer dlbox (state version {version}; "
                              f"this one reads up to {STATE_VERSION}); upgrade dlbox "
                              "(pip install -U dlbox) to manage this project's boxes")
-        found = [data["box"]] if version == 1 and data.get("box") else data.get("boxes") or []
+        found = ([data["box"]] if data.get("box") else []) if version == 1 else data.get("boxes")
+        if not isinstance(found, list):
+            raise ValueError(f'"boxes": expected a list, got {json.dumps(found)[:40]}')
         for record in found:
+            if not isinstance(record, dict):
+                raise ValueError(f"a box record is {json.dumps(record)[:40]}, not an object")
             record.setdefault("kind", "ec2")  # version 1 wrote no kind for EC2 boxes
             if not isinstance(record.get("name"), str) or not isinstance(record["kind"], str):
                 raise ValueError("a box without kind or name")
@@ -68,7 +74,7 @@ def records(project_dir: Path) -> list[dict]:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise UsageError(f"{path} is damaged ({exc}); restore it, or move it away and run "
-                         "`dlbox down --all` to end this region's dlbox instances") from exc
+                         "`dlbox down`") from exc
 
 
 @contextlib.contextmanager
