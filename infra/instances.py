@@ -29,6 +29,9 @@ QUOTA_NAMES = {
     ("p", "spot"): "All P Spot Instance Requests (L-7212CCBC)",
 }
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+# Shutdown from inside the instance (the watchdog's poweroff): end the bill, or keep the disk.
+SHUTDOWN_TERMINATES = "terminate"
+SHUTDOWN_STOPS = "stop"
 RUNNING_POLL_S = 5
 TERMINATED_POLL_S = 2
 TERMINATED_POLL_MAX_S = 15
@@ -136,6 +139,8 @@ def _instance(raw: dict) -> Instance:
         public_ip=raw.get("PublicIpAddress"),
         image_id=raw.get("ImageId", ""),
         tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+        key_name=raw.get("KeyName"),
+        security_group_ids=tuple(g["GroupId"] for g in raw.get("SecurityGroups", [])),
     )
 
 
@@ -152,9 +157,10 @@ def describe(ec2, instance_id: str) -> Instance | None:
     return _instance(found[0]) if found else None
 
 
-def find(ec2, *, project: str | None = None, box: str | None = None) -> list[Instance]:
+def find(ec2, *, project: str | None = None, box: str | None = None,
+         states: tuple[str, ...] = LIVE_STATES) -> list[Instance]:
     """Live dlbox instances, found by their tags (no local state needed)."""
-    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+    filters = [{"Name": "instance-state-name", "Values": list(states)},
                {"Name": "tag-key", "Values": [TAG_BOX]}]
     if project is not None:
         filters.append({"Name": f"tag:{TAG_PROJECT}", "Values": [project]})
@@ -163,6 +169,36 @@ def find(ec2, *, project: str | None = None, box: str | None = None) -> list[Ins
     with translated("list dlbox instances"):
         pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
         return [_instance(i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def using(ec2, *, group_id: str | None = None, key_name: str | None = None) -> list[str]:
+    """Ids of the instances not yet terminated that use a security group or a key pair."""
+    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    if group_id is not None:
+        filters.append({"Name": "instance.group-id", "Values": [group_id]})
+    if key_name is not None:
+        filters.append({"Name": "key-name", "Values": [key_name]})
+    with translated("list the instances using a group or key pair"):
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        return [i["InstanceId"] for page in pages for r in page["Reservations"]
+                for i in r["Instances"]]
+
+
+def set_shutdown_behaviour(ec2, instance_id: str, behaviour: str) -> None:
+    """What a shutdown from inside the instance does: SHUTDOWN_TERMINATES or SHUTDOWN_STOPS."""
+    with translated(f"set the shutdown behaviour of {instance_id}"):
+        # The Attribute/Value form: AWS takes it for this attribute, and moto implements it.
+        ec2.modify_instance_attribute(InstanceId=instance_id,
+                                      Attribute="instanceInitiatedShutdownBehavior", Value=behaviour)
+
+
+def start(ec2, instance_id: str, timeout_s: float) -> Instance:
+    """Start a stopped (or stopping) instance and wait until it runs; return it."""
+    _wait(ec2, "instance_stopped", [instance_id], RUNNING_POLL_S, timeout_s,
+          f"wait for {instance_id} to stop before starting it")
+    with translated(f"start {instance_id}"):
+        ec2.start_instances(InstanceIds=[instance_id])
+    return wait_running(ec2, instance_id, timeout_s)
 
 
 def console_output(ec2, instance_id: str) -> str:

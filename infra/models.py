@@ -66,10 +66,16 @@ class Instance:
     public_ip: str | None
     image_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    key_name: str | None = None
+    security_group_ids: tuple[str, ...] = ()
 
     @property
     def box(self) -> str | None:
         return self.tags.get(TAG_BOX)
+
+    @property
+    def project(self) -> str | None:
+        return self.tags.get(TAG_PROJECT)
 
 
 @dataclass(frozen=True)

@@ -137,17 +137,36 @@ def _aws_code(exc: BaseException) -> str:
     return error_code(exc.__cause__) if exc.__cause__ is not None else error_code(exc)
 
 
-def tagged_security_groups(ec2) -> list[str]:
-    """Ids of every security group dlbox created in the region."""
+def _tagged(project: str | None) -> list[dict]:
+    """Filters for dlbox's resources: one project's, or (None) every project's."""
+    if project is None:
+        return [{"Name": "tag-key", "Values": [TAG_PROJECT]}]
+    return [{"Name": f"tag:{TAG_PROJECT}", "Values": [project]}]
+
+
+def tagged_security_groups(ec2, project: str | None = None) -> list[str]:
+    """Ids of the security groups dlbox created in the region (for one project, or all)."""
     with translated("list dlbox security groups"):
-        groups = ec2.describe_security_groups(
-            Filters=[{"Name": "tag-key", "Values": [TAG_PROJECT]}])["SecurityGroups"]
+        groups = ec2.describe_security_groups(Filters=_tagged(project))["SecurityGroups"]
     return [g["GroupId"] for g in groups]
 
 
-def tagged_key_pairs(ec2) -> list[str]:
-    """Names of every key pair dlbox imported in the region."""
+def tagged_key_pairs(ec2, project: str | None = None) -> list[str]:
+    """Names of the key pairs dlbox imported in the region (for one project, or all)."""
     with translated("list dlbox key pairs"):
-        pairs = ec2.describe_key_pairs(
-            Filters=[{"Name": "tag-key", "Values": [TAG_PROJECT]}])["KeyPairs"]
+        pairs = ec2.describe_key_pairs(Filters=_tagged(project))["KeyPairs"]
     return [p["KeyName"] for p in pairs]
+
+
+def release_unused(ec2, project: str | None, also_groups: tuple[str, ...] = (),
+                   also_keys: tuple[str, ...] = ()) -> None:
+    """Delete dlbox's groups and key pairs (one project's, or every project's) that no
+    instance uses any more: one still in use stays until its last user is gone."""
+    from .instances import using
+
+    for group_id in dict.fromkeys([*tagged_security_groups(ec2, project), *also_groups]):
+        if not using(ec2, group_id=group_id):
+            delete_security_group(ec2, group_id)
+    for key_name in dict.fromkeys([*tagged_key_pairs(ec2, project), *also_keys]):
+        if not using(ec2, key_name=key_name):
+            delete_key_pair(ec2, key_name)

@@ -108,6 +108,16 @@ class Box(Protocol):
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
         """End (or forget) the box, verified, and remove its record."""
 
+    def wake(self, project_dir: Path, say: Say) -> Box:
+        """The box ready for commands: started again if it was stopped to keep results."""
+
+    def hold_results(self, project_dir: Path) -> None:
+        """A run holds results on the box: nothing that ends the box on its own may destroy them."""
+
+    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
+        """run_id's results are pulled (verified): the box may end on its own again once no
+        other run holds results there."""
+
 
 def _registry() -> dict[str, type[Box]]:
     from .ec2box import Ec2Box

@@ -147,13 +147,15 @@ def up(
         profile=profile, instance_type=tuple(instance_type) if instance_type else None, spot=spot,
         disk_gb=disk_gb, idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,
         ssh_cidr=ssh_cidr, ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
+    from . import boxlock
+
     with _errors():
         kind = boxes.kind_for_up(flags)
+    with _errors(kind.INTERRUPTED_UP), boxlock.held(_project(), _say):  # two `up` never race
         existing = boxes.current(_project())
         if existing is not None and existing.kind != kind.kind:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first, then "
                              "`dlbox up` again")
-    with _errors(kind.INTERRUPTED_UP):
         kind.up(_project(), flags, existing, _say)
 
 
@@ -168,7 +170,18 @@ def status() -> None:
             typer.echo("no box is up in this project (`dlbox up` starts one)")
             return
         rows = box.status(_project())
+        unpulled = _unpulled(box)
+        if unpulled:
+            rows.append(("results", f"run(s) {', '.join(unpulled)} not pulled yet: they are on "
+                                    f"the box; `dlbox pull {unpulled[0]}` fetches them"))
     _table(rows)
+
+
+def _unpulled(box) -> list[str]:
+    """This box's runs whose results were never pulled after they ended (or still going)."""
+    from . import runs
+
+    return [r.run_id for r in runs.all_runs(_project()) if r.box == box.name and not r.finished_at]
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -187,34 +200,126 @@ def _table(rows: list[tuple[str, str]]) -> None:
 
 @app.command()
 def down(
-    all_boxes: Annotated[bool, typer.Option("--all", help="Every dlbox instance in the region, "
-                                            "even without .dlbox/.")] = False,
+    all_boxes: Annotated[bool, typer.Option("--all", help="Every project's dlbox instances in "
+                                            "the region, even without .dlbox/ (asks first).")] = False,
     region: Annotated[str | None, typer.Option(
-        "--region", help="--all: the region to sweep [dlbox.toml or us-east-1].")] = None,
+        "--region", help="Where to look for instances [dlbox.toml or us-east-1].")] = None,
     profile: Annotated[str | None, typer.Option(
         "--profile", help="AWS profile [the one the box was started with].")] = None,
-    purge: Annotated[bool, typer.Option("--purge", help="SSH box: also delete dlbox's folder "
-                                        "there.")] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="SSH box: also delete what dlbox made "
+                                        "in its folder there.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask: end runs still going, "
+                                      "or every project's instances with --all.")] = False,
 ) -> None:
-    """End the project's box (EC2: terminate, verified), so nobody keeps paying."""
-    from . import boxes
+    """End the project's box (EC2: terminate, verified), so nobody keeps paying.
+
+    Results of runs that ended but were never pulled are pulled first."""
+    from . import boxes, boxlock
 
     with _errors("the box may still be running: run `dlbox down` again"):
         if all_boxes:
-            from . import config, ec2box
+            _down_every_project(region, profile, yes)
+            return
+        with boxlock.held(_project(), _say):
+            found = boxes.recorded(_project())
+            if not found:
+                _down_unrecorded(region, profile)
+                return
+            flags = boxes.DownFlags(purge=purge, profile=profile)
+            for box in found:
+                boxes.check_down_flags(box, flags)
+            for box in found:
+                box = _settle_runs(box, yes)
+                box.down(_project(), flags, _say)
 
-            cfg = config.load(_project(), region=region, profile=profile)
-            ec2box.down_all(cfg.region, cfg.profile, _say)
+
+def _confirm(question: str, yes: bool, refusal: str) -> None:
+    """Go on if --yes was given or the user says so at a terminal; else one line, exit 2."""
+    if yes:
+        return
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        if typer.confirm(question, default=False):
             return
-        found = boxes.recorded(_project())
-        if not found:
-            typer.echo("no box is up in this project")
-            return
-        flags = boxes.DownFlags(purge=purge, profile=profile)
-        for box in found:
-            boxes.check_down_flags(box, flags)
-        for box in found:
-            box.down(_project(), flags, _say)
+        raise UsageError("nothing was ended")
+    raise UsageError(refusal)
+
+
+def _down_every_project(region: str | None, profile: str | None, yes: bool) -> None:
+    """`down --all`: list every dlbox instance in the region, ask, end them."""
+    from . import config, ec2box
+
+    cfg = config.load(_project(), region=region, profile=profile)
+    ec2, found = ec2box.every_instance(cfg.region, cfg.profile)
+    if not found:
+        typer.echo(f"no dlbox instance is running in {cfg.region}")
+        return
+    typer.echo(f"dlbox instances in {cfg.region}, of every project:")
+    for line in ec2box.describe_for_ending(ec2, found):
+        typer.echo(f"  {line}")
+    _confirm(f"Terminate these {len(found)} instance(s)?", yes,
+             f"{len(found)} instance(s) of every project would be terminated; `dlbox down --all "
+             "--yes` ends them (plain `dlbox down` ends only this project's)")
+    ec2box.end_all(ec2, found, cfg.region, _say)
+
+
+def _down_unrecorded(region: str | None, profile: str | None) -> None:
+    """No box recorded: still end this project's EC2 instances, found by their tag."""
+    from infra.errors import CredentialsError
+
+    from . import config, ec2box
+
+    cfg = config.load(_project(), region=region, profile=profile)
+    try:
+        ec2 = ec2box.clients(cfg.region, cfg.profile)
+    except CredentialsError:  # no AWS here: nothing of this project can be running there
+        typer.echo("no box is up in this project")
+        return
+    ended = ec2box.end_project(_project(), ec2, _say, [])
+    if ended:
+        typer.echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
+                   "record: terminated (verified)")
+    else:
+        typer.echo("no box is up in this project")
+
+
+def _settle_runs(box, yes: bool):
+    """Before a box ends: pull the results of its runs that ended unpulled; runs still going
+    are ended only with --yes (or a yes at the prompt). Returns the box (maybe woken)."""
+    from . import registry, runs
+
+    pending = [r for r in runs.all_runs(_project()) if r.box == box.name and r.finished_at is None]
+    if not pending:
+        return box
+    names = ", ".join(r.run_id for r in pending)
+    try:
+        box = box.wake(_project(), _say)
+        machine = box.machine(_project())
+        going = set(registry.live_runs(machine, box.runs_registry()))
+    except DlboxError as exc:
+        _confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
+                 f"{names}?", yes, f"cannot reach {box.label} to pull run(s) {names} ({exc}); "
+                 "`dlbox down --yes` ends it without them")
+        return box
+    try:
+        for run in pending:
+            if run.run_id in going:
+                continue
+            code = machine.read(f"{run.remote_dir}/exit_code")
+            if code is None:
+                continue  # never started or killed: nothing final to pull
+            run = runs.finish(_project(), run, machine, int(code.strip() or 1))
+            box.release_results(_project(), machine, run.run_id)  # the caller holds the lock
+            typer.echo(f"run {run.run_id} had ended ({run.status}); its results are pulled into "
+                       f"{runs.RUNS_DIR}/{run.run_id}/")
+    finally:
+        machine.close()
+    still = [r.run_id for r in pending if r.run_id in going]
+    if still:
+        names = ", ".join(still)
+        _confirm(f"Run(s) {names} still going on {box.label}; end them with the box?", yes,
+                 f"run(s) {names} still going on {box.label}: `dlbox attach {still[0]}` waits "
+                 "for the results, `dlbox down --yes` ends the box anyway")
+    return box
 
 
 MODELS = ("scratch", "vgg16")
@@ -238,12 +343,12 @@ def train(
                  "follows it"):
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
-        box = _box(_project())
+        box = _box(_project()).wake(_project(), _say)
         machine = box.machine(_project())
         with _transfer_bar() as progress:
             run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say,
                              progress, config.load(_project()).pip_args)
-    code = _follow_and_finish(run, machine)
+    code = _follow_and_finish(run, box, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         with _errors("the box may still be running: run `dlbox down`"):
             box.down(_project(), boxes.DownFlags(), _say)
@@ -301,22 +406,60 @@ def _hms(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-def _machine_of(run):
-    """The machine of the box a recorded run ran on (it must still be this project's box)."""
+def _box_of(run):
+    """(box, machine) of the box a recorded run ran on (it must still be this project's box),
+    started again if it was stopped to keep results."""
     from . import boxes
 
     box = boxes.named(_project(), run.box)
     if box is None:
         raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's box "
                          f"any more; its results are what was pulled into runs/{run.run_id}/")
-    return box.machine(_project())
+    box = box.wake(_project(), _say)
+    return box, box.machine(_project())
 
 
-def _follow_and_finish(run, machine) -> int:
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (then arrive as usual)."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+
+
+def _hold(box) -> None:
+    """While a run has results on the box, nothing that ends the box on its own destroys them.
+    A Ctrl-C right after the start (to detach) waits for this short step."""
+    from . import boxlock
+
+    try:
+        with _signals_deferred(), boxlock.held(_project(), _say):
+            box.hold_results(_project())
+    except (DlboxError, InfraError) as exc:  # training goes on; the risk is said
+        typer.secho(f"warning: could not keep the watchdog from destroying unpulled results "
+                    f"({exc}); pull them before the box goes idle", err=True,
+                    fg=typer.colors.YELLOW)
+
+
+def _finish(run, box, machine, code: int):
+    """Pull and record the results of a run that ended; then the box may end on its own."""
+    from . import boxlock, runs
+
+    run = runs.finish(_project(), run, machine, code)
+    with boxlock.held(_project(), _say):
+        box.release_results(_project(), machine, run.run_id)
+    return run
+
+
+def _follow_and_finish(run, box, machine) -> int:
     """Stream the run; Ctrl-C detaches (the run goes on); pull and record the results."""
     from . import follow, runs
 
     try:
+        _hold(box)
         with _status_bar() as (say, on_status):
             code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
                                  on_status=on_status)
@@ -330,7 +473,7 @@ def _follow_and_finish(run, machine) -> int:
     except DlboxError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     with _errors():
-        run = runs.finish(_project(), run, machine, code)
+        run = _finish(run, box, machine, code)
     machine.close()
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     if run.val_accuracy is not None:
@@ -348,8 +491,8 @@ def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox 
 
     with _errors():
         run = runs.load(_project(), run_id)
-        machine = _machine_of(run)
-    raise typer.Exit(_follow_and_finish(run, machine))
+        box, machine = _box_of(run)
+    raise typer.Exit(_follow_and_finish(run, box, machine))
 
 
 @app.command()
@@ -359,8 +502,13 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox ru
 
     with _errors():
         run = runs.load(_project(), run_id)
-        machine = _machine_of(run)
-        local = runs.pull(_project(), run, machine)
+        box, machine = _box_of(run)
+        code = machine.read(f"{run.remote_dir}/exit_code")
+        if code is None or run.finished_at:  # still going, or already recorded: copy again
+            local = runs.pull(_project(), run, machine)
+        else:  # ended: its results are final, and once here the box need not keep them
+            _finish(run, box, machine, int(code.strip() or 1))
+            local = _project() / runs.RUNS_DIR / run.run_id
     typer.echo(f"pulled into {local}")
 
 
@@ -377,7 +525,7 @@ def logs(
 
     with _errors():
         run = runs.resolve(_project(), run_id)
-        machine = _machine_of(run)
+        _, machine = _box_of(run)
         offset = 0
         while True:
             chunk, ended = follow.read_log(machine, run, offset)
@@ -399,9 +547,9 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
 
     with _errors():
         run = runs.load(_project(), run_id)
-        machine = _machine_of(run)
+        box, machine = _box_of(run)
         code = runs.cancel(run, machine, _say)
-        run = runs.finish(_project(), run, machine, code)
+        run = _finish(run, box, machine, code)
     typer.echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
                f"{runs.RUNS_DIR}/{run.run_id}/")
 
@@ -412,7 +560,7 @@ def list_runs() -> None:
     from . import runs
     from .humanize import duration
 
-    header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost")
+    header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost", "results")
     rows = []
     with _errors():
         recorded = runs.all_runs(_project())
@@ -425,6 +573,8 @@ def list_runs() -> None:
             duration(run.seconds) if run.seconds is not None else "-",
             run.box,
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
+            f"{runs.RUNS_DIR}/{run.run_id}/" if run.finished_at else
+            f"on the box (`dlbox pull {run.run_id}`)",
         ))
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts
         for row in (header, *rows):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar
 
-from . import hostkeys, sshtarget, state
+from . import hostkeys, registry, sshtarget, state
 from .boxes import Box, DownFlags, Say, UpFlags
 from .errors import DlboxError, UsageError
 from .humanize import duration
@@ -17,6 +17,7 @@ from .sshmachine import SshMachine
 from .sshtarget import SshTarget
 
 TERMINATE_TIMEOUT_S = 600
+START_TIMEOUT_S = 600  # a stopped box started again to hand over its results
 BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"  # made by the user data; the watchdog's state
 RUNS_REGISTRY_ON_BOX = f"{BOX_STATE_DIR_ON_BOX}/active"  # runs announce themselves here
 EC2_UP_FLAGS = frozenset({"region", "profile", "instance_type", "spot", "disk_gb", "idle_minutes",
@@ -106,50 +107,121 @@ class Ec2Box:
             ("uptime", duration(uptime)),
             ("cost so far", f"${spent:.2f} at ${self.usd_per_hour:.3f}/h" if spent is not None
              else "unknown"),
-            ("watchdog", self._watchdog_line(inst)),
+            ("watchdog", self._watchdog_line(project_dir, inst)),
         ]
         if state_now in ("shutting-down", "terminated", "gone", "stopped"):
             rows.append(("note", "the box has stopped (the watchdog or AWS ended it); "
                                  "`dlbox down` cleans up"))
         return rows
 
-    def _watchdog_line(self, inst) -> str:
-        parts = []
-        if self.idle_minutes:
-            parts.append(f"powers off after {self.idle_minutes} idle minutes")
-        if self.max_lifetime_minutes and inst is not None:
-            ends = inst.launch_time + timedelta(minutes=self.max_lifetime_minutes)
-            left = (ends - datetime.now(timezone.utc)).total_seconds()
-            parts.append(f"at the latest at {ends:%Y-%m-%d %H:%M} UTC (in {duration(max(0.0, left))})")
-        return "; ".join(parts) or "off (the box runs until `dlbox down`)"
+    def _watchdog_line(self, project_dir: Path, inst) -> str:
+        """The watchdog as the box reports it; never "on" unless the box says so."""
+        from . import watchdog
+
+        if not (self.idle_minutes or self.max_lifetime_minutes):
+            return "off (the box runs until `dlbox down`)"
+        if inst is None or inst.state != "running" or self.workdir is None:
+            return f"unknown (the box is {inst.state if inst else 'gone'})"
+        machine = self.machine(project_dir)
+        try:
+            return watchdog.check(machine).line()
+        except DlboxError as exc:
+            return f"unknown: could not ask the box ({exc})"
+        finally:
+            machine.close()
 
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
-        """Terminate the instance (verified), delete the key pair and group dlbox made, forget it."""
-        from infra import instances
-        from infra.prices import cost
-
+        """Terminate the box and every other instance of the project (verified), delete the
+        key pair and group once nothing uses them, forget the box."""
         ec2 = clients(self.region, flags.profile or self.profile)
-        ids = [self.instance_id] if self.instance_id else []
-        ids += [i.instance_id for i in instances.find(ec2, box=self.name) if i.instance_id not in ids]
-        launched = [found for i in ids if (found := instances.describe(ec2, i)) is not None]
-        say("terminating " + ", ".join(ids) + "..." if ids else f"box {self.name} never launched")
-        instances.terminate(ec2, ids, TERMINATE_TIMEOUT_S)
-        still = [i.instance_id for i in instances.find(ec2, box=self.name) if i.state != "terminated"]
-        if still:
-            raise DlboxError(f"{', '.join(still)} still running; run `dlbox down` again")
-        for inst in launched:
-            say(f"{inst.instance_id} terminated")
+        ended = end_project(project_dir, ec2, say, [self.instance_id] if self.instance_id else [],
+                            self.name)
+        if not ended:
+            say(f"box {self.name} never launched")
         try:
             forget(project_dir, ec2, self)
         except Exception as exc:
-            raise DlboxError(f"{', '.join(ids) or self.name} terminated (verified), but cleaning "
-                             f"up after it failed ({exc}); run `dlbox down` again to delete its "
-                             "key pair and group") from exc
-        if launched:
-            seconds = (datetime.now(timezone.utc) - launched[0].launch_time).total_seconds()
-            total = cost(self.usd_per_hour, seconds)
-            if total is not None:
-                say(f"box terminated; it cost about ${total:.2f}")
+            raise DlboxError(f"{', '.join(i.instance_id for i in ended) or self.name} terminated "
+                             f"(verified), but cleaning up after it failed ({exc}); run `dlbox "
+                             "down` again to delete its key pair and group") from exc
+        for inst in ended:
+            spent = _cost_so_far(inst, self.usd_per_hour)
+            if spent is not None:
+                say(f"{inst.instance_id} terminated; it cost about ${spent:.2f}")
+
+
+    def wake(self, project_dir: Path, say: Say) -> Ec2Box:
+        """Started again if the watchdog stopped it (an on-demand box holding unpulled results
+        stops instead of terminating); its pinned host key follows it to its new address."""
+        from infra import instances
+
+        from . import netwait
+
+        if self.instance_id is None:
+            return self
+        ec2 = clients(self.region, self.profile)
+        inst = instances.describe(ec2, self.instance_id)
+        if inst is None or inst.state not in ("stopping", "stopped"):
+            return self
+        say(f"{self.label} was stopped to keep results nobody pulled; starting it...")
+        inst = instances.start(ec2, self.instance_id, START_TIMEOUT_S)
+        box = replace(self, host=inst.public_ip)
+        if self.host is not None and box.host != self.host:
+            hostkeys.moved(Path(state.known_hosts(project_dir)),
+                           self.ssh_target(project_dir).known_hosts_name,
+                           box.ssh_target(project_dir).known_hosts_name)
+        state.put(project_dir, box)
+        netwait.wait_for_ssh(box.host, box.ssh_port)
+        return box
+
+    def hold_results(self, project_dir: Path) -> None:
+        """On-demand: a power-off (the watchdog's) stops the box, its disk kept, instead of
+        terminating it. Spot boxes cannot stop: their watchdog waits for the pull instead."""
+        from infra import instances
+
+        if not self.spot and self.instance_id:
+            instances.set_shutdown_behaviour(clients(self.region, self.profile), self.instance_id,
+                                             instances.SHUTDOWN_STOPS)
+
+    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
+        """Once no run holds results, a power-off terminates the box again (the bill ends)."""
+        from infra import instances
+
+        held = registry.release(machine, RUNS_REGISTRY_ON_BOX, run_id)
+        if not held and not self.spot and self.instance_id:
+            instances.set_shutdown_behaviour(clients(self.region, self.profile), self.instance_id,
+                                             instances.SHUTDOWN_TERMINATES)
+
+
+def _cost_so_far(inst, usd_per_hour: float | None) -> float | None:
+    from infra.prices import cost
+
+    return cost(usd_per_hour, (datetime.now(timezone.utc) - inst.launch_time).total_seconds())
+
+
+def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | None = None) -> list:
+    """Terminate ids and every instance tagged with the project (or box), verified; return
+    the instances that were live. The project's key pair and group go once nothing uses them."""
+    from infra import instances, network
+
+    project = project_name(project_dir)
+    live = {i.instance_id: i for i in instances.find(ec2, project=project)}
+    if box is not None:
+        live |= {i.instance_id: i for i in instances.find(ec2, box=box)}
+    for instance_id in ids:  # recorded, maybe untagged yet, or unknown to EC2 for a few seconds
+        if instance_id not in live and (inst := instances.describe(ec2, instance_id)) is not None \
+                and inst.state != "terminated":
+            live[instance_id] = inst
+    targets = list(dict.fromkeys([*ids, *live]))
+    if targets:
+        say("terminating " + ", ".join(f"{i} ({live[i].state})" if i in live else i
+                                       for i in targets) + "...")
+    instances.terminate(ec2, targets, TERMINATE_TIMEOUT_S)
+    still = [i.instance_id for i in instances.find(ec2, project=project) if i.state != "terminated"]
+    if still:
+        raise DlboxError(f"{', '.join(still)} still running; run `dlbox down` again")
+    network.release_unused(ec2, project)
+    return list(live.values())
 
 
 def clients(region: str, profile: str | None):
@@ -173,11 +245,12 @@ def project_name(project_dir: Path) -> str:
 
 
 def forget(project_dir: Path, ec2, box: Ec2Box) -> None:
-    """Delete the box's group and key pair (both dlbox's own), its pinned keys and its record."""
+    """Delete the box's group and key pair unless another instance still uses them, its
+    pinned keys and its record."""
     from infra import network
 
-    network.delete_security_group(ec2, box.security_group_id)
-    network.delete_key_pair(ec2, box.key_name)
+    network.release_unused(ec2, project_name(project_dir), (box.security_group_id,),
+                           (box.key_name,))
     if box.host:  # its address may go to another box tomorrow
         target = box.ssh_target(project_dir)
         hostkeys.forget(Path(target.known_hosts), {target.known_hosts_name})
@@ -185,19 +258,34 @@ def forget(project_dir: Path, ec2, box: Ec2Box) -> None:
     sshtarget.remove_config(state.state_dir(project_dir))
 
 
-def down_all(region: str, profile: str | None, say: Say) -> int:
-    """Terminate every dlbox-tagged instance in the region, even with .dlbox/ gone."""
-    from infra import instances, network
+def every_instance(region: str, profile: str | None) -> tuple[object, list]:
+    """(an EC2 client, every dlbox instance in the region, of every project)."""
+    from infra import instances
 
     ec2 = clients(region, profile)
-    found = instances.find(ec2)
-    for inst in found:
-        say(f"terminating {inst.instance_id} ({inst.box}, {inst.instance_type}, {inst.state})")
-    instances.terminate(ec2, [i.instance_id for i in found], TERMINATE_TIMEOUT_S)
-    for group_id in network.tagged_security_groups(ec2):
-        network.delete_security_group(ec2, group_id)
-    for key_name in network.tagged_key_pairs(ec2):
-        network.delete_key_pair(ec2, key_name)
-    say(f"{len(found)} dlbox instance(s) terminated in {region}")
-    return len(found)
+    return ec2, instances.find(ec2)
 
+
+def describe_for_ending(ec2, found: list) -> list[str]:
+    """One line per instance: id, project, state, age and what it cost so far."""
+    from infra.prices import AwsPrices
+
+    prices = AwsPrices(ec2)
+    lines = []
+    for inst in found:
+        age = (datetime.now(timezone.utc) - inst.launch_time).total_seconds()
+        spent = _cost_so_far(inst, prices.hourly(inst.instance_type, inst.zone, inst.spot))
+        lines.append(f"{inst.instance_id}  project {inst.project or '?'}  {inst.instance_type} "
+                     f"{inst.state}  up {duration(age)}  "
+                     + (f"about ${spent:.2f} so far" if spent is not None else "cost unknown"))
+    return lines
+
+
+def end_all(ec2, found: list, region: str, say: Say) -> None:
+    """Terminate the instances listed (verified); delete dlbox's groups and key pairs that
+    nothing uses any more."""
+    from infra import instances, network
+
+    instances.terminate(ec2, [i.instance_id for i in found], TERMINATE_TIMEOUT_S)
+    network.release_unused(ec2, None)
+    say(f"{len(found)} dlbox instance(s) terminated in {region}")

@@ -13,7 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NoReturn
 
-from . import config, environment, keys, myip, netwait, sshtarget, state
+from . import (
+    config,
+    environment,
+    hostkeys,
+    keys,
+    myip,
+    netwait,
+    registry,
+    sshtarget,
+    state,
+    watchdog,
+)
 from .boxes import Box, DownFlags, Say, UpFlags
 from .ec2box import (
     BOX_STATE_DIR_ON_BOX,
@@ -30,27 +41,44 @@ from .sshmachine import SshMachine
 
 RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
 BOOTING_CONNECT_DEADLINE_S = 60  # sshd answers before cloud-init is done: handshakes may drop
+# Instances `up` reuses; shutting-down and terminated ones are gone.
+KEEPABLE_STATES = ("pending", "running", "stopping", "stopped")
 CLOUD_INIT_TIMEOUT_S = 300  # the user data (watchdog, run registry) done before the first run
 # Waits for cloud-init where there is one (a DLAMI); elsewhere nothing to wait for.
 CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
                    "cloud-init status --wait >/dev/null 2>&1; exit 0")
 
 
-def user_data(cfg: config.Config) -> str:
-    """The cloud-init script: installs the watchdog timer."""
-    watchdog = render(
+# The instance's purchasing option from IMDSv2 (spot boxes cannot stop, only terminate).
+MARKET_COMMAND = ("token=$(curl -sf -m 2 -X PUT http://169.254.169.254/latest/api/token "
+                  "-H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && curl -sf -m 2 "
+                  "-H \"X-aws-ec2-metadata-token: $token\" "
+                  "http://169.254.169.254/latest/meta-data/instance-life-cycle")
+
+
+def watchdog_script(cfg: config.Config, market_command: str = MARKET_COMMAND,
+                    poweroff_command: str = "systemctl poweroff") -> str:
+    """The watchdog the user data installs as /usr/local/sbin/dlbox-watchdog."""
+    return render(
         "watchdog.sh.j2", state_dir=BOX_STATE_DIR_ON_BOX, registry=RUNS_REGISTRY_ON_BOX,
         idle_seconds=cfg.idle_minutes * 60, max_lifetime_seconds=cfg.max_lifetime_minutes * 60,
-        ssh_port=cfg.ssh_port, poweroff_command="systemctl poweroff",
-    )
+        ssh_port=cfg.ssh_port, poweroff_command=poweroff_command, market_command=market_command)
+
+
+def user_data(cfg: config.Config) -> str:
+    """The cloud-init script: installs the watchdog timer."""
     return render("user_data.sh.j2", state_dir=BOX_STATE_DIR_ON_BOX, registry=RUNS_REGISTRY_ON_BOX,
-                  watchdog=watchdog.rstrip())
+                  unpulled=registry.unpulled_dir(RUNS_REGISTRY_ON_BOX),
+                  watchdog=watchdog_script(cfg).rstrip())
 
 
 def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2Box:
-    """Reuse the project's box if it lives, else launch one; return it once it can train.
+    """Reuse the project's box (running, or stopped: started again) or launch one; return it
+    once it can train. The caller holds the project's box lock.
 
-    Local checks come first (dlbox.toml, region, credentials), then the network.
+    The project's instances are looked up by their tag first, so an instance the state file
+    lost is reused or named, never doubled. Local checks come first (dlbox.toml, region,
+    credentials), then the network.
     """
     cfg = config.load(project_dir, region=flags.region, profile=flags.profile,
                       instance_types=flags.instance_type, spot=flags.spot, disk_gb=flags.disk_gb,
@@ -64,40 +92,85 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
     # Paths OpenSSH cannot take are refused now, not after a launch.
     sshtarget.check_paths(cfg.ssh_key or str(state.state_dir(project_dir) / "keys"),
                           state.known_hosts(project_dir))
-    if existing is not None:
-        # The account the box lives in, unless told otherwise: a plain `up` after
-        # `up --profile work` must find it, not launch a second one elsewhere.
-        ec2 = clients(cfg.region, flags.profile or existing.profile)
-        live = _live_instance(ec2, existing)
-        if live is not None:
-            say(f"reusing box {existing.name} ({live.instance_id}, {live.state})")
-            box = replace(existing, instance_id=live.instance_id)
-            try:
-                from infra import network
+    # The account the box lives in, unless told otherwise: a plain `up` after
+    # `up --profile work` must find it, not launch a second one elsewhere.
+    ec2 = clients(cfg.region, flags.profile or (existing.profile if existing else cfg.profile))
+    mine = _instance_of(ec2, existing) if existing is not None else None
+    others = [i for i in _project_instances(ec2, project_dir)
+              if mine is None or i.instance_id != mine.instance_id]
+    if others and (existing is not None or len(others) > 1):
+        listed = ", ".join(f"{i.instance_id} ({i.state})" for i in others)
+        raise UsageError(f"this project has instance(s) {listed} besides "
+                         f"{existing.label if existing else 'one another'}; `dlbox down` ends "
+                         "all of them, then `dlbox up` starts one")
+    if others:
+        box, mine = _adopt(project_dir, ec2, cfg, others[0], say), others[0]
+    elif mine is not None:
+        box = replace(existing, instance_id=mine.instance_id)
+        say(f"reusing box {box.name} ({mine.instance_id}, {mine.state})")
+    else:
+        if existing is not None:
+            say(f"box {existing.name} is gone; launching a new one")
+            forget(project_dir, ec2, existing)
+        return _launch(project_dir, cfg, clients(cfg.region, cfg.profile), say)
+    try:
+        from infra import instances, network
 
-                # Your address may have changed since the launch: open SSH to today's.
-                network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
-                                              cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
-                                              _tags(project_dir))
-            except BaseException:
-                _give_up(project_dir, box, launched_now=False, say=say)
-            return _ready(project_dir, ec2, box, cfg, say, launched_now=False)
-        say(f"box {existing.name} is gone; launching a new one")
-        forget(project_dir, ec2, existing)
-    return _launch(project_dir, cfg, clients(cfg.region, cfg.profile), say)
+        if mine.state in ("stopping", "stopped"):
+            say(f"{mine.instance_id} is stopped (its disk kept); starting it...")
+            instances.start(ec2, mine.instance_id, RUNNING_TIMEOUT_S)
+        # Your address may have changed since the launch: open SSH to today's.
+        network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
+                                      cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
+                                      _tags(project_dir))
+    except BaseException:
+        _give_up(project_dir, box, launched_now=False, say=say)
+    return _ready(project_dir, ec2, box, cfg, say, launched_now=False)
 
 
-def _live_instance(ec2, box: Ec2Box):
-    """The box's instance if it is pending or running: by id, else by its tags."""
+def _instance_of(ec2, box: Ec2Box):
+    """The box's instance unless it is ending or ended: by id, else by its tags."""
     from infra import instances
 
     found = instances.describe(ec2, box.instance_id) if box.instance_id else None
     if found is None:
-        tagged = instances.find(ec2, box=box.name)
+        tagged = instances.find(ec2, box=box.name, states=KEEPABLE_STATES)
         found = tagged[0] if tagged else None
-    if found is not None and found.state in ("pending", "running"):
-        return found
-    return None
+    return found if found is not None and found.state in KEEPABLE_STATES else None
+
+
+def _project_instances(ec2, project_dir: Path) -> list:
+    """The project's instances that are not ending, found by their project tag."""
+    from infra import instances
+
+    return instances.find(ec2, project=project_name(project_dir), states=KEEPABLE_STATES)
+
+
+def _adopt(project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Ec2Box:
+    """Record an instance of this project that the state file lost (deleted, or a crash
+    before it was written), if this project's key logs in to it; else say how to end it."""
+    from infra.prices import AwsPrices
+
+    key_path = Path(cfg.ssh_key).expanduser() if cfg.ssh_key else (
+        state.state_dir(project_dir) / "keys" / keys.KEY_FILE)
+    public = keys.public_key(key_path) if key_path.is_file() else None
+    expected = f"dlbox-{project_name(project_dir)}-{keys.fingerprint(public)}" if public else None
+    if inst.key_name is None or inst.key_name != expected or not inst.security_group_ids:
+        raise UsageError(f"this project has instance {inst.instance_id} ({inst.state}), which "
+                         f".dlbox/state.json does not record and {key_path} cannot log in to; "
+                         "`dlbox down` terminates it, then `dlbox up` starts a new one")
+    box = Ec2Box(
+        name=inst.box or inst.instance_id, region=cfg.region, profile=cfg.profile,
+        key_name=inst.key_name, key_path=str(key_path.resolve()),
+        security_group_id=inst.security_group_ids[0], ssh_user=cfg.ssh_user,
+        ssh_port=cfg.ssh_port, idle_minutes=cfg.idle_minutes,
+        max_lifetime_minutes=cfg.max_lifetime_minutes, instance_id=inst.instance_id,
+        instance_type=inst.instance_type, zone=inst.zone, spot=inst.spot,
+        usd_per_hour=AwsPrices(ec2).hourly(inst.instance_type, inst.zone, inst.spot))
+    state.put(project_dir, box)
+    say(f"found {inst.instance_id} ({inst.state}) of this project, which .dlbox/state.json did "
+        "not record; reusing it")
+    return box
 
 
 def _tags(project_dir: Path) -> dict[str, str]:
@@ -188,6 +261,10 @@ def _ready(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say,
         if not inst.public_ip:
             raise DlboxError(f"{inst.instance_id} has no public IP; the default subnet must "
                              "assign public addresses")
+        if box.host is not None and box.host != inst.public_ip:  # started again: a new address
+            hostkeys.moved(Path(state.known_hosts(project_dir)),
+                           box.ssh_target(project_dir).known_hosts_name,
+                           replace(box, host=inst.public_ip).ssh_target(project_dir).known_hosts_name)
         box = replace(box, host=inst.public_ip)
         state.put(project_dir, box)
         banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
@@ -213,6 +290,7 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
                          connect_deadline_s=BOOTING_CONNECT_DEADLINE_S)
     try:
         machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
+        _say_watchdog(machine, cfg, say)
         box = replace(box, workdir=environment.make_workdir(machine, cfg.box_workdir, box.label))
         python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
                                                     say, cfg.box_requirements, cfg.pip_args)
@@ -224,6 +302,15 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
         + f"pinned in .dlbox/{state.KNOWN_HOSTS_FILE}")
     state.put(project_dir, box)
     return box
+
+
+def _say_watchdog(machine: SshMachine, cfg: config.Config, say: Say) -> None:
+    """Check on the box that the watchdog runs; say plainly when it does not."""
+    if not (cfg.idle_minutes or cfg.max_lifetime_minutes):
+        say("watchdog off (idle_minutes and max_lifetime_minutes are 0): `dlbox down` ends the box")
+        return
+    dog = watchdog.check(machine)
+    say(("watchdog " if dog.protecting else "warning: the watchdog is ") + dog.line())
 
 
 def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> NoReturn:

@@ -71,3 +71,15 @@ def pin_first_key_policy(known_hosts: Path, expected: set[str] | None):
             pin(known_hosts, hostname, key.get_name(), key.get_base64())
 
     return PinFirstKey()
+
+
+def moved(known_hosts: Path, old_name: str, new_name: str) -> None:
+    """The keys pinned for old_name now pin new_name instead (a stopped box started again
+    gets a new address, not a new key: only the key seen before is accepted there)."""
+    lines = _lines(known_hosts)
+    keys = [line.split(" ", 1)[1] for line in lines if line.split(" ", 1)[0] == old_name]
+    if not keys:
+        return
+    kept = [line for line in lines if line.split(" ", 1)[0] not in (old_name, new_name)]
+    write_atomic(known_hosts, "".join(f"{line}\n" for line in
+                                      [*kept, *(f"{new_name} {key}" for key in keys)]), mode=0o600)

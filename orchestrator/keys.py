@@ -37,15 +37,27 @@ def ensure(keys_dir: Path) -> tuple[Path, str]:
             tmp.unlink()
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)  # ssh refuses a private key others can read
+    public = _derived_public_key(path)
+    write_atomic(keys_dir / f"{KEY_FILE}.pub", public + "\n")
+    return path, public
+
+
+def _derived_public_key(path: Path) -> str:
     try:
         private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except ValueError as exc:
         raise UsageError(f"{path} is not a readable private key; move it away and run "
                          "`dlbox up` again for a new one") from exc
-    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                               serialization.PublicFormat.OpenSSH).decode()
-    write_atomic(keys_dir / f"{KEY_FILE}.pub", public + "\n")
-    return path, public
+    return private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                             serialization.PublicFormat.OpenSSH).decode()
+
+
+def public_key(private_key: Path) -> str:
+    """The OpenSSH public key of an existing private key (its .pub beside it, if there)."""
+    beside = private_key.with_name(private_key.name + ".pub")
+    if beside.is_file():
+        return beside.read_text().strip()
+    return _derived_public_key(private_key)
 
 
 def fingerprint(public_key: str) -> str:

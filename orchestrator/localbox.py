@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import environment, state
+from . import environment, registry, state
 from .boxes import Box, DownFlags, Say, UpFlags, registry_in
 from .localmachine import LocalMachine
 from .machine import Machine
@@ -65,3 +65,12 @@ class LocalBox:
         shutil.rmtree(self.workdir, ignore_errors=True)
         state.remove(project_dir, self.name)
         say(f"local box removed ({self.workdir})")
+
+    def wake(self, project_dir: Path, say: Say) -> Box:
+        return self  # always there: nothing ends it on its own
+
+    def hold_results(self, project_dir: Path) -> None:
+        pass  # no watchdog: results stay until `dlbox down`
+
+    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
+        registry.release(machine, self.runs_registry(), run_id)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import config, environment, sshtarget, state
+from . import config, environment, registry, sshtarget, state
 from .boxes import Box, DownFlags, Say, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
@@ -106,3 +106,11 @@ class SshBox:
         sshtarget.remove_config(state.state_dir(project_dir))
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
 
+    def wake(self, project_dir: Path, say: Say) -> Box:
+        return self  # always there: nothing ends it on its own
+
+    def hold_results(self, project_dir: Path) -> None:
+        pass  # no watchdog: results stay until `dlbox down`
+
+    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
+        registry.release(machine, self.runs_registry(), run_id)

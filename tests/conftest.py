@@ -62,11 +62,34 @@ os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
 
 @pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    """A real OpenSSH server on 127.0.0.1 (installed by .ci/run: openssh-server)."""
+def box_bin(tmp_path_factory) -> Path:
+    """What an EC2 box's user data installs, for sessions of the loopback sshd: the watchdog
+    (its power-off only logged) and a systemctl that reports its timer's state, "active"
+    unless a test writes another into box_bin/timer-state."""
+    from orchestrator.config import Config
+    from orchestrator.ec2up import watchdog_script
+
+    directory = tmp_path_factory.mktemp("box-bin")
+    (directory / "dlbox-watchdog").write_text(watchdog_script(
+        Config(), market_command="echo on-demand", poweroff_command="echo would power off"))
+    (directory / "systemctl").write_text(
+        "#!/bin/sh\n# A box's systemctl, as far as dlbox asks it: is the watchdog's timer active.\n"
+        '[ "$1" = is-active ] && [ "$2" = dlbox-watchdog.timer ] || exit 0\n'
+        'state=$(cat "$(dirname "$0")/timer-state" 2>/dev/null || echo active)\n'
+        'echo "$state"; [ "$state" = active ]\n')
+    for name in ("dlbox-watchdog", "systemctl"):
+        (directory / name).chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory, box_bin):
+    """A real OpenSSH server on 127.0.0.1 (installed by .ci/run: openssh-server); its
+    sessions find box_bin's commands first, as on an EC2 box dlbox made."""
     from tests import sshd as sshd_mod
 
-    server = sshd_mod.start(tmp_path_factory.mktemp("sshd"))
+    server = sshd_mod.start(tmp_path_factory.mktemp("sshd"),
+                            env={"PATH": f"{box_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"})
     yield server
     sshd_mod.stop(server)
 

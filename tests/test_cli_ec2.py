@@ -26,10 +26,16 @@ DLBOX = str(Path(sys.executable).parent / "dlbox")
 
 
 @pytest.fixture()
-def project(tmp_path, sshd, aws, moto_url, ip_lookup_url, box_settings):
+def project(tmp_path, sshd, aws, moto_url, ip_lookup_url, box_settings, box_bin):
     """A project folder whose boxes are the loopback sshd, which accepts the project's key
-    (as cloud-init makes an EC2 instance accept its key pair)."""
-    from orchestrator import keys
+    (as cloud-init makes an EC2 instance accept its key pair) and runs a watchdog that has
+    just booted."""
+    from orchestrator import ec2box, keys
+
+    subprocess.run([box_bin / "dlbox-watchdog", "--boot"], check=True, timeout=CLI_TIMEOUT_S)
+    for left in ("active", "unpulled"):  # a new box's registry is empty
+        shutil.rmtree(Path(ec2box.RUNS_REGISTRY_ON_BOX).parent / left, ignore_errors=True)
+    (box_bin / "timer-state").unlink(missing_ok=True)
 
     directory = tmp_path / "proj"
     directory.mkdir()
@@ -97,7 +103,8 @@ def test_up_status_down(project, aws, sshd):
     status = dlbox(project, "status")
     assert status.returncode == 0, status.stderr
     for needle in (box["instance_id"], "running", "g4dn.xlarge (on-demand)", "$0.00 at $0.526/h",
-                   "powers off after 30 idle minutes", "at the latest at"):
+                   "watchdog\ton (checked on the box): powers off when idle at", "(in 29 min)",
+                   "at the latest at", "(in 11 h 59 min)"):
         assert needle in status.stdout
 
     down = dlbox(project, "down")
@@ -162,15 +169,121 @@ def test_up_twice_reuses_the_box_and_follows_a_new_address(project, aws, sshd):
     assert dlbox(project, "down").returncode == 0
 
 
-def test_down_all_finds_boxes_without_local_state(project, aws):
+def _other_project(project, tmp_path: Path):
+    """A second project folder with the same settings and key (another checkout)."""
+    directory, env = project
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(directory / "dlbox.toml", other / "dlbox.toml")
+    shutil.copytree(directory / ".dlbox" / "keys", other / ".dlbox" / "keys")
+    return other, env
+
+
+def _tagged(aws, project_tag: str | None = None) -> list[str]:
+    """Ids of the live instances, of one project (by its tag) or all."""
+    return sorted(i["InstanceId"] for i in _instances(aws, ("pending", "running", "stopping",
+                                                            "stopped"))
+                  if project_tag is None or {"Key": "dlbox:project", "Value": project_tag}
+                  in i.get("Tags", []))
+
+
+def test_down_all_lists_every_projects_boxes_and_asks_first(project, aws, tmp_path):
+    """--all reaches other projects' boxes: it says which (project, age, cost) and ends them
+    only with --yes; plain `down` ends only this project's, even with .dlbox/ gone."""
+    directory, _ = project
+    other = _other_project(project, tmp_path)
+    assert dlbox(project, "up").returncode == 0
+    assert dlbox(other, "up").returncode == 0
+    assert len(_tagged(aws)) == 2
+    shutil.rmtree(directory / ".dlbox")
+
+    asked = dlbox(project, "down", "--all")
+    _one_line_error(asked, 2, "2 instance(s) of every project", "dlbox down --all --yes")
+    assert asked.stdout.count("about $0.00 so far") == 2 and "project proj-" in asked.stdout
+    assert "project other-" in asked.stdout and len(_tagged(aws)) == 2  # nothing ended
+
+    mine = dlbox(project, "down")  # no state at all: found by the project's tag
+    assert mine.returncode == 0, mine.stderr
+    assert "1 instance(s) of this project that .dlbox/state.json did not record" in mine.stdout
+    assert len(_tagged(aws)) == 1  # the other project's box runs on
+
+    every = dlbox(project, "down", "--all", "--yes")
+    assert every.returncode == 0, every.stderr
+    assert "1 dlbox instance(s) terminated" in every.stdout
+    assert _tagged(aws) == [] and aws.describe_key_pairs()["KeyPairs"] == []
+    assert [g["GroupName"] for g in aws.describe_security_groups()["SecurityGroups"]] == ["default"]
+
+
+def test_up_after_the_state_file_was_lost_reuses_the_projects_instance(project, aws):
     directory, _ = project
     assert dlbox(project, "up").returncode == 0
-    shutil.rmtree(directory / ".dlbox")
-    result = dlbox(project, "down", "--all", "--region", awsfakes.REGION)
-    assert result.returncode == 0, result.stderr
-    assert "1 dlbox instance(s) terminated" in result.stdout
-    assert _instances(aws) == []
-    assert aws.describe_key_pairs()["KeyPairs"] == []
+    first = _state(directory)["instance_id"]
+    (directory / ".dlbox" / "state.json").unlink()
+    again = dlbox(project, "up")
+    assert again.returncode == 0, again.stderr
+    assert f"found {first} (running) of this project" in again.stdout
+    assert _tagged(aws) == [first] and _state(directory)["instance_id"] == first
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert _tagged(aws) == [] and aws.describe_key_pairs()["KeyPairs"] == []
+
+
+def test_two_ups_at_once_start_one_instance(project, aws):
+    directory, env = project
+    procs = [subprocess.Popen([DLBOX, "up"], cwd=directory, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=CLI_TIMEOUT_S) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert len(_tagged(aws)) == 1
+    assert sum("reusing box" in out for out, _ in outs) == 1
+    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+
+
+def test_a_stopped_instance_is_started_again_not_forgotten(project, aws):
+    """Stopped from the console (its disk still billed): `up` starts it again."""
+    directory, _ = project
+    assert dlbox(project, "up").returncode == 0
+    first = _state(directory)["instance_id"]
+    aws.stop_instances(InstanceIds=[first])
+    again = dlbox(project, "up")
+    assert again.returncode == 0, again.stderr
+    assert f"{first} is stopped (its disk kept); starting it" in again.stdout
+    assert [i["InstanceId"] for i in _instances(aws)] == [first]
+    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+
+
+def test_an_instance_the_state_does_not_know_is_named_and_down_ends_it_too(project, aws):
+    """A second instance of the project (left by an older dlbox, say): `up` refuses in one
+    line; `down` ends both; the group and key pair go only once neither uses them."""
+    directory, _ = project
+    assert dlbox(project, "up").returncode == 0
+    box = _state(directory)
+    tags = {t["Key"]: t["Value"] for t in aws.describe_instances(InstanceIds=[box["instance_id"]])
+            ["Reservations"][0]["Instances"][0]["Tags"]}
+    stray = aws.run_instances(
+        ImageId=awsfakes.DLAMI_ID, MinCount=1, MaxCount=1, KeyName=box["key_name"],
+        SecurityGroupIds=[box["security_group_id"]],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": k, "Value": v} for k, v in (tags | {"dlbox:box": "stray"}).items()]}],
+    )["Instances"][0]["InstanceId"]
+    refused = dlbox(project, "up")
+    _one_line_error(refused, 2, stray, "`dlbox down` ends all of them")
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert stray in down.stdout and box["instance_id"] in down.stdout
+    assert _tagged(aws) == [] and aws.describe_key_pairs()["KeyPairs"] == []
+
+
+def test_up_refuses_to_call_a_box_protected_when_its_watchdog_does_not_run(project, box_bin):
+    (box_bin / "timer-state").write_text("inactive\n")
+    up = dlbox(project, "up")
+    assert up.returncode == 0, up.stderr
+    assert "warning: the watchdog is NOT running on the box (timer inactive)" in up.stdout
+    status = dlbox(project, "status")
+    assert "watchdog\tNOT running on the box (timer inactive)" in status.stdout
+    (box_bin / "timer-state").write_text("active\n")
+    assert "watchdog\ton (checked on the box)" in dlbox(project, "status").stdout
+    assert dlbox(project, "down").returncode == 0
 
 
 def test_ctrl_c_while_waiting_leaves_the_instance_recorded_for_down(project, aws):
@@ -275,7 +388,7 @@ def test_train_through_ec2_then_down_after(project, aws, small_sample):
     assert (run / "report.html").exists()
     record = json.loads((run / "run.json").read_text())
     assert record["box"].startswith("dlbox-") and record["usd_per_hour"] == 0.526
-    assert "box terminated" in train.stdout
+    assert "terminated; it cost about $" in train.stdout
     assert _instances(aws) == []  # --down-after stopped the bill once the results were safe
     assert _state(directory) is None
 
@@ -416,3 +529,77 @@ def test_every_command_on_every_kind_does_its_job_or_says_one_line(project, aws,
     assert dlbox(project, "status").returncode == 0
     assert dlbox(project, "down").returncode == 0
     assert _instances(aws) == [] and _state(directory) is None
+
+
+def _shutdown_behaviour(aws, instance_id: str) -> str:
+    return aws.describe_instance_attribute(InstanceId=instance_id,
+                                           Attribute="instanceInitiatedShutdownBehavior")[
+        "InstanceInitiatedShutdownBehavior"]["Value"]
+
+
+def _detached_run(project, aws, instance: str, data: Path) -> Path:
+    """`dlbox train` detached with Ctrl-C once its run started; the run's folder in runs/,
+    after the run ended on the box."""
+    directory, env = project
+    before = set((directory / "runs").glob("*/run.json")) if (directory / "runs").exists() else set()
+    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "1",
+                             "--img-size", "32"], cwd=directory, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (new := set((directory / "runs").glob("*/run.json")) - before if
+               (directory / "runs").exists() else set()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(POLL_S)
+    [record] = new
+    remote = Path(json.loads(record.read_text())["remote_dir"])  # the box is this machine
+    while not (remote / "status.json").exists():  # started, and followed
+        assert time.monotonic() < deadline, proc.communicate()
+        time.sleep(POLL_S)
+    while _shutdown_behaviour(aws, instance) != "stop":  # followed: its results are held
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 130 and "detached" in out and not err, out + err
+    while not (remote / "exit_code").exists():
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(POLL_S)
+    return record.parent
+
+
+@pytest.mark.slow
+def test_results_nobody_pulled_survive_the_watchdog_and_are_pulled_later(project, aws,
+                                                                       small_sample):
+    """While a run's results are unpulled the box stops (disk kept) instead of terminating
+    on the watchdog's power-off; `status` and `runs` say where they are; `pull` starts the
+    box and fetches them; `down` pulls a run that ended unpulled before it terminates."""
+    directory, _ = project
+    with open(directory / "dlbox.toml", "a") as f:
+        f.write(f"python = {sys.executable!r}\n")
+    assert dlbox(project, "up").returncode == 0
+    instance = _state(directory)["instance_id"]
+    assert _shutdown_behaviour(aws, instance) == "terminate"
+
+    run = _detached_run(project, aws, instance, small_sample)
+    assert _shutdown_behaviour(aws, instance) == "stop"
+    aws.stop_instances(InstanceIds=[instance])  # what the watchdog's power-off now does
+    status = dlbox(project, "status")
+    assert "stopped" in status.stdout and f"run(s) {run.name} not pulled yet" in status.stdout
+    listing = dlbox(project, "runs")
+    assert f"on the box (`dlbox pull {run.name}`)" in listing.stdout
+    assert not (run / "model.keras").exists()
+
+    pull = dlbox(project, "pull", run.name)
+    assert pull.returncode == 0, pull.stderr
+    assert "was stopped to keep results nobody pulled; starting it" in pull.stdout
+    assert (run / "model.keras").exists() and json.loads((run / "run.json").read_text())[
+        "status"] == "done"
+    assert _shutdown_behaviour(aws, instance) == "terminate"  # nothing held: the bill may end
+    assert f"runs/{run.name}/" in dlbox(project, "runs").stdout
+
+    second = _detached_run(project, aws, instance, small_sample)
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert f"run {second.name} had ended (done); its results are pulled" in down.stdout
+    assert (second / "model.keras").exists() and _tagged(aws) == []
