@@ -164,15 +164,22 @@ class SshMachine:
             else:  # it could not connect (or was dropped): open a fresh one instead
                 self.discard_prepared()
         where = f"{self.target.host}:{remote_dir}"
+        procs = tarstream.Processes()
 
         def stream(i: int, group: list[str]) -> None:
-            remote = first if (first is not None and i == 0) else tarstream.receiver(
-                self._ssh_argv, remote_dir)
-            tarstream.send(remote, root, group, where, counted, sum(sizes[n] for n in group))
+            remote = procs.add(first if (first is not None and i == 0) else tarstream.receiver(
+                self._ssh_argv, remote_dir))
+            tarstream.send(remote, root, group, where, counted, sum(sizes[n] for n in group),
+                           procs)
 
         with ThreadPoolExecutor(len(groups)) as pool:
-            for future in [pool.submit(stream, i, g) for i, g in enumerate(groups)]:
-                future.result()
+            futures = [pool.submit(stream, i, g) for i, g in enumerate(groups)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # a failed stream, Ctrl-C, SIGTERM: every stream ends now
+                procs.kill()  # (the pool would otherwise wait for them to finish sending)
+                raise
 
     def _round_trip_s(self) -> float:
         """One round trip on the open connection: an SFTP stat starts no process on the box

@@ -31,6 +31,35 @@ SSH_EXIT_DISCONNECTED = 255  # what the ssh client exits with when the connectio
 SshArgv = Callable[..., list[str]]  # ssh argv for a remote command
 
 
+class Processes:
+    """An upload's tar and ssh processes, so that one thread can end them all at once (the
+    caller's, on Ctrl-C, SIGTERM or a failed stream): none outlives dlbox's command."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def add(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """proc, now ended with the others (at once, if they already were)."""
+        with self._lock:
+            self._procs.append(proc)
+            if self._ended:
+                _kill(proc)
+        return proc
+
+    def kill(self) -> None:
+        with self._lock:
+            self._ended = True
+            for proc in self._procs:
+                _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it already ended
+        proc.kill()
+
+
 def receiver(ssh_argv: SshArgv, remote_dir: str) -> subprocess.Popen:
     """`ssh HOST tar -x` into remote_dir (made if missing), reading the archive on stdin."""
     quoted = shlex.quote(remote_dir)
@@ -65,22 +94,31 @@ def balanced(sizes: dict[str, int], names: list[str], parts: int) -> list[list[s
 
 
 def send(remote: subprocess.Popen, root: Path, names: list[str], where: str,
-         progress: Callable[[int], None], size: int) -> None:
-    """Stream root/<names> into the receiver remote; where names the destination in errors."""
+         progress: Callable[[int], None], size: int, procs: Processes) -> None:
+    """Stream root/<names> into the receiver remote; where names the destination in errors;
+    tar joins procs (remote is there already)."""
     # -h: a link among names goes as its target's content. The manifest lets through only
     # links to files inside the dataset (sync._unfollowed); nothing else is ever named here.
     argv = ["tar", "-c", "-h", "-f", "-", "-C", str(root), "--null", "-T", "-"]
     if _gnu_tar():  # tar writes into ssh itself and reports its progress on stderr
-        tar = subprocess.Popen([*argv, f"--checkpoint={CHECKPOINT_RECORDS}",
-                                f"--checkpoint-action=echo={CHECKPOINT_TAG} %{{w}}T"],
-                               stdin=subprocess.PIPE, stdout=remote.stdin, stderr=subprocess.PIPE)
+        tar = procs.add(subprocess.Popen([*argv, f"--checkpoint={CHECKPOINT_RECORDS}",
+                                          f"--checkpoint-action=echo={CHECKPOINT_TAG} %{{w}}T"],
+                                         stdin=subprocess.PIPE, stdout=remote.stdin,
+                                         stderr=subprocess.PIPE))
     else:  # bsdtar (macOS): no checkpoints, so the bytes pass through here to be counted
-        tar = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        tar = procs.add(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+    feed_errors: list[BaseException] = []
 
     def feed_names() -> None:
-        with contextlib.suppress(BrokenPipeError):
+        try:  # names as bytes, NUL-terminated: any byte a name holds but NUL goes through
             tar.stdin.write(b"".join(os.fsencode(name) + b"\0" for name in names))
-            tar.stdin.close()
+        except BrokenPipeError:
+            pass  # tar ended early: its exit status says why
+        except BaseException as exc:  # handed to the caller's thread, never printed here
+            feed_errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                tar.stdin.close()  # tar never waits for names that will not come
 
     remote_errors: list[bytes] = []
 
@@ -120,6 +158,8 @@ def send(remote: subprocess.Popen, root: Path, names: list[str], where: str,
         remote.wait()
         for thread in threads:
             thread.join(timeout=COMMAND_TIMEOUT_S)
+    if feed_errors:
+        raise feed_errors[0]
     error = b"".join(remote_errors).decode(errors="replace").strip()
     if remote.returncode != 0 or tar.returncode != 0:
         if "No space left on device" in error:

@@ -18,6 +18,7 @@ from tests.test_ssh_box import DLBOX, _target
 ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
 POLL_S = 0.05
 WAIT_S = 120  # for anything that should happen much sooner
+STOP_S = 10  # from SIGTERM to dlbox's exit
 
 
 def _until(predicate, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -157,6 +158,7 @@ def test_links_out_of_the_dataset_are_never_followed_and_named(tmp_path, sshd):
     (tmp_path / "more" / "dog.9002.jpg").write_bytes((data / "train" / "dog.0.jpg").read_bytes())
     (data / "train" / "more").symlink_to(tmp_path / "more")
     (data / "train" / "cat.9003.jpg").symlink_to("cat.0.jpg")  # inside: sent as that image
+    os.symlink(tmp_path / "id_ed25519", os.fsencode(data / "train") + b"/odd\nname-\xe9.jpg")
     remote, said = tmp_path / "remote", []
     machine = SshMachine(_target(sshd, tmp_path / "known_hosts"), pin_new_host=True)
     try:
@@ -167,9 +169,54 @@ def test_links_out_of_the_dataset_are_never_followed_and_named(tmp_path, sshd):
     assert any("data/train/cat.9001.jpg: a link to a file outside the dataset" in w
                for w in warned), said
     assert any("data/train/more: a link to a folder outside the dataset" in w for w in warned), said
-    assert len(warned) == 2 and "data: sent 21 of 21 files" in said[-1], said  # 20 + the inside link
+    assert any("data/train/odd\\nname-\\xe9.jpg: a link to a file outside" in w for w in warned)
+    assert len(warned) == 3 and "data: sent 21 of 21 files" in said[-1], said  # 20 + the inside link
+    assert all("\n" not in line for line in said), said  # every name said on one line
     for path in _files_under(remote):
         assert secret not in path.read_bytes(), path
     assert (copy / "train" / "cat.9003.jpg").read_bytes() == (data / "train" / "cat.0.jpg").read_bytes()
     assert (copy / "train" / "dog.9.jpg").read_bytes() == (data / "train" / "dog.9.jpg").read_bytes()
     assert not (copy / "train" / "cat.9001.jpg").exists() and not (copy / "train" / "more").exists()
+
+
+def _session(sid: int) -> list[int]:
+    """Live (not zombie) processes of session sid."""
+    return [pid for pid, fields in _processes().items() if int(fields[3]) == sid
+            and fields[0] != "Z"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_upload_leaves_no_tar_or_ssh_behind(tmp_path, sshd):
+    """dlbox SIGTERMed while a slow link carries the dataset: it ends at once (not when the
+    upload does), and no process it started (tar, ssh) outlives it."""
+    from tests.tcpproxy import Proxy
+
+    data = tmp_path / "big" / "train"
+    data.mkdir(parents=True)
+    for n in range(4):  # 16 MB: half a minute at the proxy's rate
+        (data / f"cat.{n}.jpg").write_bytes(os.urandom(4 << 20))
+    proxy = Proxy(sshd.host, sshd.port)
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    train = None
+    try:
+        up = _up(project, sshd, remote, port=proxy.port)
+        assert up.returncode == 0, up.stderr
+        proxy.rate_bytes_per_s = 500_000
+        train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data.parent)],
+                                 cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        _until(lambda: "tar" in map(_comm, _session(train.pid)) and (remote / "data").exists(),
+               train, "the upload")
+        train.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = train.communicate(timeout=WAIT_S)
+        assert time.monotonic() - sent < STOP_S, "dlbox went on uploading after SIGTERM"
+        assert train.returncode == 128 + signal.SIGTERM, out + err
+        assert "Traceback" not in err, err
+        survivors = {pid: _comm(pid) for pid in _session(train.pid)}
+        assert not survivors, survivors
+    finally:
+        if train is not None:
+            for pid in _session(train.pid):
+                os.kill(pid, signal.SIGKILL)
+        proxy.close()
