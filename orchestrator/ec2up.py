@@ -24,6 +24,7 @@ from . import (
     sshtarget,
     state,
     watchdog,
+    workdir,
 )
 from .boxes import Box, DownFlags, Say, UpFlags
 from .ec2box import (
@@ -291,6 +292,7 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
     try:
         machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
         _say_watchdog(machine, cfg, say)
+        workdir.prepare(machine, cfg.box_workdir, box.label)
         box = replace(box, workdir=environment.make_workdir(machine, cfg.box_workdir, box.label))
         python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
                                                     say, cfg.box_requirements, cfg.pip_args)

@@ -61,7 +61,11 @@ class LocalBox:
         return [("box", "local (this machine)"), ("python", self.python), ("runs in", self.workdir)]
 
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
-        """Remove the box's work dir (runs' results are already in runs/) and forget it."""
+        """Stop runs still going (`down` asked first), remove the box's folder (dlbox's own,
+        under .dlbox/; results were pulled into runs/ first) and forget the box."""
+        stopped = registry.stop_live_runs(LocalMachine(), self.runs_registry())
+        if stopped:
+            say(f"stopped run(s) {', '.join(stopped)}")
         shutil.rmtree(self.workdir, ignore_errors=True)
         state.remove(project_dir, self.name)
         say(f"local box removed ({self.workdir})")

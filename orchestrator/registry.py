@@ -13,6 +13,8 @@ import shlex
 from .machine import Machine
 
 UNPULLED_DIR = "unpulled"
+STOP_TIMEOUT_S = 60  # SIGTERM -> the trainer's checkpoint -> exit; then SIGKILL
+STOP_POLL_S = 0.5
 # A pid counts while it lives and is still a run.sh (not a process that reused a dead run's pid).
 LIVE_RUNS = ('cd {registry} 2>/dev/null || exit 0; for f in *.pid; do [ -f "$f" ] || continue; '
              'pid=$(cat "$f" 2>/dev/null); case "$pid" in ""|*[!0-9]*) continue ;; esac; '
@@ -37,11 +39,16 @@ def live_runs(machine: Machine, registry: str) -> dict[str, int]:
 
 
 def stop_live_runs(machine: Machine, registry: str) -> list[str]:
-    """SIGTERM every live run's whole session (run.sh and its trainer); their ids."""
+    """End every live run's whole process group (run.sh and its trainer): SIGTERM, a bounded
+    wait for the trainer's checkpoint, then SIGKILL. Their ids."""
     live = live_runs(machine, registry)
     if live:
-        machine.run("; ".join(f"kill -TERM -- -{pid} 2>/dev/null" for pid in live.values())
-                    + "; exit 0")
+        groups = " ".join(f"-{pid}" for pid in live.values())
+        machine.run(f"kill -TERM -- {groups} 2>/dev/null; "
+                    f"for i in $(seq {int(STOP_TIMEOUT_S / STOP_POLL_S)}); do "
+                    f"left=; for g in {groups}; do kill -0 -- $g 2>/dev/null && left=1; done; "
+                    f'[ -z "$left" ] && exit 0; sleep {STOP_POLL_S}; done; '
+                    f"kill -KILL -- {groups} 2>/dev/null; exit 0", timeout=STOP_TIMEOUT_S * 2)
     return sorted(live)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import config, environment, registry, sshtarget, state
+from . import config, environment, registry, sshtarget, state, workdir
 from .boxes import Box, DownFlags, Say, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
@@ -61,17 +60,18 @@ class SshBox:
         sshtarget.check_paths(target.key_path, target.known_hosts)
         machine = SshMachine(target, pin_new_host=True)
         try:
-            workdir = environment.make_workdir(machine, flags.workdir or cfg.box_workdir, name)
+            workdir.prepare(machine, flags.workdir or cfg.box_workdir, name)
+            folder = environment.make_workdir(machine, flags.workdir or cfg.box_workdir, name)
             python, versions = environment.ready_python(
-                machine, workdir, flags.python or cfg.python, say, cfg.box_requirements,
+                machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
                 cfg.pip_args)
         finally:
             machine.close()
         box = cls(name=name, host=host, port=port, user=user, key_path=str(key_path),
-                  workdir=workdir, python=python)
+                  workdir=folder, python=python)
         state.put(project_dir, box)
         sshtarget.write_config(state.state_dir(project_dir), target)
-        say(f"ssh box {name} ready ({versions}); runs in {workdir}; host key pinned in "
+        say(f"ssh box {name} ready ({versions}); runs in {folder}; host key pinned in "
             f"{target.known_hosts}; `dlbox ssh` logs in")
         return box
 
@@ -98,10 +98,15 @@ class SshBox:
         if flags.purge:
             machine = self.machine(project_dir)
             try:
-                machine.run(f"rm -rf {shlex.quote(self.workdir)}")
+                stopped = registry.stop_live_runs(machine, self.runs_registry())
+                kept = workdir.purge(machine, self.workdir)
             finally:
                 machine.close()
-            say(f"removed {self.workdir} on {self.name}")
+            if stopped:
+                say(f"stopped run(s) {', '.join(stopped)}")
+            say(f"removed what dlbox made in {self.workdir} on {self.name}" + (
+                f"; kept what it did not make: {', '.join(k if k != '.' else 'the folder' for k in kept)}"
+                if kept else ""))
         state.remove(project_dir, self.name)
         sshtarget.remove_config(state.state_dir(project_dir))
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
