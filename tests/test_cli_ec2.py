@@ -603,3 +603,18 @@ def test_results_nobody_pulled_survive_the_watchdog_and_are_pulled_later(project
     assert down.returncode == 0, down.stderr
     assert f"run {second.name} had ended (done); its results are pulled" in down.stdout
     assert (second / "model.keras").exists() and _tagged(aws) == []
+
+
+def test_train_after_an_up_cut_short_while_checking_python_names_up(project, aws, small_sample):
+    """What an `up` interrupted between the login and the Python check leaves: the fix is
+    to run `up` again, and train says so."""
+    directory, _ = project
+    assert dlbox(project, "up").returncode == 0
+    state_file = directory / ".dlbox" / "state.json"
+    data = json.loads(state_file.read_text())
+    data["boxes"][0]["python"] = None
+    state_file.write_text(json.dumps(data))
+    train = dlbox(project, "train", "scratch", "--data", str(small_sample))
+    _one_line_error(train, 2, "not ready to train yet", "`dlbox up`")
+    assert not (directory / "runs").exists() or not any((directory / "runs").iterdir())
+    assert dlbox(project, "down").returncode == 0

@@ -165,3 +165,30 @@ def test_find_by_tag_and_terminate_until_terminated(dlami):
     assert instances.describe(ec2, inst.instance_id).state == "terminated"
     assert instances.find(ec2) == []
     instances.terminate(ec2, [], timeout_s=30)  # nothing to do is fine
+
+
+def test_a_group_and_key_pair_stay_until_their_last_user_is_gone(dlami):
+    ec2, _ = dlami
+    spec = _spec(ec2)
+    first = instances.launch(ec2, spec, on_launched=lambda _: None).instance
+    second = instances.launch(ec2, spec, on_launched=lambda _: None).instance
+    assert first.key_name == "k" and first.security_group_ids == (spec.security_group_id,)
+    instances.terminate(ec2, [first.instance_id], timeout_s=30)
+    network.release_unused(ec2, "p")
+    assert network.tagged_key_pairs(ec2, "p") == ["k"]  # the second instance still uses both
+    assert network.tagged_security_groups(ec2, "p") == [spec.security_group_id]
+    instances.terminate(ec2, [second.instance_id], timeout_s=30)
+    network.release_unused(ec2, "p")
+    assert network.tagged_key_pairs(ec2) == [] and network.tagged_security_groups(ec2) == []
+
+
+def test_a_stopped_instance_starts_again_and_its_shutdown_behaviour_can_change(dlami):
+    ec2, _ = dlami
+    inst = instances.launch(ec2, _spec(ec2), on_launched=lambda _: None).instance
+    instances.set_shutdown_behaviour(ec2, inst.instance_id, instances.SHUTDOWN_STOPS)
+    attribute = ec2.describe_instance_attribute(InstanceId=inst.instance_id,
+                                                Attribute="instanceInitiatedShutdownBehavior")
+    assert attribute["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+    ec2.stop_instances(InstanceIds=[inst.instance_id])
+    assert [i.state for i in instances.find(ec2, project="p", states=("stopped",))] == ["stopped"]
+    assert instances.start(ec2, inst.instance_id, timeout_s=30).state == "running"

@@ -306,3 +306,16 @@ def test_the_box_python_is_recorded_absolute_and_a_vanished_run_is_one_line(tmp_
         result = dlbox(project, command, run.name)
         assert result.returncode == 1 and "is gone from the box" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_relative_python_is_recorded_by_its_absolute_path(tmp_path):
+    """`up --local --python ../py`: every later `train` runs from another folder, so a
+    relative path recorded as given would not be found there (exit 127)."""
+    (tmp_path / "py").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (tmp_path / "py").chmod(0o755)
+    project = tmp_path / "proj"
+    project.mkdir()
+    up = dlbox(project, "up", "--local", "--python", "../py")
+    assert up.returncode == 0, up.stderr
+    [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
+    assert box["python"] == sys.executable
