@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .errors import CommandTimedOut, DlboxError, LostContact
 from .humanize import Say
 from .machine import Machine
-from .runs import STATUS_POLL_S, Run, read_json
+from .runs import STATUS_POLL_S, Run, folder_gone, read_json
 
 START_TIMEOUT_S = 120  # until the trainer's first status.json
 POLL_TIMEOUT_S = 60  # one poll; a box silent for longer is lost contact
@@ -54,8 +54,7 @@ def poll(machine: Machine, run: Run, log_offset: int = 0) -> Snapshot:
         raise LostContact(f"the box did not answer for {POLL_TIMEOUT_S} s") from exc
     lines = done.stdout.split("\n")
     if done.exit_code != 0 or len(lines) < len(POLLED) + 1:
-        raise DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "
-                         "(deleted, or the box was replaced); what was pulled is in runs/")
+        raise folder_gone(run)
     raw = [None if line == "-" else base64.b64decode(line) for line in lines[:len(POLLED)]]
     status, history, exit_code = raw
     return Snapshot(status=read_json(status), history=_history(history),

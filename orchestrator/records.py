@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    """cls's field types, evaluated once (annotations are strings under __future__)."""
     return typing.get_type_hints(cls)
 
 
@@ -30,6 +31,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin in (list, tuple):
         return f"list of {_describe(args[0])}"
+    if origin is dict:
+        return f"object of {_describe(args[1])}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -47,6 +50,10 @@ def _fits(value: Any, annotation: Any) -> bool:
         if origin is tuple and rest != [Ellipsis]:
             raise TypeError(f"records cannot check fields of type {annotation!r}")
         return isinstance(value, list | tuple) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item)
+                                               for k, v in value.items())
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:

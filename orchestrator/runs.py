@@ -103,16 +103,18 @@ def _reserve_on_box(project_dir: Path, machine: Machine, workdir: str,
     """(run id, its folder on the box), both folders made by this call: another project or
     laptop sharing the box may hold an id this project has never used."""
     parent = f"{workdir}/{RUNS_DIR}"
-    skipped: list[str] = []  # kept reserved here until the end, so the next id differs
+    tried: list[str] = []  # reserved here until the end, so that the next id differs
+    reserved = None
     try:
         for _ in range(MAX_ID_TRIES):
             run_id = reserve_run_id(project_dir, model)
+            tried.append(run_id)
             remote = f"{parent}/{run_id}"
             done = machine.run(reserve_command(parent, remote))
             answer = done.stdout.strip()
             if answer == "reserved":
+                reserved = run_id
                 return run_id, remote
-            skipped.append(run_id)
             if answer != "taken":
                 error = _last_line(done.stderr) or f"exit status {done.exit_code}"
                 fix = DISK_FULL_FIX if "No space left" in error else "check its permissions"
@@ -121,9 +123,10 @@ def _reserve_on_box(project_dir: Path, machine: Machine, workdir: str,
         raise DlboxError(f"{MAX_ID_TRIES} run ids in a row were taken in {parent} on the box; "
                          "clean it up, then run the command again")
     finally:
-        for run_id in skipped:
-            with contextlib.suppress(OSError):
-                (project_dir / RUNS_DIR / run_id).rmdir()
+        for run_id in tried:
+            if run_id != reserved:
+                with contextlib.suppress(OSError):
+                    (project_dir / RUNS_DIR / run_id).rmdir()
 
 
 def save(project_dir: Path, run: Run) -> None:
@@ -286,6 +289,12 @@ def read_local_json(path: Path) -> dict:
         return {}
 
 
+def folder_gone(run: Run) -> DlboxError:
+    """The error for a run whose folder on the box has gone."""
+    return DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "
+                      "(deleted, or the box was replaced); what was pulled is in runs/")
+
+
 def snapshot_command(remote_dir: str) -> str:
     """A command that copies the results present into a private folder of the run's, then
     prints its name, "ended" or "running", the copies' SHA-256 sums and LISTING_END.
@@ -314,8 +323,7 @@ def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print) -> Pat
     local.mkdir(parents=True, exist_ok=True)
     listing = machine.run(snapshot_command(run.remote_dir))
     if listing.exit_code == 3:
-        raise DlboxError(f"run {run.run_id}: its folder {run.remote_dir} is gone from the box "
-                         "(deleted, or the box was replaced); what was pulled is in runs/")
+        raise folder_gone(run)
     lines = listing.stdout.splitlines()
     # Cut short: never take a partial list as all.
     if (len(lines) < 3 or lines[-1] != LISTING_END or not SNAPSHOT_NAME.fullmatch(lines[0])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -43,6 +45,13 @@ def _one_line(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def _one_image(data: Path) -> Path:
+    """A dataset folder in the Kaggle layout with one (unreadable) image: quick to ship."""
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "cat.0.jpg").write_bytes(b"x")
+    return data
 
 
 def _tree(root: Path) -> list[str]:
@@ -91,6 +100,19 @@ def test_two_projects_on_one_ssh_box_each_get_their_own_run_folder(tmp_path, ssh
         assert sorted(p.name for p in old.iterdir()) == ["exit_code", "metrics.json"], old
 
 
+def test_a_run_folder_the_box_cannot_make_is_one_line_and_leaves_nothing_here(tmp_path, sshd):
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    _up_ssh(project, sshd, remote)
+    data = _one_image(tmp_path / "data")
+    shutil.rmtree(remote / "runs", ignore_errors=True)
+    (remote / "runs").write_text("a file where dlbox's runs folder belongs")
+    result = dlbox(project, "train", "scratch", "--data", str(data), "--epochs", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = _one_line(result)
+    assert "could not make the run's folder" in line and str(remote / "runs") in line, line
+    assert _run_dirs(project) == []  # the id reserved here is given back
+
+
 # --- item 7: flags dlbox owns ----------------------------------------------------------------
 
 def test_trainer_flags_dlbox_owns_are_refused_before_anything_is_reserved(tmp_path, sshd):
@@ -99,9 +121,7 @@ def test_trainer_flags_dlbox_owns_are_refused_before_anything_is_reserved(tmp_pa
     and no runs/<id>/ is left here."""
     project, remote = tmp_path / "proj", tmp_path / "remote"
     _up_ssh(project, sshd, remote)
-    data = tmp_path / "data"
-    (data / "train").mkdir(parents=True)
-    (data / "train" / "cat.0.jpg").write_bytes(b"x")
+    data = _one_image(tmp_path / "data")
     before = _tree(remote)
     for flag in OWNED_FLAGS:
         whole = [] if flag in TRAIN_OPTIONS else [[flag, "/tmp/x"], [f"{flag}=/tmp/x"]]
@@ -156,7 +176,83 @@ def test_pulls_while_a_run_trains_are_consistent_snapshots(tmp_path, sshd, small
     assert not list(run.glob(".*.part"))
 
 
+def test_a_pull_sweeps_stale_snapshots_and_a_vanished_folder_is_one_line(tmp_path, sshd):
+    """A snapshot left by a pull cut off long ago is removed by the next pull; one of a pull
+    going on now stays. A run whose folder is gone from the box: exit 1, one line."""
+    import os
+
+    project, remote = tmp_path / "proj", tmp_path / "remote"
+    _up_ssh(project, sshd, remote)
+    box_dir = remote / "runs" / GOOD_RUN["run_id"]
+    box_dir.mkdir(parents=True)
+    (box_dir / "history.csv").write_text("epoch,loss\n1,0.5\n")
+    (box_dir / "exit_code").write_text("0\n")
+    stale, live = box_dir / f"{SNAPSHOT_PREFIX}stale1", box_dir / f"{SNAPSHOT_PREFIX}live1"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "history.csv").write_text("old")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    run = project / "runs" / GOOD_RUN["run_id"]
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({  # pulled once already: a pull copies it again
+        **GOOD_RUN, "remote_dir": str(box_dir), "box": f"{sshd.user}@{sshd.host}:{sshd.port}",
+        "status": "done", "exit_code": 0, "finished_at": "2026-12-01T00:01:00+00:00"}))
+    pull = dlbox(project, "pull", run.name)
+    assert pull.returncode == 0, pull.stdout + pull.stderr
+    assert "still going" not in pull.stdout  # it has ended: what was pulled is final
+    assert (run / "history.csv").read_text() == "epoch,loss\n1,0.5\n"
+    assert sorted(p.name for p in box_dir.iterdir()) == sorted(["exit_code", "history.csv", live.name])
+
+    shutil.rmtree(box_dir)
+    gone = dlbox(project, "pull", run.name)
+    assert gone.returncode == 1 and "is gone from the box" in _one_line(gone), gone.stderr
+    assert (run / "history.csv").exists()  # what was pulled stays
+
+
 # --- item 15: damaged records ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """A record with one field of each kind records checks."""
+
+    name: str
+    count: int
+    rate: float
+    on: bool
+    tags: list[str]
+    types: tuple[str, ...]
+    note: str | None = None
+    sizes: dict[str, int] | None = None
+
+
+SAMPLE = {"name": "n", "count": 1, "rate": 2, "on": False, "tags": ["a"], "types": ["t", "u"]}
+
+
+def test_records_checks_each_field_against_its_type():
+    """JSON's shapes where Python's are meant: an int is a float, a list a tuple, never a
+    bool an int; unknown keys (a newer dlbox's) are ignored; the message names the field."""
+    from orchestrator import records
+
+    built = records.build(Sample, {**SAMPLE, "newer": 1, "sizes": {"a": 1}})
+    assert built == Sample("n", 1, 2, False, ["a"], ("t", "u"), None, {"a": 1})
+    for damage, message in [
+        ({"count": True}, "field 'count': expected int, got bool True"),
+        ({"count": 1.5}, "field 'count': expected int, got float 1.5"),
+        ({"rate": "2"}, "field 'rate': expected float, got str '2'"),
+        ({"on": 0}, "field 'on': expected bool, got int 0"),
+        ({"tags": ["a", 1]}, "field 'tags': expected list of str, got list ['a', 1]"),
+        ({"types": "tu"}, "field 'types': expected list of str, got str 'tu'"),
+        ({"note": 3}, "field 'note': expected str or null, got int 3"),
+        ({"sizes": {"a": "1"}}, "field 'sizes': expected object of int or null"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            records.build(Sample, {**SAMPLE, **damage})
+    with pytest.raises(ValueError, match="field 'count' is missing"):
+        records.build(Sample, {k: v for k, v in SAMPLE.items() if k != "count"})
+    with pytest.raises(ValueError, match=r"expected an object with Sample's fields, got list"):
+        records.build(Sample, [SAMPLE])
+
 
 SSH_RECORD = {"kind": "ssh", "name": "u@h:22", "host": "h", "port": 22, "user": "u",
               "key_path": "/k", "workdir": "/w", "python": "/p"}
