@@ -7,7 +7,7 @@ import shlex
 
 from .errors import DlboxError, UsageError
 from .humanize import Say
-from .machine import Machine, shell_path
+from .machine import Machine, printable, shell_path
 from .render import render
 
 # What the trainer is tested with (TensorFlow exactly; Keras as new as the box's Python allows).
@@ -26,12 +26,28 @@ def requirements_hash(requirements: tuple[str, ...], pip_args: tuple[str, ...]) 
 
 
 def make_workdir(machine: Machine, workdir: str, where: str) -> str:
-    """Create dlbox's folder on the box (a leading ~ is the box user's home); its absolute path."""
-    made = machine.run(f"mkdir -p {shell_path(workdir)} && cd {shell_path(workdir)} && pwd -P")
-    if made.exit_code != 0 or not made.stdout.strip():
-        raise DlboxError(f"cannot create {workdir} on {where}: "
+    """Create dlbox's folder on the box (a leading ~ is the box user's home); its absolute path.
+
+    Any shell syntax in the path is taken literally. A control character or a byte that is not
+    UTF-8 is refused: with a newline, the answer's last line named another folder, which runs
+    and `down --purge` then used."""
+    _check_plain(workdir, workdir)
+    path = shell_path(workdir)
+    # The path between NULs: whatever the user's shell start-up prints comes before it.
+    made = machine.run(f"mkdir -p -- {path} && cd -P -- {path} && printf '\\0%s\\0' \"$PWD\"")
+    parts = made.stdout.split("\0")
+    if made.exit_code != 0 or len(parts) < 3 or not parts[-2].startswith("/"):
+        raise DlboxError(f"cannot create {printable(workdir)} on {where}: "
                          f"{made.stderr.strip() or 'mkdir failed'}; pass another --workdir")
-    return made.stdout.strip().splitlines()[-1]
+    _check_plain(parts[-2], f"{workdir} (on the box: {parts[-2]})")
+    return parts[-2]
+
+
+def _check_plain(path: str, named: str) -> None:
+    if printable(path) != path:
+        raise UsageError(f"--workdir {printable(named)}: a control character (a newline, a tab) "
+                         "or a byte that is not UTF-8 in the path; pass a plainer one (--workdir, "
+                         "or box_workdir in dlbox.toml)")
 
 
 def prepare(machine: Machine, workdir: str, say: Say, requirements: tuple[str, ...] = REQUIREMENTS,

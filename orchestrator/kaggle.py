@@ -108,7 +108,7 @@ def fetch(machine: Machine, workdir: str, python: str, say: Say,
     started = time.monotonic()
     # The credentials travel on the command's stdin, inside the SSH channel: never in argv,
     # never in a file on the box.
-    done = machine.run(f"bash {shlex.quote(workdir)}/kaggle_fetch.sh",
+    done = machine.run(f"bash {shlex.quote(f'{workdir}/kaggle_fetch.sh')}",
                        timeout=DOWNLOAD_TIMEOUT_S, stdin=credentials.stdin())
     if done.exit_code != 0:
         raise DlboxError(_why(done.stdout + "\n" + done.stderr))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.test_ssh_box import DLBOX, _target
+from tests.test_ssh_box import DLBOX, _target, dlbox
 
 ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
 POLL_S = 0.05
@@ -96,7 +96,7 @@ def test_a_frozen_sshd_is_one_line_within_the_bound_and_the_run_goes_on(tmp_path
         stopped = time.monotonic()
         out, err = train.communicate(timeout=WAIT_S)
         took = time.monotonic() - stopped
-        [run] = [p.name for p in (remote / "runs").iterdir()]
+        [run] = [p.parent.name for p in (remote / "runs").glob("*/status.json")]
         assert train.returncode == 1, out + err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert "stopped answering" in err and f"dlbox attach {run}" in err
@@ -220,3 +220,35 @@ def test_sigterm_mid_upload_leaves_no_tar_or_ssh_behind(tmp_path, sshd):
             for pid in _session(train.pid):
                 os.kill(pid, signal.SIGKILL)
         proxy.close()
+
+
+@pytest.mark.slow
+def test_shell_syntax_in_the_workdir_is_taken_literally_and_a_newline_refused(tmp_path, sshd):
+    """`;`, `$(...)` and backquotes in --workdir run nothing through up, train and down; a
+    newline (its last line named another folder, which runs and `down --purge` then used) is
+    refused in one line."""
+    from orchestrator.sample import generate
+
+    data = tmp_path / "data"
+    generate(data, 20, test_n=0, seed=4)
+    odd = (tmp_path / f"w;touch {tmp_path}/PWNED1;echo $(touch {tmp_path}/PWNED2) "
+           f"`touch {tmp_path}/PWNED3` -x 'q\"")
+    project = tmp_path / "proj"
+    up = _up(project, sshd, odd)
+    assert up.returncode == 0, up.stderr
+    train = dlbox(project, "train", "scratch", "--data", str(data), "--epochs", "1",
+                  "--img-size", "32")
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert list((odd / "runs").glob("*/model.keras"))  # the odd folder itself was used
+    down = dlbox(project, "down", "--purge")
+    assert down.returncode == 0, down.stderr
+    assert not odd.exists() and not list(tmp_path.glob("PWNED*"))
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_bytes(b"mine")
+    refused = _up(tmp_path / "proj2", sshd, Path(f"{tmp_path}/nl\n{victim}"))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert "a control character" in line and "nl\\n" in line
+    assert (victim / "keep").read_bytes() == b"mine"
