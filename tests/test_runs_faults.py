@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.runs import OWNED_FLAGS, SNAPSHOT_PREFIX
+from orchestrator.sample import generate
 from tests.test_ssh_box import CLI_TIMEOUT_S, DLBOX, dlbox
 
 POLL_S = 0.1
 TAKEN_WINDOW_S = 300  # ids pre-taken on the box: well past when the runs reserve theirs
 PULLS = 10
+TINY_SET_IMAGES = 40
 TRAIN_OPTIONS = ("--data", "--test")  # `dlbox train`'s own: never reach the trainer whole
 
 
@@ -58,18 +61,18 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-# --- item 5: run ids unique on a box shared by several projects ------------------------------
+# --- issue 9, item 5: run ids unique on a box shared by several projects -------------------------
 
 @pytest.mark.slow
-def test_two_projects_on_one_ssh_box_each_get_their_own_run_folder(tmp_path, sshd, small_sample):
+def test_two_projects_on_one_ssh_box_each_get_their_own_run_folder(tmp_path, sshd):
     """Every id of the next minutes is already taken on the box (by another project's runs);
     two projects start `train` together: each reserves a folder of its own there, and pulls
     its own results, never the other's or the old runs'."""
     remote = tmp_path / "remote"
     projects = [tmp_path / "a", tmp_path / "b"]
-    for project in projects:
+    for seed, project in enumerate(projects):
         _up_ssh(project, sshd, remote)
-        shutil.copytree(small_sample, project / "data")  # a cache each: syncs never overlap
+        generate(project / "data", TINY_SET_IMAGES, test_n=0, seed=seed)  # a cache each
     now = datetime.now(timezone.utc)
     taken = []
     for second in range(-1, TAKEN_WINDOW_S):
@@ -113,7 +116,7 @@ def test_a_run_folder_the_box_cannot_make_is_one_line_and_leaves_nothing_here(tm
     assert _run_dirs(project) == []  # the id reserved here is given back
 
 
-# --- item 7: flags dlbox owns ----------------------------------------------------------------
+# --- issue 9, item 7: flags dlbox owns -----------------------------------------------------------
 
 def test_trainer_flags_dlbox_owns_are_refused_before_anything_is_reserved(tmp_path, sshd):
     """--out X, --out=X and an abbreviation argparse would take (--ou X) for each owned flag
@@ -137,7 +140,7 @@ def test_trainer_flags_dlbox_owns_are_refused_before_anything_is_reserved(tmp_pa
     assert _run_dirs(project) == []
 
 
-# --- item 9: a pull while the run goes on ----------------------------------------------------
+# --- issue 9, item 9: a pull while the run goes on -----------------------------------------------
 
 @pytest.mark.slow
 def test_pulls_while_a_run_trains_are_consistent_snapshots(tmp_path, sshd, small_sample):
@@ -179,8 +182,6 @@ def test_pulls_while_a_run_trains_are_consistent_snapshots(tmp_path, sshd, small
 def test_a_pull_sweeps_stale_snapshots_and_a_vanished_folder_is_one_line(tmp_path, sshd):
     """A snapshot left by a pull cut off long ago is removed by the next pull; one of a pull
     going on now stays. A run whose folder is gone from the box: exit 1, one line."""
-    import os
-
     project, remote = tmp_path / "proj", tmp_path / "remote"
     _up_ssh(project, sshd, remote)
     box_dir = remote / "runs" / GOOD_RUN["run_id"]
@@ -210,10 +211,10 @@ def test_a_pull_sweeps_stale_snapshots_and_a_vanished_folder_is_one_line(tmp_pat
     assert (run / "history.csv").exists()  # what was pulled stays
 
 
-# --- item 15: damaged records ----------------------------------------------------------------
+# --- issue 9, item 15: damaged records -----------------------------------------------------------
 
 @dataclass(frozen=True)
-class Sample:
+class Checked:
     """A record with one field of each kind records checks."""
 
     name: str
@@ -226,7 +227,7 @@ class Sample:
     sizes: dict[str, int] | None = None
 
 
-SAMPLE = {"name": "n", "count": 1, "rate": 2, "on": False, "tags": ["a"], "types": ["t", "u"]}
+CHECKED = {"name": "n", "count": 1, "rate": 2, "on": False, "tags": ["a"], "types": ["t", "u"]}
 
 
 def test_records_checks_each_field_against_its_type():
@@ -234,8 +235,8 @@ def test_records_checks_each_field_against_its_type():
     bool an int; unknown keys (a newer dlbox's) are ignored; the message names the field."""
     from orchestrator import records
 
-    built = records.build(Sample, {**SAMPLE, "newer": 1, "sizes": {"a": 1}})
-    assert built == Sample("n", 1, 2, False, ["a"], ("t", "u"), None, {"a": 1})
+    built = records.build(Checked, {**CHECKED, "newer": 1, "sizes": {"a": 1}})
+    assert built == Checked("n", 1, 2, False, ["a"], ("t", "u"), None, {"a": 1})
     for damage, message in [
         ({"count": True}, "field 'count': expected int, got bool True"),
         ({"count": 1.5}, "field 'count': expected int, got float 1.5"),
@@ -247,11 +248,11 @@ def test_records_checks_each_field_against_its_type():
         ({"sizes": {"a": "1"}}, "field 'sizes': expected object of int or null"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            records.build(Sample, {**SAMPLE, **damage})
+            records.build(Checked, {**CHECKED, **damage})
     with pytest.raises(ValueError, match="field 'count' is missing"):
-        records.build(Sample, {k: v for k, v in SAMPLE.items() if k != "count"})
-    with pytest.raises(ValueError, match=r"expected an object with Sample's fields, got list"):
-        records.build(Sample, [SAMPLE])
+        records.build(Checked, {k: v for k, v in CHECKED.items() if k != "count"})
+    with pytest.raises(ValueError, match=r"expected an object with Checked's fields, got list"):
+        records.build(Checked, [CHECKED])
 
 
 SSH_RECORD = {"kind": "ssh", "name": "u@h:22", "host": "h", "port": 22, "user": "u",
