@@ -66,6 +66,10 @@ def _say(message: str) -> None:
     typer.echo(message)
 
 
+def _warn(message: str) -> None:
+    typer.secho(f"dlbox: warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
 @contextlib.contextmanager
 def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
     """The one place where errors become a line and an exit code, by their type."""
@@ -181,7 +185,7 @@ def _unpulled(box) -> list[str]:
     """This box's runs whose results were never pulled after they ended (or still going)."""
     from . import runs
 
-    return [r.run_id for r in runs.all_runs(_project()) if r.box == box.name and not r.finished_at]
+    return [r.run_id for r in runs.all_runs(_project(), _warn) if r.box == box.name and not r.finished_at]
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -287,7 +291,7 @@ def _settle_runs(box, yes: bool):
     are ended only with --yes (or a yes at the prompt). Returns the box (maybe woken)."""
     from . import registry, runs
 
-    pending = [r for r in runs.all_runs(_project()) if r.box == box.name and r.finished_at is None]
+    pending = [r for r in runs.all_runs(_project(), _warn) if r.box == box.name and r.finished_at is None]
     if not pending:
         return box
     names = ", ".join(r.run_id for r in pending)
@@ -505,7 +509,7 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox ru
         box, machine = _box_of(run)
         code = machine.read(f"{run.remote_dir}/exit_code")
         if code is None or run.finished_at:  # still going, or already recorded: copy again
-            local = runs.pull(_project(), run, machine)
+            local = runs.pull(_project(), run, machine, _say)
         else:  # ended: its results are final, and once here the box need not keep them
             _finish(run, box, machine, int(code.strip() or 1))
             local = _project() / runs.RUNS_DIR / run.run_id
@@ -563,7 +567,7 @@ def list_runs() -> None:
     header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost", "results")
     rows = []
     with _errors():
-        recorded = runs.all_runs(_project())
+        recorded = runs.all_runs(_project(), _warn)
     for run in recorded:
         metrics = runs.read_local_json(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
         rows.append((

@@ -53,6 +53,18 @@ def svg_chart(title: str, epochs: list[int], series: dict[str, list[float]]) -> 
     return Markup("".join(parts))
 
 
+CHARTED = ("epoch", "loss", "val_loss", "accuracy", "val_accuracy")
+TABLED = dict.fromkeys(("phase", "seconds", "images_per_second"), "")  # shown if there
+
+
+def _plottable(row: dict) -> bool:
+    """A history row with every charted column a number (a damaged row is left out)."""
+    try:
+        return all(float(row[name]) == float(row[name]) for name in CHARTED)  # NaN is not
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
     """Render the report from what was pulled into run_dir."""
     try:
@@ -61,10 +73,10 @@ def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
         metrics = {}
     try:
         with open(run_dir / "history.csv", newline="") as f:
-            history = list(csv.DictReader(f))
-    except OSError:
+            history = [{**TABLED, **row} for row in csv.DictReader(f) if _plottable(row)]
+    except (OSError, csv.Error, UnicodeDecodeError):
         history = []
-    epochs = [int(r["epoch"]) for r in history]
+    epochs = [int(float(r["epoch"])) for r in history]
 
     def column(name: str) -> list[float]:
         return [float(r[name]) for r in history]

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import codeship, kaggle, records, report, sync
+from . import codeship, kaggle, records, report, state, sync
 from .atomic import write_atomic
 from .boxes import Box
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
@@ -36,6 +39,8 @@ SNAPSHOT_PREFIX = ".dlbox-pull-"  # in the run's folder on the box: a pull's pri
 SNAPSHOT_NAME = re.compile(r"\.dlbox-pull-[A-Za-z0-9]+")
 # A snapshot this old was left by a pull cut off before its cleanup (no pull takes this long).
 STALE_SNAPSHOT_MIN = 60
+PARTIAL_DIR = "partial"  # under .dlbox/: downloads until verified
+STALE_PARTIAL_S = 24 * 3600  # a part file this old (or whose pull died) is swept by the next
 MAX_ID_TRIES = 20  # run ids taken on a box shared with other projects, before giving up
 EXTRACT_DIR = "extracted"  # under the box's workdir: zips unpacked once, shared by runs
 
@@ -338,8 +343,10 @@ def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print) -> Pat
                        (line.split(maxsplit=1) for line in lines[2:-1])}
         if not remote_sums:
             raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
+        partial = _partial_dir(project_dir)
         for name, digest in remote_sums.items():
-            _fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id)
+            _fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id,
+                            partial)
     finally:
         with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
             machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
@@ -353,16 +360,51 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str) -> None:
+def _partial_dir(project_dir: Path) -> Path:
+    """Where downloads grow until verified: never in runs/, where a killed dlbox (SIGKILL runs
+    no cleanup) would leave half a file beside the results. Old ones are swept."""
+    directory = state.ensure_dir(project_dir) / PARTIAL_DIR
+    directory.mkdir(exist_ok=True)
+    cutoff = time.time() - STALE_PARTIAL_S
+    for part in directory.glob("*.part"):
+        pid = part.name.split(".", 1)[0]
+        with contextlib.suppress(OSError):
+            if not (pid.isdigit() and _alive(int(pid))) or part.stat().st_mtime < cutoff:
+                part.unlink()
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str,
+                    partial_dir: Path) -> None:
     """remote copied to local whole and verified, or not at all."""
     # A name of its own: two pulls of one run at once (two terminals) never share a part file.
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+    fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}.{run_id}.{local.name}.", suffix=".part",
+                                dir=partial_dir)
+    os.close(fd)
+    tmp = Path(name)
     try:
         machine.fetch(remote, tmp)
         if _sha256(tmp) != digest:
             raise DlboxError(f"copy of {local.name} does not match the box's; run `dlbox pull "
                              f"{run_id}`")
-        os.replace(tmp, local)  # a file in runs/ is always a whole, verified one
+        try:
+            os.replace(tmp, local)  # a file in runs/ is always a whole, verified one
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            beside = local.with_name(f".{local.name}.{os.getpid()}.part")  # runs/ on another disk
+            shutil.copyfile(tmp, beside)
+            os.replace(beside, local)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -165,7 +165,8 @@ class Day:
         still has them), and no partial download is left there."""
         for run in self.runs():
             record = self.record(run)
-            assert not list(run.glob(".*.part")), f"partial download left in {run}"
+            assert not list(run.glob("*.part")) and not list(run.glob(".*.part")), \
+                f"partial download left in {run}"
             if not record.get("finished_at"):
                 continue
             remote = Path(record["remote_dir"])

@@ -171,3 +171,25 @@ def test_state_keeps_several_boxes_and_replaces_by_name(tmp_path):
     state.remove(tmp_path, "u@h:22")
     assert boxes.current(tmp_path) == LocalBox(name="local", workdir="/w2", python="/p")
     assert oct((tmp_path / ".dlbox" / "state.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_report_from_a_damaged_history_leaves_the_bad_rows_out(tmp_path):
+    """A history.csv cut short or edited by hand: the report is still written, without the
+    rows it cannot chart (a pull must never end in a traceback over it)."""
+    from orchestrator import report
+    from orchestrator.runs import Run
+
+    (tmp_path / "history.csv").write_text(
+        "epoch,phase,loss,accuracy,val_loss,val_accuracy,seconds,images_per_second\n"
+        "1,training,0.69,0.51,0.68,0.55,3.0,120\n"
+        "2,training,nan,0.52,0.67,0.56,3.0,121\n"
+        "3,training,0.6\n")
+    (tmp_path / "metrics.json").write_text("{not json")
+    run = Run(run_id="r", model="scratch", box="local", remote_dir="/x", args=[],
+              started_at="2026-11-29T00:00:00+00:00")
+    path = report.write(tmp_path, run, box="local", duration="1 min", cost="-")
+    html = path.read_text()
+    assert "<td>1</td><td>training</td><td>0.69</td>" in html
+    assert "<td>2</td>" not in html and "<td>3</td>" not in html
+    (tmp_path / "history.csv").write_text("epoch,loss\n1,0.5\n")  # a hand-made one
+    assert report.write(tmp_path, run, box="local", duration="1 min", cost="-").exists()

@@ -181,7 +181,8 @@ def test_pulls_while_a_run_trains_are_consistent_snapshots(tmp_path, sshd, small
 
 def test_a_pull_sweeps_stale_snapshots_and_a_vanished_folder_is_one_line(tmp_path, sshd):
     """A snapshot left by a pull cut off long ago is removed by the next pull; one of a pull
-    going on now stays. A run whose folder is gone from the box: exit 1, one line."""
+    going on now stays; the same for part files here. A run whose folder is gone from the box:
+    exit 1, one line."""
     project, remote = tmp_path / "proj", tmp_path / "remote"
     _up_ssh(project, sshd, remote)
     box_dir = remote / "runs" / GOOD_RUN["run_id"]
@@ -199,9 +200,18 @@ def test_a_pull_sweeps_stale_snapshots_and_a_vanished_folder_is_one_line(tmp_pat
     (run / "run.json").write_text(json.dumps({  # pulled once already: a pull copies it again
         **GOOD_RUN, "remote_dir": str(box_dir), "box": f"{sshd.user}@{sshd.host}:{sshd.port}",
         "status": "done", "exit_code": 0, "finished_at": "2026-12-01T00:01:00+00:00"}))
+    partial = project / ".dlbox" / "partial"  # downloads grow here, never in runs/
+    partial.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = partial / f"{dead.pid}.{run.name}.model.keras.x1.part"  # a SIGKILLed pull's
+    going = partial / f"{os.getpid()}.{run.name}.model.keras.x2.part"  # a pull going on now
+    for part in (killed, going):
+        part.write_bytes(b"half a model")
     pull = dlbox(project, "pull", run.name)
     assert pull.returncode == 0, pull.stdout + pull.stderr
     assert "still going" not in pull.stdout  # it has ended: what was pulled is final
+    assert not killed.exists() and going.exists()
     assert (run / "history.csv").read_text() == "epoch,loss\n1,0.5\n"
     assert sorted(p.name for p in box_dir.iterdir()) == sorted(["exit_code", "history.csv", live.name])
 

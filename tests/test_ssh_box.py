@@ -56,7 +56,7 @@ def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
     assert metrics["epochs_run"] == 2
     assert metrics["arguments"]["data"].startswith(str(remote / "data"))  # trained on the copy
     assert "dog.99.jpg" in os.listdir(Path(metrics["arguments"]["data"]) / "train")
-    [code] = list((remote / "code").iterdir())
+    [code] = [p for p in (remote / "code").iterdir() if p.is_dir()]  # beside dlbox's marker
     assert (code / "trainer" / "__main__.py").exists()
 
     again = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
@@ -110,15 +110,15 @@ def test_a_second_run_on_a_zip_folder_sends_nothing_and_trains(ssh_up, tmp_path)
     first = dlbox(project, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"{data.name}: sent 1 of 1 files" in first.stdout
-    [copy] = (remote / "data").iterdir()
+    [copy] = [p for p in (remote / "data").iterdir() if p.is_dir()]
     assert sorted(p.name for p in copy.rglob("*")) == ["kaggle", "train.zip"]  # untouched
-    [extracted] = (remote / "extracted").iterdir()
+    [extracted] = [p for p in (remote / "extracted").iterdir() if p.is_dir()]
     assert len(list((extracted / "train").iterdir())) == 20_000
 
     second = dlbox(project, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{data.name}: already on the box (1 files, verified)" in second.stdout
-    assert [p.name for p in (remote / "extracted").iterdir()] == [extracted.name]  # reused
+    assert [p.name for p in (remote / "extracted").iterdir() if p.is_dir()] == [extracted.name]
     assert "Traceback" not in first.stderr + second.stderr
 
 
