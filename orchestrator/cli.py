@@ -185,7 +185,8 @@ def _unpulled(box) -> list[str]:
     """This box's runs whose results were never pulled after they ended (or still going)."""
     from . import runs
 
-    return [r.run_id for r in runs.all_runs(_project(), _warn) if r.box == box.name and not r.finished_at]
+    return [r.run_id for r in runs.all_runs(_project(), _warn)
+            if r.box == box.name and r.status == "running"]
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -235,6 +236,7 @@ def down(
             for box in found:
                 box = _settle_runs(box, yes)
                 box.down(_project(), flags, _say)
+                _record_lost(box)
 
 
 def _confirm(question: str, yes: bool, refusal: str) -> None:
@@ -286,12 +288,25 @@ def _down_unrecorded(region: str | None, profile: str | None) -> None:
         typer.echo("no box is up in this project")
 
 
+def _record_lost(box) -> None:
+    """Runs of a box that ended with their results still there (stopped with --yes, or killed
+    before they wrote an exit status): recorded as lost, so nothing claims they wait to be pulled."""
+    from dataclasses import replace
+
+    from . import runs
+
+    for run in runs.all_runs(_project(), _warn):
+        if run.box == box.name and run.status == "running":
+            runs.save(_project(), replace(run, status=runs.LOST))
+
+
 def _settle_runs(box, yes: bool):
     """Before a box ends: pull the results of its runs that ended unpulled; runs still going
     are ended only with --yes (or a yes at the prompt). Returns the box (maybe woken)."""
     from . import registry, runs
 
-    pending = [r for r in runs.all_runs(_project(), _warn) if r.box == box.name and r.finished_at is None]
+    pending = [r for r in runs.all_runs(_project(), _warn)
+               if r.box == box.name and r.status == "running"]
     if not pending:
         return box
     names = ", ".join(r.run_id for r in pending)
@@ -578,6 +593,7 @@ def list_runs() -> None:
             run.box,
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
             f"{runs.RUNS_DIR}/{run.run_id}/" if run.finished_at else
+            "lost with its box" if run.status == runs.LOST else
             f"on the box (`dlbox pull {run.run_id}`)",
         ))
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts

@@ -27,6 +27,7 @@ from .machine import Machine
 from .render import render
 
 RUNS_DIR = "runs"
+LOST = "lost"  # the box ended before its results were pulled (`down --yes`)
 RUN_FILE = "run.json"
 STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
 CANCEL_TIMEOUT_S = 300  # SIGTERM -> checkpoint written -> exit 75; a big model saves slowly
@@ -55,7 +56,7 @@ class Run:
     remote_dir: str
     args: list[str]
     started_at: str
-    status: str = "running"  # running, done, failed, interrupted
+    status: str = "running"  # running, done, failed, interrupted, lost
     exit_code: int | None = None
     val_accuracy: float | None = None
     finished_at: str | None = None

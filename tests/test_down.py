@@ -89,6 +89,8 @@ def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, sma
     assert f"stopped run(s) {going.name}" in down.stdout
     assert not _alive(trainer) and not (project / ".dlbox" / "local-box").exists()
     assert "no box is up" in dlbox(project, "status").stdout
+    assert json.loads((project / "runs" / going.name / "run.json").read_text())["status"] == "lost"
+    assert "lost with its box" in dlbox(project, "runs").stdout
 
 
 @pytest.mark.slow
