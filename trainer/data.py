@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from .errors import DataError
 from .extract import extract_once
+
+log = logging.getLogger(__name__)
 
 LABELS = {"cat": 0, "dog": 1}
 CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
@@ -139,11 +142,26 @@ def _subdirs(root: Path) -> list[Path]:
 
 def _image_files(root: Path) -> list[Path]:
     with os.scandir(root) as it:
-        return [
+        found = [
             Path(e.path)
             for e in it
             if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
         ]
+    # A name that is not UTF-8 (os keeps its bytes as surrogates) cannot reach TensorFlow,
+    # the CSVs or the log as text: such a file is skipped, and named with its bytes escaped.
+    usable = [f for f in found if _utf8(f.name)]
+    for f in found:
+        if not _utf8(f.name):
+            log.warning("skipped %s: its name is not UTF-8; rename it", ascii(f.name))
+    return usable
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _numbered_images(root: Path) -> list[tuple[int, str]]:
