@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from . import records, state
+from . import records, registry, state
 from .errors import UsageError
 from .humanize import Say
 from .machine import Machine
@@ -117,6 +117,20 @@ class Box(Protocol):
     def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
         """run_id's results are pulled (verified): the box may end on its own again once no
         other run holds results there."""
+
+
+class Unwatched:
+    """What boxes with no watchdog share (this machine, one reached over SSH): nothing ends
+    them on their own, so results on them need no holding; a pull only clears its marker."""
+
+    def wake(self, project_dir: Path, say: Say) -> Box:
+        return self  # always there
+
+    def hold_results(self, project_dir: Path) -> None:
+        pass  # results stay until `dlbox down`, which pulls them first
+
+    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
+        registry.release(machine, self.runs_registry(), run_id)
 
 
 def _registry() -> dict[str, type[Box]]:

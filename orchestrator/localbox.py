@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import environment, registry, state
-from .boxes import Box, DownFlags, Say, UpFlags, registry_in
+from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
 from .localmachine import LocalMachine
 from .machine import Machine
 from .sshtarget import SshTarget
@@ -18,7 +18,7 @@ LOCAL_WORKDIR = "local-box"
 
 
 @dataclass(frozen=True)
-class LocalBox:
+class LocalBox(Unwatched):
     """This machine as the box: runs live under workdir, the trainer runs with python."""
 
     name: str
@@ -69,12 +69,3 @@ class LocalBox:
         shutil.rmtree(self.workdir, ignore_errors=True)
         state.remove(project_dir, self.name)
         say(f"local box removed ({self.workdir})")
-
-    def wake(self, project_dir: Path, say: Say) -> Box:
-        return self  # always there: nothing ends it on its own
-
-    def hold_results(self, project_dir: Path) -> None:
-        pass  # no watchdog: results stay until `dlbox down`
-
-    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
-        registry.release(machine, self.runs_registry(), run_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import config, environment, registry, sshtarget, state, workdir
-from .boxes import Box, DownFlags, Say, UpFlags, registry_in
+from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
 from .sshmachine import SshMachine
@@ -20,7 +20,7 @@ SSH_TARGET = re.compile(r"^(?P<user>[A-Za-z0-9_.][^@\s]*)@(?P<host>[A-Za-z0-9_.\
 
 
 @dataclass(frozen=True)
-class SshBox:
+class SshBox(Unwatched):
     """A machine reached over SSH; runs in workdir (absolute, on the box) with python there."""
 
     name: str  # user@host:port
@@ -110,12 +110,3 @@ class SshBox:
         state.remove(project_dir, self.name)
         sshtarget.remove_config(state.state_dir(project_dir))
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
-
-    def wake(self, project_dir: Path, say: Say) -> Box:
-        return self  # always there: nothing ends it on its own
-
-    def hold_results(self, project_dir: Path) -> None:
-        pass  # no watchdog: results stay until `dlbox down`
-
-    def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
-        registry.release(machine, self.runs_registry(), run_id)
