@@ -109,8 +109,12 @@ class Ec2Box:
              else "unknown"),
             ("watchdog", self._watchdog_line(project_dir, inst)),
         ]
-        if state_now in ("shutting-down", "terminated", "gone", "stopped"):
-            rows.append(("note", "the box has stopped (the watchdog or AWS ended it); "
+        if state_now in ("stopping", "stopped"):
+            rows.append(("note", "the box is stopped, its disk kept (the watchdog stops a box "
+                                 "holding unpulled results): `dlbox pull RUN` starts it and "
+                                 "pulls, `dlbox down` pulls and terminates it"))
+        elif state_now in ("shutting-down", "terminated", "gone"):
+            rows.append(("note", "the box has ended (the watchdog or AWS ended it); "
                                  "`dlbox down` cleans up"))
         return rows
 

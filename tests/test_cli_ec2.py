@@ -585,7 +585,8 @@ def test_results_nobody_pulled_survive_the_watchdog_and_are_pulled_later(project
     assert _shutdown_behaviour(aws, instance) == "stop"
     aws.stop_instances(InstanceIds=[instance])  # what the watchdog's power-off now does
     status = dlbox(project, "status")
-    assert "stopped" in status.stdout and f"run(s) {run.name} not pulled yet" in status.stdout
+    assert "the box is stopped, its disk kept" in status.stdout
+    assert f"run(s) {run.name} not pulled yet" in status.stdout
     listing = dlbox(project, "runs")
     assert f"on the box (`dlbox pull {run.name}`)" in listing.stdout
     assert not (run / "model.keras").exists()

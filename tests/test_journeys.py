@@ -90,7 +90,8 @@ def _drop_mid_pull(day: Day, run: Path) -> None:
     """The link goes down while results come back: nothing partial stays; pull again."""
     day.proxy.rate_bytes_per_s = 200_000
     proc = day.start("pull", run.name)
-    day.until(lambda: any(run.glob(".*.part")), proc, "the pull's first file")
+    partial = day.project / ".dlbox" / "partial"  # downloads grow there until verified
+    day.until(lambda: any(partial.glob("*.part")), proc, "the pull's first file")
     assert day.proxy.cut() > 0
     dropped = day.finish(proc, ("pull", "(link dropped)"))
     assert dropped.code == 1, str(dropped)
