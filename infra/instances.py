@@ -193,11 +193,14 @@ def set_shutdown_behaviour(ec2, instance_id: str, behaviour: str) -> None:
 
 
 def start(ec2, instance_id: str, timeout_s: float) -> Instance:
-    """Start a stopped (or stopping) instance and wait until it runs; return it."""
-    _wait(ec2, "instance_stopped", [instance_id], RUNNING_POLL_S, timeout_s,
-          f"wait for {instance_id} to stop before starting it")
-    with translated(f"start {instance_id}"):
-        ec2.start_instances(InstanceIds=[instance_id])
+    """Start a stopped (or stopping) instance and wait until it runs; return it. One that
+    another command is starting already (pending) is only waited for."""
+    found = describe(ec2, instance_id)
+    if found is None or found.state not in ("pending", "running"):
+        _wait(ec2, "instance_stopped", [instance_id], RUNNING_POLL_S, timeout_s,
+              f"wait for {instance_id} to stop before starting it")
+        with translated(f"start {instance_id}"):
+            ec2.start_instances(InstanceIds=[instance_id])
     return wait_running(ec2, instance_id, timeout_s)
 
 

@@ -108,6 +108,9 @@ class Box(Protocol):
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
         """End (or forget) the box, verified, and remove its record."""
 
+    def ends_runs(self, flags: DownFlags) -> bool:
+        """Whether `down` with flags ends the runs on the box (and what they have not written out)."""
+
     def wake(self, project_dir: Path, say: Say) -> Box:
         """The box ready for commands: started again if it was stopped to keep results."""
 

@@ -41,9 +41,10 @@ def held(project_dir: Path, say: Say | None = None,
                     say(f"waiting for another dlbox command on this project's box (pid {holder})...")
                 waited = True
                 if time.monotonic() > deadline:
-                    raise DlboxError(f"another dlbox command has held {path} for over "
-                                     f"{timeout_s:.0f} s; if none is running, delete that file "
-                                     "and run the command again") from None
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise DlboxError(f"another dlbox command (pid {holder}) has held this "
+                                     f"project's box for over {timeout_s:.0f} s; wait for it "
+                                     "or end it, then run the command again") from None
                 time.sleep(BOX_LOCK_POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of whoever waits

@@ -33,6 +33,8 @@ app.add_typer(data_app, name="data")
 
 MAX_SAMPLE_IMAGES = 100_000
 EXIT_INFRA = 1
+EXIT_KILLED = 137  # a run that ended with no exit status (a power-off, SIGKILL) is recorded so
+HOLD_LOCK_TIMEOUT_S = 30  # a run's start waits this long for an `up`/`down` to let the box go
 EXIT_INTERRUPTED = 130
 
 
@@ -228,15 +230,13 @@ def down(
         with boxlock.held(_project(), _say):
             found = boxes.recorded(_project())
             if not found:
-                _down_unrecorded(region, profile)
+                _down_unrecorded(region, profile, yes)
                 return
             flags = boxes.DownFlags(purge=purge, profile=profile)
             for box in found:
                 boxes.check_down_flags(box, flags)
             for box in found:
-                box = _settle_runs(box, yes)
-                box.down(_project(), flags, _say)
-                _record_lost(box)
+                _end_box(box, flags, yes)
 
 
 def _confirm(question: str, yes: bool, refusal: str) -> None:
@@ -268,11 +268,11 @@ def _down_every_project(region: str | None, profile: str | None, yes: bool) -> N
     ec2box.end_all(ec2, found, cfg.region, _say)
 
 
-def _down_unrecorded(region: str | None, profile: str | None) -> None:
+def _down_unrecorded(region: str | None, profile: str | None, yes: bool) -> None:
     """No box recorded: still end this project's EC2 instances, found by their tag."""
     from infra.errors import CredentialsError
 
-    from . import config, ec2box
+    from . import config, ec2box, runs
 
     cfg = config.load(_project(), region=region, profile=profile)
     try:
@@ -280,6 +280,14 @@ def _down_unrecorded(region: str | None, profile: str | None) -> None:
     except CredentialsError:  # no AWS here: nothing of this project can be running there
         typer.echo("no box is up in this project")
         return
+    waiting = [r.run_id for r in runs.all_runs(_project(), _warn) if r.status == "running"]
+    found = ec2box.project_instances(ec2, _project())
+    if found and waiting and not yes:
+        ids = ", ".join(i.instance_id for i in found)
+        raise UsageError(f"{ids} of this project is not recorded, and run(s) "
+                         f"{', '.join(waiting)} may have results there: `dlbox up` records it "
+                         "again (then `dlbox down` pulls them), `dlbox down --yes` ends it "
+                         "without them")
     ended = ec2box.end_project(_project(), ec2, _say, [])
     if ended:
         typer.echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
@@ -288,9 +296,19 @@ def _down_unrecorded(region: str | None, profile: str | None) -> None:
         typer.echo("no box is up in this project")
 
 
+def _end_box(box, flags, yes: bool) -> None:
+    """What `down` does to one box (the caller holds the box lock): pull the results of its
+    runs that ended, ask before ending runs still going, end the box."""
+    ends_runs = box.ends_runs(flags)
+    box = _settle_runs(box, yes, ends_runs)
+    box.down(_project(), flags, _say)
+    if ends_runs:
+        _record_lost(box)
+
+
 def _record_lost(box) -> None:
-    """Runs of a box that ended with their results still there (stopped with --yes, or killed
-    before they wrote an exit status): recorded as lost, so nothing claims they wait to be pulled."""
+    """Runs of a box that ended with their results still there (stopped with --yes, or never
+    pulled): recorded as lost, so nothing claims they wait to be pulled."""
     from dataclasses import replace
 
     from . import runs
@@ -300,9 +318,10 @@ def _record_lost(box) -> None:
             runs.save(_project(), replace(run, status=runs.LOST))
 
 
-def _settle_runs(box, yes: bool):
-    """Before a box ends: pull the results of its runs that ended unpulled; runs still going
-    are ended only with --yes (or a yes at the prompt). Returns the box (maybe woken)."""
+def _settle_runs(box, yes: bool, ends_runs: bool):
+    """Before a box ends: pull the results of its runs that ended (or were killed); runs still
+    going, and results that could not be pulled, are given up only with --yes (or a yes at
+    the prompt) when ending the box would end them. Returns the box (maybe woken)."""
     from . import registry, runs
 
     pending = [r for r in runs.all_runs(_project(), _warn)
@@ -314,30 +333,42 @@ def _settle_runs(box, yes: bool):
         box = box.wake(_project(), _say)
         machine = box.machine(_project())
         going = set(registry.live_runs(machine, box.runs_registry()))
-    except DlboxError as exc:
-        _confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
-                 f"{names}?", yes, f"cannot reach {box.label} to pull run(s) {names} ({exc}); "
-                 "`dlbox down --yes` ends it without them")
+    except (DlboxError, InfraError) as exc:
+        if ends_runs:
+            _confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
+                     f"{names}?", yes, f"cannot reach {box.label} to pull run(s) {names} ({exc}); "
+                     "`dlbox down --yes` ends it without them")
         return box
+    failed = []
     try:
         for run in pending:
             if run.run_id in going:
                 continue
-            code = machine.read(f"{run.remote_dir}/exit_code")
-            if code is None:
-                continue  # never started or killed: nothing final to pull
-            run = runs.finish(_project(), run, machine, int(code.strip() or 1))
-            box.release_results(_project(), machine, run.run_id)  # the caller holds the lock
-            typer.echo(f"run {run.run_id} had ended ({run.status}); its results are pulled into "
+            try:
+                code = machine.read(f"{run.remote_dir}/exit_code")
+                run = runs.finish(_project(), run, machine,
+                                  int(code.strip() or 1) if code is not None else EXIT_KILLED)
+                box.release_results(_project(), machine, run.run_id)  # the caller holds the lock
+            except (DlboxError, InfraError) as exc:
+                failed.append(run.run_id)
+                _warn(f"could not pull run {run.run_id}: {exc}")
+                continue
+            how = "had ended" if code is not None else "was killed before it ended"
+            typer.echo(f"run {run.run_id} {how} ({run.status}); its results are pulled into "
                        f"{runs.RUNS_DIR}/{run.run_id}/")
     finally:
         machine.close()
     still = [r.run_id for r in pending if r.run_id in going]
-    if still:
-        names = ", ".join(still)
-        _confirm(f"Run(s) {names} still going on {box.label}; end them with the box?", yes,
-                 f"run(s) {names} still going on {box.label}: `dlbox attach {still[0]}` waits "
+    if ends_runs and still:
+        listed = ", ".join(still)
+        _confirm(f"Run(s) {listed} still going on {box.label}; end them with the box?", yes,
+                 f"run(s) {listed} still going on {box.label}: `dlbox attach {still[0]}` waits "
                  "for the results, `dlbox down --yes` ends the box anyway")
+    if ends_runs and failed:
+        listed = ", ".join(failed)
+        _confirm(f"End {box.label} without the results of run(s) {listed}?", yes,
+                 f"could not pull run(s) {listed} from {box.label}: `dlbox pull {failed[0]}` "
+                 "tries again, `dlbox down --yes` ends the box without them")
     return box
 
 
@@ -369,8 +400,12 @@ def train(
                              progress, config.load(_project()).pip_args)
     code = _follow_and_finish(run, box, machine)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
-        with _errors("the box may still be running: run `dlbox down`"):
-            box.down(_project(), boxes.DownFlags(), _say)
+        from . import boxlock
+
+        # As `down` does it: other runs of the box are pulled first, or asked about.
+        with _errors("the box may still be running: run `dlbox down`"), \
+                boxlock.held(_project(), _say):
+            _end_box(box, boxes.DownFlags(), yes=False)
     raise typer.Exit(code)
 
 
@@ -455,7 +490,7 @@ def _hold(box) -> None:
     from . import boxlock
 
     try:
-        with _signals_deferred(), boxlock.held(_project(), _say):
+        with boxlock.held(_project(), _say, timeout_s=HOLD_LOCK_TIMEOUT_S), _signals_deferred():
             box.hold_results(_project())
     except (DlboxError, InfraError) as exc:  # training goes on; the risk is said
         typer.secho(f"warning: could not keep the watchdog from destroying unpulled results "
@@ -465,12 +500,19 @@ def _hold(box) -> None:
 
 def _finish(run, box, machine, code: int):
     """Pull and record the results of a run that ended; then the box may end on its own."""
-    from . import boxlock, runs
+    from . import runs
 
     run = runs.finish(_project(), run, machine, code)
+    _release(run, box, machine)
+    return run
+
+
+def _release(run, box, machine) -> None:
+    """run's results are here, verified: the box need not keep them (idempotent)."""
+    from . import boxlock
+
     with boxlock.held(_project(), _say):
         box.release_results(_project(), machine, run.run_id)
-    return run
 
 
 def _follow_and_finish(run, box, machine) -> int:
@@ -523,8 +565,11 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox ru
         run = runs.load(_project(), run_id)
         box, machine = _box_of(run)
         code = machine.read(f"{run.remote_dir}/exit_code")
-        if code is None or run.finished_at:  # still going, or already recorded: copy again
+        if code is None:  # still going: a snapshot of what it has
             local = runs.pull(_project(), run, machine, _say)
+        elif run.finished_at:  # recorded already: copy again (and let the box go, if it waits)
+            local = runs.pull(_project(), run, machine, _say)
+            _release(run, box, machine)
         else:  # ended: its results are final, and once here the box need not keep them
             _finish(run, box, machine, int(code.strip() or 1))
             local = _project() / runs.RUNS_DIR / run.run_id

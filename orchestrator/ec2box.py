@@ -18,6 +18,8 @@ from .sshtarget import SshTarget
 
 TERMINATE_TIMEOUT_S = 600
 START_TIMEOUT_S = 600  # a stopped box started again to hand over its results
+# Instances that are (or can be again) a box; shutting-down and terminated ones are gone.
+KEEPABLE_STATES = ("pending", "running", "stopping", "stopped")
 BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"  # made by the user data; the watchdog's state
 RUNS_REGISTRY_ON_BOX = f"{BOX_STATE_DIR_ON_BOX}/active"  # runs announce themselves here
 EC2_UP_FLAGS = frozenset({"region", "profile", "instance_type", "spot", "disk_gb", "idle_minutes",
@@ -141,7 +143,7 @@ class Ec2Box:
         ended = end_project(project_dir, ec2, say, [self.instance_id] if self.instance_id else [],
                             self.name)
         if not ended:
-            say(f"box {self.name} never launched")
+            say(f"nothing of box {self.name} was running")
         try:
             forget(project_dir, ec2, self)
         except Exception as exc:
@@ -153,6 +155,9 @@ class Ec2Box:
             if spent is not None:
                 say(f"{inst.instance_id} terminated; it cost about ${spent:.2f}")
 
+
+    def ends_runs(self, flags: DownFlags) -> bool:
+        return True  # terminated, disk and all
 
     def wake(self, project_dir: Path, say: Say) -> Ec2Box:
         """Started again if the watchdog stopped it (an on-demand box holding unpulled results
@@ -201,6 +206,13 @@ def _cost_so_far(inst, usd_per_hour: float | None) -> float | None:
     from infra.prices import cost
 
     return cost(usd_per_hour, (datetime.now(timezone.utc) - inst.launch_time).total_seconds())
+
+
+def project_instances(ec2, project_dir: Path) -> list:
+    """The project's instances that are not ending, found by their project tag."""
+    from infra import instances
+
+    return instances.find(ec2, project=project_name(project_dir), states=KEEPABLE_STATES)
 
 
 def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | None = None) -> list:

@@ -29,10 +29,12 @@ from . import (
 from .boxes import Box, DownFlags, Say, UpFlags
 from .ec2box import (
     BOX_STATE_DIR_ON_BOX,
+    KEEPABLE_STATES,
     RUNS_REGISTRY_ON_BOX,
     Ec2Box,
     clients,
     forget,
+    project_instances,
     project_name,
     ssm_client,
 )
@@ -42,8 +44,6 @@ from .sshmachine import SshMachine
 
 RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
 BOOTING_CONNECT_DEADLINE_S = 60  # sshd answers before cloud-init is done: handshakes may drop
-# Instances `up` reuses; shutting-down and terminated ones are gone.
-KEEPABLE_STATES = ("pending", "running", "stopping", "stopped")
 CLOUD_INIT_TIMEOUT_S = 300  # the user data (watchdog, run registry) done before the first run
 # Waits for cloud-init where there is one (a DLAMI); elsewhere nothing to wait for.
 CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
@@ -97,7 +97,7 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
     # `up --profile work` must find it, not launch a second one elsewhere.
     ec2 = clients(cfg.region, flags.profile or (existing.profile if existing else cfg.profile))
     mine = _instance_of(ec2, existing) if existing is not None else None
-    others = [i for i in _project_instances(ec2, project_dir)
+    others = [i for i in project_instances(ec2, project_dir)
               if mine is None or i.instance_id != mine.instance_id]
     if others and (existing is not None or len(others) > 1):
         listed = ", ".join(f"{i.instance_id} ({i.state})" for i in others)
@@ -138,13 +138,6 @@ def _instance_of(ec2, box: Ec2Box):
         tagged = instances.find(ec2, box=box.name, states=KEEPABLE_STATES)
         found = tagged[0] if tagged else None
     return found if found is not None and found.state in KEEPABLE_STATES else None
-
-
-def _project_instances(ec2, project_dir: Path) -> list:
-    """The project's instances that are not ending, found by their project tag."""
-    from infra import instances
-
-    return instances.find(ec2, project=project_name(project_dir), states=KEEPABLE_STATES)
 
 
 def _adopt(project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Ec2Box:
@@ -292,8 +285,7 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
     try:
         machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
         _say_watchdog(machine, cfg, say)
-        workdir.prepare(machine, cfg.box_workdir, box.label)
-        box = replace(box, workdir=environment.make_workdir(machine, cfg.box_workdir, box.label))
+        box = replace(box, workdir=workdir.prepare(machine, cfg.box_workdir, box.label))
         python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
                                                     say, cfg.box_requirements, cfg.pip_args)
         say(f"box Python: {versions}")
@@ -327,7 +319,7 @@ def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> No
     from infra.errors import InfraError
 
     exc = sys.exc_info()[1]
-    if isinstance(exc, KeyboardInterrupt | BrokenPipeError):
+    if isinstance(exc, KeyboardInterrupt | SystemExit | BrokenPipeError):  # SystemExit: SIGTERM
         raise exc  # the CLI says the box is recorded: `dlbox up` resumes, `dlbox down` ends it
     why = str(exc) if isinstance(exc, DlboxError | InfraError) else f"{type(exc).__name__}: {exc}"
     if not launched_now:

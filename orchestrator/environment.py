@@ -31,7 +31,7 @@ def make_workdir(machine: Machine, workdir: str, where: str) -> str:
     Any shell syntax in the path is taken literally. A control character or a byte that is not
     UTF-8 is refused: with a newline, the answer's last line named another folder, which runs
     and `down --purge` then used."""
-    _check_plain(workdir, workdir)
+    check_plain(workdir, workdir)
     path = shell_path(workdir)
     # The path between NULs: whatever the user's shell start-up prints comes before it.
     made = machine.run(f"mkdir -p -- {path} && cd -P -- {path} && printf '\\0%s\\0' \"$PWD\"")
@@ -39,11 +39,12 @@ def make_workdir(machine: Machine, workdir: str, where: str) -> str:
     if made.exit_code != 0 or len(parts) < 3 or not parts[-2].startswith("/"):
         raise DlboxError(f"cannot create {printable(workdir)} on {where}: "
                          f"{made.stderr.strip() or 'mkdir failed'}; pass another --workdir")
-    _check_plain(parts[-2], f"{workdir} (on the box: {parts[-2]})")
+    check_plain(parts[-2], f"{workdir} (on the box: {parts[-2]})")
     return parts[-2]
 
 
-def _check_plain(path: str, named: str) -> None:
+def check_plain(path: str, named: str) -> None:
+    """UsageError for a workdir OpenSSH, shells and messages cannot carry as plain text."""
     if printable(path) != path:
         raise UsageError(f"--workdir {printable(named)}: a control character (a newline, a tab) "
                          "or a byte that is not UTF-8 in the path; pass a plainer one (--workdir, "

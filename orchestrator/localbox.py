@@ -60,6 +60,9 @@ class LocalBox(Unwatched):
     def status(self, project_dir: Path) -> list[tuple[str, str]]:
         return [("box", "local (this machine)"), ("python", self.python), ("runs in", self.workdir)]
 
+    def ends_runs(self, flags: DownFlags) -> bool:
+        return True  # their folder goes
+
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
         """Stop runs still going (`down` asked first), remove the box's folder (dlbox's own,
         under .dlbox/; results were pulled into runs/ first) and forget the box."""

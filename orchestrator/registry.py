@@ -38,10 +38,11 @@ def live_runs(machine: Machine, registry: str) -> dict[str, int]:
     return found
 
 
-def stop_live_runs(machine: Machine, registry: str) -> list[str]:
-    """End every live run's whole process group (run.sh and its trainer): SIGTERM, a bounded
-    wait for the trainer's checkpoint, then SIGKILL. Their ids."""
-    live = live_runs(machine, registry)
+def stop_live_runs(machine: Machine, registry: str, only: set[str] | None = None) -> list[str]:
+    """End every live run's (or only those named) whole process group (run.sh and its
+    trainer): SIGTERM, a bounded wait for the trainer's checkpoint, then SIGKILL. Their ids."""
+    live = {run_id: pid for run_id, pid in live_runs(machine, registry).items()
+            if only is None or run_id in only}
     if live:
         groups = " ".join(f"-{pid}" for pid in live.values())
         machine.run(f"kill -TERM -- {groups} 2>/dev/null; "

@@ -60,8 +60,7 @@ class SshBox(Unwatched):
         sshtarget.check_paths(target.key_path, target.known_hosts)
         machine = SshMachine(target, pin_new_host=True)
         try:
-            workdir.prepare(machine, flags.workdir or cfg.box_workdir, name)
-            folder = environment.make_workdir(machine, flags.workdir or cfg.box_workdir, name)
+            folder = workdir.prepare(machine, flags.workdir or cfg.box_workdir, name)
             python, versions = environment.ready_python(
                 machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
                 cfg.pip_args)
@@ -93,12 +92,29 @@ class SshBox(Unwatched):
         return [("box", f"ssh {self.name}"), ("python", self.python), ("runs in", self.workdir),
                 ("login", "`dlbox ssh` or `ssh -F .dlbox/ssh_config dlbox`")]
 
+    def ends_runs(self, flags: DownFlags) -> bool:
+        return flags.purge  # without --purge the machine and its runs stay as they are
+
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
         """Forget the box (its host key stays pinned); --purge also deletes dlbox's folder there."""
         if flags.purge:
+            from . import runs
+
+            mine = {r.run_id for r in runs.all_runs(project_dir, lambda _: None)
+                    if r.box == self.name}
             machine = self.machine(project_dir)
             try:
-                stopped = registry.stop_live_runs(machine, self.runs_registry())
+                # The folder may be shared with other projects (the default ~/dlbox is):
+                # their runs and results are not this project's to end.
+                found = set(registry.live_runs(machine, self.runs_registry()))
+                others = sorted((found | set(registry.held_runs(machine, self.runs_registry())))
+                                - mine)
+                if others:
+                    raise UsageError(
+                        f"{self.workdir} on {self.name} also holds runs of other projects ("
+                        + ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                        + "); `dlbox down` without --purge forgets the box and leaves the folder")
+                stopped = registry.stop_live_runs(machine, self.runs_registry(), only=mine)
                 kept = workdir.purge(machine, self.workdir)
             finally:
                 machine.close()

@@ -50,7 +50,7 @@ class Watchdog:
             at = self.clocks["born"] + lifetime
             parts.append(f"at the latest at {_utc(at)} (in {duration(max(0, at - now))})")
         if self.held:
-            parts.append(f"{self.held} run(s) hold unpulled results: a power-off keeps them")
+            parts.append(f"{self.held} run(s) hold results not pulled yet (`dlbox pull`)")
         return "on (checked on the box): " + ("; ".join(parts) or "no limits set")
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import shlex
 
+from . import environment
 from .errors import DlboxError
-from .machine import Machine, shell_path
+from .machine import Machine, printable, shell_path
 
 MARKER = ".dlbox-made"
 # Every subfolder dlbox writes: venv, shipped code, dataset cache, runs, extracted zips, and
@@ -15,15 +16,18 @@ PARTS = ("env", "code", "data", "runs", "extracted", "active", "unpulled")
 ROOT_FILES = ("setup_env.sh",)  # written in the folder itself, when dlbox made the folder
 
 
-def prepare(machine: Machine, workdir: str, where: str) -> None:
-    """Make the folder and its parts, marking each one this call creates (not one the user had)."""
+def prepare(machine: Machine, workdir: str, where: str) -> str:
+    """Make the folder and its parts, marking each one this call creates (not one the user
+    had); the folder's absolute path on the box."""
+    environment.check_plain(workdir, workdir)
     root = shell_path(workdir)
-    parts = " ".join(f"mkdir {p} 2>/dev/null && : > {p}/{MARKER};" for p in PARTS)
-    done = machine.run(f"if [ ! -e {root} ]; then mkdir -p {root} && : > {root}/{MARKER}; fi; "
-                       f"cd {root} || exit 1; {parts} exit 0")
+    parts = " ".join(f"mkdir -- {p} 2>/dev/null && : > {p}/{MARKER};" for p in PARTS)
+    done = machine.run(f"if [ ! -e {root} ]; then mkdir -p -- {root} && : > {root}/{MARKER}; fi; "
+                       f"cd -- {root} || exit 1; {parts} exit 0")
     if done.exit_code != 0:
-        raise DlboxError(f"cannot create {workdir} on {where}: "
+        raise DlboxError(f"cannot create {printable(workdir)} on {where}: "
                          f"{done.stderr.strip() or 'mkdir failed'}; pass another --workdir")
+    return environment.make_workdir(machine, workdir, where)
 
 
 def purge(machine: Machine, workdir: str) -> list[str]:

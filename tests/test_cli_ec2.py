@@ -619,3 +619,22 @@ def test_train_after_an_up_cut_short_while_checking_python_names_up(project, aws
     _one_line_error(train, 2, "not ready to train yet", "`dlbox up`")
     assert not (directory / "runs").exists() or not any((directory / "runs").iterdir())
     assert dlbox(project, "down").returncode == 0
+
+
+def test_down_without_state_asks_before_ending_a_box_runs_may_wait_on(project, aws):
+    """The damaged-state advice is "move it away and run `dlbox down`": with runs of the
+    project not pulled yet, that `down` names `dlbox up` (which records the box again) first."""
+    directory, _ = project
+    assert dlbox(project, "up").returncode == 0
+    instance = _state(directory)["instance_id"]
+    run = directory / "runs" / "20261129-000000-scratch"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({
+        "run_id": run.name, "model": "scratch", "box": _state(directory)["name"], "args": [],
+        "remote_dir": "/nowhere", "started_at": "2026-11-29T00:00:00+00:00"}))
+    (directory / ".dlbox" / "state.json").unlink()
+    refused = dlbox(project, "down")
+    _one_line_error(refused, 2, instance, run.name, "`dlbox up` records it again",
+                    "`dlbox down --yes`")
+    assert _tagged(aws) == [instance]
+    assert dlbox(project, "down", "--yes").returncode == 0 and _tagged(aws) == []

@@ -66,13 +66,19 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, small_sample):
+    """Three runs nobody followed to the end: one ended, one killed with its box's power (no
+    exit status), one still going. `down` pulls the first two, then asks about the third;
+    `train --down-after` asks the same; `down --yes` ends it."""
     project = tmp_path / "proj"
     project.mkdir()
     assert dlbox(project, "up", "--local", "--python", sys.executable).returncode == 0
-    remote_runs = project / ".dlbox" / "local-box" / "runs"
-    ended = _started_then_dlbox_killed(project, remote_runs, small_sample, "--epochs", "1")
+    box = project / ".dlbox" / "local-box"
+    ended = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "1")
     _until(lambda: (ended / "exit_code").exists(), "the short run's end")
-    going = _started_then_dlbox_killed(project, remote_runs, small_sample, "--epochs", "500",
+    killed = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "500",
+                                        "--patience", "0")
+    os.killpg(int((box / "active" / f"{killed.name}.pid").read_text()), signal.SIGKILL)
+    going = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "500",
                                        "--patience", "0")
     trainer = json.loads((going / "status.json").read_text())["pid"]
 
@@ -80,14 +86,23 @@ def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, sma
     _one_line_error(refused, f"run(s) {going.name} still going", f"dlbox attach {going.name}",
                     "dlbox down --yes")
     assert f"run {ended.name} had ended (done); its results are pulled" in refused.stdout
+    assert f"run {killed.name} was killed before it ended (failed)" in refused.stdout
+    for run, status in ((ended, "done"), (killed, "failed")):
+        record = json.loads((project / "runs" / run.name / "run.json").read_text())
+        assert record["status"] == status and record["finished_at"]
     assert (project / "runs" / ended.name / "model.keras").exists()
-    assert json.loads((project / "runs" / ended.name / "run.json").read_text())["status"] == "done"
+    assert (project / "runs" / killed.name / "train.log").exists()  # what it had written
     assert _alive(trainer) and going.exists()  # nothing of the run going was touched
+
+    after = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
+                  "--img-size", "32", "--down-after")
+    _one_line_error(after, f"run(s) {going.name} still going", "dlbox down --yes")
+    assert _alive(trainer) and going.exists()
 
     down = dlbox(project, "down", "--yes")
     assert down.returncode == 0, down.stderr
     assert f"stopped run(s) {going.name}" in down.stdout
-    assert not _alive(trainer) and not (project / ".dlbox" / "local-box").exists()
+    assert not _alive(trainer) and not box.exists()
     assert "no box is up" in dlbox(project, "status").stdout
     assert json.loads((project / "runs" / going.name / "run.json").read_text())["status"] == "lost"
     assert "lost with its box" in dlbox(project, "runs").stdout
@@ -107,6 +122,12 @@ def test_purge_deletes_only_what_dlbox_made_in_the_workdir(tmp_path, sshd, small
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
                   "--img-size", "32")
     assert train.returncode == 0, train.stdout + train.stderr
+
+    (remote / "unpulled" / "20261129-000000-theirs").touch()  # another project's results
+    refused = dlbox(project, "down", "--purge")
+    _one_line_error(refused, "also holds runs of other projects (20261129-000000-theirs)",
+                    "`dlbox down` without --purge")
+    (remote / "unpulled" / "20261129-000000-theirs").unlink()
 
     down = dlbox(project, "down", "--purge")
     assert down.returncode == 0, down.stderr
