@@ -180,7 +180,11 @@ class Ec2Box:
                            self.ssh_target(project_dir).known_hosts_name,
                            box.ssh_target(project_dir).known_hosts_name)
         state.put(project_dir, box)
-        netwait.wait_for_ssh(box.host, box.ssh_port)
+        try:
+            netwait.wait_for_ssh(box.host, box.ssh_port)
+        except DlboxError as exc:  # the group still opens SSH to the address of the last `up`
+            raise DlboxError(f"{exc}; if your own address changed since `dlbox up`, run "
+                             "`dlbox up` (it opens SSH to your address now) and try again") from exc
         return box
 
     def hold_results(self, project_dir: Path) -> None:
