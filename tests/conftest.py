@@ -96,8 +96,12 @@ def sshd(tmp_path_factory, box_bin):
 
 @pytest.fixture(scope="session")
 def moto_url():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # One INFO line per request would fill every failure's report (and cost time to format).
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
