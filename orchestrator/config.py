@@ -19,6 +19,7 @@ CONFIG_FILE = "dlbox.toml"
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 MAX_DISK_GB = 16_384
+MAX_LOGIN_TIMEOUT_S = 3600
 TYPE_WORDS = {int: "a whole number", bool: "true or false", list: "a list", str: "a string"}
 
 
@@ -42,6 +43,9 @@ class Config:
     box_requirements: tuple[str, ...] | None = None  # what the box's venv gets [TF for the GPU]
     pip_args: tuple[str, ...] = ()  # extra pip flags on the box, e.g. a package mirror
     box_workdir: str = "~/dlbox"  # dlbox's folder on SSH and EC2 boxes
+    # How long `up` keeps logging in to a booting EC2 box: its sshd answers before cloud-init
+    # is done and may drop the first handshakes.
+    login_timeout_seconds: int = 60
     ami: str | None = None
     iam_instance_profile: str | None = None
 
@@ -63,6 +67,9 @@ def _check(cfg: Config, where: str) -> Config:
     for key in ("idle_minutes", "max_lifetime_minutes"):
         if getattr(cfg, key) < 0:
             raise bad(key, f"must be 0 (off) or more (got {getattr(cfg, key)})")
+    if not 1 <= cfg.login_timeout_seconds <= MAX_LOGIN_TIMEOUT_S:
+        raise bad("login_timeout_seconds", f"must be 1..{MAX_LOGIN_TIMEOUT_S} (got "
+                  f"{cfg.login_timeout_seconds})")
     if not 1 <= cfg.ssh_port <= 65535:
         raise bad("ssh_port", f"must be 1..65535 (got {cfg.ssh_port})")
     if not re.match(r"^[a-z_][a-z0-9_-]*$", cfg.ssh_user):

@@ -43,7 +43,6 @@ from .render import render
 from .sshmachine import SshMachine
 
 RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
-BOOTING_CONNECT_DEADLINE_S = 60  # sshd answers before cloud-init is done: handshakes may drop
 CLOUD_INIT_TIMEOUT_S = 300  # the user data (watchdog, run registry) done before the first run
 # Waits for cloud-init where there is one (a DLAMI); elsewhere nothing to wait for.
 CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
@@ -281,7 +280,7 @@ def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -
     expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
     machine = SshMachine(box.ssh_target(project_dir), pin_new_host=True,
                          expected_fingerprints=expected or None,
-                         connect_deadline_s=BOOTING_CONNECT_DEADLINE_S)
+                         connect_deadline_s=cfg.login_timeout_seconds)
     try:
         machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
         _say_watchdog(machine, cfg, say)

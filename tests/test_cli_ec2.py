@@ -437,6 +437,8 @@ def test_a_handshake_that_always_drops_ends_in_a_terminated_box(project, aws, ss
     proxy = Proxy(sshd.host, sshd.port)
     proxy.drop_handshakes = 10**6
     _use_port(directory, proxy.port)
+    with open(directory / "dlbox.toml", "a") as f:
+        f.write("login_timeout_seconds = 8\n")  # the bound, not its default of a minute
     try:
         result = dlbox(project, "up")
     finally:

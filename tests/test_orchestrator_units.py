@@ -64,6 +64,9 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
         "us-west-2", True, ("g5.xlarge",), 100)
     with pytest.raises(UsageError, match="idle_minutes"):
         config.load(tmp_path, idle_minutes=-1)
+    (tmp_path / "dlbox.toml").write_text("login_timeout_seconds = 0\n")
+    with pytest.raises(UsageError, match=r"login_timeout_seconds must be 1\.\.3600 \(got 0\)"):
+        config.load(tmp_path)
     (tmp_path / "dlbox.toml").write_text("region = [")
     with pytest.raises(UsageError, match="not valid TOML"):
         config.load(tmp_path)
