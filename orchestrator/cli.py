@@ -176,18 +176,18 @@ def status() -> None:
             typer.echo("no box is up in this project (`dlbox up` starts one)")
             return
         rows = box.status(_project())
-        unpulled = _unpulled(box)
+        unpulled = [r.run_id for r in _unpulled(box)]
         if unpulled:
             rows.append(("results", f"run(s) {', '.join(unpulled)} not pulled yet: they are on "
                                     f"the box; `dlbox pull {unpulled[0]}` fetches them"))
     _table(rows)
 
 
-def _unpulled(box) -> list[str]:
-    """This box's runs whose results were never pulled after they ended (or still going)."""
+def _unpulled(box) -> list:
+    """This box's runs whose results were never pulled (still going, or ended unpulled)."""
     from . import runs
 
-    return [r.run_id for r in runs.all_runs(_project(), _warn)
+    return [r for r in runs.all_runs(_project(), _warn)
             if r.box == box.name and r.status == "running"]
 
 
@@ -313,9 +313,8 @@ def _record_lost(box) -> None:
 
     from . import runs
 
-    for run in runs.all_runs(_project(), _warn):
-        if run.box == box.name and run.status == "running":
-            runs.save(_project(), replace(run, status=runs.LOST))
+    for run in _unpulled(box):
+        runs.save(_project(), replace(run, status=runs.LOST))
 
 
 def _settle_runs(box, yes: bool, ends_runs: bool):
@@ -324,8 +323,7 @@ def _settle_runs(box, yes: bool, ends_runs: bool):
     the prompt) when ending the box would end them. Returns the box (maybe woken)."""
     from . import registry, runs
 
-    pending = [r for r in runs.all_runs(_project(), _warn)
-               if r.box == box.name and r.status == "running"]
+    pending = _unpulled(box)
     if not pending:
         return box
     names = ", ".join(r.run_id for r in pending)
