@@ -141,7 +141,16 @@ def _instance(raw: dict) -> Instance:
         tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
         key_name=raw.get("KeyName"),
         security_group_ids=tuple(g["GroupId"] for g in raw.get("SecurityGroups", [])),
+        state_reason=_state_reason(raw),
     )
+
+
+def _state_reason(raw: dict) -> str | None:
+    """EC2's own words for the last state change ("Server.SpotInstanceTermination: ...")."""
+    reason = raw.get("StateReason") or {}
+    if reason.get("Code") or reason.get("Message"):
+        return ": ".join(dict.fromkeys(p for p in (reason.get("Code"), reason.get("Message")) if p))
+    return raw.get("StateTransitionReason") or None
 
 
 def describe(ec2, instance_id: str) -> Instance | None:

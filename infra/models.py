@@ -68,6 +68,7 @@ class Instance:
     tags: dict[str, str] = field(default_factory=dict)
     key_name: str | None = None
     security_group_ids: tuple[str, ...] = ()
+    state_reason: str | None = None  # why it left running, in EC2's words
 
     @property
     def box(self) -> str | None:

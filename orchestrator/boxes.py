@@ -121,6 +121,22 @@ class Box(Protocol):
         """run_id's results are pulled (verified): the box may end on its own again once no
         other run holds results there."""
 
+    @property
+    def interruptible(self) -> bool:
+        """Whether its owner may take the box back with a warning (EC2 spot): runs watch for it."""
+
+    def gone(self, project_dir: Path) -> str | None:
+        """Why the box can no longer run anything (reclaimed, terminated, stopped), in its
+        owner's words; None while it can."""
+
+    def retire(self, project_dir: Path, say: Say) -> None:
+        """End a lost box's machine (verified) so that nothing bills, keeping its record: a
+        replacement later takes the same settings."""
+
+    def replacement(self, project_dir: Path, say: Say) -> Box:
+        """End this lost box (verified) and make a new one like it, ready to train, recorded
+        in its place. The caller holds the box lock."""
+
 
 class Unwatched:
     """What boxes with no watchdog share (this machine, one reached over SSH): nothing ends
@@ -134,6 +150,17 @@ class Unwatched:
 
     def release_results(self, project_dir: Path, machine: Machine, run_id: str) -> None:
         registry.release(machine, self.runs_registry(), run_id)
+
+    interruptible = False  # nobody takes it back
+
+    def gone(self, project_dir: Path) -> str | None:
+        return None  # unreachable is not gone: it is the user's machine
+
+    def retire(self, project_dir: Path, say: Say) -> None:
+        pass  # never lost
+
+    def replacement(self, project_dir: Path, say: Say) -> Box:
+        raise UsageError(f"{self.label} cannot be replaced by dlbox")  # never gone, never asked
 
 
 def _registry() -> dict[str, type[Box]]:

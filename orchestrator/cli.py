@@ -16,7 +16,7 @@ import typer
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
 from . import __version__
-from .errors import DlboxError, LostContact, UsageError
+from .errors import BoxLost, DlboxError, LostContact, UsageError
 
 app = typer.Typer(
     name="dlbox",
@@ -383,23 +383,37 @@ def train(
                                                   "also write submission.csv.")] = None,
     down_after: Annotated[bool, typer.Option("--down-after", help="Take the box down once the "
                                              "results are pulled and verified.")] = False,
+    no_recover: Annotated[bool, typer.Option("--no-recover", help="If the box is lost (spot "
+                                             "reclaimed), do not go on on a new box.")] = False,
 ) -> None:
-    """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results."""
-    from . import boxes, config, runs
+    """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results.
+
+    A lost EC2 box (spot reclaimed) is replaced and the run resumed from its checkpoint."""
+    from . import boxes, boxlock, config, runs
 
     with _errors("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
                  "follows it"):
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
+        cfg = config.load(_project())
         box = _box(_project()).wake(_project(), _say)
-        machine = box.machine(_project())
-        with _transfer_bar() as progress:
-            run = runs.start(_project(), box, machine, model, data, test, list(ctx.args), _say,
-                             progress, config.load(_project()).pip_args)
-    code = _follow_and_finish(run, box, machine)
+        for attempt in range(cfg.max_recoveries + 1):
+            machine = box.machine(_project())
+            try:
+                with _transfer_bar() as progress:
+                    run = runs.start(_project(), box, machine, model, data, test, list(ctx.args),
+                                     _say, progress, cfg.pip_args)
+                break
+            except (DlboxError, InfraError) as exc:
+                machine.close()
+                why = None if isinstance(exc, UsageError) else box.gone(_project())
+                if why is None or no_recover or attempt == cfg.max_recoveries:
+                    raise
+                _say(f"{box.label} was lost before the run started ({why}); replacing it")
+                with boxlock.held(_project(), _say):
+                    box = box.replacement(_project(), _say)
+    code, box = _follow_and_finish(run, box, machine, recover=not no_recover)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
-        from . import boxlock
-
         # As `down` does it: other runs of the box are pulled first, or asked about.
         with _errors("the box may still be running: run `dlbox down`"), \
                 boxlock.held(_project(), _say):
@@ -513,45 +527,114 @@ def _release(run, box, machine) -> None:
         box.release_results(_project(), machine, run.run_id)
 
 
-def _follow_and_finish(run, box, machine) -> int:
-    """Stream the run; Ctrl-C detaches (the run goes on); pull and record the results."""
-    from . import follow, runs
+def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, object]:
+    """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
+    resumed there; pull and record the results. Returns (exit status, the last box)."""
+    from . import config, follow, recovery, runs
 
-    try:
-        _hold(box)
-        with _status_bar() as (say, on_status):
-            code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
-                                 on_status=on_status)
-    except KeyboardInterrupt:
-        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows it "
-                   "and pulls its results")
-        return EXIT_INTERRUPTED  # as shells expect of Ctrl-C; the run itself goes on
-    except LostContact as exc:  # the run itself is detached and goes on
-        raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach {run.run_id}` "
-                    "follows it again", exc.exit_code) from None
-    except DlboxError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+    while True:
+        try:
+            _hold(box)
+            with _status_bar() as (say, on_status):
+                code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
+                                     on_status=on_status,
+                                     on_checkpoint=_checkpoint_copier(run, machine),
+                                     gone=lambda b=box: b.gone(_project()))
+            break
+        except KeyboardInterrupt:
+            typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
+                       "it and pulls its results")
+            return EXIT_INTERRUPTED, box  # as shells expect of Ctrl-C; the run itself goes on
+        except BoxLost as lost:
+            machine.close()
+            with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it"):
+                cfg = config.load(_project())
+                run, box, machine = recovery.carry_on(_project(), run, box, lost, _say, recover,
+                                                      cfg.max_recoveries, cfg.pip_args)
+        except LostContact as exc:  # the run itself is detached and goes on
+            raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
+                        f"{run.run_id}` follows it again", exc.exit_code) from None
+        except DlboxError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
     with _errors():
         run = _finish(run, box, machine, code)
     machine.close()
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    lost = f" after {len(run.interruptions)} lost box(es)" if run.interruptions else ""
     if run.val_accuracy is not None:
-        typer.echo(f"run {run.run_id} {run.status}: val_accuracy {run.val_accuracy:.4f}; "
+        typer.echo(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
                    f"model, metrics, history and log in {where}")
     else:
-        typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
-    return code
+        typer.echo(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
+    return code, box
+
+
+def _checkpoint_copier(run, machine):
+    """on_checkpoint for follow: copy the checkpoint off the box; a failure is said once and
+    tried again at the next poll (a box that is going is noticed by follow itself)."""
+    from . import checkpoints
+
+    failed = []
+
+    def copy() -> bool:
+        try:
+            checkpoints.pull(_project(), run, machine)
+        except (DlboxError, InfraError) as exc:
+            if not failed:
+                _warn(f"could not copy the checkpoint of run {run.run_id} off the box ({exc}); "
+                      "trying again")
+            failed.append(exc)
+            return False
+        return True
+
+    return copy
 
 
 @app.command()
-def attach(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox runs`).")]) -> None:
-    """Follow a run again and pull its results when it ends."""
-    from . import runs
+def attach(
+    run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox runs`).")],
+    no_recover: Annotated[bool, typer.Option("--no-recover", help="If the run's box was lost, "
+                                             "do not resume it on a new box.")] = False,
+) -> None:
+    """Follow a run again and pull its results when it ends. A run whose box was lost
+    resumes on a new box (or the project's box) from its checkpoint."""
+    from . import boxes, config, recovery, runs
+    from .errors import RunInterrupted
 
-    with _errors():
+    with _errors(f"`dlbox attach {run_id}` again resumes it"):
         run = runs.load(_project(), run_id)
-        box, machine = _box_of(run)
-    raise typer.Exit(_follow_and_finish(run, box, machine))
+        cfg = config.load(_project())
+        box = boxes.named(_project(), run.box)
+        waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
+            and run.interruptions[-1].get("downtime_s") is None
+        if not waiting and box is not None and run.finished_at is None:
+            why = box.gone(_project())
+            if why is not None:  # lost while nobody followed
+                lost = BoxLost(why)
+                _say(recovery.loss_line(run, box, lost))
+                run, waiting = recovery.record_loss(_project(), run, box, lost), True
+        if waiting:
+            if no_recover:
+                raise RunInterrupted(f"run {run.run_id} lost its box; "
+                                     + recovery.resumable_line(_project(), run))
+            run, box, machine = recovery.on_new_box(
+                _project(), run, box, _say, len(run.interruptions) + cfg.max_recoveries,
+                cfg.pip_args, new_box=_box_to_resume_on)
+        else:
+            box, machine = _box_of(run)
+    raise typer.Exit(_follow_and_finish(run, box, machine, recover=not no_recover)[0])
+
+
+def _box_to_resume_on():
+    """For a run whose box is no longer recorded: the project's box, or a new one as `dlbox up`
+    makes it (the caller holds the box lock)."""
+    from . import boxes
+
+    current = boxes.current(_project())
+    if current is not None:
+        return current.wake(_project(), _say)
+    flags = boxes.UpFlags()
+    return boxes.kind_for_up(flags).up(_project(), flags, None, _say)
 
 
 @app.command()
@@ -628,8 +711,9 @@ def list_runs() -> None:
         recorded = runs.all_runs(_project(), _warn)
     for run in recorded:
         metrics = runs.read_local_json(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
+        lost = f" ({len(run.interruptions)} lost box(es))" if run.interruptions else ""
         rows.append((
-            run.run_id, run.model, run.status,
+            run.run_id, run.model, run.status + lost,
             f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
             str(metrics.get("epochs_run", "-")),
             duration(run.seconds) if run.seconds is not None else "-",

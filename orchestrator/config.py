@@ -20,6 +20,7 @@ INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 MAX_DISK_GB = 16_384
 MAX_LOGIN_TIMEOUT_S = 3600
+MAX_RECOVERIES = 100
 TYPE_WORDS = {int: "a whole number", bool: "true or false", list: "a list", str: "a string"}
 
 
@@ -46,6 +47,9 @@ class Config:
     # How long `up` keeps logging in to a booting EC2 box: its sshd answers before cloud-init
     # is done and may drop the first handshakes.
     login_timeout_seconds: int = 60
+    # A run whose EC2 box is lost (spot reclaimed, terminated) resumes on a new box this many
+    # times at most; 0: never (`dlbox attach RUN` resumes it by hand).
+    max_recoveries: int = 3
     ami: str | None = None
     iam_instance_profile: str | None = None
 
@@ -70,6 +74,8 @@ def _check(cfg: Config, where: str) -> Config:
     if not 1 <= cfg.login_timeout_seconds <= MAX_LOGIN_TIMEOUT_S:
         raise bad("login_timeout_seconds", f"must be 1..{MAX_LOGIN_TIMEOUT_S} (got "
                   f"{cfg.login_timeout_seconds})")
+    if not 0 <= cfg.max_recoveries <= MAX_RECOVERIES:
+        raise bad("max_recoveries", f"must be 0..{MAX_RECOVERIES} (got {cfg.max_recoveries})")
     if not 1 <= cfg.ssh_port <= 65535:
         raise bad("ssh_port", f"must be 1..65535 (got {cfg.ssh_port})")
     if not re.match(r"^[a-z_][a-z0-9_-]*$", cfg.ssh_user):

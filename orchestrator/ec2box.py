@@ -187,6 +187,46 @@ class Ec2Box:
                              "`dlbox up` (it opens SSH to your address now) and try again") from exc
         return box
 
+    @property
+    def interruptible(self) -> bool:
+        return self.spot
+
+    def gone(self, project_dir: Path) -> str | None:
+        """Why EC2 says the instance can no longer run the run, or None while it runs."""
+        from infra import instances
+
+        if self.instance_id is None:
+            return None
+        inst = instances.describe(clients(self.region, self.profile), self.instance_id)
+        if inst is None:
+            return f"EC2 no longer knows {self.instance_id}"
+        if inst.state in ("pending", "running"):
+            return None
+        return f"EC2 says {self.instance_id} is {inst.state}" + (
+            f" ({inst.state_reason})" if inst.state_reason else "")
+
+    def retire(self, project_dir: Path, say: Say) -> None:
+        from infra import instances
+
+        if self.instance_id is not None:
+            instances.terminate(clients(self.region, self.profile), [self.instance_id],
+                                TERMINATE_TIMEOUT_S)
+            say(f"{self.instance_id} terminated (verified)")
+
+    def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
+        """Terminate this instance (verified) and launch another with the same settings: the
+        same region, account, market (spot, with spot_fallback) and key; dlbox.toml's types,
+        disk and AMI. Recorded before it is waited on, as `up` does."""
+        from . import ec2up
+
+        self.retire(project_dir, say)
+        own_key = Path(self.key_path).parent != state.state_dir(project_dir) / "keys"
+        flags = UpFlags(region=self.region, profile=self.profile, spot=True if self.spot else None,
+                        idle_minutes=self.idle_minutes, ssh_user=self.ssh_user,
+                        max_lifetime_minutes=self.max_lifetime_minutes,
+                        ssh_key=self.key_path if own_key else None)
+        return ec2up.up(project_dir, flags, self, say)
+
     def hold_results(self, project_dir: Path) -> None:
         """On-demand: a power-off (the watchdog's) stops the box, its disk kept, instead of
         terminating it. Spot boxes cannot stop: their watchdog waits for the pull instead."""

@@ -29,3 +29,18 @@ class LostContact(DlboxError, ConnectionError):
                  fix: str = "check the box is up (`dlbox status`), then run the command again"):
         super().__init__(f"{reason}; {fix}")
         self.reason = reason  # what happened, for callers that know a better fix
+
+
+class BoxLost(DlboxError):
+    """The box a run was on is gone (reclaimed, terminated, stopped): the run goes on elsewhere
+    from its checkpoint, or waits for `dlbox attach`."""
+
+    def __init__(self, reason: str, epoch: int | None = None, warned: bool = False):
+        super().__init__(reason)
+        self.reason, self.epoch, self.warned = reason, epoch, warned
+
+
+class RunInterrupted(DlboxError):
+    """A run stopped with its box and did not go on elsewhere: `dlbox attach` resumes it."""
+
+    exit_code = 75  # EX_TEMPFAIL, as the trainer's own "interrupted, resumable"

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import CommandTimedOut, DlboxError, LostContact
+from . import spotwatch
+from .errors import BoxLost, CommandTimedOut, DlboxError, LostContact
 from .humanize import Say
 from .machine import Machine
 from .runs import STATUS_POLL_S, Run, folder_gone, read_json
@@ -23,7 +24,11 @@ START_TIMEOUT_S = 120  # until the trainer's first status.json
 POLL_TIMEOUT_S = 60  # one poll; a box silent for longer is lost contact
 LOG_CHUNK_BYTES = 1 << 20  # of train.log per poll, at most
 MAX_WARNINGS_SHOWN = 20  # per follow; the rest are in `dlbox logs`
-POLLED = ("status.json", "history.csv", "exit_code")
+# The spot watcher's notice, and the trainer's checkpoint commit point (copied off the box
+# each time it changes).
+POLLED = ("status.json", "history.csv", "exit_code", spotwatch.NOTICE_FILE,
+          "checkpoints/state.json")
+LOSS_CHECK_S = 10  # how often the box's owner is asked whether the box is still there
 LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>WARNING|ERROR|CRITICAL) (?P<message>.*)$")
 
 
@@ -35,6 +40,8 @@ class Snapshot:
     history: list[dict]
     exit_code: int | None
     log: bytes  # train.log from the offset asked for
+    notice: dict | None = None  # an interruption notice the box got (spotwatch.sh)
+    checkpoint: bytes | None = None  # the trainer's checkpoints/state.json
 
 
 def poll_command(remote_dir: str, log_offset: int) -> str:
@@ -56,10 +63,11 @@ def poll(machine: Machine, run: Run, log_offset: int = 0) -> Snapshot:
     if done.exit_code != 0 or len(lines) < len(POLLED) + 1:
         raise folder_gone(run)
     raw = [None if line == "-" else base64.b64decode(line) for line in lines[:len(POLLED)]]
-    status, history, exit_code = raw
+    status, history, exit_code, notice, checkpoint = raw
     return Snapshot(status=read_json(status), history=_history(history),
                     exit_code=int(exit_code.strip() or 1) if exit_code is not None else None,
-                    log=base64.b64decode(lines[len(POLLED)]))
+                    log=base64.b64decode(lines[len(POLLED)]), notice=read_json(notice),
+                    checkpoint=checkpoint)
 
 
 def read_log(machine: Machine, run: Run, offset: int) -> tuple[bytes, bool]:
@@ -128,17 +136,35 @@ class _Warnings:
 
 
 def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
-           on_status: Callable[[dict], None] | None = None) -> int:
+           on_status: Callable[[dict], None] | None = None,
+           on_checkpoint: Callable[[], bool] | None = None,
+           gone: Callable[[], str | None] | None = None) -> int:
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
-    gets every status.json read (for a live bar)."""
-    phase, epochs_shown = None, 0
+    gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
+    commits a checkpoint (and again at the next poll if it returns False). gone() says why
+    the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S.
+    A lost box, or an interruption notice on it, raises BoxLost once the trainer has
+    stopped (or cannot be reached)."""
+    phase, epochs_shown, epoch = None, 0, None
     warnings = _Warnings(say)
-    started = time.monotonic()
+    started = checked = time.monotonic()
+    committed, notice = None, None
+
+    def lost(reason: str) -> BoxLost:
+        return BoxLost(reason, epoch, warned=notice is not None)
+
     while True:
-        snap = poll(machine, run, warnings.offset)
+        try:
+            snap = poll(machine, run, warnings.offset)
+        except DlboxError as exc:
+            why = gone() if gone is not None else None
+            if why is not None:
+                raise lost(why) from exc
+            raise
         warnings.feed(snap.log)
         status = snap.status or {}
+        epoch = status.get("epoch", epoch)
         if on_status is not None:
             on_status(status)
         for row in snap.history[epochs_shown:]:  # before the phase line: the epochs came first
@@ -147,15 +173,28 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)
+        if snap.notice is not None and notice is None:
+            notice = snap.notice
+        if (snap.checkpoint is not None and snap.checkpoint != committed and on_checkpoint
+                and on_checkpoint()):
+            committed = snap.checkpoint
         if snap.exit_code is not None:
             if snap.log and len(snap.log) == LOG_CHUNK_BYTES:
                 continue  # more of the log to show first
+            if notice is not None and snap.exit_code != 0:  # checkpointed on the warning
+                raise lost(f"EC2 interruption notice: {notice.get('action', '?')} at "
+                           f"{notice.get('time', '?')}")
             if snap.exit_code != 0:
                 error = _last_line(machine.read(f"{run.remote_dir}/stdout.log")) \
                     or status.get("error")
                 if error:
                     (err or say)(error)
             return snap.exit_code
+        if gone is not None and time.monotonic() - checked >= LOSS_CHECK_S:
+            checked = time.monotonic()
+            why = gone()
+            if why is not None:
+                raise lost(why)
         if not status and time.monotonic() - started > START_TIMEOUT_S:
             raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "
                              f"see {run.remote_dir}/stdout.log on the box")

@@ -91,5 +91,7 @@ def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
         accuracy_chart=svg_chart("Accuracy", epochs, {"training": column("accuracy"),
                                                       "validation": column("val_accuracy")}),
         misclassified=(run_dir / "misclassified.jpg").exists(),
+        time_lost=sum((i.get("work_lost_s") or 0) + (i.get("downtime_s") or 0)
+                      for i in run.interruptions),
     ))
     return path

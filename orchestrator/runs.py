@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from . import codeship, kaggle, records, report, state, sync
 from .atomic import write_atomic
@@ -61,22 +62,62 @@ class Run:
     val_accuracy: float | None = None
     finished_at: str | None = None
     usd_per_hour: float | None = None  # the box's price, for the cost column of `dlbox runs`
+    # As given to `dlbox train`, to ship them again to a box that takes the run over.
+    data: str | None = None
+    test: str | None = None
+    trainer_args: tuple[str, ...] = ()
+    segment_started_at: str | None = None  # when the current box took the run over
+    # One per box lost under the run (see Interruption), oldest first.
+    interruptions: tuple[dict[str, Any], ...] = ()
 
     @property
     def seconds(self) -> float | None:
         """How long the run took (None while it has not finished)."""
         if self.finished_at is None:
             return None
-        return (datetime.fromisoformat(self.finished_at)
-                - datetime.fromisoformat(self.started_at)).total_seconds()
+        return _seconds(self.started_at, self.finished_at)
 
     @property
     def cost_usd(self) -> float | None:
-        """What the box cost during the run (None on machines nobody rents by the hour)."""
-        seconds = self.seconds
-        if not self.usd_per_hour or seconds is None:
+        """What its boxes cost during the run (None on machines nobody rents by the hour)."""
+        if self.finished_at is None:
             return None
-        return self.usd_per_hour * seconds / 3600
+        earlier = [i.get("cost_usd") for i in self.interruptions]
+        now = None
+        if self.usd_per_hour:
+            now = self.usd_per_hour * _seconds(self.segment_started_at or self.started_at,
+                                               self.finished_at) / 3600
+        known = [c for c in (*earlier, now) if c is not None]
+        return sum(known) if known else None
+
+    @property
+    def boxes(self) -> tuple[str, ...]:
+        """Every box the run ran on, in order."""
+        return (*(i["box"] for i in self.interruptions), self.box)
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """A box lost under a run: when, at which epoch, why (as AWS says), and what it cost."""
+
+    at: str  # when dlbox noticed
+    epoch: int | None  # the epoch in progress
+    box: str
+    instance: str | None
+    instance_type: str | None
+    zone: str | None
+    spot: bool
+    usd_per_hour: float | None
+    reason: str
+    warned: bool  # an interruption notice came first (the trainer checkpointed mid-epoch)
+    cost_usd: float | None  # what the box cost while it had the run
+    checkpoint_epochs: int | None  # epochs finished in the checkpoint the run resumes from
+    work_lost_s: float | None  # training since that checkpoint, redone after the resume
+    downtime_s: float | None = None  # from the loss to the run going on (None: not resumed)
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def _now() -> str:
@@ -239,11 +280,19 @@ def _check_trainer_args(trainer_args: list[str]) -> None:
                              f"--data/--test of `dlbox train`); drop {flag} from the trainer flags")
 
 
-def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, test: str | None,
-          trainer_args: list[str], say: Say, progress: Callable[[int, int], None] | None = None,
-          pip_args: tuple[str, ...] = ()) -> Run:
-    """Ship code and data, start `python -m trainer` detached on the box; return the run."""
-    _check_trainer_args(trainer_args)
+@dataclass(frozen=True)
+class Shipped:
+    """What a run needs on its box: the trainer's code and the datasets, as paths there."""
+
+    code: str
+    data: str
+    test: str | None
+
+
+def ship(box: Box, machine: Machine, data: str, test: str | None, say: Say,
+         progress: Callable[[int, int], None] | None = None,
+         pip_args: tuple[str, ...] = ()) -> Shipped:
+    """Ship the trainer and sync the datasets (only what differs is sent)."""
     local_data, local_test = _local_dataset(data, "--data"), _local_dataset(test, "--test")
     code = codeship.ship(machine, box.workdir)
     downloaded: list[str] = []  # the Kaggle zip, fetched at most once per run
@@ -256,27 +305,67 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
         return downloaded[0]
 
     data_on_box = on_box(local_data)
-    test_on_box = on_box(local_test) if test is not None else None
+    return Shipped(code, data_on_box, on_box(local_test) if test is not None else None)
+
+
+def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, test: str | None,
+          trainer_args: list[str], say: Say, progress: Callable[[int, int], None] | None = None,
+          pip_args: tuple[str, ...] = ()) -> Run:
+    """Ship code and data, start `python -m trainer` detached on the box; return the run."""
+    _check_trainer_args(trainer_args)
+    shipped = ship(box, machine, data, test, say, progress, pip_args)
     run_id, remote = _reserve_on_box(project_dir, machine, box.workdir, model)
-    args = [model, "--data", data_on_box, "--out", remote, "--resume",
+    run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=[],
+              started_at=_now(), usd_per_hour=box.hourly_usd, data=data, test=test,
+              trainer_args=tuple(trainer_args))
+    run = launch(project_dir, box, machine, run, shipped)
+    say(f"run {run_id} started on {box.label}")
+    return run
+
+
+def reserve_folder(machine: Machine, workdir: str, run_id: str) -> str:
+    """A new folder on the box for run_id taken over from a lost box: runs/<id>, or
+    runs/<id>.N when that name is taken (a box that shares the old one's disk)."""
+    parent = f"{workdir}/{RUNS_DIR}"
+    for n in range(1, MAX_ID_TRIES + 1):
+        remote = f"{parent}/{run_id}" + (f".{n}" if n > 1 else "")
+        done = machine.run(reserve_command(parent, remote))
+        if done.stdout.strip() == "reserved":
+            return remote
+        if done.stdout.strip() != "taken":
+            error = _last_line(done.stderr) or f"exit status {done.exit_code}"
+            raise DlboxError(f"could not make the run's folder {remote} on the box ({error})")
+    raise DlboxError(f"{MAX_ID_TRIES} folders for run {run_id} are taken in {parent} on the box; "
+                     "clean it up, then run the command again")
+
+
+def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped) -> Run:
+    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box and start
+    it detached; record the run as started there. --resume is always passed: the same
+    command continues from a checkpoint in --out, if there is one."""
+    from . import spotwatch
+
+    args = [run.model, "--data", shipped.data, "--out", run.remote_dir, "--resume",
             "--extract-dir", f"{box.workdir}/{EXTRACT_DIR}"]
-    if test_on_box is not None:
-        args += ["--test", test_on_box]
-    args += trainer_args
-    script = render("run.sh.j2", run_id=run_id, out=remote, code_dir=code, python=box.python,
-                    args=args, registry=box.runs_registry())
-    machine.write(f"{remote}/run.sh", script.encode(), 0o755)
-    run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=args,
-              started_at=_now(), usd_per_hour=box.hourly_usd)
+    if shipped.test is not None:
+        args += ["--test", shipped.test]
+    args += list(run.trainer_args)
+    script = render("run.sh.j2", run_id=run.run_id, out=run.remote_dir, code_dir=shipped.code,
+                    python=box.python, args=args, registry=box.runs_registry(),
+                    spot_watch=box.interruptible)
+    machine.write(f"{run.remote_dir}/run.sh", script.encode(), 0o755)
+    if box.interruptible:  # EC2 spot: heed the two-minute warning (see spotwatch.py)
+        machine.write(f"{run.remote_dir}/{spotwatch.SCRIPT_FILE}", spotwatch.script().encode(),
+                      0o755)
+    run = replace(run, args=args)
     save(project_dir, run)
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
-    started = machine.run(f"cd {shlex.quote(remote)} || exit 1; "
+    started = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; "
                           "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
-    say(f"run {run_id} started on {box.label}")
     return run
 
 
@@ -344,9 +433,9 @@ def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print) -> Pat
                        (line.split(maxsplit=1) for line in lines[2:-1])}
         if not remote_sums:
             raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
-        partial = _partial_dir(project_dir)
+        partial = partial_dir(project_dir)
         for name, digest in remote_sums.items():
-            _fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id,
+            fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id,
                             partial)
     finally:
         with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
@@ -361,7 +450,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _partial_dir(project_dir: Path) -> Path:
+def partial_dir(project_dir: Path) -> Path:
     """Where downloads grow until verified: never in runs/, where a killed dlbox (SIGKILL runs
     no cleanup) would leave half a file beside the results. Old ones are swept."""
     directory = state.ensure_dir(project_dir) / PARTIAL_DIR
@@ -385,7 +474,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str,
+def fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str,
                     partial_dir: Path) -> None:
     """remote copied to local whole and verified, or not at all."""
     # A name of its own: two pulls of one run at once (two terminals) never share a part file.

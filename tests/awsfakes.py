@@ -81,3 +81,17 @@ def public_ip(address: str):
     with mock.patch("moto.ec2.models.elastic_network_interfaces.random_public_ip",
                     return_value=address):
         yield
+
+
+@contextlib.contextmanager
+def public_ips(*addresses: str):
+    """Give new moto instances these public IPs in turn (loopback sshds: one "box" each);
+    the last one is given again once they are used up."""
+    given = iter(addresses)
+
+    def next_address() -> str:
+        return next(given, addresses[-1])
+
+    with mock.patch("moto.ec2.models.elastic_network_interfaces.random_public_ip",
+                    side_effect=next_address):
+        yield

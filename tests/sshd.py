@@ -45,10 +45,12 @@ def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def start(directory: Path, env: dict[str, str] | None = None, port: int | None = None) -> Sshd:
+def start(directory: Path, env: dict[str, str] | None = None, port: int | None = None,
+          host: str = "127.0.0.1") -> Sshd:
     """Start sshd; env is set in every session (as a box's own /etc/environment would).
 
-    Keys already in directory are kept (a restart is the same server); port: a given one."""
+    Keys already in directory are kept (a restart is the same server); port: a given one;
+    host: any loopback address (127.0.0.2...: several "boxes" on one port)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("host_ed25519", "client_ed25519"):
         if not (directory / name).exists():
@@ -58,7 +60,7 @@ def start(directory: Path, env: dict[str, str] | None = None, port: int | None =
     port, user = port or free_port(), getpass.getuser()
     config = directory / "sshd_config"
     config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {directory / 'host_ed25519'}",
+        f"Port {port}", f"ListenAddress {host}", f"HostKey {directory / 'host_ed25519'}",
         f"PidFile {directory / 'sshd.pid'}", f"AuthorizedKeysFile {directory / 'authorized_keys'}",
         "StrictModes no", "UsePAM no", "PasswordAuthentication no", "PubkeyAuthentication yes",
         "PermitRootLogin prohibit-password", f"AllowUsers {user}",
@@ -70,12 +72,12 @@ def start(directory: Path, env: dict[str, str] | None = None, port: int | None =
     log = directory / "sshd.log"  # a file: a pipe nobody drains would stall sshd at 64 KiB
     proc = subprocess.Popen([SSHD, "-D", "-E", str(log), "-f", str(config)])
     deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
-    while not banner("127.0.0.1", port).startswith(b"SSH-"):
+    while not banner(host, port).startswith(b"SSH-"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"sshd did not start: {log.read_text() if log.exists() else ''}")
         time.sleep(POLL_S)
-    return Sshd("127.0.0.1", port, user, directory / "client_ed25519",
+    return Sshd(host, port, user, directory / "client_ed25519",
                 (directory / "host_ed25519.pub").read_text().strip(), proc)
 
 
@@ -91,7 +93,7 @@ def restart(server: Sshd, new_host_key: bool = False) -> Sshd:
     directory = server.client_key.parent
     if new_host_key:
         _keygen(directory / "host_ed25519")
-    return start(directory, port=server.port)
+    return start(directory, port=server.port, host=server.host)
 
 
 def authorize(server: Sshd, public_key: str) -> None:

@@ -45,17 +45,22 @@ def project(tmp_path, sshd, aws, moto_url, ip_lookup_url, box_settings, box_bin)
     authorized = sshd.client_key.parent / "authorized_keys"
     original = authorized.read_text()
     authorized.write_text(original + public + "\n")
-    env = {
-        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": moto_url,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": awsfakes.REGION, "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "DLBOX_IP_LOOKUP_URL": ip_lookup_url,
-    }
+    env = cli_env(tmp_path, moto_url, ip_lookup_url)
     try:
         with awsfakes.public_ip("127.0.0.1"):
             yield directory, env
     finally:
         authorized.write_text(original)
+
+
+def cli_env(home: Path, moto_url: str, ip_lookup_url: str) -> dict[str, str]:
+    """The environment of a `dlbox` run as a subprocess: AWS is moto's server, nothing else."""
+    return {
+        "PATH": os.environ["PATH"], "HOME": str(home), "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": awsfakes.REGION, "AWS_CONFIG_FILE": str(home / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"), "DLBOX_IP_LOOKUP_URL": ip_lookup_url,
+    }
 
 
 def dlbox(project, *args: str, env_drop: tuple = (), env_set: dict | None = None):
