@@ -619,21 +619,21 @@ def attach(
                                      + recovery.resumable_line(_project(), run))
             run, box, machine = recovery.on_new_box(
                 _project(), run, box, _say, len(run.interruptions) + cfg.max_recoveries,
-                cfg.pip_args, new_box=_box_to_resume_on)
+                cfg.pip_args, new_box=lambda: _box_to_resume_on(run))
         else:
             box, machine = _box_of(run)
     raise typer.Exit(_follow_and_finish(run, box, machine, recover=not no_recover)[0])
 
 
-def _box_to_resume_on():
+def _box_to_resume_on(run):
     """For a run whose box is no longer recorded: the project's box, or a new one as `dlbox up`
-    makes it (the caller holds the box lock)."""
+    makes it, spot if the run's last box was (the caller holds the box lock)."""
     from . import boxes
 
     current = boxes.current(_project())
     if current is not None:
         return current.wake(_project(), _say)
-    flags = boxes.UpFlags()
+    flags = boxes.UpFlags(spot=True if run.interruptions[-1].get("spot") else None)
     return boxes.kind_for_up(flags).up(_project(), flags, None, _say)
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from infra.errors import CapacityError, InfraError
+from infra.errors import InfraError
 
 from . import boxlock, checkpoints, runs
 from .boxes import Box
@@ -119,26 +119,32 @@ def carry_on(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost, say: Say
 def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                max_losses: int, pip_args: tuple[str, ...] = (),
                new_box=None) -> tuple[runs.Run, Box, Machine]:
-    """Replace box (lost; or None: make one with new_box()) and resume run there; a
-    replacement lost while it is set up is replaced again, until the run has lost more
-    than max_losses boxes."""
+    """Replace box (lost; or None: make one with new_box()) and resume run there. A new box
+    that never becomes usable (reclaimed while it is set up) or that is lost before the run
+    goes on there is replaced too, until the run has lost more than max_losses boxes."""
+    failed = 0  # new boxes that never became usable
     while True:
-        if len(run.interruptions) > max_losses:
+        if len(run.interruptions) + failed > max_losses:
             if box is not None:
                 box.retire(project_dir, say)
-            raise RunInterrupted(f"run {run.run_id} lost its box {len(run.interruptions)} "
-                                 f"time(s), more than max_recoveries allows; "
+            raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed} "
+                                 "box(es), more than max_recoveries allows; "
                                  + resumable_line(project_dir, run))
         try:
             with boxlock.held(project_dir, say):
                 box = box.replacement(project_dir, say) if box is not None else new_box()
+        except InfraError as exc:  # no capacity anywhere, a quota: no retry helps now
+            raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing of it is "
+                                 "left running; " + resumable_line(project_dir, run)) from exc
+        except DlboxError as exc:  # ended (verified) by `up` itself; the old box is gone too
+            failed += 1
+            say(f"the new box did not become usable ({exc}); trying another")
+            continue  # box: still the lost one, whose settings the next replacement takes
+        try:
             run, machine = resume(project_dir, run, box, say, pip_args)
             return run, box, machine
-        except CapacityError as exc:
-            raise RunInterrupted(f"no capacity for a new box ({exc}); nothing is left "
-                                 "running; " + resumable_line(project_dir, run)) from exc
         except (DlboxError, InfraError):
-            why = box.gone(project_dir) if box is not None else None
+            why = box.gone(project_dir)
             if why is None:
                 raise
             lost = BoxLost(why)

@@ -95,3 +95,23 @@ def public_ips(*addresses: str):
     with mock.patch("moto.ec2.models.elastic_network_interfaces.random_public_ip",
                     side_effect=next_address):
         yield
+
+
+@contextlib.contextmanager
+def reclaimed_at_launch(count: int = 1):
+    """The next count instances launched are terminated as soon as run_instances answers
+    (spot capacity taken back while the box is being set up)."""
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+    left = [count]
+
+    def run_instances(self, *args, **kwargs):
+        reservation = original(self, *args, **kwargs)
+        if left[0] > 0:
+            left[0] -= 1
+            self.terminate_instances([i.id for i in reservation.instances])
+        return reservation
+
+    with mock.patch.object(EC2Backend, "run_instances", run_instances):
+        yield

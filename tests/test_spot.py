@@ -25,7 +25,7 @@ from tests.test_cli_ec2 import CLI_TIMEOUT_S, DLBOX, _tagged, cli_env, dlbox
 pytestmark = pytest.mark.slow
 POLL_S = 0.05
 RUN_TIMEOUT_S = 240
-BOXES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+BOXES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 # Long enough that a notice (polled every 5 s) lands mid-run: ~0.7 s per epoch here.
 TRAIN = ("train", "scratch", "--epochs", "14", "--img-size", "64", "--batch-size", "4",
          "--patience", "0")
@@ -52,7 +52,7 @@ class Box:
 @pytest.fixture()
 def spot(tmp_path, aws, moto_url, ip_lookup_url, box_settings, box_bin):
     """(project, boxes): a project whose EC2 instances are, in launch order, the loopback
-    boxes 127.0.0.2, .3 and .4, all on one SSH port."""
+    boxes 127.0.0.2, .3, .4 and .5, all on one SSH port."""
     from orchestrator import ec2box, keys
 
     subprocess.run([box_bin / "dlbox-watchdog", "--boot"], check=True, timeout=CLI_TIMEOUT_S)
@@ -192,4 +192,82 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
 
     live = _tagged(aws)
     assert live == [_instance_at(aws, boxes[2].host)]  # only the box that finished
+    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+
+
+def _one_line(result, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, small_sample):
+    """--no-recover: the loss is one line, the run recorded as interrupted, nothing running.
+    `attach` with no capacity anywhere: one line, the checkpoint kept, nothing running.
+    `attach` again: a new box reclaimed while it is set up is replaced, the run resumes;
+    detached, its box dies: `attach` notices and resumes it again; it ends whole."""
+    project, boxes = spot
+    directory, env = project
+    assert dlbox(project, "up", "--spot").returncode == 0
+    first_box = _instance_at(aws, boxes[0].host)
+    proc = subprocess.Popen([DLBOX, *TRAIN, "--data", str(small_sample), "--no-recover"],
+                            cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        record = _wait("a first checkpoint copied", lambda: (r := _record(directory)) and
+                       _copied(directory, r["run_id"]).get("completed", 0) >= 1 and r, proc)
+        run_id = record["run_id"]
+        _kill_box(aws, boxes[0], first_box, run_id)
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 75 and "was lost at" in out, out + err
+    _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 75,
+              "stopped with its box (--no-recover)", f"runs/{run_id}/checkpoint/",
+              f"`dlbox attach {run_id}` resumes it on a new box")
+    kept = _copied(directory, run_id)
+    assert _record(directory)["status"] == "interrupted" and _tagged(aws) == []
+    assert "interrupted (1 lost box(es))" in dlbox(project, "runs").stdout
+
+    with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity"):
+        starved = dlbox(project, "attach", run_id)
+    _one_line(starved, 75, "no new box for run", "no capacity", "nothing of it is left running",
+              f"`dlbox attach {run_id}` resumes it")
+    assert _tagged(aws) == [] and aws.describe_key_pairs()["KeyPairs"] == []
+    assert _copied(directory, run_id) == kept
+
+    with awsfakes.reclaimed_at_launch(1):  # the next box (127.0.0.3) is taken back at once
+        proc = subprocess.Popen([DLBOX, "attach", run_id], cwd=directory, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            resumed = _wait("the run to go on on a new box", lambda: (r := _record(directory))
+                            and r["status"] == "running" and _status(r).get("step", 0) > 0
+                            and _copied(directory, run_id)["completed"] > kept["completed"]
+                            and r, proc)
+            proc.send_signal(signal.SIGINT)  # detach
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130 and "detached" in out, out + err
+    assert "did not become usable" in out and "trying another" in out
+    assert "resumed on the EC2 box" in out and f"after {kept['completed']} epoch(s)" in out
+    _kill_box(aws, boxes[2], _instance_at(aws, boxes[2].host), run_id)  # nobody follows
+
+    again = dlbox(project, "attach", run_id)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "was lost at" in again.stdout and "resumed on the EC2 box" in again.stdout
+    run_dir = directory / "runs" / run_id
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "done" and len(record["interruptions"]) == 2
+    assert [i["warned"] for i in record["interruptions"]] == [False, False]
+    assert _history(run_dir) == [("training", e) for e in range(1, 15)]
+    assert resumed["remote_dir"] != record["remote_dir"]
+    assert _tagged(aws) == [_instance_at(aws, boxes[3].host)]
     assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
