@@ -87,6 +87,13 @@ def _wait(what: str, condition, proc: subprocess.Popen | None = None,
     return value
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    """A dlbox a failed assertion left running is ended, never left behind."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 def _record(directory: Path) -> dict | None:
     found = list((directory / "runs").glob("*/run.json")) if (directory / "runs").exists() else []
     return json.loads(found[0].read_text()) if found else None
@@ -165,9 +172,7 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
         killed_at = _kill_box(aws, boxes[1], _instance_at(aws, boxes[1].host), run_id)
         out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert proc.returncode == 0, out + err
     assert "EC2 interruption notice: terminate at" in out and "was lost at" in out
     assert out.count("resumed on the EC2 box") == 2 and "after 2 lost box(es)" in out
@@ -222,9 +227,7 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
         _kill_box(aws, boxes[0], first_box, run_id)
         out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert proc.returncode == 75 and "was lost at" in out, out + err
     _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 75,
               "stopped with its box (--no-recover)", f"runs/{run_id}/checkpoint/",
@@ -252,9 +255,7 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
             proc.send_signal(signal.SIGINT)  # detach
             out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            _reap(proc)
     assert proc.returncode == 130 and "detached" in out, out + err
     assert "did not become usable" in out and "trying another" in out
     assert "resumed on the EC2 box" in out and f"after {kept['completed']} epoch(s)" in out
