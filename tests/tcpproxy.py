@@ -12,18 +12,21 @@ CHUNK_BYTES = 65536
 
 
 class Proxy:
-    """Relays 127.0.0.1:port to target; faults are set by the test between or during steps."""
+    """Relays listen (127.0.0.1, any port) to target; faults are set by the test between or
+    during steps."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int,
+                 listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.target = (target_host, target_port)
         self.drop_handshakes = 0  # the next N connections end after the server's first bytes
         self.refuse = False  # accept, then close at once
         self.silent = False  # accept, then never relay a byte (a peer that never speaks)
         self.rate_bytes_per_s: float | None = None  # a slow link (each direction of each connection)
         self.connections = 0
+        self.relayed_bytes = 0  # in both directions, over every connection
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server = socket.create_server(listen)
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -68,6 +71,8 @@ class Proxy:
             while data := source.recv(CHUNK_BYTES if self.rate_bytes_per_s is None
                                       else max(1024, int(self.rate_bytes_per_s / 20))):
                 sink.sendall(data)
+                with self._lock:
+                    self.relayed_bytes += len(data)
                 if self.rate_bytes_per_s is not None:
                     time.sleep(len(data) / self.rate_bytes_per_s)
         except OSError:

@@ -20,6 +20,7 @@ import pytest
 from tests import awsfakes
 from tests import sshd as sshd_mod
 from tests.imds import Imds
+from tests.tcpproxy import Proxy
 from tests.test_cli_ec2 import CLI_TIMEOUT_S, DLBOX, _tagged, cli_env, dlbox
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,7 @@ class Box:
         self.imds = Imds()
         env = {"PATH": f"{box_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds.url}
+        self.env = env
         self.sshd = sshd_mod.start(directory, env=env, port=port, host=host)
         sshd_mod.authorize(self.sshd, public_key)
         self.host = host
@@ -271,4 +273,49 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
     assert _history(run_dir) == [("training", e) for e in range(1, 15)]
     assert resumed["remote_dir"] != record["remote_dir"]
     assert _tagged(aws) == [_instance_at(aws, boxes[3].host)]
+    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+
+
+def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spot, aws,
+                                                                           tmp_path):
+    """The first box is reclaimed while `train` sends it the dataset (a slow link, cut):
+    one line, a new box, the data sent there, the run trains to its end on it."""
+    from orchestrator.sample import generate
+
+    project, boxes = spot
+    directory, env = project
+    data = tmp_path / "fresh"  # never sent to any box: it has to cross the link
+    generate(data, 200, test_n=0, seed=7)
+    first = boxes[0]
+    sshd_mod.stop(first.sshd)  # the first box's sshd, behind a link the test can slow and cut
+    inner = sshd_mod.start(first.sshd.client_key.parent, env=first.env)
+    first.sshd = inner
+    link = Proxy(inner.host, inner.port, listen=(first.host, boxes[1].sshd.port))  # the boxes' port
+    try:
+        assert dlbox(project, "up", "--spot").returncode == 0
+        instance = _instance_at(aws, first.host)
+        link.rate_bytes_per_s = 400_000
+        before = link.relayed_bytes
+        proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "2",
+                                 "--img-size", "32"], cwd=directory, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait("the dataset to be crossing", lambda: link.relayed_bytes - before > 1_000_000,
+                  proc)
+            assert _record(directory) is None  # no run yet: the data is still on its way
+            link.refuse = True
+            link.cut()
+            aws.terminate_instances(InstanceIds=[instance])
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            _reap(proc)
+    finally:
+        link.close()
+    assert proc.returncode == 0, out + err
+    assert "was lost before the run started" in out and "terminated" in out
+    record = _record(directory)
+    assert record["status"] == "done" and record["interruptions"] == []
+    assert json.loads((directory / "runs" / record["run_id"] / "metrics.json").read_text())[
+        "epochs_run"] == 2
+    assert _tagged(aws) == [_instance_at(aws, boxes[1].host)]
     assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
