@@ -46,14 +46,18 @@ class Copy:
 def snapshot_command(remote_dir: str) -> str:
     """A command that hard-links state.json and the model files it names into a private
     folder (a consistent set, whatever the trainer commits meanwhile), then prints the
-    folder's name, each file's SHA-256 and LISTING_END; exit 4: no checkpoint yet."""
+    folder's name, each file's SHA-256 and LISTING_END; exit 4: no checkpoint yet; exit 5:
+    the trainer committed during every try (the next poll tries again)."""
     ck = shlex.quote(f"{remote_dir}/{REMOTE_DIR}")
     return (f"cd {ck} 2>/dev/null && [ -e {STATE_FILE} ] || exit 4; "
             f"find .. -maxdepth 1 -name '{SNAPSHOT_PREFIX}*' -mmin +{runs.STALE_SNAPSHOT_MIN} "
             "-exec rm -rf {} + 2>/dev/null; "
             f"for try in $(seq {SNAPSHOT_TRIES}); do "
             f"snap=$(mktemp -d ../{SNAPSHOT_PREFIX}XXXXXXXX) || exit 1; "
-            f'ln -- {STATE_FILE} "$snap"/ || exit 1; ok=1; '
+            # a link to a state.json replaced at that instant fails (its inode has no name
+            # left): one more try
+            f'ok=1; ln -- {STATE_FILE} "$snap"/ 2>/dev/null || ok=0; '
+            f'[ $ok = 1 ] && '
             # the names the state holds: "last" and "best" (the trainer's own file names)
             f"for f in $(grep -oE '\"(last|best)\": \"[A-Za-z0-9_-]+\\.keras\"' \"$snap\"/{STATE_FILE}"
             " | cut -d'\"' -f4 | sort -u); do "
@@ -82,6 +86,8 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
     listing = machine.run(snapshot_command(run.remote_dir))
     if listing.exit_code == 4:
         return None
+    if listing.exit_code == 5:  # committing faster than we can look: this copy stands for now
+        return held(project_dir, run.run_id)
     lines = listing.stdout.splitlines()
     if (listing.exit_code != 0 or len(lines) < 3 or lines[-1] != LISTING_END
             or not SNAPSHOT_NAME.fullmatch(lines[0])):
