@@ -148,9 +148,10 @@ def _instance(raw: dict) -> Instance:
 def _state_reason(raw: dict) -> str | None:
     """EC2's own words for the last state change ("Server.SpotInstanceTermination: ...")."""
     reason = raw.get("StateReason") or {}
-    if reason.get("Code") or reason.get("Message"):
-        return ": ".join(dict.fromkeys(p for p in (reason.get("Code"), reason.get("Message")) if p))
-    return raw.get("StateTransitionReason") or None
+    code, message = reason.get("Code") or "", reason.get("Message") or ""
+    if message.startswith(code):  # "Server.SpotInstanceTermination: Spot instance termination"
+        return message or None
+    return f"{code}: {message}" if message else code
 
 
 def describe(ec2, instance_id: str) -> Instance | None:

@@ -530,8 +530,9 @@ def _release(run, box, machine) -> None:
 def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, object]:
     """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
     resumed there; pull and record the results. Returns (exit status, the last box)."""
-    from . import config, follow, recovery, runs
+    from . import checkpoints, config, follow, recovery, runs
 
+    shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
     while True:
         try:
             _hold(box)
@@ -539,7 +540,7 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
                 code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
                                      on_status=on_status,
                                      on_checkpoint=_checkpoint_copier(run, machine),
-                                     gone=lambda b=box: b.gone(_project()))
+                                     gone=lambda b=box: b.gone(_project()), shown=shown)
             break
         except KeyboardInterrupt:
             typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
@@ -551,6 +552,8 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
                 cfg = config.load(_project())
                 run, box, machine = recovery.carry_on(_project(), run, box, lost, _say, recover,
                                                       cfg.max_recoveries, cfg.pip_args)
+                copy = checkpoints.held(_project(), run.run_id)
+                shown = copy.completed if copy else 0
         except LostContact as exc:  # the run itself is detached and goes on
             raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
                         f"{run.run_id}` follows it again", exc.exit_code) from None

@@ -19,6 +19,12 @@ TF_CHECK_TIMEOUT_S = 180
 TF_CHECK = ("import sys, tensorflow as tf, keras; "
             "print(tf.__version__, keras.__version__, len(tf.config.list_physical_devices('GPU'))); "
             "print(sys.executable)")
+# What the check's answer depends on, read without importing TensorFlow (~5 s on a small
+# CPU): the interpreter, its TensorFlow and Keras files, and the GPUs the driver lists.
+CHECK_KEY = ("import sys, os, importlib.util as u; print(sys.executable); "
+             "[print(n, s.origin, os.stat(s.origin).st_mtime_ns) for n in ('tensorflow', 'keras') "
+             "for s in [u.find_spec(n)] if s and s.origin]")
+CHECKS_DIR = "env/.dlbox-checks"  # under the workdir: answers of TF_CHECK by CHECK_KEY
 
 
 def requirements_hash(requirements: tuple[str, ...], pip_args: tuple[str, ...]) -> str:
@@ -72,11 +78,28 @@ def prepare(machine: Machine, workdir: str, say: Say, requirements: tuple[str, .
     return f"{env_dir}/bin/python"
 
 
-def check_python(machine: Machine, python: str) -> tuple[str, str]:
+def check_command(python: str, workdir: str | None) -> str:
+    """TF_CHECK for python; with a workdir, its answer is kept there and given again while
+    nothing it depends on changed (a box taken up again, a replacement on the same disk)."""
+    py = shell_path(python)
+    check = f"{py} -c {shlex.quote(TF_CHECK)}"
+    if workdir is None:
+        return check
+    checks = f"{shell_path(workdir)}/{CHECKS_DIR}"
+    return (f"set -o pipefail; key=$({{ {py} -c {shlex.quote(CHECK_KEY)} && "
+            "{ nvidia-smi -L 2>/dev/null || :; }; } | sha256sum | cut -c1-32) && "
+            "[ ${#key} = 32 ] || exit 1; "
+            f'mkdir -p -- {checks} && f={checks}/"$key" || exit 1; '
+            'if [ -s "$f" ]; then cat -- "$f"; exit 0; fi; '
+            f'{check} > "$f.$$" || {{ rm -f -- "$f.$$"; exit 1; }}; '
+            'mv -- "$f.$$" "$f" && cat -- "$f"')
+
+
+def check_python(machine: Machine, python: str, workdir: str | None = None) -> tuple[str, str]:
     """(python's absolute path, a line naming TensorFlow, Keras and the GPUs it sees);
     UsageError if it cannot train. The path is what runs use: `~/venv/bin/python` becomes
     the box user's /home/... once, here."""
-    done = machine.run(f"{shell_path(python)} -c {shlex.quote(TF_CHECK)}", timeout=TF_CHECK_TIMEOUT_S)
+    done = machine.run(check_command(python, workdir), timeout=TF_CHECK_TIMEOUT_S)
     lines = done.stdout.strip().splitlines()
     words = lines[-2].split() if len(lines) >= 2 else []
     if done.exit_code != 0 or len(words) != 3 or not lines[-1].startswith("/"):
@@ -91,7 +114,7 @@ def ready_python(machine: Machine, workdir: str, python: str | None, say: Say,
     """(python, versions line): the one given, or the box's dlbox venv (built if needed)."""
     if python is None:
         python = prepare(machine, workdir, say, requirements or REQUIREMENTS, pip_args)
-    python, versions = check_python(machine, python)
+    python, versions = check_python(machine, python, workdir)
     if versions.endswith(" 0 GPU(s)"):
         say("warning: TensorFlow sees no GPU on this box; training will run on its CPU")
     return python, versions

@@ -138,15 +138,15 @@ class _Warnings:
 def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
            on_status: Callable[[dict], None] | None = None,
            on_checkpoint: Callable[[], bool] | None = None,
-           gone: Callable[[], str | None] | None = None) -> int:
+           gone: Callable[[], str | None] | None = None, shown: int = 0) -> int:
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
     gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
     commits a checkpoint (and again at the next poll if it returns False). gone() says why
     the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S.
     A lost box, or an interruption notice on it, raises BoxLost once the trainer has
-    stopped (or cannot be reached)."""
-    phase, epochs_shown, epoch = None, 0, None
+    stopped (or cannot be reached). shown: epochs already shown (a run resumed elsewhere)."""
+    phase, epochs_shown, epoch = None, shown, None
     warnings = _Warnings(say)
     started = checked = time.monotonic()
     committed, notice = None, None
