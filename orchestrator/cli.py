@@ -547,11 +547,10 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
                        "it and pulls its results")
             return EXIT_INTERRUPTED, box  # as shells expect of Ctrl-C; the run itself goes on
         except BoxLost as lost:
-            machine.close()
             with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it"):
                 cfg = config.load(_project())
-                run, box, machine = recovery.carry_on(_project(), run, box, lost, _say, recover,
-                                                      cfg.max_recoveries, cfg.pip_args)
+                run, box, machine = recovery.carry_on(_project(), run, box, machine, lost, _say,
+                                                      recover, cfg.max_recoveries, cfg.pip_args)
                 copy = checkpoints.held(_project(), run.run_id)
                 shown = copy.completed if copy else 0
         except LostContact as exc:  # the run itself is detached and goes on

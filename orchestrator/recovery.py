@@ -3,6 +3,7 @@ from the checkpoint copied off the old one (see checkpoints.py)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -101,13 +102,34 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
     return run, machine
 
 
-def carry_on(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost, say: Say,
-             recover: bool, max_recoveries: int,
+def keep_log(project_dir: Path, run: runs.Run, machine: Machine) -> None:
+    """A box that warned before going still answers: its train.log (the run's stretch there)
+    is kept as runs/<id>/train.<n>.log, since the next box's log starts afresh. Best effort:
+    the box may go any moment."""
+    n = len(run.interruptions) + 1
+    target = project_dir / runs.RUNS_DIR / run.run_id / f"train.{n}.log"
+    part = runs.partial_dir(project_dir) / f"{os.getpid()}.{run.run_id}.{target.name}.part"
+    try:
+        machine.fetch(f"{run.remote_dir}/train.log", part)
+        os.replace(part, target)
+    except (DlboxError, OSError):
+        pass  # the log of a box that went meanwhile goes with it
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def carry_on(project_dir: Path, run: runs.Run, box: Box, machine: Machine, lost: BoxLost,
+             say: Say, recover: bool, max_recoveries: int,
              pip_args: tuple[str, ...] = ()) -> tuple[runs.Run, Box, Machine]:
     """After a loss: record it; unless told not to (or out of recoveries), replace the box
     and resume the run there. Returns (run, box, machine) to follow; raises RunInterrupted
-    with what to do when the run waits for `dlbox attach`."""
+    with what to do when the run waits for `dlbox attach`. machine (the lost box's) is closed."""
     say(loss_line(run, box, lost))
+    try:
+        if lost.warned:
+            keep_log(project_dir, run, machine)
+    finally:
+        machine.close()
     run = record_loss(project_dir, run, box, lost)
     if not recover:
         box.retire(project_dir, say)

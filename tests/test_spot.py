@@ -164,14 +164,16 @@ def _history(run_dir: Path) -> list[tuple[str, int]]:
 def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, small_sample):
     """A notice mid-run: the trainer checkpoints at once, dlbox copies it, replaces the box
     and resumes; then that box dies without warning: resumed from the last copied epoch.
-    The run ends with the epochs of an uninterrupted one, and nothing is left running."""
+    The run ends with the epochs of an uninterrupted one, and --down-after leaves nothing
+    running."""
     project, boxes = spot
     directory, env = project
     up = dlbox(project, "up", "--spot")
     assert up.returncode == 0, up.stdout + up.stderr
     first_box = _instance_at(aws, boxes[0].host)
-    proc = subprocess.Popen([DLBOX, *TRAIN, "--data", str(small_sample)], cwd=directory,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([DLBOX, *TRAIN, "--data", str(small_sample), "--down-after"],
+                            cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     timeline = Timeline(proc)
     try:
         record = _wait("the run to train", lambda: (r := _record(directory)) and
@@ -209,7 +211,8 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     assert first["warned"] and first["spot"] and first["zone"] and first["instance"] == first_box
     assert first["work_lost_s"] == 0.0 and first["downtime_s"] is not None
     assert not second["warned"] and "terminated" in second["reason"]
-    assert second["checkpoint_epochs"] == before
+    # the copy it resumed from: the last one taken before the kill (or one in flight then)
+    assert before <= second["checkpoint_epochs"] <= before + 1
     noticed = datetime.fromisoformat(second["at"]).timestamp()
     assert noticed - killed_at <= DETECTION_BOUND_S + 1  # "at" is to the second
     assert record["status"] == "done" and len({first["box"], second["box"], record["box"]}) == 3
@@ -217,6 +220,9 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     assert _history(run_dir) == [("training", e) for e in range(1, 15)]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 14
     assert "Interruptions" in (run_dir / "report.html").read_text()
+    # The first box's stretch of the log, kept while it still answered after its warning.
+    assert "EC2 spot interruption notice" in (run_dir / "train.1.log").read_text()
+    assert not (run_dir / "train.2.log").exists()  # the second box went without a word
     # The figures of BENCHMARKS.md (benchmarks/recovery.py prints them from this run).
     lost_at = timeline.first("was lost at")
     figures = {
@@ -230,9 +236,7 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     print(f"\nrecovery figures: {json.dumps(figures)}")
     assert figures["unwarned_detection_s"] <= DETECTION_BOUND_S
 
-    live = _tagged(aws)
-    assert live == [_instance_at(aws, boxes[2].host)]  # only the box that finished
-    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+    assert _tagged(aws) == [] and "terminated; it cost about $" in out  # --down-after
 
 
 def _one_line(result, code: int, *needles: str) -> None:
