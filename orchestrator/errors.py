@@ -35,9 +35,12 @@ class BoxLost(DlboxError):
     """The box a run was on is gone (reclaimed, terminated, stopped): the run goes on elsewhere
     from its checkpoint, or waits for `dlbox attach`."""
 
-    def __init__(self, reason: str, epoch: int | None = None, warned: bool = False):
+    def __init__(self, reason: str, epoch: int | None = None, warned: bool = False,
+                 last_seen: float | None = None, progress: float | None = None):
         super().__init__(reason)
         self.reason, self.epoch, self.warned = reason, epoch, warned
+        self.last_seen = last_seen  # time.time() of the trainer's last sign of life seen
+        self.progress = progress  # epochs done then, with the fraction of the one going on
 
 
 class RunInterrupted(DlboxError):

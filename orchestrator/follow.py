@@ -149,10 +149,11 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
     phase, epochs_shown, epoch = None, shown, None
     warnings = _Warnings(say)
     started = checked = time.monotonic()
-    committed, notice = None, None
+    committed, notice, last_seen, progress, last_status = None, None, None, None, None
 
     def lost(reason: str) -> BoxLost:
-        return BoxLost(reason, epoch, warned=notice is not None)
+        return BoxLost(reason, epoch, warned=notice is not None, last_seen=last_seen,
+                       progress=progress)
 
     while True:
         try:
@@ -164,7 +165,10 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             raise
         warnings.feed(snap.log)
         status = snap.status or {}
+        if status != last_status:  # the trainer's heartbeat (every 2 s): it was alive then
+            last_seen, last_status = time.time(), status
         epoch = status.get("epoch", epoch)
+        progress = _progress(status, progress)
         if on_status is not None:
             on_status(status)
         for row in snap.history[epochs_shown:]:  # before the phase line: the epochs came first
@@ -199,6 +203,14 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "
                              f"see {run.remote_dir}/stdout.log on the box")
         sleep(STATUS_POLL_S)
+
+
+def _progress(status: dict, before: float | None) -> float | None:
+    """Epochs trained so far by a status.json, with the fraction of the one going on."""
+    if status.get("phase") not in ("training", "fine-tuning") or not status.get("epoch"):
+        return before
+    steps, step = status.get("steps") or 0, status.get("step") or 0
+    return status["epoch"] - 1 + (min(step, steps) / steps if steps else 0.0)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

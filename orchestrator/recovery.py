@@ -4,7 +4,6 @@ from the checkpoint copied off the old one (see checkpoints.py)."""
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,24 +23,29 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _checkpoint_age_s(project_dir: Path, run_id: str) -> float | None:
-    """Seconds since the off-box checkpoint was taken (None: there is none)."""
+def _checkpoint_taken(project_dir: Path, run_id: str) -> float | None:
+    """When the off-box checkpoint was taken (time.time(); None: there is none)."""
     try:
-        taken = (checkpoints.local_dir(project_dir, run_id) / checkpoints.STATE_FILE).stat()
+        return (checkpoints.local_dir(project_dir, run_id) / checkpoints.STATE_FILE).stat().st_mtime
     except OSError:
         return None
-    return max(0.0, time.time() - taken.st_mtime)
 
 
 def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> runs.Run:
-    """The run's record with the loss added (when, which epoch, why, what the box cost)."""
+    """The run's record with the loss added (when, which epoch, why, what the box cost, how
+    much training is redone)."""
     now = _now()
     segment = datetime.fromisoformat(run.segment_started_at or run.started_at)
     usd = box.hourly_usd
     copy = checkpoints.held(project_dir, run.run_id)
-    age = _checkpoint_age_s(project_dir, run.run_id)
-    lost_s = (now - segment).total_seconds() if age is None else min(
-        age, (now - segment).total_seconds())
+    taken = _checkpoint_taken(project_dir, run.run_id)
+    if copy is not None and copy.partial and lost.warned:  # the weights at the notice itself
+        lost_s, lost_epochs = 0.0, 0.0
+    else:
+        seen = lost.last_seen if lost.last_seen is not None else now.timestamp()
+        lost_s = max(0.0, seen - max(taken or 0.0, segment.timestamp()))
+        done = copy.completed if copy else 0
+        lost_epochs = max(0.0, lost.progress - done) if lost.progress is not None else None
     entry = runs.Interruption(
         at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name,
         instance=getattr(box, "instance_id", None), instance_type=getattr(box, "instance_type",
@@ -49,8 +53,8 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> ru
         zone=getattr(box, "zone", None), spot=box.interruptible, usd_per_hour=usd,
         reason=lost.reason, warned=lost.warned,
         cost_usd=usd * (now - segment).total_seconds() / 3600 if usd else None,
-        checkpoint_epochs=copy.completed if copy else None,
-        work_lost_s=0.0 if copy is not None and copy.partial and lost.warned else round(lost_s, 1))
+        checkpoint_epochs=copy.completed if copy else None, work_lost_s=round(lost_s, 1),
+        work_lost_epochs=round(lost_epochs, 2) if lost_epochs is not None else None)
     run = replace(run, status=INTERRUPTED, interruptions=(*run.interruptions, asdict(entry)))
     runs.save(project_dir, run)
     return run

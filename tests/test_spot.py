@@ -196,6 +196,8 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
         _wait("a checkpoint of the second box", lambda: _copied(directory, run_id).get(
             "completed", 0) > warned["completed"], proc)
         before = _copied(directory, run_id)["completed"]
+        _wait("a later epoch under way", lambda: (st := _status(resumed)).get("epoch", 0) > before
+              and st.get("phase") == "training" and st.get("step", 0) > 0, proc)  # mid-epoch
         killed_at = _kill_box(aws, boxes[1], _instance_at(aws, boxes[1].host), run_id)
         proc.wait(timeout=RUN_TIMEOUT_S)
         out, err = timeline.text(), proc.stderr.read()
@@ -209,10 +211,11 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     record = json.loads((run_dir / "run.json").read_text())
     first, second = record["interruptions"]
     assert first["warned"] and first["spot"] and first["zone"] and first["instance"] == first_box
-    assert first["work_lost_s"] == 0.0 and first["downtime_s"] is not None
+    assert first["work_lost_epochs"] == 0.0 and first["downtime_s"] is not None
     assert not second["warned"] and "terminated" in second["reason"]
     # the copy it resumed from: the last one taken before the kill (or one in flight then)
     assert before <= second["checkpoint_epochs"] <= before + 1
+    assert 0 <= second["work_lost_epochs"] <= 1  # killed mid-epoch: at most that epoch
     noticed = datetime.fromisoformat(second["at"]).timestamp()
     assert noticed - killed_at <= DETECTION_BOUND_S + 1  # "at" is to the second
     assert record["status"] == "done" and len({first["box"], second["box"], record["box"]}) == 3
@@ -227,9 +230,11 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     lost_at = timeline.first("was lost at")
     figures = {
         "warned_work_lost_s": first["work_lost_s"],
+        "warned_work_lost_epochs": first["work_lost_epochs"],
         "warned_noticed_to_first_resumed_step_s": round(stepped - lost_at, 1),
         "warned_noticed_to_relaunch_s": first["downtime_s"],
         "unwarned_work_lost_s": second["work_lost_s"],
+        "unwarned_work_lost_epochs": second["work_lost_epochs"],
         "unwarned_detection_s": round(timeline.first("was lost at", killed_at) - killed_at, 1),
         "unwarned_noticed_to_relaunch_s": second["downtime_s"],
     }
