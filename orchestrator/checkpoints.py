@@ -141,6 +141,8 @@ def push(project_dir: Path, run: runs.Run, machine: Machine, remote_dir: str,
     state = json.loads((here / STATE_FILE).read_text())
     state["options"]["data"] = data_on_box
     names = sorted({n for n in (state.get("last"), state.get("best")) if n})
+    if not all(isinstance(n, str) and MODEL_NAME.fullmatch(n) for n in names):
+        raise DlboxError(f"{here / STATE_FILE} names unexpected files ({names}); it is damaged")
     target = f"{remote_dir}/{REMOTE_DIR}"
     made = machine.run(f"mkdir -p -- {shlex.quote(target)}")
     if made.exit_code != 0:

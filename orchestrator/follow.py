@@ -177,7 +177,7 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)
-        if snap.notice is not None and notice is None:
+        if isinstance(snap.notice, dict) and notice is None:
             notice = snap.notice
         if (snap.checkpoint is not None and snap.checkpoint != committed and on_checkpoint
                 and on_checkpoint()):
