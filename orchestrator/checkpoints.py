@@ -74,11 +74,11 @@ def local_dir(project_dir: Path, run_id: str) -> Path:
 def held(project_dir: Path, run_id: str) -> Copy | None:
     """The checkpoint copied off the box for run_id, or None."""
     state = runs.read_local_json(local_dir(project_dir, run_id) / STATE_FILE)
-    if not state:
-        return None
-    last = state.get("last")
-    return Copy(completed=int(state.get("completed") or 0), last=last,
-                partial=bool(last and last.startswith("partial-")))
+    completed, last = (state.get("completed"), state.get("last")) if isinstance(state, dict) \
+        else (None, None)
+    if not isinstance(completed, int) or not (last is None or isinstance(last, str)):
+        return None  # none, or damaged: nothing to resume from
+    return Copy(completed=completed, last=last, partial=bool(last and last.startswith("partial-")))
 
 
 def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
