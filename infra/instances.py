@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError, WaiterError
 
@@ -142,7 +144,16 @@ def _instance(raw: dict) -> Instance:
         key_name=raw.get("KeyName"),
         security_group_ids=tuple(g["GroupId"] for g in raw.get("SecurityGroups", [])),
         state_reason=_state_reason(raw),
+        state_changed_at=_state_changed_at(raw.get("StateTransitionReason") or ""),
     )
+
+
+def _state_changed_at(text: str) -> datetime | None:
+    """The time in a StateTransitionReason ("User initiated (2026-12-04 19:12:31 GMT)")."""
+    found = re.search(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?:GMT|UTC)\)", text)
+    if found is None:
+        return None
+    return datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
 
 
 def _state_reason(raw: dict) -> str | None:

@@ -69,6 +69,7 @@ class Instance:
     key_name: str | None = None
     security_group_ids: tuple[str, ...] = ()
     state_reason: str | None = None  # why it left running, in EC2's words
+    state_changed_at: datetime | None = None  # when, if EC2 says ("User initiated (...)")
 
     @property
     def box(self) -> str | None:

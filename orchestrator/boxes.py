@@ -64,6 +64,15 @@ def _given(flags) -> list[str]:
     return [f.name for f in fields(flags) if getattr(flags, f.name) != f.default]
 
 
+@dataclass(frozen=True)
+class Gone:
+    """Why a box can no longer run anything, in its owner's words."""
+
+    reason: str
+    reclaimed: bool  # taken back by its owner (spot, a failed host), not ended on purpose
+    at: float | None = None  # time.time() when it ended, if its owner says
+
+
 def registry_in(workdir: str) -> str:
     """Where runs announce themselves on a box that has no watchdog: under dlbox's folder."""
     return f"{workdir}/active"
@@ -125,13 +134,21 @@ class Box(Protocol):
     def interruptible(self) -> bool:
         """Whether its owner may take the box back with a warning (EC2 spot): runs watch for it."""
 
-    def gone(self, project_dir: Path) -> str | None:
-        """Why the box can no longer run anything (reclaimed, terminated, stopped), in its
-        owner's words; None while it can."""
+    @property
+    def replaceable(self) -> bool:
+        """Whether dlbox can make another like it when it is lost (runs copy their checkpoints
+        off it as they go)."""
+
+    def gone(self, project_dir: Path) -> Gone | None:
+        """Why the box can no longer run anything (terminated, reclaimed); None while it can
+        (a stopped box can be started again: see wake)."""
 
     def retire(self, project_dir: Path, say: Say) -> None:
         """End a lost box's machine (verified) so that nothing bills, keeping its record: a
         replacement later takes the same settings."""
+
+    def up_flags(self, project_dir: Path) -> UpFlags:
+        """`up`'s flags that make a box like this one (replaceable boxes)."""
 
     def replacement(self, project_dir: Path, say: Say) -> Box:
         """End this lost box (verified) and make a new one like it, ready to train, recorded
@@ -152,8 +169,9 @@ class Unwatched:
         registry.release(machine, self.runs_registry(), run_id)
 
     interruptible = False  # nobody takes it back
+    replaceable = False
 
-    def gone(self, project_dir: Path) -> str | None:
+    def gone(self, project_dir: Path) -> Gone | None:
         return None  # unreachable is not gone: it is the user's machine
 
     def retire(self, project_dir: Path, say: Say) -> None:

@@ -26,7 +26,22 @@ BOX_LOCK_POLL_S = 0.5
 def held(project_dir: Path, say: Say | None = None,
          timeout_s: float = BOX_LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the project's box lock; wait (bounded) while another dlbox command holds it."""
-    path = state.ensure_dir(project_dir) / LOCK_FILE
+    with _held(state.ensure_dir(project_dir) / LOCK_FILE, "this project's box", say, timeout_s):
+        yield
+
+
+@contextlib.contextmanager
+def run_held(project_dir: Path, run_id: str, say: Say | None = None,
+             timeout_s: float = BOX_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold run_id's lock: one dlbox at a time copies its checkpoint or carries it on after
+    its box was lost (a `train` and an `attach` may follow one run)."""
+    with _held(state.ensure_dir(project_dir) / f"run-{run_id}.lock", f"run {run_id}", say,
+               timeout_s):
+        yield
+
+
+@contextlib.contextmanager
+def _held(path: Path, what: str, say: Say | None, timeout_s: float) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout_s
@@ -38,13 +53,13 @@ def held(project_dir: Path, say: Say | None = None,
             except BlockingIOError:
                 if not waited and say is not None:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    say(f"waiting for another dlbox command on this project's box (pid {holder})...")
+                    say(f"waiting for another dlbox command on {what} (pid {holder})...")
                 waited = True
                 if time.monotonic() > deadline:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise DlboxError(f"another dlbox command (pid {holder}) has held this "
-                                     f"project's box for over {timeout_s:.0f} s; wait for it "
-                                     "or end it, then run the command again") from None
+                    raise DlboxError(f"another dlbox command (pid {holder}) has held {what} for "
+                                     f"over {timeout_s:.0f} s; wait for it or end it, then run "
+                                     "the command again") from None
                 time.sleep(BOX_LOCK_POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of whoever waits

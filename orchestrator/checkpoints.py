@@ -81,6 +81,15 @@ def held(project_dir: Path, run_id: str) -> Copy | None:
     return Copy(completed=completed, last=last, partial=bool(last and last.startswith("partial-")))
 
 
+def epoch_seconds(project_dir: Path, run_id: str) -> float | None:
+    """How long an epoch took on average, by the copy's history (None: no epoch yet)."""
+    state = runs.read_local_json(local_dir(project_dir, run_id) / STATE_FILE)
+    rows = state.get("history") if isinstance(state, dict) else None
+    seconds = [r["seconds"] for r in rows or () if isinstance(r, dict)
+               and isinstance(r.get("seconds"), int | float)]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
 def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
     """Copy the run's latest committed checkpoint off the box (None: it has none yet)."""
     listing = machine.run(snapshot_command(run.remote_dir))
@@ -96,7 +105,8 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
                          f"({why[0]})")
     snapshot = f"{run.remote_dir}/{lines[0]}"
     try:
-        sums = {name: digest for digest, name in (line.split(maxsplit=1) for line in lines[1:-1])}
+        pairs = [line.split(maxsplit=1) for line in lines[1:-1]]
+        sums = {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
         if STATE_FILE not in sums or not all(MODEL_NAME.fullmatch(n) for n in sums
                                              if n != STATE_FILE):
             raise DlboxError(f"the checkpoint of run {run.run_id} on the box lists unexpected "
@@ -138,7 +148,9 @@ def push(project_dir: Path, run: runs.Run, machine: Machine, remote_dir: str,
     copy = held(project_dir, run.run_id)
     if copy is None:
         raise DlboxError(f"run {run.run_id} has no checkpoint in {here}; it cannot resume")
-    state = json.loads((here / STATE_FILE).read_text())
+    state = runs.read_local_json(here / STATE_FILE)
+    if not isinstance(state.get("options"), dict):
+        raise DlboxError(f"{here / STATE_FILE} is damaged; the run cannot resume from it")
     state["options"]["data"] = data_on_box
     names = sorted({n for n in (state.get("last"), state.get("best")) if n})
     if not all(isinstance(n, str) and MODEL_NAME.fullmatch(n) for n in names):
@@ -151,7 +163,8 @@ def push(project_dir: Path, run: runs.Run, machine: Machine, remote_dir: str,
     sums = runs.read_local_json(here / SUMS_FILE)
     listed = machine.run(f"cd {shlex.quote(target)} && sha256sum -- "
                          + " ".join(shlex.quote(n) for n in names))
-    there = dict(reversed(line.split(maxsplit=1)) for line in listed.stdout.splitlines())
+    pairs = [line.split(maxsplit=1) for line in listed.stdout.splitlines()]
+    there = {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
     if listed.exit_code != 0 or any(there.get(n) != sums.get(n) for n in names):
         raise DlboxError(f"the checkpoint of run {run.run_id} did not arrive whole on the box; "
                          f"`dlbox attach {run.run_id}` tries again")

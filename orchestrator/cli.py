@@ -35,6 +35,7 @@ MAX_SAMPLE_IMAGES = 100_000
 EXIT_INFRA = 1
 EXIT_KILLED = 137  # a run that ended with no exit status (a power-off, SIGKILL) is recorded so
 HOLD_LOCK_TIMEOUT_S = 30  # a run's start waits this long for an `up`/`down` to let the box go
+COPY_LOCK_TIMEOUT_S = 5  # a checkpoint copy waits this long for another dlbox's (then skips)
 EXIT_INTERRUPTED = 130
 
 
@@ -389,6 +390,8 @@ def train(
     """Train on the box (other flags go to the trainer, e.g. --epochs 20); pull the results.
 
     A lost EC2 box (spot reclaimed) is replaced and the run resumed from its checkpoint."""
+    from dataclasses import replace
+
     from . import boxes, boxlock, config, runs
 
     with _errors("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
@@ -406,10 +409,15 @@ def train(
                 break
             except (DlboxError, InfraError) as exc:
                 machine.close()
-                why = None if isinstance(exc, UsageError) else box.gone(_project())
-                if why is None or no_recover or attempt == cfg.max_recoveries:
+                gone = None if isinstance(exc, UsageError) else box.gone(_project())
+                if gone is None or not gone.reclaimed or no_recover or \
+                        attempt == cfg.max_recoveries:
                     raise
-                _say(f"{box.label} was lost before the run started ({why}); replacing it")
+                orphan = getattr(exc, "run", None)  # recorded as it started, with the box
+                if orphan is not None:
+                    runs.save(_project(), replace(orphan, status=runs.LOST))
+                _say(f"{box.label} was lost before the run started ({gone.reason}); "
+                     "replacing it")
                 with boxlock.held(_project(), _say):
                     box = box.replacement(_project(), _say)
     code, box = _follow_and_finish(run, box, machine, recover=not no_recover)
@@ -529,28 +537,33 @@ def _release(run, box, machine) -> None:
 
 def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, object]:
     """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
-    resumed there; pull and record the results. Returns (exit status, the last box)."""
+    resumed there (at most max_recoveries more boxes in this command); pull and record the
+    results. Returns (exit status, the last box)."""
     from . import checkpoints, config, follow, recovery, runs
 
     shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
+    budget = len(run.interruptions)  # boxes the run had lost before this command
     while True:
         try:
             _hold(box)
             with _status_bar() as (say, on_status):
-                code = follow.follow(run, machine, say, err=lambda line: typer.echo(line, err=True),
-                                     on_status=on_status,
-                                     on_checkpoint=_checkpoint_copier(run, machine),
-                                     gone=lambda b=box: b.gone(_project()), shown=shown)
+                code = follow.follow(
+                    run, machine, say, err=lambda line: typer.echo(line, err=True),
+                    on_status=on_status, shown=shown,
+                    on_checkpoint=_checkpoint_copier(run, machine) if box.replaceable else None,
+                    gone=(lambda b=box: b.gone(_project())) if box.replaceable else None)
             break
         except KeyboardInterrupt:
             typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
                        "it and pulls its results")
             return EXIT_INTERRUPTED, box  # as shells expect of Ctrl-C; the run itself goes on
         except BoxLost as lost:
-            with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it"):
+            with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a "
+                         "box launched meanwhile is recorded: `dlbox down` ends it)"):
                 cfg = config.load(_project())
-                run, box, machine = recovery.carry_on(_project(), run, box, machine, lost, _say,
-                                                      recover, cfg.max_recoveries, cfg.pip_args)
+                run, box, machine = recovery.carry_on(
+                    _project(), run, box, machine, lost, _say, recover,
+                    budget + cfg.max_recoveries, cfg.pip_args)
                 copy = checkpoints.held(_project(), run.run_id)
                 shown = copy.completed if copy else 0
         except LostContact as exc:  # the run itself is detached and goes on
@@ -558,6 +571,8 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
                         f"{run.run_id}` follows it again", exc.exit_code) from None
         except DlboxError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        except InfraError as exc:
+            raise _fail(str(exc), EXIT_INFRA) from None
     with _errors():
         run = _finish(run, box, machine, code)
     machine.close()
@@ -572,15 +587,17 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
 
 
 def _checkpoint_copier(run, machine):
-    """on_checkpoint for follow: copy the checkpoint off the box; a failure is said once and
-    tried again at the next poll (a box that is going is noticed by follow itself)."""
-    from . import checkpoints
+    """on_checkpoint for follow: copy the checkpoint off the box (one dlbox at a time per
+    run); a failure is said once and tried again at the next poll (a box that is going is
+    noticed by follow itself)."""
+    from . import boxlock, checkpoints
 
     failed = []
 
     def copy() -> bool:
         try:
-            checkpoints.pull(_project(), run, machine)
+            with boxlock.run_held(_project(), run.run_id, timeout_s=COPY_LOCK_TIMEOUT_S):
+                checkpoints.pull(_project(), run, machine)
         except (DlboxError, InfraError) as exc:
             if not failed:
                 _warn(f"could not copy the checkpoint of run {run.run_id} off the box ({exc}); "
@@ -600,42 +617,49 @@ def attach(
 ) -> None:
     """Follow a run again and pull its results when it ends. A run whose box was lost
     resumes on a new box (or the project's box) from its checkpoint."""
-    from . import boxes, config, recovery, runs
+    from . import boxes, boxlock, config, recovery, runs
     from .errors import RunInterrupted
 
-    with _errors(f"`dlbox attach {run_id}` again resumes it"):
-        run = runs.load(_project(), run_id)
+    with _errors(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is "
+                 "recorded: `dlbox down` ends it)"):
+        runs.load(_project(), run_id)  # a run that does not exist is one line, before any lock
         cfg = config.load(_project())
-        box = boxes.named(_project(), run.box)
-        waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
-            and run.interruptions[-1].get("downtime_s") is None
-        if not waiting and box is not None and run.finished_at is None:
-            why = box.gone(_project())
-            if why is not None:  # lost while nobody followed
-                lost = BoxLost(why)
-                _say(recovery.loss_line(run, box, lost))
-                run, waiting = recovery.record_loss(_project(), run, box, lost), True
-        if waiting:
-            if no_recover:
+        with boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
+            run = runs.load(_project(), run_id)  # as the last holder left it
+            box = boxes.named(_project(), run.box)
+            waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
+                and run.interruptions[-1].get("downtime_s") is None
+            if not waiting and box is not None and run.finished_at is None:
+                gone = box.gone(_project())
+                if gone is not None:  # lost while nobody followed
+                    lost = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
+                    _say(recovery.loss_line(run, box, lost))
+                    run, waiting = recovery.record_loss(_project(), run, box, lost), True
+            if waiting and no_recover:
                 raise RunInterrupted(f"run {run.run_id} lost its box; "
                                      + recovery.resumable_line(_project(), run))
-            run, box, machine = recovery.on_new_box(
-                _project(), run, box, _say, len(run.interruptions) + cfg.max_recoveries,
-                cfg.pip_args, new_box=lambda: _box_to_resume_on(run))
-        else:
+            if waiting:
+                run, box, machine = recovery.on_new_box(
+                    _project(), run, box, _say, len(run.interruptions) + cfg.max_recoveries,
+                    cfg.pip_args, new_box=lambda: _box_to_resume_on(run))
+        if not waiting:
             box, machine = _box_of(run)
     raise typer.Exit(_follow_and_finish(run, box, machine, recover=not no_recover)[0])
 
 
 def _box_to_resume_on(run):
-    """For a run whose box is no longer recorded: the project's box, or a new one as `dlbox up`
-    makes it, spot if the run's last box was (the caller holds the box lock)."""
-    from . import boxes
+    """For a run whose box is no longer recorded: the project's box, or a new one like its
+    last (the flags recorded with the loss; dlbox.toml's if they are damaged). The caller
+    holds the box lock."""
+    from . import boxes, records
 
     current = boxes.current(_project())
     if current is not None:
         return current.wake(_project(), _say)
-    flags = boxes.UpFlags(spot=True if run.interruptions[-1].get("spot") else None)
+    try:
+        flags = records.build(boxes.UpFlags, run.interruptions[-1].get("up_flags") or {})
+    except ValueError:
+        flags = boxes.UpFlags()
     return boxes.kind_for_up(flags).up(_project(), flags, None, _say)
 
 

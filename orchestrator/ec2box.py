@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import hostkeys, registry, sshtarget, state
-from .boxes import Box, DownFlags, Say, UpFlags
+from .boxes import Box, DownFlags, Gone, Say, UpFlags
 from .errors import DlboxError, UsageError
 from .humanize import duration
 from .machine import Machine
@@ -191,19 +191,28 @@ class Ec2Box:
     def interruptible(self) -> bool:
         return self.spot
 
-    def gone(self, project_dir: Path) -> str | None:
-        """Why EC2 says the instance can no longer run the run, or None while it runs."""
+    @property
+    def replaceable(self) -> bool:
+        return True
+
+    def gone(self, project_dir: Path) -> Gone | None:
+        """Why EC2 says the instance can no longer run the run, or None while it can. Reclaimed
+        when EC2 ended it itself (Server.SpotInstanceTermination, a failed host), not when
+        someone did (Client.UserInitiatedShutdown: `dlbox down`, the console; Client.Instance-
+        InitiatedShutdown: its watchdog at the maximum lifetime)."""
         from infra import instances
 
         if self.instance_id is None:
             return None
         inst = instances.describe(clients(self.region, self.profile), self.instance_id)
         if inst is None:
-            return f"EC2 no longer knows {self.instance_id}"
-        if inst.state in ("pending", "running"):
+            return Gone(f"EC2 no longer knows {self.instance_id}", reclaimed=False)
+        if inst.state not in ("shutting-down", "terminated"):
             return None
-        return f"EC2 says {self.instance_id} is {inst.state}" + (
-            f" ({inst.state_reason})" if inst.state_reason else "")
+        why = inst.state_reason or "no reason given"
+        return Gone(f"EC2 says {self.instance_id} is {inst.state} ({why})",
+                    reclaimed=why.startswith("Server."),
+                    at=inst.state_changed_at.timestamp() if inst.state_changed_at else None)
 
     def retire(self, project_dir: Path, say: Say) -> None:
         from infra import instances
@@ -213,19 +222,22 @@ class Ec2Box:
                                 TERMINATE_TIMEOUT_S)
             say(f"{self.instance_id} terminated (verified)")
 
+    def up_flags(self, project_dir: Path) -> UpFlags:
+        """`up`'s flags for a box like this one: the same region, account, market (spot, with
+        spot_fallback), key, user and watchdog limits; dlbox.toml's types, disk and AMI."""
+        own_key = Path(self.key_path).parent != state.state_dir(project_dir) / "keys"
+        return UpFlags(region=self.region, profile=self.profile,
+                       spot=True if self.spot else None, idle_minutes=self.idle_minutes,
+                       max_lifetime_minutes=self.max_lifetime_minutes, ssh_user=self.ssh_user,
+                       ssh_key=self.key_path if own_key else None)
+
     def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
-        """Terminate this instance (verified) and launch another with the same settings: the
-        same region, account, market (spot, with spot_fallback) and key; dlbox.toml's types,
-        disk and AMI. Recorded before it is waited on, as `up` does."""
+        """Terminate this instance (verified) and launch another like it (see up_flags),
+        recorded before it is waited on, as `up` does."""
         from . import ec2up
 
         self.retire(project_dir, say)
-        own_key = Path(self.key_path).parent != state.state_dir(project_dir) / "keys"
-        flags = UpFlags(region=self.region, profile=self.profile, spot=True if self.spot else None,
-                        idle_minutes=self.idle_minutes, ssh_user=self.ssh_user,
-                        max_lifetime_minutes=self.max_lifetime_minutes,
-                        ssh_key=self.key_path if own_key else None)
-        return ec2up.up(project_dir, flags, self, say)
+        return ec2up.up(project_dir, self.up_flags(project_dir), self, say)
 
     def hold_results(self, project_dir: Path) -> None:
         """On-demand: a power-off (the watchdog's) stops the box, its disk kept, instead of

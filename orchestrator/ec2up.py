@@ -38,7 +38,7 @@ from .ec2box import (
     project_name,
     ssm_client,
 )
-from .errors import DlboxError, UsageError
+from .errors import DlboxError, NeverUsable, UsageError
 from .render import render
 from .sshmachine import SshMachine
 
@@ -329,5 +329,5 @@ def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> No
     except Exception as failed:
         raise DlboxError(f"{box.instance_id} never became usable ({why}), and ending it failed "
                          f"({failed}); it stays recorded: run `dlbox down`") from exc
-    raise DlboxError(f"{box.instance_id} never became usable ({why}); it was terminated "
-                     "(verified) and nothing of it is left running") from exc
+    raise NeverUsable(f"{box.instance_id} never became usable ({why}); it was terminated "
+                      "(verified) and nothing of it is left running") from exc

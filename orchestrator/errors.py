@@ -36,9 +36,14 @@ class BoxLost(DlboxError):
     from its checkpoint, or waits for `dlbox attach`."""
 
     def __init__(self, reason: str, epoch: int | None = None, warned: bool = False,
-                 last_seen: float | None = None, progress: float | None = None):
+                 last_seen: float | None = None, progress: float | None = None,
+                 reclaimed: bool = True, ended_at: float | None = None):
         super().__init__(reason)
         self.reason, self.epoch, self.warned = reason, epoch, warned
+        # Taken back by its owner (spot, a failed host): dlbox carries on elsewhere. Else
+        # someone ended it on purpose (`dlbox down`, the console, its watchdog): not undone.
+        self.reclaimed = reclaimed
+        self.ended_at = ended_at  # time.time() when the box ended, if its owner says
         self.last_seen = last_seen  # time.time() of the trainer's last sign of life seen
         self.progress = progress  # epochs done then, with the fraction of the one going on
 
@@ -47,3 +52,7 @@ class RunInterrupted(DlboxError):
     """A run stopped with its box and did not go on elsewhere: `dlbox attach` resumes it."""
 
     exit_code = 75  # EX_TEMPFAIL, as the trainer's own "interrupted, resumable"
+
+
+class NeverUsable(DlboxError):
+    """A box just launched never became usable; it was terminated (verified)."""

@@ -14,7 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
+
 from . import spotwatch
+from .boxes import Gone
 from .errors import BoxLost, CommandTimedOut, DlboxError, LostContact
 from .humanize import Say
 from .machine import Machine
@@ -29,6 +32,7 @@ MAX_WARNINGS_SHOWN = 20  # per follow; the rest are in `dlbox logs`
 POLLED = ("status.json", "history.csv", "exit_code", spotwatch.NOTICE_FILE,
           "checkpoints/state.json")
 LOSS_CHECK_S = 10  # how often the box's owner is asked whether the box is still there
+NOTICE_COPY_TRIES = 5  # polls that may copy the checkpoint of a trainer stopped by a notice
 LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>WARNING|ERROR|CRITICAL) (?P<message>.*)$")
 
 
@@ -138,28 +142,34 @@ class _Warnings:
 def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
            on_status: Callable[[dict], None] | None = None,
            on_checkpoint: Callable[[], bool] | None = None,
-           gone: Callable[[], str | None] | None = None, shown: int = 0) -> int:
+           gone: Callable[[], Gone | None] | None = None, shown: int = 0) -> int:
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
     gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
     commits a checkpoint (and again at the next poll if it returns False). gone() says why
-    the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S.
-    A lost box, or an interruption notice on it, raises BoxLost once the trainer has
-    stopped (or cannot be reached). shown: epochs already shown (a run resumed elsewhere)."""
+    the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S;
+    if its owner cannot be asked, the box counts as there. A lost box, or an interruption
+    notice on it, raises BoxLost once the trainer has stopped and its last checkpoint is
+    copied (or cannot be). shown: epochs already shown (a run resumed elsewhere)."""
     phase, epochs_shown, epoch = None, shown, None
     warnings = _Warnings(say)
     started = checked = time.monotonic()
     committed, notice, last_seen, progress, last_status = None, None, None, None, None
+    copy_tries = 0  # of the last checkpoint, once the trainer stopped on a notice
+    asking = _Asking(gone, say)
 
-    def lost(reason: str) -> BoxLost:
-        return BoxLost(reason, epoch, warned=notice is not None, last_seen=last_seen,
-                       progress=progress)
+    def lost(why: Gone) -> BoxLost:
+        return BoxLost(why.reason, epoch, warned=notice is not None, last_seen=last_seen,
+                       progress=progress, reclaimed=why.reclaimed, ended_at=why.at)
 
     while True:
         try:
             snap = poll(machine, run, warnings.offset)
         except DlboxError as exc:
-            why = gone() if gone is not None else None
+            why = asking()
+            if why is None and notice is not None:  # it answered the notice, then went
+                why = Gone("EC2 interruption notice, then the box stopped answering",
+                           reclaimed=True)
             if why is not None:
                 raise lost(why) from exc
             raise
@@ -186,23 +196,48 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             if snap.log and len(snap.log) == LOG_CHUNK_BYTES:
                 continue  # more of the log to show first
             if notice is not None and snap.exit_code != 0:  # checkpointed on the warning
-                raise lost(f"EC2 interruption notice: {notice.get('action', '?')} at "
-                           f"{notice.get('time', '?')}")
+                copy_tries += 1
+                if (snap.checkpoint is not None and snap.checkpoint != committed
+                        and on_checkpoint and copy_tries < NOTICE_COPY_TRIES):
+                    sleep(STATUS_POLL_S)
+                    continue  # the box answers for two minutes: copy its checkpoint first
+                raise lost(Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
+                                f"{notice.get('time', '?')}", reclaimed=True))
             if snap.exit_code != 0:
                 error = _last_line(machine.read(f"{run.remote_dir}/stdout.log")) \
                     or status.get("error")
                 if error:
                     (err or say)(error)
             return snap.exit_code
-        if gone is not None and time.monotonic() - checked >= LOSS_CHECK_S:
+        if time.monotonic() - checked >= LOSS_CHECK_S:
             checked = time.monotonic()
-            why = gone()
+            why = asking()
             if why is not None:
                 raise lost(why)
         if not status and time.monotonic() - started > START_TIMEOUT_S:
             raise DlboxError(f"run {run.run_id} did not start within {START_TIMEOUT_S} s; "
                              f"see {run.remote_dir}/stdout.log on the box")
         sleep(STATUS_POLL_S)
+
+
+class _Asking:
+    """gone(), if given; an owner that cannot be asked (an expired token, throttling) is
+    said once and the box counts as there: SSH still tells whether the run goes on."""
+
+    def __init__(self, gone: Callable[[], Gone | None] | None, say: Say) -> None:
+        self.gone, self.say, self.failed = gone, say, False
+
+    def __call__(self) -> Gone | None:
+        if self.gone is None:
+            return None
+        try:
+            return self.gone()
+        except (DlboxError, InfraError) as exc:
+            if not self.failed:
+                self.say(f"warning: could not ask whether the box is still there ({exc}); "
+                         "going on")
+            self.failed = True
+            return None
 
 
 def _progress(status: dict, before: float | None) -> float | None:

@@ -8,11 +8,11 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from infra.errors import InfraError
+from infra.errors import CapacityError, InfraError, QuotaError
 
 from . import boxlock, checkpoints, runs
 from .boxes import Box
-from .errors import BoxLost, DlboxError, RunInterrupted
+from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine
 
@@ -23,38 +23,34 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _checkpoint_taken(project_dir: Path, run_id: str) -> float | None:
-    """When the off-box checkpoint was taken (time.time(); None: there is none)."""
-    try:
-        return (checkpoints.local_dir(project_dir, run_id) / checkpoints.STATE_FILE).stat().st_mtime
-    except OSError:
-        return None
-
-
 def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> runs.Run:
     """The run's record with the loss added (when, which epoch, why, what the box cost, how
     much training is redone)."""
     now = _now()
-    segment = datetime.fromisoformat(run.segment_started_at or run.started_at)
+    ended = lost.ended_at or now.timestamp()  # the bill ran until EC2 ended it, or we do
+    segment = datetime.fromisoformat(run.segment_started_at or run.started_at).timestamp()
     usd = box.hourly_usd
     copy = checkpoints.held(project_dir, run.run_id)
-    taken = _checkpoint_taken(project_dir, run.run_id)
     if copy is not None and copy.partial and lost.warned:  # the weights at the notice itself
         lost_s, lost_epochs = 0.0, 0.0
+    elif lost.progress is not None:  # from the trainer's last heartbeat seen
+        lost_epochs = max(0.0, lost.progress - (copy.completed if copy else 0))
+        per_epoch = checkpoints.epoch_seconds(project_dir, run.run_id)
+        lost_s = lost_epochs * per_epoch if per_epoch is not None else None
     else:
-        seen = lost.last_seen if lost.last_seen is not None else now.timestamp()
-        lost_s = max(0.0, seen - max(taken or 0.0, segment.timestamp()))
-        done = copy.completed if copy else 0
-        lost_epochs = max(0.0, lost.progress - done) if lost.progress is not None else None
+        lost_s = lost_epochs = None
+    flags = box.up_flags(project_dir) if box.replaceable else None
     entry = runs.Interruption(
         at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name,
         instance=getattr(box, "instance_id", None), instance_type=getattr(box, "instance_type",
                                                                           None),
         zone=getattr(box, "zone", None), spot=box.interruptible, usd_per_hour=usd,
         reason=lost.reason, warned=lost.warned,
-        cost_usd=usd * (now - segment).total_seconds() / 3600 if usd else None,
-        checkpoint_epochs=copy.completed if copy else None, work_lost_s=round(lost_s, 1),
-        work_lost_epochs=round(lost_epochs, 2) if lost_epochs is not None else None)
+        cost_usd=usd * max(0.0, ended - segment) / 3600 if usd else None,
+        checkpoint_epochs=copy.completed if copy else None,
+        work_lost_s=round(lost_s, 1) if lost_s is not None else None,
+        work_lost_epochs=round(lost_epochs, 2) if lost_epochs is not None else None,
+        up_flags=asdict(flags) if flags is not None else None)
     run = replace(run, status=INTERRUPTED, interruptions=(*run.interruptions, asdict(entry)))
     runs.save(project_dir, run)
     return run
@@ -75,13 +71,19 @@ def resumable_line(project_dir: Path, run: runs.Run) -> str:
     return f"{kept}; `dlbox attach {run.run_id}` resumes it on a new box"
 
 
+def check_resumable(run: runs.Run) -> None:
+    """UsageError, before any box is made, for a run that cannot start again elsewhere."""
+    if run.data is None:
+        raise UsageError(f"run {run.run_id} was recorded by an older dlbox (no --data in "
+                         f"runs/{run.run_id}/run.json); start it again with `dlbox train`")
+    runs.check_datasets(run.data, run.test)
+
+
 def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
            pip_args: tuple[str, ...] = ()) -> tuple[runs.Run, Machine]:
     """Start run again on box, from its off-box checkpoint: data and code synced (only what
     the box lacks), the checkpoint pushed, the trainer started with --resume."""
-    if run.data is None:
-        raise DlboxError(f"run {run.run_id} was recorded by an older dlbox (no --data in "
-                         f"runs/{run.run_id}/run.json); start it again with `dlbox train`")
+    check_resumable(run)
     machine = box.machine(project_dir)
     try:
         shipped = runs.ship(box, machine, run.data, run.test, say, pip_args=pip_args)
@@ -90,10 +92,8 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
         if checkpoints.held(project_dir, run.run_id) is not None:
             copy = checkpoints.push(project_dir, run, machine, remote, shipped.data)
         now = _now()
-        done = list(run.interruptions)
-        if done and done[-1].get("downtime_s") is None:
-            done[-1] = {**done[-1], "downtime_s": round(
-                (now - datetime.fromisoformat(done[-1]["at"])).total_seconds(), 1)}
+        done = [i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
+            (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)} for i in run.interruptions]
         run = replace(run, box=box.name, remote_dir=remote, status="running", exit_code=None,
                       usd_per_hour=box.hourly_usd, segment_started_at=now.isoformat(
                           timespec="seconds"), interruptions=tuple(done))
@@ -123,31 +123,59 @@ def keep_log(project_dir: Path, run: runs.Run, machine: Machine) -> None:
 
 
 def carry_on(project_dir: Path, run: runs.Run, box: Box, machine: Machine, lost: BoxLost,
-             say: Say, recover: bool, max_recoveries: int,
+             say: Say, recover: bool, max_losses: int,
              pip_args: tuple[str, ...] = ()) -> tuple[runs.Run, Box, Machine]:
-    """After a loss: record it; unless told not to (or out of recoveries), replace the box
-    and resume the run there. Returns (run, box, machine) to follow; raises RunInterrupted
-    with what to do when the run waits for `dlbox attach`. machine (the lost box's) is closed."""
+    """After a loss: record it; unless told not to, the box was ended on purpose, or the run
+    has lost more than max_losses boxes, replace the box and resume the run there. Returns
+    (run, box, machine) to follow; raises RunInterrupted with what to do when the run waits
+    for `dlbox attach`. machine (the lost box's) is closed."""
     say(loss_line(run, box, lost))
     try:
         if lost.warned:
             keep_log(project_dir, run, machine)
     finally:
         machine.close()
-    run = record_loss(project_dir, run, box, lost)
-    if not recover:
-        box.retire(project_dir, say)
-        raise RunInterrupted(f"run {run.run_id} stopped with its box (--no-recover); "
-                             + resumable_line(project_dir, run))
-    return on_new_box(project_dir, run, box, say, max_recoveries, pip_args)
+    with boxlock.run_held(project_dir, run.run_id, say):
+        now = runs.load(project_dir, run.run_id)
+        if (now.box, now.remote_dir) != (run.box, run.remote_dir):
+            return _moved_on(project_dir, now, say)  # another dlbox carried it on meanwhile
+        run = record_loss(project_dir, now, box, lost)
+        if not lost.reclaimed:
+            raise RunInterrupted(f"{box.label} was ended on purpose, not taken back by AWS; run "
+                                 f"{run.run_id} stopped with it; " + resumable_line(project_dir,
+                                                                                     run))
+        if not recover:
+            box.retire(project_dir, say)
+            raise RunInterrupted(f"run {run.run_id} stopped with its box (--no-recover); "
+                                 + resumable_line(project_dir, run))
+        from . import boxes
+
+        if boxes.named(project_dir, box.name) is None:  # `dlbox down` forgot it meanwhile
+            raise RunInterrupted(f"{box.label} is no longer this project's box; "
+                                 + resumable_line(project_dir, run))
+        return on_new_box(project_dir, run, box, say, max_losses, pip_args)
+
+
+def _moved_on(project_dir: Path, run: runs.Run, say: Say) -> tuple[runs.Run, Box, Machine]:
+    """The run as another dlbox left it: going on on another box (follow it there)."""
+    from . import boxes
+
+    box = boxes.named(project_dir, run.box)
+    if run.status != "running" or box is None:
+        raise RunInterrupted(f"run {run.run_id} is {run.status}; " + resumable_line(project_dir,
+                                                                                   run))
+    say(f"run {run.run_id} goes on on {box.label} already; following it there")
+    return run, box, box.machine(project_dir)
 
 
 def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                max_losses: int, pip_args: tuple[str, ...] = (),
                new_box=None) -> tuple[runs.Run, Box, Machine]:
-    """Replace box (lost; or None: make one with new_box()) and resume run there. A new box
-    that never becomes usable (reclaimed while it is set up) or that is lost before the run
-    goes on there is replaced too, until the run has lost more than max_losses boxes."""
+    """Replace box (lost; or None: make one with new_box()) and resume run there (the caller
+    holds the run's lock). A new box that never becomes usable (reclaimed while it is set up)
+    or that is lost before the run goes on there is replaced too, until the run has lost
+    more than max_losses boxes."""
+    check_resumable(run)
     failed = 0  # new boxes that never became usable
     while True:
         if len(run.interruptions) + failed > max_losses:
@@ -158,21 +186,30 @@ def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                                  + resumable_line(project_dir, run))
         try:
             with boxlock.held(project_dir, say):
-                box = box.replacement(project_dir, say) if box is not None else new_box()
-        except InfraError as exc:  # no capacity anywhere, a quota: no retry helps now
-            raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing of it is "
-                                 "left running; " + resumable_line(project_dir, run)) from exc
-        except DlboxError as exc:  # ended (verified) by `up` itself; the old box is gone too
+                if box is not None:
+                    box.retire(project_dir, say)  # its errors are its own: no "nothing left"
+                try:
+                    box = box.replacement(project_dir, say) if box is not None else new_box()
+                except (CapacityError, QuotaError) as exc:  # no retry helps now
+                    raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing of "
+                                         "it is left running; " + resumable_line(project_dir, run)
+                                         ) from exc
+        except NeverUsable as exc:  # ended (verified) by `up` itself
             failed += 1
             say(f"the new box did not become usable ({exc}); trying another")
             continue  # box: still the lost one, whose settings the next replacement takes
+        run = replace(run, segment_started_at=_now().isoformat(timespec="seconds"))
         try:
             run, machine = resume(project_dir, run, box, say, pip_args)
             return run, box, machine
-        except (DlboxError, InfraError):
-            why = box.gone(project_dir)
-            if why is None:
-                raise
-            lost = BoxLost(why)
-            say(f"{box.label} was lost before the run went on there ({why}); replacing it")
-            run = record_loss(project_dir, run, box, lost)
+        except (DlboxError, InfraError) as exc:
+            gone = box.gone(project_dir)
+            if gone is None:
+                raise DlboxError(f"{exc}; {box.label} stays up and recorded: `dlbox attach "
+                                 f"{run.run_id}` tries again, `dlbox down` ends it") from exc
+            say(f"{box.label} was lost before the run went on there ({gone.reason})")
+            run = record_loss(project_dir, run, box, BoxLost(gone.reason, reclaimed=gone.reclaimed,
+                                                             ended_at=gone.at))
+            if not gone.reclaimed:
+                raise RunInterrupted(f"{box.label} was ended on purpose; "
+                                     + resumable_line(project_dir, run)) from exc

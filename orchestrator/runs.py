@@ -79,12 +79,13 @@ class Run:
 
     @property
     def cost_usd(self) -> float | None:
-        """What its boxes cost during the run (None on machines nobody rents by the hour)."""
-        if self.finished_at is None:
-            return None
+        """What its boxes cost during the run (None on machines nobody rents by the hour);
+        for a run waiting for `dlbox attach`, what its lost boxes cost."""
         earlier = [i.get("cost_usd") for i in self.interruptions]
         now = None
-        if self.usd_per_hour:
+        if self.finished_at is None and not earlier:
+            return None
+        if self.usd_per_hour and self.finished_at is not None:
             now = self.usd_per_hour * _seconds(self.segment_started_at or self.started_at,
                                                self.finished_at) / 3600
         known = [c for c in (*earlier, now) if c is not None]
@@ -117,6 +118,7 @@ class Interruption:
     work_lost_s: float | None
     work_lost_epochs: float | None
     downtime_s: float | None = None  # from the loss to the run going on (None: not resumed)
+    up_flags: dict[str, Any] | None = None  # how to make a box like it (boxes.UpFlags)
 
 
 def _seconds(start: str, end: str) -> float:
@@ -292,6 +294,11 @@ class Shipped:
     test: str | None
 
 
+def check_datasets(data: str, test: str | None) -> None:
+    """UsageError, before anything is shipped or launched, for a --data/--test that is gone."""
+    _local_dataset(data, "--data"), _local_dataset(test, "--test")
+
+
 def ship(box: Box, machine: Machine, data: str, test: str | None, say: Say,
          progress: Callable[[int, int], None] | None = None,
          pip_args: tuple[str, ...] = ()) -> Shipped:
@@ -365,8 +372,12 @@ def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shi
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
-    started = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; "
-                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+    try:
+        started = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; "
+                              "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+    except DlboxError as exc:
+        exc.run = run  # recorded, maybe not started: the caller knows whether the box is gone
+        raise
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
     return run

@@ -115,3 +115,16 @@ def reclaimed_at_launch(count: int = 1):
 
     with mock.patch.object(EC2Backend, "run_instances", run_instances):
         yield
+
+
+def reclaim(instance_id: str, region: str = REGION) -> None:
+    """Terminate the instance as EC2 does when it takes spot capacity back (the state reason
+    says so: Server.SpotInstanceTermination), not as a user or the instance itself would."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    instance = ec2_backends[_account()][region].get_instance(instance_id)
+    instance.terminate()
+    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
+                                        "Server.SpotInstanceTermination")
+    instance._reason = "Service initiated"

@@ -144,14 +144,14 @@ def _instance_at(aws, host: str) -> str:
     return inst["InstanceId"]
 
 
-def _kill_box(aws, box: Box, instance: str, run_id: str) -> float:
+def _kill_box(box: Box, instance: str, run_id: str) -> float:
     """The box dies without a word: its processes, its instance, its sshd. Returns when."""
     from orchestrator import ec2box
 
     pid = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{run_id}.pid").read_text())
     os.killpg(pid, signal.SIGKILL)  # run.sh leads its group (setsid): trainer and watcher too
     at = time.time()
-    aws.terminate_instances(InstanceIds=[instance])
+    awsfakes.reclaim(instance)
     sshd_mod.stop(box.sshd)
     return at
 
@@ -185,7 +185,7 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
         warned = _copied(directory, run_id)
         assert warned["last"].startswith(("partial-", "last-")), warned
         # then AWS takes the box back
-        aws.terminate_instances(InstanceIds=[first_box])
+        awsfakes.reclaim(first_box)
         sshd_mod.stop(boxes[0].sshd)
 
         resumed = _wait("the run to go on on the second box", lambda: (r := _record(directory))
@@ -196,9 +196,7 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
         _wait("a checkpoint of the second box", lambda: _copied(directory, run_id).get(
             "completed", 0) > warned["completed"], proc)
         before = _copied(directory, run_id)["completed"]
-        _wait("a later epoch under way", lambda: (st := _status(resumed)).get("epoch", 0) > before
-              and st.get("phase") == "training" and st.get("step", 0) > 0, proc)  # mid-epoch
-        killed_at = _kill_box(aws, boxes[1], _instance_at(aws, boxes[1].host), run_id)
+        killed_at = _kill_box(boxes[1], _instance_at(aws, boxes[1].host), run_id)
         proc.wait(timeout=RUN_TIMEOUT_S)
         out, err = timeline.text(), proc.stderr.read()
     finally:
@@ -212,10 +210,10 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     first, second = record["interruptions"]
     assert first["warned"] and first["spot"] and first["zone"] and first["instance"] == first_box
     assert first["work_lost_epochs"] == 0.0 and first["downtime_s"] is not None
-    assert not second["warned"] and "terminated" in second["reason"]
+    assert not second["warned"] and "Server.SpotInstanceTermination" in second["reason"]
     # the copy it resumed from: the last one taken before the kill (or one in flight then)
     assert before <= second["checkpoint_epochs"] <= before + 1
-    assert 0 <= second["work_lost_epochs"] <= 1  # killed mid-epoch: at most that epoch
+    assert 0 <= second["work_lost_epochs"] <= 1  # at most the epoch it was killed in
     noticed = datetime.fromisoformat(second["at"]).timestamp()
     assert noticed - killed_at <= DETECTION_BOUND_S + 1  # "at" is to the second
     assert record["status"] == "done" and len({first["box"], second["box"], record["box"]}) == 3
@@ -268,7 +266,7 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
         record = _wait("a first checkpoint copied", lambda: (r := _record(directory)) and
                        _copied(directory, r["run_id"]).get("completed", 0) >= 1 and r, proc)
         run_id = record["run_id"]
-        _kill_box(aws, boxes[0], first_box, run_id)
+        _kill_box(boxes[0], first_box, run_id)
         out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         _reap(proc)
@@ -303,7 +301,7 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
     assert proc.returncode == 130 and "detached" in out, out + err
     assert "did not become usable" in out and "trying another" in out
     assert "resumed on the EC2 box" in out and f"after {kept['completed']} epoch(s)" in out
-    _kill_box(aws, boxes[2], _instance_at(aws, boxes[2].host), run_id)  # nobody follows
+    _kill_box(boxes[2], _instance_at(aws, boxes[2].host), run_id)  # nobody follows
 
     again = dlbox(project, "attach", run_id)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -347,7 +345,7 @@ def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spo
             assert _record(directory) is None  # no run yet: the data is still on its way
             link.refuse = True
             link.cut()
-            aws.terminate_instances(InstanceIds=[instance])
+            awsfakes.reclaim(instance)
             out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
             _reap(proc)
@@ -361,3 +359,32 @@ def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spo
         "epochs_run"] == 2
     assert _tagged(aws) == [_instance_at(aws, boxes[1].host)]
     assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []
+
+
+def test_a_box_ended_on_purpose_is_not_replaced(spot, aws, small_sample):
+    """Terminated by a person (the console, `dlbox down` elsewhere) or by its own watchdog,
+    not taken back by AWS: the run stops with it in one line and no box is launched."""
+    from orchestrator import ec2box
+
+    project, boxes = spot
+    directory, env = project
+    assert dlbox(project, "up", "--spot").returncode == 0
+    first_box = _instance_at(aws, boxes[0].host)
+    proc = subprocess.Popen([DLBOX, *TRAIN, "--data", str(small_sample)], cwd=directory,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        record = _wait("a first checkpoint copied", lambda: (r := _record(directory)) and
+                       _copied(directory, r["run_id"]).get("completed", 0) >= 1 and r, proc)
+        pid = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{record['run_id']}.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)
+        aws.terminate_instances(InstanceIds=[first_box])  # Client.UserInitiatedShutdown
+        sshd_mod.stop(boxes[0].sshd)
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        _reap(proc)
+    _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 75,
+              "was ended on purpose, not taken back by AWS", "stopped with it",
+              f"`dlbox attach {record['run_id']}` resumes it")
+    assert "Client.UserInitiatedShutdown" in out.split("was lost at", 1)[1]
+    assert "launched" not in out.split("was lost at", 1)[1]  # nothing launched after the loss
+    assert _tagged(aws) == [] and _record(directory)["status"] == "interrupted"
