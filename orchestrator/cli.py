@@ -747,7 +747,8 @@ def list_runs() -> None:
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
             f"{runs.RUNS_DIR}/{run.run_id}/" if run.finished_at else
             "lost with its box" if run.status == runs.LOST else
-            f"on the box (`dlbox pull {run.run_id}`)",
+            f"its checkpoint here (`dlbox attach {run.run_id}` resumes it)" if run.interruptions
+            and run.status == "interrupted" else f"on the box (`dlbox pull {run.run_id}`)",
         ))
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts
         for row in (header, *rows):

@@ -276,7 +276,8 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
               f"`dlbox attach {run_id}` resumes it on a new box")
     kept = _copied(directory, run_id)
     assert _record(directory)["status"] == "interrupted" and _tagged(aws) == []
-    assert "interrupted (1 lost box(es))" in dlbox(project, "runs").stdout
+    listing = dlbox(project, "runs").stdout
+    assert "interrupted (1 lost box(es))" in listing and f"`dlbox attach {run_id}` resumes" in listing
 
     with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity"):
         starved = dlbox(project, "attach", run_id)
