@@ -254,7 +254,8 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
     """--no-recover: the loss is one line, the run recorded as interrupted, nothing running.
     `attach` with no capacity anywhere: one line, the checkpoint kept, nothing running.
     `attach` again: a new box reclaimed while it is set up is replaced, the run resumes;
-    detached, its box dies: `attach` notices and resumes it again; it ends whole."""
+    detached, its box dies: two `attach` at once notice it, one resumes it on one new box,
+    the other follows it there; it ends whole."""
     project, boxes = spot
     directory, env = project
     assert dlbox(project, "up", "--spot").returncode == 0
@@ -304,9 +305,18 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
     assert "resumed on the EC2 box" in out and f"after {kept['completed']} epoch(s)" in out
     _kill_box(boxes[2], _instance_at(aws, boxes[2].host), run_id)  # nobody follows
 
-    again = dlbox(project, "attach", run_id)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "was lost at" in again.stdout and "resumed on the EC2 box" in again.stdout
+    # Two terminals attach at once: one carries the run on, the other follows it there.
+    both = [subprocess.Popen([DLBOX, "attach", run_id], cwd=directory, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in both]
+    finally:
+        for p in both:
+            _reap(p)
+    assert [p.returncode for p in both] == [0, 0], outs
+    joined = "".join(out for out, _ in outs)
+    assert joined.count("was lost at") == 1 and joined.count("resumed on the EC2 box") == 1
     run_dir = directory / "runs" / run_id
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "done" and len(record["interruptions"]) == 2
