@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.journey import quick_python
+
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 CLI_TIMEOUT_S = 300
 POLL_S = 0.1
@@ -71,7 +73,7 @@ def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, sma
     `train --down-after` asks the same; `down --yes` ends it."""
     project = tmp_path / "proj"
     project.mkdir()
-    assert dlbox(project, "up", "--local", "--python", sys.executable).returncode == 0
+    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
     box = project / ".dlbox" / "local-box"
     ended = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "1")
     _until(lambda: (ended / "exit_code").exists(), "the short run's end")
@@ -117,7 +119,7 @@ def test_purge_deletes_only_what_dlbox_made_in_the_workdir(tmp_path, sshd, small
     (remote / "notes.txt").write_text("mine\n")
     (remote / "data" / "mine.csv").write_text("also mine\n")
     up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
     assert up.returncode == 0, up.stderr
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
                   "--img-size", "32")
@@ -142,7 +144,7 @@ def test_purge_of_a_folder_dlbox_made_leaves_nothing(tmp_path, sshd):
     project, remote = tmp_path / "proj", tmp_path / "fresh" / "dlbox"
     project.mkdir()
     up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
     assert up.returncode == 0, up.stderr
     down = dlbox(project, "down", "--purge")
     assert down.returncode == 0, down.stderr

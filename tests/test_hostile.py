@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import sshd as sshd_mod
+from tests.journey import quick_python
 from tests.test_ssh_box import DLBOX, _target, dlbox
 
 ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
@@ -68,7 +68,7 @@ def _up(project: Path, server, remote: Path, port: int | None = None, env=None):
     project.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [DLBOX, "up", "--ssh", f"{server.user}@{server.host}:{port or server.port}", "--key",
-         str(server.client_key), "--python", sys.executable, "--workdir", str(remote)],
+         str(server.client_key), "--python", quick_python(), "--workdir", str(remote)],
         cwd=project, capture_output=True, text=True, timeout=WAIT_S, env=env)
 
 

@@ -14,7 +14,7 @@ import pytest
 from orchestrator.sample import generate
 from tests import awsfakes
 from tests import sshd as sshd_mod
-from tests.journey import Day, copy_dataset
+from tests.journey import Day, copy_dataset, quick_python
 
 pytestmark = pytest.mark.slow
 ONE_EPOCH = ("--epochs", "1", "--img-size", "32")
@@ -156,7 +156,7 @@ def test_a_day_on_an_ssh_box(tmp_path, tiny, big):
 
         day.dlbox("down", "--purge")
         assert not day.remote.exists()
-        day.dlbox("up", "--local")
+        day.dlbox("up", "--local", "--python", quick_python())  # the real check: test_local_box
         day.dlbox(*train)
         day.dlbox("down")
         day.check_invariants()
@@ -214,7 +214,7 @@ def test_a_day_on_an_ec2_box(tmp_path, aws, moto_url, ip_lookup_url, tiny):
                 day.dlbox("down")  # recorded or not (killed before the id was): found by its tag
                 assert day.live_instances() == []
 
-            day.dlbox("up", "--local")
+            day.dlbox("up", "--local", "--python", quick_python())
             day.dlbox(*train)
             day.dlbox("down")
             day.check_invariants()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.journey import quick_python
+
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 CLI_TIMEOUT_S = 300
 POLL_S = 0.1
@@ -27,6 +29,10 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian'
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
+
+
+# `up` checks the real TensorFlow in local_run and in the two tests of --python below; the
+# others check it with a stand-in (quick_python, ~3 s sooner), their runs train for real.
 
 
 def dlbox(cwd: Path, *args: str):
@@ -105,7 +111,7 @@ def test_report_loads_in_a_real_browser_with_its_images_and_charts(local_run):
 
 @pytest.mark.slow
 def test_killed_dlbox_leaves_the_run_going_and_attach_gets_the_results(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
     proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
                              "3", "--img-size", "32"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -136,7 +142,7 @@ def test_train_user_errors(tmp_path, small_sample):
 
 @pytest.mark.slow
 def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
     missing = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
     bad_flag = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--epochs", "0")
@@ -199,7 +205,7 @@ class Terminal:
 
 @pytest.mark.slow
 def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
     term = Terminal([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs", "200",
                      "--patience", "0", "--img-size", "64"], cwd=tmp_path)
     deadline = time.monotonic() + CLI_TIMEOUT_S
@@ -236,7 +242,7 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
 
 @pytest.mark.slow
 def test_corrupt_zip_comes_back_as_one_clear_line(tmp_path):
-    assert dlbox(tmp_path, "up", "--local").returncode == 0
+    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 this is not a whole zip")
     result = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "train.zip"))
     assert result.returncode == 2
@@ -255,7 +261,7 @@ def test_warnings_live_then_ctrl_c_detaches_then_logs_follow_and_attach(tmp_path
     generate(data, 300, test_n=0, bad=True, seed=3)  # four files that cannot be decoded
     project = tmp_path / "proj"
     project.mkdir()
-    assert dlbox(project, "up", "--local").returncode == 0
+    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
     term = Terminal([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "8",
                      "--patience", "0", "--img-size", "32"], cwd=project)
     term.wait_for(r"training epoch 1/8: loss")

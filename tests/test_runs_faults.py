@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -21,6 +20,7 @@ import pytest
 
 from orchestrator.runs import OWNED_FLAGS, SNAPSHOT_PREFIX
 from orchestrator.sample import generate
+from tests.journey import quick_python
 from tests.test_ssh_box import CLI_TIMEOUT_S, DLBOX, dlbox
 
 POLL_S = 0.1
@@ -33,7 +33,7 @@ TRAIN_OPTIONS = ("--data", "--test")  # `dlbox train`'s own: never reach the tra
 def _up_ssh(project: Path, sshd, remote: Path) -> None:
     project.mkdir()
     up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
     assert up.returncode == 0, up.stdout + up.stderr
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.disks import needs_root
+from tests.journey import quick_python
 from tests.sshd import free_port
 
 DLBOX = str(Path(sys.executable).parent / "dlbox")
@@ -30,19 +31,25 @@ def _target(sshd, known_hosts: Path):
     return SshTarget(sshd.host, sshd.port, sshd.user, str(sshd.client_key), str(known_hosts))
 
 
-@pytest.fixture()
-def ssh_up(tmp_path, sshd):
+def _up_ssh(tmp_path: Path, sshd, python: str) -> tuple[Path, Path]:
     project, remote = tmp_path / "proj", tmp_path / "remote"
     project.mkdir()
     up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+               str(sshd.client_key), "--python", python, "--workdir", str(remote))
     assert up.returncode == 0, up.stderr
     return project, remote
 
 
+@pytest.fixture()
+def ssh_up(tmp_path, sshd):
+    """An SSH box whose `up` checked TensorFlow with a stand-in (quick_python, ~3 s sooner);
+    its runs train with the real one. test_up_ssh_train_pull_down checks the real one."""
+    return _up_ssh(tmp_path, sshd, quick_python())
+
+
 @pytest.mark.slow
-def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
-    project, remote = ssh_up
+def test_up_ssh_train_pull_down(tmp_path, sshd, small_sample):
+    project, remote = _up_ssh(tmp_path, sshd, sys.executable)
     known = (project / ".dlbox" / "known_hosts").read_text()
     assert sshd.host_public_key.split()[1] in known  # pinned at `up`
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
@@ -134,7 +141,7 @@ def test_a_dropped_link_while_following_is_one_line_and_attach_finishes(tmp_path
     project.mkdir()
     try:
         up = dlbox(project, "up", "--ssh", f"{sshd.user}@127.0.0.1:{proxy.port}", "--key",
-                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
         assert up.returncode == 0, up.stderr
         train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
                                   "--epochs", "6", "--patience", "0", "--img-size", "32"],
@@ -288,7 +295,7 @@ def test_a_full_disk_on_the_box_is_one_clear_line(tmp_path, sshd, small_sample):
     project.mkdir()
     with small_disk(tmp_path / "remote", "1m") as remote:  # the sample is ~4 MB
         up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
         assert up.returncode == 0, up.stderr
         result = dlbox(project, "train", "scratch", "--data", str(small_sample))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -307,7 +314,7 @@ def test_a_disk_that_fills_while_training_is_exit_74_and_one_line(tmp_path, sshd
     # Room for the ~4 MB sample and the run's files, not for a 13.5 MB image cache.
     with small_disk(tmp_path / "remote", "8m") as remote:
         up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-                   str(sshd.client_key), "--python", sys.executable, "--workdir", str(remote))
+                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
         assert up.returncode == 0, up.stderr
         result = dlbox(project, "train", "scratch", "--data", str(small_sample), "--cache", "disk",
                        "--img-size", "150", "--epochs", "1")
