@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -59,11 +60,15 @@ def _json_or_none(path: Path) -> dict | None:
         return None
 
 
+# 32 px: the sample is learnt as well as at 64 px (val_accuracy above 0.95, 30/30 test
+# images right) in half the time.
+SCRATCH_ARGS = ("scratch", "--img-size", "32", "--epochs", "15", "--patience", "4")
+
+
 @pytest.fixture(scope="module")
 def scratch_run(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("scratch") / "run"
-    result = run_trainer("scratch", "--data", sample, "--out", out, "--test", sample,
-                         "--img-size", "64", "--epochs", "15", "--patience", "4")
+    result = run_trainer(*SCRATCH_ARGS, "--data", sample, "--out", out, "--test", sample)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -74,7 +79,7 @@ def test_scratch_learns_the_sample(scratch_run):
     assert set(metrics) >= METRICS_KEYS
     assert metrics["model"] == "scratch"
     assert metrics["train_images"] + metrics["val_images"] == 1000 + 3  # + png, grey, cmyk
-    assert metrics["arguments"]["img_size"] == 64
+    assert metrics["arguments"]["img_size"] == 32
     assert {"python", "tensorflow", "keras"} <= set(metrics["versions"])
     history = _read_csv(scratch_run / "history.csv")
     assert len(history) == metrics["epochs_run"]
@@ -133,7 +138,7 @@ def test_saved_model_takes_raw_images(scratch_run):
     rows = _read_csv(scratch_run / "val_predictions.csv")[:8]
     root = Path(json.loads((scratch_run / "metrics.json").read_text())["arguments"]["data"])
     images = np.stack([
-        np.asarray(Image.open(root / "train" / r["file"]).convert("RGB").resize((64, 64)))
+        np.asarray(Image.open(root / "train" / r["file"]).convert("RGB").resize((32, 32)))
         for r in rows
     ]).astype("float32")
     p = model.predict(images, verbose=0).reshape(-1)
@@ -142,8 +147,8 @@ def test_saved_model_takes_raw_images(scratch_run):
 
 def test_rerun_with_resume_after_finish_is_a_no_op(scratch_run, sample):
     before = (scratch_run / "metrics.json").read_text()
-    result = run_trainer("scratch", "--data", sample, "--out", scratch_run, "--test", sample,
-                         "--img-size", "64", "--epochs", "15", "--patience", "4", "--resume")
+    result = run_trainer(*SCRATCH_ARGS, "--data", sample, "--out", scratch_run, "--test", sample,
+                         "--resume")
     assert result.returncode == 0, result.stderr
     assert "already finished" in result.stderr
     assert (scratch_run / "metrics.json").read_text() == before
@@ -151,7 +156,7 @@ def test_rerun_with_resume_after_finish_is_a_no_op(scratch_run, sample):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
     out = tmp_path / "run"
-    args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "5",
+    args = ["scratch", "--data", sample, "--out", out, "--img-size", "48", "--epochs", "5",
             "--patience", "0", "--limit", "500", "--cache", "disk"]
     proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -187,17 +192,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sample, tmp_path):
                                   f"best-{metrics['best_epoch']:04d}.keras"})
 
 
-def test_resume_refuses_changed_arguments(sample, small_sample, tmp_path):
-    out = tmp_path / "run"
-    first = run_trainer("scratch", "--data", sample, "--out", out, "--img-size", "32",
-                        "--epochs", "1", "--limit", "100")
-    assert first.returncode == 0, first.stderr
-    again = run_trainer("scratch", "--data", sample, "--out", out, "--img-size", "48",
-                        "--epochs", "1", "--limit", "100", "--resume")
+def test_resume_refuses_changed_arguments(scratch_run, sample, small_sample, tmp_path):
+    out = shutil.copytree(scratch_run, tmp_path / "run")  # a real run's folder, done (exit 0)
+    args = ["--out", out, "--test", sample, "--resume"]
+    again = run_trainer(*SCRATCH_ARGS, "--data", sample, *args, "--img-size", "48")
     assert again.returncode == 2
     assert "--img-size 32" in again.stderr and "Traceback" not in again.stderr
-    other_data = run_trainer("scratch", "--data", small_sample, "--out", out, "--img-size", "32",
-                             "--epochs", "1", "--limit", "100", "--resume")
+    other_data = run_trainer(*SCRATCH_ARGS, "--data", small_sample, *args)
     assert other_data.returncode == 2 and "--data" in other_data.stderr
 
 
@@ -205,7 +206,7 @@ def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
     import keras
 
     out = tmp_path / "run"
-    args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "50",
+    args = ["scratch", "--data", sample, "--out", out, "--img-size", "48", "--epochs", "50",
             "--patience", "0", "--limit", "600"]
     proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
