@@ -76,13 +76,13 @@ def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, sma
     assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
     box = project / ".dlbox" / "local-box"
     ended = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "1")
-    _until(lambda: (ended / "exit_code").exists(), "the short run's end")
     killed = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "500",
                                         "--patience", "0")
     os.killpg(int((box / "active" / f"{killed.name}.pid").read_text()), signal.SIGKILL)
     going = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "500",
                                        "--patience", "0")
     trainer = json.loads((going / "status.json").read_text())["pid"]
+    _until(lambda: (ended / "exit_code").exists(), "the short run's end")  # while the others start
 
     refused = dlbox(project, "down")  # no terminal to ask at: --yes is needed
     _one_line_error(refused, f"run(s) {going.name} still going", f"dlbox attach {going.name}",
