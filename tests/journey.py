@@ -66,7 +66,8 @@ def quick_python() -> str:
         (directory / "path" / name / "__init__.py").write_text(source)
     python = directory / "python"
     python.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(directory / 'path'))}"
-                      f'${{PYTHONPATH:+:$PYTHONPATH}} exec {shlex.quote(sys.executable)} "$@"\n')
+                      "${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
+                      f'exec {shlex.quote(sys.executable)} "$@"\n')
     python.chmod(0o755)
     return str(python)
 
