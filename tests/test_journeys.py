@@ -30,9 +30,10 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
-    """300 labelled images (~6.5 MB): long enough to send that a link can drop midway."""
+    """150 labelled images (~3.5 MB, two seconds at the rate _drop_mid_sync allows): long
+    enough to send that a link can drop midway."""
     root = tmp_path_factory.mktemp("big")
-    generate(root, 300, test_n=0, seed=6)
+    generate(root, 150, test_n=0, seed=6)
     return root
 
 
