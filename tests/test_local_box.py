@@ -31,8 +31,8 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
 
 
-# `up` checks the real TensorFlow in local_run and in the two tests of --python below; the
-# others check it with a stand-in (quick_python, ~3 s sooner), their runs train for real.
+# `up` checks the real TensorFlow in the two tests of --python below; the others check it
+# with a stand-in (quick_python, ~3 s sooner), and their runs train with the real one.
 
 
 def dlbox(cwd: Path, *args: str):
@@ -48,9 +48,8 @@ def _run_dirs(project: Path) -> list[Path]:
 def local_run(tmp_path_factory, small_sample):
     """up --local, train scratch with a test set, pull; (project dir, run dir, train output)."""
     project = tmp_path_factory.mktemp("local")
-    up = dlbox(project, "up", "--local", "--python", sys.executable)
+    up = dlbox(project, "up", "--local", "--python", quick_python())
     assert up.returncode == 0, up.stderr
-    assert "TensorFlow 2." in up.stdout
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
                   str(small_sample), "--epochs", "2", "--img-size", "32")
     assert train.returncode == 0, train.stdout + train.stderr
@@ -303,6 +302,7 @@ def test_the_box_python_is_recorded_absolute_and_a_vanished_run_is_one_line(tmp_
     up = subprocess.run([DLBOX, "up", "--local", "--python", "~/py"], cwd=project, env=env,
                         capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert up.returncode == 0, up.stderr
+    assert "TensorFlow 2." in up.stdout  # the real one, checked through the wrapper
     [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
     assert box["python"] == sys.executable  # the interpreter itself, by its absolute path
     run = project / "runs" / "20261129-000000-scratch"

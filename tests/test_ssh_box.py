@@ -31,25 +31,22 @@ def _target(sshd, known_hosts: Path):
     return SshTarget(sshd.host, sshd.port, sshd.user, str(sshd.client_key), str(known_hosts))
 
 
-def _up_ssh(tmp_path: Path, sshd, python: str) -> tuple[Path, Path]:
+@pytest.fixture()
+def ssh_up(tmp_path, sshd):
+    """An SSH box whose `up` checked TensorFlow with a stand-in (quick_python, ~3 s sooner);
+    its runs train with the real one. The real check over SSH: the SSH journey's first `up`
+    (tests/test_journeys.py) and the EC2 tests that set python (tests/test_cli_ec2.py)."""
     project, remote = tmp_path / "proj", tmp_path / "remote"
     project.mkdir()
     up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", python, "--workdir", str(remote))
+               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
     assert up.returncode == 0, up.stderr
     return project, remote
 
 
-@pytest.fixture()
-def ssh_up(tmp_path, sshd):
-    """An SSH box whose `up` checked TensorFlow with a stand-in (quick_python, ~3 s sooner);
-    its runs train with the real one. test_up_ssh_train_pull_down checks the real one."""
-    return _up_ssh(tmp_path, sshd, quick_python())
-
-
 @pytest.mark.slow
-def test_up_ssh_train_pull_down(tmp_path, sshd, small_sample):
-    project, remote = _up_ssh(tmp_path, sshd, sys.executable)
+def test_up_ssh_train_pull_down(ssh_up, sshd, small_sample):
+    project, remote = ssh_up
     known = (project / ".dlbox" / "known_hosts").read_text()
     assert sshd.host_public_key.split()[1] in known  # pinned at `up`
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
