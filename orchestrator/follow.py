@@ -179,6 +179,8 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             last_seen, last_status = time.time(), status
         epoch = status.get("epoch", epoch)
         progress = _progress(status, progress)
+        if snap.history:  # the heartbeat (every 2 s) may lag behind a short epoch's end
+            progress = max(progress or 0.0, float(len(snap.history)))
         if on_status is not None:
             on_status(status)
         for row in snap.history[epochs_shown:]:  # before the phase line: the epochs came first
