@@ -206,7 +206,7 @@ def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
     import keras
 
     out = tmp_path / "run"
-    args = ["scratch", "--data", sample, "--out", out, "--img-size", "48", "--epochs", "50",
+    args = ["scratch", "--data", sample, "--out", out, "--img-size", "96", "--epochs", "50",
             "--patience", "0", "--limit", "600"]
     proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -242,14 +242,14 @@ def test_vgg16_with_fine_tuning_on_class_folders(tmp_path, small_sample):
     out = tmp_path / "run"
     result = run_trainer("vgg16", "--data", folders, "--out", out, "--weights", "none",
                          "--img-size", "32", "--epochs", "1", "--fine-tune-epochs", "1",
-                         "--limit", "60", "--learning-rate", "0.001")
+                         "--limit", "120", "--learning-rate", "0.001")
     assert result.returncode == 0, result.stderr
     history = _read_csv(out / "history.csv")
     assert [r["phase"] for r in history] == ["training", "fine-tuning"]
     assert float(history[1]["learning_rate"]) == pytest.approx(0.0001)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["model"] == "vgg16"
-    assert metrics["train_images"] + metrics["val_images"] == 60
+    assert metrics["train_images"] + metrics["val_images"] == 120
 
     import keras
 
