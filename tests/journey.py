@@ -57,8 +57,9 @@ def quick_python() -> str:
     the ~3.5 s of importing TensorFlow). The check records the interpreter's own path
     (sys.executable), so every run on the box still trains with the real TensorFlow.
 
-    For tests whose subject is not that check; test_local_box's local_run, test_ssh_box's
-    train test and the journeys' first `up` keep checking the real TensorFlow."""
+    For tests whose subject is not that check. The real one is still checked by
+    test_local_box's two tests of --python, the journeys' first `up` (SSH and EC2) and the
+    EC2 tests of test_cli_ec2 that set python."""
     directory = Path(tempfile.mkdtemp(prefix="dlbox-quick-python-"))
     atexit.register(shutil.rmtree, directory, True)
     for name, source in (("tensorflow", fakewheels.FAKE_TF), ("keras", fakewheels.FAKE_KERAS)):
