@@ -16,14 +16,17 @@ from .humanize import Say
 from .machine import Machine
 from .sshtarget import SshTarget
 
+MAX_NODES = 64  # boxes in one cluster: a typo (--nodes 200) must not launch a fleet
+
 
 @dataclass(frozen=True)
 class UpFlags:
     """`dlbox up`'s flags as given (None: not given). Each kind takes only its own."""
 
     local: bool = False
-    ssh: str | None = None
-    key: str | None = None
+    ssh: tuple[str, ...] | None = None  # one USER@HOST[:PORT] per node
+    key: tuple[str, ...] | None = None  # one for every node, or one per --ssh
+    nodes: int | None = None  # boxes in the cluster (--ssh: as many as given)
     workdir: str | None = None
     python: str | None = None
     region: str | None = None
@@ -79,10 +82,17 @@ def registry_in(workdir: str) -> str:
 
 
 class Box(Protocol):
-    """A box of some kind: a frozen record in .dlbox/state.json plus what can be done with it."""
+    """A box of some kind: a frozen record in .dlbox/state.json plus what can be done with it.
+
+    A cluster is several records of one kind, node 0 (the chief) to nodes - 1; commands
+    that act on "the box" act on the chief, and `train` runs one worker on every node.
+    """
 
     kind: str  # the registry key, recorded with the box
     name: str  # unique in the project
+    node: int  # its index in the cluster (0: the chief, and the only node of a single box)
+    nodes: int  # how many boxes the cluster has (1: a single box)
+    address: str | None  # where the other nodes reach it (None: a single box)
     workdir: str | None  # dlbox's folder on the box (None until the box is ready)
     python: str | None  # the interpreter that trains there
     DESCRIPTION: ClassVar[str]  # "EC2 boxes", "the local box"...
@@ -195,6 +205,8 @@ def kind_for_up(flags: UpFlags) -> type[Box]:
     if flags.local and flags.ssh:
         raise UsageError("--local and --ssh exclude each other; pick one")
     cls = registry["local" if flags.local else "ssh" if flags.ssh else "ec2"]
+    if flags.nodes is not None and not 1 <= flags.nodes <= MAX_NODES:
+        raise UsageError(f"--nodes {flags.nodes}: expected 1 to {MAX_NODES}")
     foreign = [name for name in flags.given() if name not in cls.UP_FLAGS]
     if foreign:
         owners = [c for c in registry.values() if foreign[0] in c.UP_FLAGS]
@@ -230,12 +242,34 @@ def recorded(project_dir: Path) -> list[Box]:
 
 
 def current(project_dir: Path) -> Box | None:
-    """The project's box, or None."""
+    """The project's box (a cluster's chief), or None."""
     found = recorded(project_dir)
+    if _one_cluster(found):
+        return next(b for b in found if b.node == 0)
     if len(found) > 1:
         raise UsageError(f"this project records {len(found)} boxes ("
                          + ", ".join(b.label for b in found) + "); `dlbox down` ends them all")
     return found[0] if found else None
+
+
+def _one_cluster(found: list[Box]) -> bool:
+    """Whether the records are the nodes 0..N-1 of one cluster (N > 1), all of one kind."""
+    return (len(found) > 1 and len({b.kind for b in found}) == 1
+            and sorted(b.node for b in found) == list(range(len(found)))
+            and all(b.nodes == len(found) for b in found))
+
+
+def cluster(project_dir: Path, chief: Box) -> list[Box]:
+    """Every node of chief's cluster, in node order ([chief] for a single box)."""
+    if chief.nodes == 1:
+        return [chief]
+    found = [b for b in recorded(project_dir) if b.kind == chief.kind]
+    if not _one_cluster(found):
+        names = ", ".join(b.name for b in found)
+        raise UsageError(f"this project records {len(found)} of the {chief.nodes} nodes of its "
+                         f"cluster ({names}); `dlbox up` again (same flags) makes the missing "
+                         "ones, `dlbox down` ends them all")
+    return sorted(found, key=lambda b: b.node)
 
 
 def named(project_dir: Path, name: str) -> Box | None:

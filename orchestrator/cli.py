@@ -138,9 +138,12 @@ def up(
         help="Your own private key (.pub beside it) instead of dlbox's.")] = None,
     ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
     local: Annotated[bool, typer.Option("--local", help="Use this machine as the box.")] = False,
-    ssh_target: Annotated[str | None, typer.Option(
-        "--ssh", help="Use a machine you have: USER@HOST[:PORT].")] = None,
-    key: Annotated[str | None, typer.Option(help="--ssh: the private key that logs you in.")] = None,
+    ssh_target: Annotated[list[str] | None, typer.Option(
+        "--ssh", help="Use a machine you have: USER@HOST[:PORT] (repeat: a cluster).")] = None,
+    key: Annotated[list[str] | None, typer.Option(
+        help="--ssh: the private key that logs you in (repeat: one per --ssh).")] = None,
+    nodes: Annotated[int | None, typer.Option(
+        help="Boxes in the cluster (data-parallel training, one worker per box) [1].")] = None,
     python: Annotated[str | None, typer.Option(
         help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
     workdir: Annotated[str | None, typer.Option(
@@ -150,8 +153,10 @@ def up(
     from . import boxes
 
     flags = boxes.UpFlags(
-        local=local, ssh=ssh_target, key=key, workdir=workdir, python=python, region=region,
-        profile=profile, instance_type=tuple(instance_type) if instance_type else None, spot=spot,
+        local=local, ssh=tuple(ssh_target) if ssh_target else None,
+        key=tuple(key) if key else None, nodes=nodes, workdir=workdir, python=python,
+        region=region, profile=profile,
+        instance_type=tuple(instance_type) if instance_type else None, spot=spot,
         disk_gb=disk_gb, idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,
         ssh_cidr=ssh_cidr, ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
     from . import boxlock

@@ -50,6 +50,9 @@ class Ec2Box:
     workdir: str | None = None  # dlbox's folder on the box, once logged in
     python: str | None = None  # an interpreter with TensorFlow on the box
     kind: str = "ec2"
+    node: int = 0
+    nodes: int = 1
+    address: str | None = None  # where the other nodes of its cluster reach it
 
     DESCRIPTION: ClassVar[str] = "EC2 boxes"
     INTERRUPTED_UP: ClassVar[str] = ("a box launched before the interrupt is recorded in "

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from . import config, environment, registry, sshtarget, state, workdir
 from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
-from .errors import UsageError
+from .errors import DlboxError, UsageError
 from .machine import Machine
 from .sshmachine import SshMachine
 from .sshtarget import SshTarget
@@ -31,52 +31,59 @@ class SshBox(Unwatched):
     workdir: str
     python: str
     kind: str = "ssh"
+    node: int = 0
+    nodes: int = 1
+    address: str | None = None  # where the other nodes of its cluster reach it
 
     DESCRIPTION: ClassVar[str] = "SSH boxes"
     INTERRUPTED_UP: ClassVar[str] = ("the box is as you had it, its key pinned if the login "
                                      "got that far: run `dlbox up --ssh ...` again")
-    UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"ssh", "key", "python", "workdir"})
+    UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"ssh", "key", "python", "workdir",
+                                                     "nodes"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"purge"})
     hourly_usd: ClassVar[None] = None
 
     @classmethod
     def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> SshBox:
-        """Pin the machine's host key, make dlbox's folder there, check its Python can train."""
-        match = SSH_TARGET.match(flags.ssh or "")
-        if not match or not 1 <= int(match["port"] or 22) <= 65535:
-            raise UsageError(f"--ssh {flags.ssh}: expected USER@HOST or USER@HOST:PORT")
-        if flags.key is None:
+        """Pin each machine's host key, make dlbox's folder there, check its Python can
+        train; several --ssh make a cluster, node 0 first."""
+        specs = flags.ssh or ()
+        keys = flags.key or ()
+        for spec in specs:
+            _target(spec)
+        if not keys:
             raise UsageError("--ssh needs --key PATH (the private key that logs you in)")
-        key_path = Path(flags.key).expanduser().resolve()
-        if not key_path.is_file():
-            raise UsageError(f"--key {flags.key}: no such file")
-        host, port, user = match["host"], int(match["port"] or 22), match["user"]
-        name = f"{user}@{host}:{port}"
-        if existing is not None and existing.name != name:
+        if len(keys) not in (1, len(specs)):
+            raise UsageError(f"{len(keys)} --key for {len(specs)} --ssh: give one key for "
+                             "every host, or one per --ssh in the same order")
+        if flags.nodes is not None and flags.nodes != len(specs):
+            raise UsageError(f"--nodes {flags.nodes} with {len(specs)} --ssh: a cluster of SSH "
+                             "boxes has one node per --ssh; drop --nodes")
+        targets = [_parse(spec, keys[i if len(keys) > 1 else 0]) for i, spec in enumerate(specs)]
+        names = [f"{user}@{host}:{port}" for host, port, user, _ in targets]
+        if len(set(names)) != len(names):
+            raise UsageError("the same --ssh is given twice; each node is another machine "
+                             "(or another port)")
+        if existing is not None and existing.nodes != len(names):
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "
-                             f"use {name}")
+                             f"use {', '.join(names)}")
+        if existing is not None and existing.name != names[0]:
+            raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "
+                             f"use {names[0]}")
         cfg = config.load(project_dir)
-        target = SshTarget(host, port, user, str(key_path), state.known_hosts(project_dir))
-        sshtarget.check_paths(target.key_path, target.known_hosts)
-        machine = SshMachine(target, pin_new_host=True)
-        try:
-            folder = workdir.prepare(machine, flags.workdir or cfg.box_workdir, name)
-            python, versions = environment.ready_python(
-                machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
-                cfg.pip_args)
-        finally:
-            machine.close()
-        box = cls(name=name, host=host, port=port, user=user, key_path=str(key_path),
-                  workdir=folder, python=python)
-        state.put(project_dir, box)
-        sshtarget.write_config(state.state_dir(project_dir), target)
-        say(f"ssh box {name} ready ({versions}); runs in {folder}; host key pinned in "
-            f"{target.known_hosts}; `dlbox ssh` logs in")
-        return box
+        made = []
+        for node, (host, port, user, key_path) in enumerate(targets):
+            made.append(_prepare(cls, project_dir, cfg, flags, host, port, user, key_path, node,
+                                 len(targets), say))
+        for box in made:  # recorded together: a cluster is whole or not recorded
+            state.put(project_dir, box)
+        sshtarget.write_config(state.state_dir(project_dir), made[0].ssh_target(project_dir))
+        return made[0]
 
     @property
     def label(self) -> str:
-        return f"the SSH box {self.name}"
+        return f"the SSH box {self.name}" if self.nodes == 1 else \
+            f"node {self.node} ({self.name})"
 
     def ssh_target(self, project_dir: Path) -> SshTarget:
         return SshTarget(self.host, self.port, self.user, self.key_path,
@@ -89,7 +96,9 @@ class SshBox(Unwatched):
         return registry_in(self.workdir)
 
     def status(self, project_dir: Path) -> list[tuple[str, str]]:
-        return [("box", f"ssh {self.name}"), ("python", self.python), ("runs in", self.workdir),
+        what = f"ssh {self.name}" + (f" (node {self.node} of {self.nodes}, reached by the "
+                                     f"others at {self.address})" if self.nodes > 1 else "")
+        return [("box", what), ("python", self.python), ("runs in", self.workdir),
                 ("login", "`dlbox ssh` or `ssh -F .dlbox/ssh_config dlbox`")]
 
     def ends_runs(self, flags: DownFlags) -> bool:
@@ -126,3 +135,53 @@ class SshBox(Unwatched):
         state.remove(project_dir, self.name)
         sshtarget.remove_config(state.state_dir(project_dir))
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
+
+
+def _target(spec: str) -> re.Match:
+    match = SSH_TARGET.match(spec or "")
+    if not match or not 1 <= int(match["port"] or 22) <= 65535:
+        raise UsageError(f"--ssh {spec}: expected USER@HOST or USER@HOST:PORT")
+    return match
+
+
+def _parse(spec: str, key: str) -> tuple[str, int, str, Path]:
+    """(host, port, user, key path) of one --ssh and its --key."""
+    match = _target(spec)
+    key_path = Path(key).expanduser().resolve()
+    if not key_path.is_file():
+        raise UsageError(f"--key {key}: no such file")
+    return match["host"], int(match["port"] or 22), match["user"], key_path
+
+
+def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, user: str,
+             key_path: Path, node: int, nodes: int, say: Say) -> SshBox:
+    """One machine ready to train: its host key pinned, dlbox's folder, a Python with
+    TensorFlow, and (in a cluster) the address the other nodes reach it on."""
+    name = f"{user}@{host}:{port}"
+    target = SshTarget(host, port, user, str(key_path), state.known_hosts(project_dir))
+    sshtarget.check_paths(target.key_path, target.known_hosts)
+    machine = SshMachine(target, pin_new_host=True)
+    try:
+        folder = workdir.prepare(machine, flags.workdir or cfg.box_workdir, name)
+        python, versions = environment.ready_python(
+            machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
+            cfg.pip_args)
+        address = _own_address(machine, name) if nodes > 1 else None
+    finally:
+        machine.close()
+    say(f"ssh box {name} ready ({versions}); runs in {folder}; host key pinned in "
+        f"{target.known_hosts}" + (f"; node {node} of {nodes}, reached by the others at "
+                                   f"{address}" if nodes > 1 else "; `dlbox ssh` logs in"))
+    return cls(name=name, host=host, port=port, user=user, key_path=str(key_path),
+               workdir=folder, python=python, node=node, nodes=nodes, address=address)
+
+
+def _own_address(machine: Machine, name: str) -> str:
+    """The address the box has on the network dlbox reached it by (sshd's end of this
+    login): the other nodes of a cluster reach it there."""
+    done = machine.run('printf "%s" "$SSH_CONNECTION"')
+    fields = done.stdout.split()
+    if done.exit_code != 0 or len(fields) != 4:
+        raise DlboxError(f"{name}: could not tell the address it is reached at (SSH_CONNECTION "
+                         f"is {done.stdout.strip()!r}); check that its sshd sets it")
+    return fields[2]
