@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -181,7 +182,8 @@ def status() -> None:
         if box is None:
             typer.echo("no box is up in this project (`dlbox up` starts one)")
             return
-        rows = box.status(_project())
+        rows = [row for node in boxes.cluster(_project(), box)
+                for row in node.status(_project())]
         unpulled = [r.run_id for r in _unpulled(box)]
         if unpulled:
             rows.append(("results", f"run(s) {', '.join(unpulled)} not pulled yet: they are on "
@@ -405,6 +407,10 @@ def train(
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
         cfg = config.load(_project())
         box = _box(_project()).wake(_project(), _say)
+        if box.nodes > 1:
+            nodes = [box] + [n.wake(_project(), _say)
+                             for n in boxes.cluster(_project(), box)[1:]]
+            _train_on_cluster(nodes, model, data, test, list(ctx.args), down_after, cfg)
         for attempt in range(cfg.max_recoveries + 1):
             machine = box.machine(_project())
             try:
@@ -432,6 +438,115 @@ def train(
                 boxlock.held(_project(), _say):
             _end_box(box, boxes.DownFlags(), yes=False)
     raise typer.Exit(code)
+
+
+def _train_on_cluster(nodes, model: str, data: str, test: str | None, trainer_args: list[str],
+                      down_after: bool, cfg) -> None:
+    """`train` on a cluster: a worker on every node, followed together; exits."""
+    from . import boxes, boxlock, cluster
+
+    machines = [n.machine(_project()) for n in nodes]
+    try:
+        with _transfer_bar() as progress:
+            run = cluster.start(_project(), nodes, machines, model, data, test, trainer_args,
+                                _say, progress, cfg.pip_args)
+        code = _follow_cluster(run, nodes, machines)
+    finally:
+        for machine in machines:
+            machine.close()
+    if down_after and runs_finished(run.run_id):
+        with _errors("the cluster may still be running: run `dlbox down`"), \
+                boxlock.held(_project(), _say):
+            for node in nodes:
+                _end_box(node, boxes.DownFlags(), yes=False)
+    raise typer.Exit(code)
+
+
+def runs_finished(run_id: str) -> bool:
+    """Whether the run's results are pulled and verified (recorded as finished)."""
+    from . import runs
+
+    return runs.load(_project(), run_id).finished_at is not None
+
+
+def _follow_cluster(run, nodes, machines) -> int:
+    """Stream a cluster run from its chief, watching the other nodes; a failed node stops the
+    run on every node (resumable: `dlbox attach`). Pull, record; return the exit status."""
+    from . import cluster, follow, runs
+
+    for node in nodes:
+        _hold(node)
+    failed = None
+    try:
+        with _status_bar() as (say, on_status):
+            code = follow.follow(run, machines[0], say, err=lambda line: typer.echo(line, err=True),
+                                 on_status=on_status,
+                                 peers=cluster.watcher(run, nodes, machines))
+        if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
+            failed = cluster.check(run, nodes, machines)
+    except KeyboardInterrupt:
+        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
+                   "it and pulls its results")
+        return EXIT_INTERRUPTED
+    except cluster.NodeFailed as exc:
+        failed = exc
+    except LostContact as exc:
+        raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
+                    f"{run.run_id}` follows it again", exc.exit_code) from None
+    except DlboxError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    with _errors(f"`dlbox attach {run.run_id}` pulls the results"):
+        if failed is not None:
+            cluster.stop(run, nodes, machines)
+            code = runs.EXIT_RESUMABLE
+        else:
+            cluster.wait_for_workers(run, nodes, machines, time.sleep)
+        cluster.pull_logs(_project(), run, machines)
+        run = _finish(run, nodes[0], machines[0], code)
+        cluster.release(_project(), run, nodes, machines)
+    where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    if failed is not None:
+        epoch = (runs.read_json(machines[0].read(f"{run.remote_dir}/checkpoints/state.json"))
+                 or {}).get("completed", 0)
+        typer.secho(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
+                    f"checkpoint: epoch {epoch}); `dlbox attach {run.run_id}` resumes it from "
+                    "there once the node is back", err=True, fg=typer.colors.RED)
+    elif run.val_accuracy is not None:
+        typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
+                   f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
+    else:
+        typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
+    return code
+
+
+def _cluster_of(run):
+    """(nodes, machines) of the cluster a recorded run ran on, woken."""
+    from . import boxes, cluster
+
+    chief, _ = _box_of(run)
+    nodes = boxes.cluster(_project(), chief)
+    names = [w.box for w in cluster.workers(run)]
+    if [n.name for n in nodes] != names:
+        raise UsageError(f"run {run.run_id} ran on nodes {', '.join(names)}, which are not this "
+                         f"project's cluster any more; its results are in runs/{run.run_id}/")
+    nodes = [chief] + [n.wake(_project(), _say) for n in nodes[1:]]
+    return nodes, [n.machine(_project()) for n in nodes]
+
+
+def _attach_cluster(run) -> int:
+    """attach for a cluster run: follow it, or resume it on every node if it was stopped."""
+    from . import boxlock, cluster
+
+    nodes, machines = _cluster_of(run)
+    try:
+        if run.status == "interrupted" and run.finished_at is not None:
+            with _errors(f"`dlbox attach {run.run_id}` again resumes it"), \
+                    boxlock.run_held(_project(), run.run_id, _say):
+                run = cluster.resume(_project(), run, nodes, machines, _say)
+        return _follow_cluster(run, nodes, machines)
+    finally:
+        for machine in machines:
+            machine.close()
 
 
 @contextlib.contextmanager
@@ -627,7 +742,8 @@ def attach(
 
     with _errors(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is "
                  "recorded: `dlbox down` ends it)"):
-        runs.load(_project(), run_id)  # a run that does not exist is one line, before any lock
+        if runs.load(_project(), run_id).nodes:  # one line for a run that does not exist
+            raise typer.Exit(_attach_cluster(runs.load(_project(), run_id)))
         cfg = config.load(_project())
         with boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
             run = runs.load(_project(), run_id)  # as the last holder left it
@@ -693,15 +809,18 @@ def logs(
     run_id: Annotated[str | None, typer.Argument(help="The run's id [the latest].")] = None,
     follow_log: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines "
                                              "until the run ends.")] = False,
+    node: Annotated[int | None, typer.Option(help="A cluster run: node K's log [0, the "
+                                             "chief].")] = None,
 ) -> None:
     """Print a run's train.log from the box."""
-    import time
-
     from . import follow, runs
 
     with _errors():
         run = runs.resolve(_project(), run_id)
         _, machine = _box_of(run)
+        if node:
+            machine.close()
+            run, machine = _node_of(run, node)
         offset = 0
         while True:
             chunk, ended = follow.read_log(machine, run, offset)
@@ -716,6 +835,25 @@ def logs(
             time.sleep(runs.STATUS_POLL_S)
 
 
+def _node_of(run, node: int):
+    """(run as node K sees it: its folder there, the machine of node K)."""
+    from dataclasses import replace
+
+    from . import boxes, cluster
+
+    team = cluster.workers(run)
+    if not 0 <= node < len(team):
+        what = f"{len(team)} nodes (0 to {len(team) - 1})" if team else "one box (no --node)"
+        raise UsageError(f"--node {node}: run {run.run_id} ran on {what}")
+    box = boxes.named(_project(), team[node].box)
+    if box is None:
+        raise UsageError(f"node {node} of run {run.run_id} ({team[node].box}) is not this "
+                         f"project's box any more; what was pulled is in runs/{run.run_id}/"
+                         f"nodes/{node}/")
+    box = box.wake(_project(), _say)
+    return replace(run, remote_dir=team[node].remote_dir), box.machine(_project())
+
+
 @app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None:
     """Stop a run with SIGTERM: the trainer checkpoints (resumable) and exits 75."""
@@ -723,11 +861,34 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
 
     with _errors():
         run = runs.load(_project(), run_id)
+        if run.nodes:
+            raise typer.Exit(_cancel_cluster(run))
         box, machine = _box_of(run)
         code = runs.cancel(run, machine, _say)
         run = _finish(run, box, machine, code)
     typer.echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
                f"{runs.RUNS_DIR}/{run.run_id}/")
+
+
+def _cancel_cluster(run) -> int:
+    """cancel on a cluster: SIGTERM every worker (they stop at the same step, checkpoint and
+    exit 75), wait for the chief, then as any ended cluster run."""
+    from . import cluster, runs
+
+    nodes, machines = _cluster_of(run)
+    try:
+        cluster.signal_workers(run, machines)
+        code = runs.cancel(run, machines[0], _say)
+        cluster.wait_for_workers(run, nodes, machines, time.sleep)
+        cluster.pull_logs(_project(), run, machines)
+        run = _finish(run, nodes[0], machines[0], code)
+        cluster.release(_project(), run, nodes, machines)
+    finally:
+        for machine in machines:
+            machine.close()
+    typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes (exit {code}); what it had "
+               f"is in {runs.RUNS_DIR}/{run.run_id}/")
+    return code
 
 
 @app.command("runs")
@@ -748,7 +909,7 @@ def list_runs() -> None:
             f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
             str(metrics.get("epochs_run", "-")),
             duration(run.seconds) if run.seconds is not None else "-",
-            run.box,
+            run.box + (f" (+{len(run.nodes) - 1} node(s))" if len(run.nodes) > 1 else ""),
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",
             f"{runs.RUNS_DIR}/{run.run_id}/" if run.finished_at else
             "lost with its box" if run.status == runs.LOST else

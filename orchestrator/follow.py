@@ -31,6 +31,7 @@ MAX_WARNINGS_SHOWN = 20  # per follow; the rest are in `dlbox logs`
 # each time it changes).
 POLLED = ("status.json", "history.csv", "exit_code", spotwatch.NOTICE_FILE,
           "checkpoints/state.json")
+PEER_CHECK_S = 3  # how often the other nodes of a cluster run are asked about their workers
 LOSS_CHECK_S = 10  # how often the box's owner is asked whether the box is still there
 NOTICE_COPY_TRIES = 5  # polls that may copy the checkpoint of a trainer stopped by a notice
 LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>WARNING|ERROR|CRITICAL) (?P<message>.*)$")
@@ -142,7 +143,8 @@ class _Warnings:
 def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | None = None,
            on_status: Callable[[dict], None] | None = None,
            on_checkpoint: Callable[[], bool] | None = None,
-           gone: Callable[[], Gone | None] | None = None, shown: int = 0) -> int:
+           gone: Callable[[], Gone | None] | None = None, shown: int = 0,
+           peers: Callable[[], None] | None = None) -> int:
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
     gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
@@ -150,10 +152,11 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
     the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S;
     if its owner cannot be asked, the box counts as there. A lost box, or an interruption
     notice on it, raises BoxLost once the trainer has stopped and its last checkpoint is
-    copied (or cannot be). shown: epochs already shown (a run resumed elsewhere)."""
+    copied (or cannot be). shown: epochs already shown (a run resumed elsewhere). peers()
+    raises when another node of a cluster run has failed (asked every PEER_CHECK_S)."""
     phase, epochs_shown, epoch = None, shown, None
     warnings = _Warnings(say)
-    started = checked = time.monotonic()
+    started = checked = peers_checked = time.monotonic()
     committed, notice, last_seen, progress, last_status = None, None, None, None, None
     copy_tries = 0  # of the last checkpoint, once the trainer stopped on a notice
     asking = _Asking(gone, say)
@@ -211,6 +214,9 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
                 if error:
                     (err or say)(error)
             return snap.exit_code
+        if peers is not None and time.monotonic() - peers_checked >= PEER_CHECK_S:
+            peers_checked = time.monotonic()
+            peers()
         if time.monotonic() - checked >= LOSS_CHECK_S:
             checked = time.monotonic()
             why = asking()

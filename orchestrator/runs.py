@@ -28,6 +28,7 @@ from .machine import Machine
 from .render import render
 
 RUNS_DIR = "runs"
+EXIT_RESUMABLE = 75  # the trainer's "interrupted, resumable" (EX_TEMPFAIL)
 LOST = "lost"  # the box ended before its results were pulled (`down --yes`)
 RUN_FILE = "run.json"
 STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
@@ -69,6 +70,9 @@ class Run:
     segment_started_at: str | None = None  # when the current box took the run over
     # One per box lost under the run (see Interruption), oldest first.
     interruptions: tuple[dict[str, Any], ...] = ()
+    # A run on a cluster: every node's worker (see cluster.Worker), the chief (box,
+    # remote_dir above) first; () on a single box.
+    nodes: tuple[dict[str, Any], ...] = ()
 
     @property
     def seconds(self) -> float | None:
@@ -125,7 +129,7 @@ def _seconds(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -150,7 +154,7 @@ def reserve_command(parent: str, remote: str) -> str:
             f"elif [ -e {r} ]; then echo taken; else mkdir -- {r}; fi")
 
 
-def _reserve_on_box(project_dir: Path, machine: Machine, workdir: str,
+def reserve_on_box(project_dir: Path, machine: Machine, workdir: str,
                     model: str) -> tuple[str, str]:
     """(run id, its folder on the box), both folders made by this call: another project or
     laptop sharing the box may hold an id this project has never used."""
@@ -272,7 +276,7 @@ def _local_dataset(spec: str | None, flag: str) -> Path | None:
     return path.resolve()
 
 
-def _check_trainer_args(trainer_args: list[str]) -> None:
+def check_trainer_args(trainer_args: list[str]) -> None:
     """Refuse a flag dlbox sets, also abbreviated (argparse takes --ou for --out)."""
     for arg in trainer_args:
         flag = arg.split("=", 1)[0]
@@ -322,11 +326,11 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
           trainer_args: list[str], say: Say, progress: Callable[[int, int], None] | None = None,
           pip_args: tuple[str, ...] = ()) -> Run:
     """Ship code and data, start `python -m trainer` detached on the box; return the run."""
-    _check_trainer_args(trainer_args)
+    check_trainer_args(trainer_args)
     shipped = ship(box, machine, data, test, say, progress, pip_args)
-    run_id, remote = _reserve_on_box(project_dir, machine, box.workdir, model)
+    run_id, remote = reserve_on_box(project_dir, machine, box.workdir, model)
     run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=[],
-              started_at=_now(), usd_per_hour=box.hourly_usd, data=data, test=test,
+              started_at=now(), usd_per_hour=box.hourly_usd, data=data, test=test,
               trainer_args=tuple(trainer_args))
     run = launch(project_dir, box, machine, run, shipped)
     say(f"run {run_id} started on {box.label}")
@@ -349,37 +353,53 @@ def reserve_folder(machine: Machine, workdir: str, run_id: str) -> str:
                      "clean it up, then run the command again")
 
 
-def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped) -> Run:
-    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box and start
-    it detached; record the run as started there. --resume is always passed: the same
-    command continues from a checkpoint in --out, if there is one."""
-    from . import spotwatch
-
-    args = [run.model, "--data", shipped.data, "--out", run.remote_dir, "--resume",
+def trainer_args(box: Box, run: Run, shipped: Shipped, remote_dir: str) -> list[str]:
+    """The trainer's command line on box for run, writing into remote_dir. --resume is always
+    passed: the same command continues from a checkpoint in --out, if there is one."""
+    args = [run.model, "--data", shipped.data, "--out", remote_dir, "--resume",
             "--extract-dir", f"{box.workdir}/{EXTRACT_DIR}"]
     if shipped.test is not None:
         args += ["--test", shipped.test]
-    args += list(run.trainer_args)
-    script = render("run.sh.j2", run_id=run.run_id, out=run.remote_dir, code_dir=shipped.code,
+    return args + list(run.trainer_args)
+
+
+def write_script(box: Box, machine: Machine, run_id: str, remote_dir: str, code: str,
+                 args: list[str], env: dict[str, str] | None = None) -> None:
+    """run.sh (and the spot watcher, on a spot box) into the run's folder on the box."""
+    from . import spotwatch
+
+    script = render("run.sh.j2", run_id=run_id, out=remote_dir, code_dir=code,
                     python=box.python, args=args, registry=box.runs_registry(),
-                    spot_watch=box.interruptible)
-    machine.write(f"{run.remote_dir}/run.sh", script.encode(), 0o755)
+                    spot_watch=box.interruptible, env=env or {})
+    machine.write(f"{remote_dir}/run.sh", script.encode(), 0o755)
     if box.interruptible:  # EC2 spot: heed the two-minute warning (see spotwatch.py)
-        machine.write(f"{run.remote_dir}/{spotwatch.SCRIPT_FILE}", spotwatch.script().encode(),
+        machine.write(f"{remote_dir}/{spotwatch.SCRIPT_FILE}", spotwatch.script().encode(),
                       0o755)
-    run = replace(run, args=args)
-    save(project_dir, run)
+
+
+def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
+    """Start the folder's run.sh detached from dlbox."""
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
+    started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code; "
+                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+    if started.exit_code != 0:
+        raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
+
+
+def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped) -> Run:
+    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box and start
+    it detached; record the run as started there."""
+    args = trainer_args(box, run, shipped, run.remote_dir)
+    write_script(box, machine, run.run_id, run.remote_dir, shipped.code, args)
+    run = replace(run, args=args)
+    save(project_dir, run)
     try:
-        started = machine.run(f"cd {shlex.quote(run.remote_dir)} || exit 1; "
-                              "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+        start_script(box, machine, run.remote_dir)
     except DlboxError as exc:
         exc.run = run  # recorded, maybe not started: the caller knows whether the box is gone
         raise
-    if started.exit_code != 0:
-        raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
     return run
 
 
@@ -527,7 +547,7 @@ def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
     metrics = read_local_json(local / "metrics.json")
     status = {0: "done", 75: "interrupted", 130: "interrupted"}.get(code, "failed")
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
-                  finished_at=_now())
+                  finished_at=now())
     save(project_dir, run)
     cost = f"${run.cost_usd:.2f}" if run.cost_usd is not None else "nothing (own machine)"
     report.write(local, run, box=run.box, duration=f"{run.seconds / 60:.1f} min", cost=cost)

@@ -1,0 +1,299 @@
+"""Runs on a cluster: one worker per node with its TF_CONFIG, started, watched and stopped together.
+
+The chief (node 0) is the run as a single box has it: its folder holds the outputs, its
+status is followed, its results pulled. The other nodes only train; each keeps its own log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import checkpoints, records, registry, runs
+from .atomic import write_atomic
+from .boxes import Box
+from .errors import DlboxError, UsageError
+from .humanize import Say
+from .machine import Machine
+
+T = TypeVar("T")
+
+# Asks the box's Python for a free TCP port: the worker's collective endpoint binds it.
+FREE_PORT = ("import socket; s = socket.socket(); s.bind(('', 0)); "
+             "print(s.getsockname()[1])")
+NODE_CHECK_S = 3.0  # how often the other nodes are asked whether their worker still runs
+NODE_ANSWER_TIMEOUT_S = 30  # a node silent this long has failed the run
+# SIGTERM -> checkpoint -> exit, then SIGKILL: a worker blocked in a collective whose peer
+# died never gets to its signal handler, so the wait is short.
+STOP_GRACE_S = 10
+WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
+NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
+NODES_DIR = "nodes"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One node's part of a run, as run.json records it."""
+
+    node: int
+    box: str
+    remote_dir: str
+    address: str  # host:port its collective endpoint listens on
+    code: str  # the trainer's code on that node
+    data: str
+    test: str | None
+
+
+class NodeFailed(DlboxError):
+    """A node's worker failed or its box stopped answering: the run cannot go on as is."""
+
+    def __init__(self, node: int, label: str, why: str) -> None:
+        super().__init__(f"node {node} ({label}) {why}")
+        self.node, self.label, self.why = node, label, why
+
+
+def workers(run: runs.Run) -> list[Worker]:
+    """The run's workers, chief first ([] on a single box)."""
+    try:
+        return [records.build(Worker, w) for w in run.nodes]
+    except ValueError as exc:
+        raise UsageError(f"runs/{run.run_id}/{runs.RUN_FILE}: its nodes are damaged ({exc})") \
+            from exc
+
+
+def _each(items: list[T], work: Callable[[int, T], Any]) -> list[Any]:
+    """work(i, item) for every item at once (one thread each); the first failure raised
+    once all have ended."""
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        futures = [pool.submit(work, i, item) for i, item in enumerate(items)]
+    return [f.result() for f in futures]
+
+
+def _tf_config(addresses: list[str], index: int) -> str:
+    return json.dumps({"cluster": {"worker": addresses},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _endpoint(box: Box, machine: Machine) -> str:
+    """host:port for the node's collective endpoint: a port free on it now."""
+    done = machine.run(f"{shlex.quote(box.python)} -c {shlex.quote(FREE_PORT)}")
+    port = done.stdout.strip()
+    if done.exit_code != 0 or not port.isdigit():
+        raise DlboxError(f"{box.label}: could not find a free port for the workers to talk "
+                         f"on ({done.stderr.strip() or done.stdout.strip()})")
+    host = box.address or "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def start(project_dir: Path, nodes: list[Box], machines: list[Machine], model: str, data: str,
+          test: str | None, trainer_args: list[str], say: Say,
+          progress: Callable[[int, int], None] | None = None,
+          pip_args: tuple[str, ...] = ()) -> runs.Run:
+    """Ship code and data to every node at once, start a worker on each; return the run."""
+    runs.check_trainer_args(trainer_args)
+
+    def ship(k: int, box: Box) -> runs.Shipped:
+        tell = say if k == 0 else (lambda line: say(f"node {k}: {line}"))
+        return runs.ship(box, machines[k], data, test, tell, progress if k == 0 else None,
+                         pip_args)
+
+    shipped = _each(nodes, ship)
+    run_id, chief_dir = runs.reserve_on_box(project_dir, machines[0], nodes[0].workdir, model)
+    dirs = [chief_dir] + [runs.reserve_folder(machines[k], nodes[k].workdir, run_id)
+                          for k in range(1, len(nodes))]
+    run = runs.Run(run_id=run_id, model=model, box=nodes[0].name, remote_dir=chief_dir, args=[],
+                   started_at=runs.now(), usd_per_hour=_hourly(nodes), data=data, test=test,
+                   trainer_args=tuple(trainer_args))
+    team = [Worker(k, box.name, dirs[k], "", shipped[k].code, shipped[k].data, shipped[k].test)
+            for k, box in enumerate(nodes)]
+    run = launch(project_dir, run, nodes, machines, team)
+    say(f"run {run_id} started on {len(nodes)} nodes ({', '.join(b.label for b in nodes)})")
+    return run
+
+
+def _hourly(nodes: list[Box]) -> float | None:
+    prices = [b.hourly_usd for b in nodes]
+    return None if any(p is None for p in prices) else sum(prices)
+
+
+def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+           team: list[Worker]) -> runs.Run:
+    """Pick each node's endpoint, write every run.sh with its TF_CONFIG, record the run and
+    start every worker; a worker that cannot start stops those that did."""
+    addresses = _each(nodes, lambda k, box: _endpoint(box, machines[k]))
+    team = [replace(w, address=addresses[w.node]) for w in team]
+    for w, box in zip(team, nodes, strict=True):
+        shipped = runs.Shipped(w.code, w.data, w.test)
+        args = runs.trainer_args(box, run, shipped, w.remote_dir)
+        runs.write_script(box, machines[w.node], run.run_id, w.remote_dir, w.code, args,
+                          env={"TF_CONFIG": _tf_config(addresses, w.node)})
+        if w.node == 0:
+            run = replace(run, args=args)
+    run = replace(run, nodes=tuple(asdict(w) for w in team))
+    runs.save(project_dir, run)
+    started = []
+    try:
+        for w, box in zip(team, nodes, strict=True):
+            runs.start_script(box, machines[w.node], w.remote_dir)
+            started.append(w.node)
+    except DlboxError:
+        stop(run, nodes, machines, only=started)
+        raise
+    return run
+
+
+def _state_command(run_id: str, remote_dir: str, box: Box) -> str:
+    """Prints "ended CODE", "running", "starting", "gone" (killed: no exit status) or
+    "missing" (no folder) for the node's worker."""
+    pid_file = shlex.quote(f"{box.runs_registry()}/{run_id}.pid")
+    ended = 'if [ -e exit_code ]; then echo "ended $(cat exit_code)"; exit 0; fi'
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; {ended}; "
+            f"pid=$(cat {pid_file} 2>/dev/null); "
+            'if [ -n "$pid" ] && tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | '
+            'grep -q "run\\.sh"; then echo running; exit 0; fi; '
+            # run.sh writes exit_code, then removes its pid: look again before saying gone
+            f"{ended}; if [ -e trainer_started_at ]; then echo gone; else echo starting; fi")
+
+
+def check(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> NodeFailed | None:
+    """The first node (other than the chief) whose worker failed, was killed or whose box does
+    not answer; None while they all run or ended well."""
+    for w in workers(run)[1:]:
+        box = nodes[w.node]
+        try:
+            done = machines[w.node].run(_state_command(run.run_id, w.remote_dir, box),
+                                        timeout=NODE_ANSWER_TIMEOUT_S)
+        except DlboxError as exc:
+            return NodeFailed(w.node, box.label, f"does not answer ({exc})")
+        answer = done.stdout.split()
+        if done.exit_code != 0 or not answer:
+            return NodeFailed(w.node, box.label, f"does not answer ({done.stderr.strip()})")
+        if answer[0] == "missing":
+            return NodeFailed(w.node, box.label, f"lost the run's folder {w.remote_dir}")
+        if answer[0] == "gone":
+            return NodeFailed(w.node, box.label, "lost its worker (killed: no exit status)")
+        if answer[0] == "ended" and answer[1:] not in (["0"], ["75"]):
+            code = answer[1] if len(answer) > 1 else "?"
+            last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
+            return NodeFailed(w.node, box.label, f"had its worker exit with status {code}"
+                              + (f": {last}" if last else ""))
+    return None
+
+
+def _last_line(raw: bytes | None) -> str | None:
+    lines = raw.decode(errors="replace").strip().splitlines() if raw else []
+    return lines[-1] if lines else None
+
+
+def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callable[[], None]:
+    """For follow: raises NodeFailed once a node other than the chief has failed."""
+
+    def peers() -> None:
+        failed = check(run, nodes, machines)
+        if failed is not None:
+            raise failed
+
+    return peers
+
+
+def stop(run: runs.Run, nodes: list[Box], machines: list[Machine],
+         only: list[int] | None = None) -> None:
+    """End the run's worker on every node (or those listed) that still answers: SIGTERM, a
+    short wait, SIGKILL; a worker killed this way gets exit status 137 in its folder."""
+
+    def end(k: int, box: Box) -> None:
+        if only is not None and k not in only:
+            return
+        w = workers(run)[k]
+        try:
+            registry.stop_live_runs(machines[k], box.runs_registry(), only={run.run_id},
+                                    timeout_s=STOP_GRACE_S)
+            machines[k].run(f"cd {shlex.quote(w.remote_dir)} 2>/dev/null && {{ [ -e exit_code ] "
+                            "|| { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }; }")
+        except DlboxError:
+            pass  # a node that does not answer runs nothing we could end
+
+    _each(nodes, end)
+
+
+def signal_workers(run: runs.Run, machines: list[Machine]) -> None:
+    """SIGTERM the trainer of every node but the chief (runs.cancel does the chief)."""
+    for w in workers(run)[1:]:
+        with contextlib.suppress(DlboxError):  # a node that does not answer: stopped below
+            status = runs.read_json(machines[w.node].read(f"{w.remote_dir}/status.json")) or {}
+            if isinstance(status.get("pid"), int):
+                machines[w.node].run(f"kill -TERM {status['pid']} 2>/dev/null")
+
+
+def wait_for_workers(run: runs.Run, nodes: list[Box], machines: list[Machine],
+                     sleep: Callable[[float], None]) -> None:
+    """After the chief ended: wait (bounded) until every other worker has ended; end those
+    that have not."""
+    import time
+
+    deadline = time.monotonic() + WORKERS_END_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = []
+        for w in workers(run)[1:]:
+            try:
+                done = machines[w.node].run(_state_command(run.run_id, w.remote_dir,
+                                                           nodes[w.node]),
+                                            timeout=NODE_ANSWER_TIMEOUT_S)
+                states.append(done.stdout.split()[:1])
+            except DlboxError:
+                states.append(["gone"])
+        if all(s and s[0] != "running" for s in states):
+            return
+        sleep(NODE_CHECK_S)
+    stop(run, nodes, machines, only=[w.node for w in workers(run)[1:]])
+
+
+def pull_logs(project_dir: Path, run: runs.Run, machines: list[Machine]) -> None:
+    """Every other node's log and last status into runs/<id>/nodes/<k>/ (what is there)."""
+    for w in workers(run)[1:]:
+        here = project_dir / runs.RUNS_DIR / run.run_id / NODES_DIR / str(w.node)
+        here.mkdir(parents=True, exist_ok=True)
+        for name in NODE_FILES:
+            try:
+                raw = machines[w.node].read(f"{w.remote_dir}/{name}")
+            except DlboxError:
+                break  # the node is gone: what was pulled before stays
+            if raw is not None:
+                write_atomic(here / name, raw)
+
+
+def release(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine]) -> None:
+    """The run's results are here: no node need keep them any more."""
+    for w in workers(run)[1:]:
+        with contextlib.suppress(DlboxError):  # a node that is gone holds nothing
+            nodes[w.node].release_results(project_dir, machines[w.node], run.run_id)
+
+
+def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+           say: Say) -> runs.Run:
+    """Start a stopped cluster run again on the same nodes, from the chief's checkpoint:
+    every worker gets a copy of it (they must all resume from the same epoch)."""
+    team = workers(run)
+    if [w.box for w in team] != [b.name for b in nodes]:
+        raise UsageError(f"run {run.run_id} ran on nodes {', '.join(w.box for w in team)}; "
+                         "this project's cluster is not those any more, so it cannot resume")
+    stop(run, nodes, machines)  # nothing of the run may still hold a port or a file
+    copy = checkpoints.pull(project_dir, run, machines[0])
+    for w in team[1:]:
+        target = shlex.quote(f"{w.remote_dir}/{checkpoints.REMOTE_DIR}")
+        machines[w.node].run(f"rm -rf -- {target}")
+        if copy is not None:
+            checkpoints.push(project_dir, run, machines[w.node], w.remote_dir, w.data)
+    epoch = copy.completed if copy is not None else 0
+    say(f"resuming run {run.run_id} on {len(nodes)} nodes from epoch {epoch}"
+        + ("" if copy is not None else " (no checkpoint yet: from the start)"))
+    run = replace(run, status="running", exit_code=None, finished_at=None)
+    # Same folders, same code and data, new endpoints (the old ports may be taken now).
+    return launch(project_dir, run, nodes, machines, team)
+
