@@ -1,0 +1,215 @@
+"""Clusters through the CLI: `up --local --nodes 2` and `up --ssh A --ssh B` (two loopback
+sshds on 127.0.0.2 and 127.0.0.3), `train` with one TensorFlow worker per node, a node
+killed mid-epoch, `attach` resuming on every node, per-node logs, `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import sshd as sshd_mod
+from tests.journey import quick_python
+
+DLBOX = str(Path(sys.executable).parent / "dlbox")
+CLI_TIMEOUT_S = 400
+POLL_S = 0.1
+KILL_WAIT_TIMEOUT_S = 120  # until the run is mid-epoch with a checkpoint
+# From the kill to dlbox's exit: a node check (3 s), SIGTERM's grace (10 s), the pulls.
+STOPPED_WITHIN_S = 45
+# Trainer flags of every run here: short epochs on the small sample, no early stopping.
+FLAGS = ("--img-size", "32", "--patience", "0")
+
+
+def dlbox(cwd: Path, *args: str, timeout: float = CLI_TIMEOUT_S):
+    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def _only_run(project: Path) -> Path:
+    [run] = [p for p in (project / "runs").iterdir() if p.is_dir()]
+    return run
+
+
+def _history_epochs(run_dir: Path) -> list[int]:
+    lines = (run_dir / "history.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines]
+
+
+def _weights_of(status_path: Path) -> str:
+    """The SHA-256 of a worker's final weights, as its status.json says."""
+    return json.loads(status_path.read_text())["weights_sha256"]
+
+
+def _single_box_accuracy(tmp_path: Path, data: Path, epochs: str) -> float:
+    project = tmp_path / "single"
+    project.mkdir()
+    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
+    train = dlbox(project, "train", "scratch", "--data", str(data), "--epochs", epochs, *FLAGS)
+    assert train.returncode == 0, train.stdout + train.stderr
+    return json.loads((_only_run(project) / "metrics.json").read_text())["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node(
+        tmp_path, small_sample):
+    project = tmp_path / "cluster"
+    project.mkdir()
+    up = dlbox(project, "up", "--local", "--nodes", "2", "--python", quick_python())
+    assert up.returncode == 0, up.stderr
+    status = dlbox(project, "status")
+    assert "local node 0 of 2" in status.stdout and "local node 1 of 2" in status.stdout
+
+    train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
+                              "--epochs", "6", *FLAGS, "--img-size", "96"], cwd=project,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker_dir, pid_file = _mid_epoch_with_a_checkpoint(project)
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # node 1's run.sh and trainer
+        killed_at = time.monotonic()
+        out, err = train.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        train.kill()
+    stopped_after = time.monotonic() - killed_at
+    assert train.returncode == 75, out + err
+    assert stopped_after < STOPPED_WITHIN_S, stopped_after
+    [line] = err.strip().splitlines()
+    assert "node 1 (local node 1)" in line and "killed" in line and "dlbox attach" in line
+    run_dir = _only_run(project)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and len(record["nodes"]) == 2
+    assert not _trainers_alive(), "a worker outlived the stopped run"
+    done_before = len(_history_epochs(run_dir))
+    assert 1 <= done_before < 6
+
+    attach = dlbox(project, "attach", run_dir.name)
+    assert attach.returncode == 0, attach.stdout + attach.stderr
+    assert f"resuming run {run_dir.name} on 2 nodes from epoch" in attach.stdout
+    assert _history_epochs(run_dir) == [1, 2, 3, 4, 5, 6]  # the same epochs, each once
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 6 and metrics["workers"] == 2
+    # Node 1's log came back beside the chief's, and both say the run resumed.
+    assert "resuming after epoch" in (run_dir / "nodes" / "1" / "train.log").read_text()
+    assert "resuming after epoch" in (run_dir / "train.log").read_text()
+    assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
+    assert not (worker_dir / "model.keras").exists()  # only the chief writes the outputs
+
+    logs = dlbox(project, "logs", run_dir.name, "--node", "1")
+    assert logs.returncode == 0 and "resuming after epoch" in logs.stdout
+    wrong = dlbox(project, "logs", run_dir.name, "--node", "2")
+    assert wrong.returncode == 2 and "0 to 1" in wrong.stderr
+    assert "(+1 node(s))" in dlbox(project, "runs").stdout
+
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert not list((project / ".dlbox").glob("local-box*"))
+
+
+def _mid_epoch_with_a_checkpoint(project: Path) -> tuple[Path, Path]:
+    """(node 1's run folder, its run.sh pid file) once the chief has committed an epoch and
+    trains the next one."""
+    deadline = time.monotonic() + KILL_WAIT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for state in (project / ".dlbox" / "local-box" / "runs").glob("*/checkpoints/state.json"):
+            status_file = state.parent.parent / "status.json"
+            completed = json.loads(state.read_text()).get("completed", 0)
+            status = json.loads(status_file.read_text()) if status_file.exists() else {}
+            if completed >= 1 and status.get("epoch", 0) > completed and status.get("step"):
+                run_id = state.parent.parent.name
+                node1 = project / ".dlbox" / "local-box-1"
+                return node1 / "runs" / run_id, node1 / "active" / f"{run_id}.pid"
+        time.sleep(POLL_S)
+    raise AssertionError("the run never got mid-epoch after a checkpoint")
+
+
+def _trainers_alive() -> list[str]:
+    found = subprocess.run(["pgrep", "-af", "-m", "trainer"], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if " -m trainer " in line]
+
+
+@pytest.fixture
+def two_sshds(tmp_path):
+    """Two "machines": sshds on 127.0.0.2 and 127.0.0.3, one port, each its own home (a run
+    registry of its own) and its own client key."""
+    port = sshd_mod.free_port()
+    servers = []
+    try:
+        for host in ("127.0.0.2", "127.0.0.3"):
+            home = tmp_path / f"home-{host}"
+            home.mkdir()
+            servers.append(sshd_mod.start(tmp_path / f"sshd-{host}", env={"HOME": str(home)},
+                                          port=port, host=host))
+        yield servers
+    finally:
+        for server in servers:
+            sshd_mod.stop(server)
+
+
+@pytest.mark.slow
+def test_an_ssh_cluster_trains_like_one_box_and_its_workers_agree(tmp_path, small_sample,
+                                                                  two_sshds):
+    project = tmp_path / "ssh-cluster"
+    project.mkdir()
+    a, b = two_sshds
+    up = dlbox(project, "up", "--ssh", f"{a.user}@{a.host}:{a.port}", "--ssh",
+               f"{b.user}@{b.host}:{b.port}", "--key", str(a.client_key), "--key",
+               str(b.client_key), "--python", quick_python())
+    assert up.returncode == 0, up.stderr
+    nodes = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
+    assert [(n["node"], n["nodes"], n["address"]) for n in nodes] == [
+        (0, 2, "127.0.0.2"), (1, 2, "127.0.0.3")]
+
+    train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "3",
+                  *FLAGS)
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "on 2 nodes" in train.stdout
+    run_dir = _only_run(project)
+    for name in ("model.keras", "metrics.json", "history.csv", "report.html"):
+        assert (run_dir / name).stat().st_size > 0, name
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [n["address"].rsplit(":", 1)[0] for n in record["nodes"]] == ["127.0.0.2", "127.0.0.3"]
+    assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["workers"] == 2
+    # Within noise of one box on the same data (44 validation images: a few images' worth).
+    single = _single_box_accuracy(tmp_path, small_sample, "3")
+    assert abs(metrics["val_accuracy"] - single) <= 0.2, (metrics["val_accuracy"], single)
+
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stderr
+    assert json.loads((project / ".dlbox" / "state.json").read_text())["boxes"] == []
+
+
+def test_cluster_flags_that_cannot_work_are_one_line(tmp_path):
+    for args, needle in [
+        (["--local", "--nodes", "0"], "--nodes 0: expected 1 to"),
+        (["--ssh", "u@h1", "--ssh", "u@h2", "--key", "k1", "--key", "k2", "--key", "k3"],
+         "3 --key for 2 --ssh"),
+        (["--ssh", "u@h1", "--ssh", "u@h1", "--key", "/etc/hostname"], "the same --ssh"),
+        (["--ssh", "u@h1", "--ssh", "u@h2", "--key", "/etc/hostname", "--nodes", "3"],
+         "one node per --ssh"),
+    ]:
+        result = dlbox(tmp_path, "up", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+            (args, result.stderr)
+    assert not (tmp_path / ".dlbox" / "state.json").exists()
+
+
+def test_a_local_cluster_is_taken_up_again_as_is_and_not_resized_silently(tmp_path):
+    python = quick_python()
+    assert dlbox(tmp_path, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
+    again = dlbox(tmp_path, "up", "--local", "--python", python)
+    assert again.returncode == 0 and "2 nodes" in again.stdout
+    resized = dlbox(tmp_path, "up", "--local", "--nodes", "3", "--python", python)
+    assert resized.returncode == 2 and "`dlbox down` first" in resized.stderr
+    records = json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"]
+    assert sorted(r["name"] for r in records) == ["local", "local-1"]
+    assert dlbox(tmp_path, "down").returncode == 0
+    assert json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"] == []
