@@ -65,6 +65,23 @@ def _plottable(row: dict) -> bool:
         return False
 
 
+def _nodes(run_dir: Path, run) -> list[dict]:
+    """Each node of a cluster run with what its last status says it trained, and how fast."""
+    found = []
+    for node in run.nodes:
+        k = node.get("node")
+        where = run_dir / "status.json" if k == 0 else run_dir / "nodes" / str(k) / "status.json"
+        try:
+            status = json.loads(where.read_text())
+        except (OSError, ValueError):
+            status = {}
+        rate = status.get("images_per_second")
+        found.append({"node": k, "box": node.get("box"), "address": node.get("address"),
+                      "images": status.get("shard_images"),
+                      "images_per_second": rate if isinstance(rate, (int, float)) else None})
+    return found
+
+
 def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
     """Render the report from what was pulled into run_dir."""
     try:
@@ -91,6 +108,7 @@ def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
         accuracy_chart=svg_chart("Accuracy", epochs, {"training": column("accuracy"),
                                                       "validation": column("val_accuracy")}),
         misclassified=(run_dir / "misclassified.jpg").exists(),
+        nodes=_nodes(run_dir, run),
         time_lost=sum((i.get("work_lost_s") or 0) + (i.get("downtime_s") or 0)
                       for i in run.interruptions),
     ))
