@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError, WaiterError
@@ -14,7 +15,16 @@ from botocore.exceptions import ClientError, WaiterError
 from . import retry
 from .aws import error_code, translated
 from .errors import CapacityError, QuotaError, WaitTimeout
-from .models import TAG_BOX, TAG_PROJECT, Attempt, Instance, Launched, LaunchSpec
+from .models import (
+    TAG_BOX,
+    TAG_PROJECT,
+    Attempt,
+    Instance,
+    Launched,
+    LaunchedCluster,
+    LaunchSpec,
+    placement_group_in,
+)
 
 # Answers that mean "not here, not now": try the next zone, type or market.
 CAPACITY_ERROR_CODES = frozenset({
@@ -38,6 +48,7 @@ RUNNING_POLL_S = 5
 TERMINATED_POLL_S = 2
 TERMINATED_POLL_MAX_S = 15
 UNKNOWN_ID_GRACE_S = 20  # a new id can be unknown to DescribeInstances for seconds
+ATTEMPT_END_TIMEOUT_S = 600  # a cluster's partial launch, terminated before the next zone
 
 
 def zones_offering(ec2, instance_type: str) -> list[str]:
@@ -50,7 +61,8 @@ def zones_offering(ec2, instance_type: str) -> list[str]:
     return sorted({o["Location"] for o in offerings})
 
 
-def _run_args(spec: LaunchSpec, instance_type: str, zone: str, market: str) -> dict:
+def _run_args(spec: LaunchSpec, instance_type: str, zone: str, market: str,
+              placement_group: str | None = None) -> dict:
     tags = [{"Key": k, "Value": v} for k, v in spec.tags.items()]
     args = {
         "ImageId": spec.image.image_id,
@@ -59,7 +71,8 @@ def _run_args(spec: LaunchSpec, instance_type: str, zone: str, market: str) -> d
         "MaxCount": 1,
         "KeyName": spec.key_name,
         "SecurityGroupIds": [spec.security_group_id],
-        "Placement": {"AvailabilityZone": zone},
+        "Placement": {"AvailabilityZone": zone,
+                      **({"GroupName": placement_group} if placement_group else {})},
         "UserData": spec.user_data,
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
                             "HttpPutResponseHopLimit": 2},
@@ -101,33 +114,77 @@ def launch(ec2, spec: LaunchSpec, on_launched: Callable[[str], None]) -> Launche
     on_launched(instance_id) runs the moment run_instances answers, before any waiting,
     so the caller can record the id and an interrupt never leaves an untracked instance.
     """
+    done = launch_cluster(ec2, spec, (spec.box,), lambda _, instance_id: on_launched(instance_id),
+                          on_dropped=lambda _: None)
+    return Launched(done.instances[0], done.attempts)
+
+
+def launch_cluster(ec2, spec: LaunchSpec, boxes: tuple[str, ...],
+                   on_launched: Callable[[int, str], None], on_dropped: Callable[[int], None],
+                   zones: tuple[str, ...] | None = None) -> LaunchedCluster:
+    """Launch one instance per box (boxes[i] is node i's name), all of one type in one zone
+    (and, with spec.placement_group, in that zone's cluster placement group): each zone of
+    each type, spot first if asked, then on-demand; zones: only those.
+
+    on_launched(node, instance_id) runs the moment run_instances answers for that node.
+    A capacity error for any node moves the whole cluster on: the instances launched for
+    that attempt are terminated (verified), on_dropped(node) runs for each, and a placement
+    group made for the attempt is deleted, before the next zone or type is tried.
+    """
     markets = ["spot", "on-demand"] if spec.spot and spec.spot_fallback else (
         ["spot"] if spec.spot else ["on-demand"])
     attempts: list[Attempt] = []
     for market in markets:
         for instance_type in spec.instance_types:
-            zones = zones_offering(ec2, instance_type)
-            if not zones:
-                attempts.append(Attempt(instance_type, "-", market, "not offered in this region"))
-            for zone in zones:
-                with translated(f"launch a {market} {instance_type} in {zone}"):
-                    try:
-                        raw = ec2.run_instances(**_run_args(spec, instance_type, zone, market))
-                    except ClientError as exc:
-                        code = error_code(exc)
-                        if code in QUOTA_ERROR_CODES:
-                            raise _quota_error(exc, instance_type, market) from exc
-                        if code not in CAPACITY_ERROR_CODES:
-                            raise
-                        attempts.append(Attempt(instance_type, zone, market, code))
-                        continue
-                on_launched(raw["Instances"][0]["InstanceId"])  # first: nothing may come between
-                instance = _instance(raw["Instances"][0])
-                attempts.append(Attempt(instance_type, zone, market, "launched"))
-                return Launched(instance, tuple(attempts))
+            offered = [z for z in zones_offering(ec2, instance_type) if zones is None or z in zones]
+            if not offered:
+                attempts.append(Attempt(instance_type, "-", market, "not offered in this region"
+                                        if zones is None else f"not offered in {', '.join(zones)}"))
+            for zone in offered:
+                launched, outcome = _attempt(ec2, spec, boxes, instance_type, zone, market,
+                                             on_launched, on_dropped)
+                attempts.append(Attempt(instance_type, zone, market, outcome))
+                if launched:
+                    return LaunchedCluster(launched, tuple(attempts))
     tried = "; ".join(f"{a.market} {a.instance_type} in {a.zone}: {a.outcome}" for a in attempts)
     raise CapacityError(f"no capacity for any instance type tried ({tried}); try later, "
                         "another region, or more instance_types", tuple(attempts))
+
+
+def _attempt(ec2, spec: LaunchSpec, boxes: tuple[str, ...], instance_type: str, zone: str,
+             market: str, on_launched: Callable[[int, str], None],
+             on_dropped: Callable[[int], None]) -> tuple[tuple[Instance, ...], str]:
+    """Every node in zone: (the instances, "launched"), or ((), the capacity error) with
+    whatever this attempt launched terminated (verified). Any other error is raised with
+    the instances launched so far left to the caller, who has recorded them."""
+    from . import network
+
+    group = placement_group_in(spec.placement_group, zone) if spec.placement_group else None
+    made_group = group is not None and network.ensure_placement_group(
+        ec2, group, {k: v for k, v in spec.tags.items() if k not in (TAG_BOX, "Name")})
+    launched: list[Instance] = []
+    for node, box in enumerate(boxes):
+        args = _run_args(replace(spec, box=box), instance_type, zone, market, group)
+        with translated(f"launch a {market} {instance_type} in {zone}"):
+            try:
+                raw = ec2.run_instances(**args)["Instances"][0]
+            except ClientError as exc:
+                code = error_code(exc)
+                if code in QUOTA_ERROR_CODES:
+                    raise _quota_error(exc, instance_type, market) from exc
+                if code not in CAPACITY_ERROR_CODES:
+                    raise
+                break
+        on_launched(node, raw["InstanceId"])  # first: nothing may come between
+        launched.append(_instance(raw))
+    else:
+        return tuple(launched), "launched"
+    terminate(ec2, [i.instance_id for i in launched], ATTEMPT_END_TIMEOUT_S)
+    for dropped in range(len(launched)):
+        on_dropped(dropped)
+    if made_group:
+        network.delete_placement_group(ec2, group)
+    return (), code if len(boxes) == 1 else f"{code} for node {len(launched)} of {len(boxes)}"
 
 
 def _instance(raw: dict) -> Instance:
@@ -145,6 +202,7 @@ def _instance(raw: dict) -> Instance:
         security_group_ids=tuple(g["GroupId"] for g in raw.get("SecurityGroups", [])),
         state_reason=_state_reason(raw),
         state_changed_at=_state_changed_at(raw.get("StateTransitionReason") or ""),
+        placement_group=raw.get("Placement", {}).get("GroupName") or None,
     )
 
 
@@ -192,13 +250,17 @@ def find(ec2, *, project: str | None = None, box: str | None = None,
         return [_instance(i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
-def using(ec2, *, group_id: str | None = None, key_name: str | None = None) -> list[str]:
-    """Ids of the instances not yet terminated that use a security group or a key pair."""
+def using(ec2, *, group_id: str | None = None, key_name: str | None = None,
+          placement_group: str | None = None) -> list[str]:
+    """Ids of the instances not yet terminated that use a security group, a key pair or a
+    placement group."""
     filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
     if group_id is not None:
         filters.append({"Name": "instance.group-id", "Values": [group_id]})
     if key_name is not None:
         filters.append({"Name": "key-name", "Values": [key_name]})
+    if placement_group is not None:
+        filters.append({"Name": "placement-group-name", "Values": [placement_group]})
     with translated("list the instances using a group or key pair"):
         pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
         return [i["InstanceId"] for page in pages for r in page["Reservations"]
@@ -247,11 +309,16 @@ def _wait(ec2, waiter_name: str, ids: list[str], poll_s: int, timeout_s: float, 
 
 def wait_running(ec2, instance_id: str, timeout_s: float) -> Instance:
     """Block until the instance runs (bounded); return it with its public IP."""
-    _wait(ec2, "instance_running", [instance_id], RUNNING_POLL_S, timeout_s,
-          f"wait for {instance_id} to run")
-    instance = describe(ec2, instance_id)
-    assert instance is not None  # the waiter just saw it running
-    return instance
+    return wait_all_running(ec2, [instance_id], timeout_s)[0]
+
+
+def wait_all_running(ec2, instance_ids: list[str], timeout_s: float) -> list[Instance]:
+    """Block until every instance runs (one bounded wait); return them in order."""
+    _wait(ec2, "instance_running", instance_ids, RUNNING_POLL_S, timeout_s,
+          f"wait for {', '.join(instance_ids)} to run")
+    found = [describe(ec2, instance_id) for instance_id in instance_ids]
+    assert all(found)  # the waiter just saw them running
+    return found
 
 
 def terminate(ec2, instance_ids: list[str], timeout_s: float) -> None:

@@ -36,6 +36,9 @@ class LaunchSpec:
     disk_gb: int
     user_data: str
     iam_instance_profile: str | None = None
+    # A cluster's instances join the cluster placement group of their zone, named
+    # placement_group_in(placement_group, zone); None: no placement group (a single box).
+    placement_group: str | None = None
 
     @property
     def tags(self) -> dict[str, str]:
@@ -70,6 +73,7 @@ class Instance:
     security_group_ids: tuple[str, ...] = ()
     state_reason: str | None = None  # why it left running, in EC2's words
     state_changed_at: datetime | None = None  # when, if EC2 says ("User initiated (...)")
+    placement_group: str | None = None  # the placement group it was launched in, if any
 
     @property
     def box(self) -> str | None:
@@ -86,3 +90,18 @@ class Launched:
 
     instance: Instance
     attempts: tuple[Attempt, ...]
+
+
+@dataclass(frozen=True)
+class LaunchedCluster:
+    """A cluster launch that succeeded: its instances in node order (one type, one zone),
+    with every attempt it took."""
+
+    instances: tuple[Instance, ...]
+    attempts: tuple[Attempt, ...]
+
+
+def placement_group_in(base: str, zone: str) -> str:
+    """The name of a cluster's placement group in zone (a cluster placement group lies in
+    one zone: a cluster moved to another zone gets that zone's group)."""
+    return f"{base}-{zone}"

@@ -1,4 +1,5 @@
-"""Idempotent set-up kept apart from instances: the SSH key pair and the security group."""
+"""Idempotent set-up kept apart from instances: the SSH key pair, the security group and a
+cluster's placement groups."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from .errors import InfraError
 from .models import TAG_PROJECT
 
 SSH_PROTOCOL = "tcp"
+ALL_PROTOCOLS = "-1"  # a cluster's members reach each other on every port
+CLUSTER_STRATEGY = "cluster"  # a cluster's instances close together: low latency, full bandwidth
 MIN_PREFIX_V4 = 16  # the widest network SSH may be opened to (a site, not the internet)
 MIN_PREFIX_V6 = 48
 GROUP_DELETE_DEADLINE_S = 180  # a terminated instance's interface lingers for a while
@@ -62,8 +65,9 @@ def check_cidr(cidr: str) -> str:
 
 
 def ensure_security_group(ec2, name: str, ssh_cidr: str, ssh_port: int,
-                          tags: dict[str, str]) -> tuple[str, bool]:
-    """A group in the default VPC whose only ingress is SSH from ssh_cidr; (id, created now)."""
+                          tags: dict[str, str], cluster: bool = False) -> tuple[str, bool]:
+    """A group in the default VPC whose only ingress is SSH from ssh_cidr, and (cluster)
+    all traffic from the group's own members; (id, created now)."""
     cidr = check_cidr(ssh_cidr)
     with translated(f"set up security group {name}"):
         vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
@@ -76,7 +80,8 @@ def ensure_security_group(ec2, name: str, ssh_cidr: str, ssh_port: int,
         if not ec2.describe_security_groups(Filters=by_name)["SecurityGroups"]:
             try:
                 ec2.create_security_group(
-                    GroupName=name, Description="dlbox: SSH from the caller's address only",
+                    GroupName=name, Description="dlbox: SSH from the caller's address only"
+                    + ("; all traffic between the cluster's members" if cluster else ""),
                     VpcId=vpcs[0]["VpcId"], TagSpecifications=_tag_spec("security-group", tags),
                 )
                 created = True
@@ -84,7 +89,10 @@ def ensure_security_group(ec2, name: str, ssh_cidr: str, ssh_port: int,
                 if error_code(exc) != "InvalidGroup.Duplicate":  # another `up` won the race
                     raise
         group = ec2.describe_security_groups(Filters=by_name)["SecurityGroups"][0]
-        _only_ssh_from(ec2, group, cidr, ssh_port)
+        wanted = [_ssh_permission(cidr, ssh_port)]
+        if cluster:
+            wanted.append(_members_permission(group["GroupId"]))
+        _only(ec2, group, wanted)
     return group["GroupId"], created
 
 
@@ -96,38 +104,81 @@ def _ssh_permission(cidr: str, port: int) -> dict:
     return {"IpProtocol": SSH_PROTOCOL, "FromPort": port, "ToPort": port, **ranges}
 
 
-def _is_only(permission: dict, cidr: str, port: int) -> bool:
-    cidrs = [r["CidrIp"] for r in permission.get("IpRanges", [])]
-    cidrs += [r["CidrIpv6"] for r in permission.get("Ipv6Ranges", [])]
-    return (permission.get("IpProtocol") == SSH_PROTOCOL and permission.get("FromPort") == port
-            and permission.get("ToPort") == port and cidrs == [cidr]
-            and not permission.get("UserIdGroupPairs") and not permission.get("PrefixListIds"))
+def _members_permission(group_id: str) -> dict:
+    """Every protocol and port, from the instances in the group itself (no address range)."""
+    return {"IpProtocol": ALL_PROTOCOLS, "UserIdGroupPairs": [
+        {"GroupId": group_id, "Description": "dlbox: the cluster's members"}]}
 
 
-def _only_ssh_from(ec2, group: dict, cidr: str, port: int) -> None:
-    """Revoke every other ingress rule (say, yesterday's address), then allow cidr on port."""
+def _key(permission: dict) -> tuple:
+    """What a rule allows, from where: two rules with one key allow the same."""
+    protocol = permission.get("IpProtocol")
+    ports = None if protocol == ALL_PROTOCOLS else (permission.get("FromPort"),
+                                                    permission.get("ToPort"))
+    return (protocol, ports, sorted(r["CidrIp"] for r in permission.get("IpRanges", [])),
+            sorted(r["CidrIpv6"] for r in permission.get("Ipv6Ranges", [])),
+            sorted(g["GroupId"] for g in permission.get("UserIdGroupPairs", [])),
+            sorted(p["PrefixListId"] for p in permission.get("PrefixListIds", [])))
+
+
+def _only(ec2, group: dict, wanted: list[dict]) -> None:
+    """Revoke every ingress rule that is not wanted (say, yesterday's address), then allow
+    the wanted ones the group lacks."""
     rules = group.get("IpPermissions", [])
-    stale = [p for p in rules if not _is_only(p, cidr, port)]
+    stale = [p for p in rules if _key(p) not in [_key(w) for w in wanted]]
     if stale:
         ec2.revoke_security_group_ingress(GroupId=group["GroupId"], IpPermissions=stale)
-    if len(stale) == len(rules):
-        ec2.authorize_security_group_ingress(GroupId=group["GroupId"],
-                                             IpPermissions=[_ssh_permission(cidr, port)])
+    kept = [_key(p) for p in rules if p not in stale]
+    missing = [w for w in wanted if _key(w) not in kept]
+    if missing:
+        ec2.authorize_security_group_ingress(GroupId=group["GroupId"], IpPermissions=missing)
 
 
 def delete_security_group(ec2, group_id: str, deadline_s: float = GROUP_DELETE_DEADLINE_S) -> None:
     """Delete the group (gone already is fine), retrying while a terminated instance's
     network interface still holds it (DependencyViolation, for a minute or so)."""
+    _delete(lambda: ec2.delete_security_group(GroupId=group_id), f"security group {group_id}",
+            gone="InvalidGroup.NotFound", busy="DependencyViolation", deadline_s=deadline_s)
+
+
+def ensure_placement_group(ec2, name: str, tags: dict[str, str]) -> bool:
+    """A cluster placement group called name (tagged at creation); True if created now."""
+    with translated(f"set up placement group {name}"):
+        try:
+            ec2.create_placement_group(GroupName=name, Strategy=CLUSTER_STRATEGY,
+                                       TagSpecifications=_tag_spec("placement-group", tags))
+            return True
+        except ClientError as exc:
+            if error_code(exc) != "InvalidPlacementGroup.Duplicate":  # made by an earlier `up`
+                raise
+        found = ec2.describe_placement_groups(GroupNames=[name])["PlacementGroups"]
+    if not found or found[0].get("Strategy") != CLUSTER_STRATEGY:
+        raise InfraError(f"placement group {name} exists with strategy "
+                         f"{found[0].get('Strategy') if found else '?'}, not {CLUSTER_STRATEGY}; "
+                         "delete it in the EC2 console, then `dlbox up` again")
+    return False
+
+
+def delete_placement_group(ec2, name: str, deadline_s: float = GROUP_DELETE_DEADLINE_S) -> None:
+    """Delete the placement group (gone already is fine), retrying while EC2 still counts
+    an instance just terminated in it."""
+    _delete(lambda: ec2.delete_placement_group(GroupName=name), f"placement group {name}",
+            gone="InvalidPlacementGroup.Unknown", busy="InvalidPlacementGroup.InUse",
+            deadline_s=deadline_s)
+
+
+def _delete(call, what: str, gone: str, busy: str, deadline_s: float) -> None:
+    """call() deletes what: its gone error code is success, its busy one is retried."""
 
     def delete() -> None:
-        with translated(f"delete security group {group_id}"):
+        with translated(f"delete {what}"):
             try:
-                ec2.delete_security_group(GroupId=group_id)
+                call()
             except ClientError as exc:
-                if error_code(exc) != "InvalidGroup.NotFound":
+                if error_code(exc) != gone:
                     raise
 
-    retry.call(delete, retry_if=lambda exc: _aws_code(exc) == "DependencyViolation",
+    retry.call(delete, retry_if=lambda exc: _aws_code(exc) == busy,
                deadline_s=deadline_s, first_delay_s=GROUP_DELETE_FIRST_DELAY_S,
                max_delay_s=GROUP_DELETE_MAX_DELAY_S)
 
@@ -158,10 +209,19 @@ def tagged_key_pairs(ec2, project: str | None = None) -> list[str]:
     return [p["KeyName"] for p in pairs]
 
 
+def tagged_placement_groups(ec2, project: str | None = None) -> list[str]:
+    """Names of the placement groups dlbox created in the region (for one project, or all)."""
+    with translated("list dlbox placement groups"):
+        groups = ec2.describe_placement_groups(Filters=_tagged(project))["PlacementGroups"]
+    return [g["GroupName"] for g in groups]
+
+
 def release_unused(ec2, project: str | None, also_groups: tuple[str, ...] = (),
-                   also_keys: tuple[str, ...] = ()) -> None:
-    """Delete dlbox's groups and key pairs (one project's, or every project's) that no
-    instance uses any more: one still in use stays until its last user is gone."""
+                   also_keys: tuple[str, ...] = (),
+                   also_placement_groups: tuple[str, ...] = ()) -> None:
+    """Delete dlbox's security groups, key pairs and placement groups (one project's, or
+    every project's) that no instance uses any more: one still in use stays until its last
+    user is gone."""
     from .instances import using
 
     for group_id in dict.fromkeys([*tagged_security_groups(ec2, project), *also_groups]):
@@ -170,3 +230,6 @@ def release_unused(ec2, project: str | None, also_groups: tuple[str, ...] = (),
     for key_name in dict.fromkeys([*tagged_key_pairs(ec2, project), *also_keys]):
         if not using(ec2, key_name=key_name):
             delete_key_pair(ec2, key_name)
+    for name in dict.fromkeys([*tagged_placement_groups(ec2, project), *also_placement_groups]):
+        if not using(ec2, placement_group=name):
+            delete_placement_group(ec2, name)

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .boxes import MAX_NODES
 from .errors import UsageError
 from .render import render
 
@@ -31,6 +32,9 @@ class Config:
     region: str = "us-east-1"
     profile: str | None = None
     instance_types: tuple[str, ...] = ("g4dn.xlarge", "g5.xlarge")
+    # Instances in the cluster (one training worker each), all of one type in one zone, in a
+    # cluster placement group; 1: a single box.
+    nodes: int = 1
     spot: bool = False
     spot_fallback: bool = True
     disk_gb: int = 100
@@ -66,6 +70,8 @@ def _check(cfg: Config, where: str) -> Config:
     if not cfg.instance_types or not all(INSTANCE_TYPE.match(t) for t in cfg.instance_types):
         raise bad("instance_types", f"must list instance types like \"g4dn.xlarge\" (got "
                   f"{list(cfg.instance_types)})")
+    if not 1 <= cfg.nodes <= MAX_NODES:
+        raise bad("nodes", f"must be 1..{MAX_NODES} (got {cfg.nodes})")
     if not 8 <= cfg.disk_gb <= MAX_DISK_GB:
         raise bad("disk_gb", f"must be 8..{MAX_DISK_GB} (got {cfg.disk_gb})")
     for key in ("idle_minutes", "max_lifetime_minutes"):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import hostkeys, registry, sshtarget, state
-from .boxes import Box, DownFlags, Gone, Say, UpFlags
+from .boxes import Box, DownFlags, Gone, Say, UpFlags, recorded
 from .errors import DlboxError, UsageError
 from .humanize import duration
 from .machine import Machine
@@ -24,7 +24,7 @@ BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"  # made by the user data; the watchdog's
 RUNS_REGISTRY_ON_BOX = f"{BOX_STATE_DIR_ON_BOX}/active"  # runs announce themselves here
 EC2_UP_FLAGS = frozenset({"region", "profile", "instance_type", "spot", "disk_gb", "idle_minutes",
                           "max_lifetime_minutes", "ssh_cidr", "ssh_user", "ssh_key", "ami",
-                          "python", "workdir"})
+                          "python", "workdir", "nodes"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Ec2Box:
     node: int = 0
     nodes: int = 1
     address: str | None = None  # where the other nodes of its cluster reach it
+    placement_group: str | None = None  # a cluster's: the cluster placement group of its zone
 
     DESCRIPTION: ClassVar[str] = "EC2 boxes"
     INTERRUPTED_UP: ClassVar[str] = ("a box launched before the interrupt is recorded in "
@@ -69,7 +70,8 @@ class Ec2Box:
 
     @property
     def label(self) -> str:
-        return f"the EC2 box {self.name} ({self.instance_id or 'launch in flight'})"
+        return (f"the EC2 box {self.name} ({self.instance_id or 'launch in flight'})"
+                + (f", node {self.node} of {self.nodes}" if self.nodes > 1 else ""))
 
     @property
     def hourly_usd(self) -> float | None:
@@ -103,10 +105,12 @@ class Ec2Box:
             uptime = (datetime.now(timezone.utc) - inst.launch_time).total_seconds()
         spent = cost(self.usd_per_hour, uptime)
         rows = [
-            ("box", self.name),
+            ("box", self.name + (f" (node {self.node} of {self.nodes}, reached by the others "
+                                 f"at {self.address or '?'})" if self.nodes > 1 else "")),
             ("instance", self.instance_id or "launch in flight"),
             ("type", f"{self.instance_type or '?'} ({'spot' if self.spot else 'on-demand'}) "
-                     f"in {self.zone or '?'}"),
+                     f"in {self.zone or '?'}" + (f", placement group {self.placement_group}"
+                                                 if self.placement_group else "")),
             ("state", state_now),
             ("address", f"{inst.public_ip}:{self.ssh_port}" if inst and inst.public_ip else "-"),
             ("uptime", duration(uptime)),
@@ -141,10 +145,15 @@ class Ec2Box:
 
     def down(self, project_dir: Path, flags: DownFlags, say: Say) -> None:
         """Terminate the box and every other instance of the project (verified), delete the
-        key pair and group once nothing uses them, forget the box."""
+        key pair, group and placement group once nothing uses them, forget the box.
+
+        A node of a cluster while other nodes are recorded: only its own instance; the last
+        node recorded ends what is left of the project, then the shared resources go."""
         ec2 = clients(self.region, flags.profile or self.profile)
+        last = self.nodes == 1 or not any(b.kind == self.kind and b.name != self.name
+                                           for b in recorded(project_dir))
         ended = end_project(project_dir, ec2, say, [self.instance_id] if self.instance_id else [],
-                            self.name)
+                            self.name, whole_project=last)
         if not ended:
             say(f"nothing of box {self.name} was running")
         try:
@@ -152,7 +161,7 @@ class Ec2Box:
         except Exception as exc:
             raise DlboxError(f"{', '.join(i.instance_id for i in ended) or self.name} terminated "
                              f"(verified), but cleaning up after it failed ({exc}); run `dlbox "
-                             "down` again to delete its key pair and group") from exc
+                             "down` again to delete its key pair and groups") from exc
         for inst in ended:
             spent = _cost_so_far(inst, self.usd_per_hour)
             if spent is not None:
@@ -232,14 +241,18 @@ class Ec2Box:
         return UpFlags(region=self.region, profile=self.profile,
                        spot=True if self.spot else None, idle_minutes=self.idle_minutes,
                        max_lifetime_minutes=self.max_lifetime_minutes, ssh_user=self.ssh_user,
-                       ssh_key=self.key_path if own_key else None)
+                       ssh_key=self.key_path if own_key else None,
+                       nodes=self.nodes if self.nodes > 1 else None)
 
     def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
         """Terminate this instance (verified) and launch another like it (see up_flags),
-        recorded before it is waited on, as `up` does."""
+        recorded before it is waited on, as `up` does. A node of a cluster: the new one
+        keeps its index, type, zone and placement group (a new cluster if no node is left)."""
         from . import ec2up
 
         self.retire(project_dir, say)
+        if self.nodes > 1:
+            return ec2up.replace_node(project_dir, self, say)
         return ec2up.up(project_dir, self.up_flags(project_dir), self, say)
 
     def hold_results(self, project_dir: Path) -> None:
@@ -274,13 +287,16 @@ def project_instances(ec2, project_dir: Path) -> list:
     return instances.find(ec2, project=project_name(project_dir), states=KEEPABLE_STATES)
 
 
-def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | None = None) -> list:
-    """Terminate ids and every instance tagged with the project (or box), verified; return
-    the instances that were live. The project's key pair and group go once nothing uses them."""
+def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | None = None,
+                whole_project: bool = True) -> list:
+    """Terminate ids and every instance tagged with the project (whole_project) or box,
+    verified; return the instances that were live. The project's key pair, group and
+    placement groups go once nothing uses them."""
     from infra import instances, network
 
     project = project_name(project_dir)
-    live = {i.instance_id: i for i in instances.find(ec2, project=project)}
+    live = {i.instance_id: i for i in instances.find(ec2, project=project)} if whole_project \
+        else {}
     if box is not None:
         live |= {i.instance_id: i for i in instances.find(ec2, box=box)}
     for instance_id in ids:  # recorded, maybe untagged yet, or unknown to EC2 for a few seconds
@@ -292,7 +308,8 @@ def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | Non
         say("terminating " + ", ".join(f"{i} ({live[i].state})" if i in live else i
                                        for i in targets) + "...")
     instances.terminate(ec2, targets, TERMINATE_TIMEOUT_S)
-    still = [i.instance_id for i in instances.find(ec2, project=project) if i.state != "terminated"]
+    still = [i.instance_id for i in instances.find(ec2, project=project) if i.state != "terminated"
+             and (whole_project or i.instance_id in targets)]
     if still:
         raise DlboxError(f"{', '.join(still)} still running; run `dlbox down` again")
     network.release_unused(ec2, project)
@@ -320,17 +337,23 @@ def project_name(project_dir: Path) -> str:
 
 
 def forget(project_dir: Path, ec2, box: Ec2Box) -> None:
-    """Delete the box's group and key pair unless another instance still uses them, its
-    pinned keys and its record."""
+    """Delete the box's group, key pair and placement group unless another instance still
+    uses them, then forget the box (forget_node)."""
     from infra import network
 
     network.release_unused(ec2, project_name(project_dir), (box.security_group_id,),
-                           (box.key_name,))
+                           (box.key_name,), (box.placement_group,) if box.placement_group else ())
+    forget_node(project_dir, box)
+
+
+def forget_node(project_dir: Path, box: Ec2Box) -> None:
+    """The box's pinned keys and its record (and, for a chief, .dlbox/ssh_config)."""
     if box.host:  # its address may go to another box tomorrow
         target = box.ssh_target(project_dir)
         hostkeys.forget(Path(target.known_hosts), {target.known_hosts_name})
     state.remove(project_dir, box.name)
-    sshtarget.remove_config(state.state_dir(project_dir))
+    if box.node == 0:
+        sshtarget.remove_config(state.state_dir(project_dir))
 
 
 def every_instance(region: str, profile: str | None) -> tuple[object, list]:

@@ -1,17 +1,24 @@
-"""`dlbox up` on EC2: reuse the project's instance or launch one, wait for SSH, prepare it.
+"""`dlbox up` on EC2: reuse the project's instances or launch them, wait for SSH, prepare them.
 
-After run_instances answers, every path ends in one of two states, and says which: the box
-recorded in .dlbox/state.json (usable by `dlbox up` and `dlbox down`), or the instance
-terminated, verified, because it never became usable.
+A single box is one instance. A cluster (--nodes N) is N instances of one type in one zone,
+in that zone's cluster placement group, recorded as nodes 0 (the chief) to N-1; its group
+lets them reach each other on every port, and each node's `address` is where they do.
+
+Every node is recorded before run_instances is called for it. After run_instances answers,
+every path ends in one of two states, and says which: the boxes recorded in
+.dlbox/state.json (usable by `dlbox up` and `dlbox down`), or their instances terminated,
+verified, because they never became usable.
 """
 
 from __future__ import annotations
 
 import getpass
-from dataclasses import replace
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from . import (
     config,
@@ -26,7 +33,7 @@ from . import (
     watchdog,
     workdir,
 )
-from .boxes import Box, DownFlags, Say, UpFlags
+from .boxes import Box, DownFlags, Say, UpFlags, recorded
 from .ec2box import (
     BOX_STATE_DIR_ON_BOX,
     KEEPABLE_STATES,
@@ -34,13 +41,14 @@ from .ec2box import (
     Ec2Box,
     clients,
     forget,
+    forget_node,
     project_instances,
     project_name,
     ssm_client,
 )
 from .errors import DlboxError, NeverUsable, UsageError
 from .render import render
-from .sshmachine import SshMachine
+from .sshmachine import SshMachine, own_address
 
 RUNNING_TIMEOUT_S = 600  # pending -> running; a GPU instance usually takes 15-60 s
 CLOUD_INIT_TIMEOUT_S = 300  # the user data (watchdog, run registry) done before the first run
@@ -50,6 +58,20 @@ CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
 
 
 # The instance's purchasing option from IMDSv2 (spot boxes cannot stop, only terminate).
+T = TypeVar("T")
+R = TypeVar("R")
+_SAY = threading.Lock()  # nodes made ready at once say one line at a time
+
+
+@dataclass(frozen=True)
+class _Like:
+    """What a cluster's new node copies from its cluster: one type, one zone, one AMI."""
+
+    instance_type: str
+    zone: str
+    image_id: str | None  # None: dlbox.toml's AMI
+
+
 MARKET_COMMAND = ("token=$(curl -sf -m 2 -X PUT http://169.254.169.254/latest/api/token "
                   "-H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && curl -sf -m 2 "
                   "-H \"X-aws-ec2-metadata-token: $token\" "
@@ -74,18 +96,20 @@ def user_data(cfg: config.Config) -> str:
 
 def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2Box:
     """Reuse the project's box (running, or stopped: started again) or launch one; return it
-    once it can train. The caller holds the project's box lock.
+    once it can train. The caller holds the project's box lock. A cluster: every node
+    reused, a node that is gone made again like the others, or all launched; the chief
+    is returned.
 
     The project's instances are looked up by their tag first, so an instance the state file
     lost is reused or named, never doubled. Local checks come first (dlbox.toml, region,
     credentials), then the network.
     """
-    cfg = config.load(project_dir, region=flags.region, profile=flags.profile,
-                      instance_types=flags.instance_type, spot=flags.spot, disk_gb=flags.disk_gb,
-                      idle_minutes=flags.idle_minutes,
-                      max_lifetime_minutes=flags.max_lifetime_minutes, ssh_cidr=flags.ssh_cidr,
-                      ssh_user=flags.ssh_user, ssh_key=flags.ssh_key, ami=flags.ami,
-                      python=flags.python, box_workdir=flags.workdir)
+    cfg = _config(project_dir, flags)
+    nodes = existing.nodes if existing is not None and flags.nodes is None else cfg.nodes
+    if existing is not None and existing.nodes != nodes:
+        what = existing.label if existing.nodes == 1 else f"a cluster of {existing.nodes} nodes"
+        raise UsageError(f"this project's box is {what}; `dlbox down` first to make "
+                         + ("a single box" if nodes == 1 else f"a cluster of {nodes}"))
     if existing is not None and existing.region != cfg.region:
         raise UsageError(f"this project's box is in {existing.region}; `dlbox down` first to "
                          f"start one in {cfg.region}")
@@ -95,37 +119,101 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
     # The account the box lives in, unless told otherwise: a plain `up` after
     # `up --profile work` must find it, not launch a second one elsewhere.
     ec2 = clients(cfg.region, flags.profile or (existing.profile if existing else cfg.profile))
-    mine = _instance_of(ec2, existing) if existing is not None else None
-    others = [i for i in project_instances(ec2, project_dir)
-              if mine is None or i.instance_id != mine.instance_id]
-    if others and (existing is not None or len(others) > 1):
+    mates = _nodes_of(project_dir, existing)
+    mine = {b.node: inst for b in mates if (inst := _instance_of(ec2, b)) is not None}
+    known = {i.instance_id for i in mine.values()}
+    others = [i for i in project_instances(ec2, project_dir) if i.instance_id not in known]
+    if others and (existing is not None or len(others) > 1 or nodes > 1):
         listed = ", ".join(f"{i.instance_id} ({i.state})" for i in others)
-        raise UsageError(f"this project has instance(s) {listed} besides "
-                         f"{existing.label if existing else 'one another'}; `dlbox down` ends "
-                         "all of them, then `dlbox up` starts one")
+        where = ("which .dlbox/state.json does not record" if existing is None and nodes > 1
+                 else "besides " + ("one another" if existing is None else existing.label
+                                    if existing.nodes == 1 else "the nodes of its cluster"))
+        raise UsageError(f"this project has instance(s) {listed} {where}; `dlbox down` ends "
+                         "all of them, then `dlbox up` starts " + ("one" if nodes == 1 else
+                                                                    "the cluster"))
     if others:
-        box, mine = _adopt(project_dir, ec2, cfg, others[0], say), others[0]
-    elif mine is not None:
-        box = replace(existing, instance_id=mine.instance_id)
-        say(f"reusing box {box.name} ({mine.instance_id}, {mine.state})")
+        reused = {0: (_adopt(project_dir, ec2, cfg, others[0], say), others[0])}
     else:
-        if existing is not None:
-            say(f"box {existing.name} is gone; launching a new one")
-            forget(project_dir, ec2, existing)
-        return _launch(project_dir, cfg, clients(cfg.region, cfg.profile), say)
+        reused = {b.node: (replace(b, instance_id=mine[b.node].instance_id), mine[b.node])
+                  for b in mates if b.node in mine}
+        for box, inst in reused.values():
+            say(f"reusing box {box.name} ({inst.instance_id}, {inst.state})")
+    if not reused:
+        for gone in mates:
+            say(f"box {gone.name} is gone; launching a new one")
+            forget(project_dir, ec2, gone)
+        return _chief(_launch(project_dir, cfg, clients(cfg.region, cfg.profile), say,
+                              range(nodes), nodes))
+    boxes = [reused[k][0] for k in sorted(reused)]
     try:
         from infra import instances, network
 
-        if mine.state in ("stopping", "stopped"):
-            say(f"{mine.instance_id} is stopped (its disk kept); starting it...")
-            instances.start(ec2, mine.instance_id, RUNNING_TIMEOUT_S)
+        stopped = [inst for _, inst in reused.values() if inst.state in ("stopping", "stopped")]
+        for inst in stopped:
+            say(f"{inst.instance_id} is stopped (its disk kept); starting it...")
+        _each(lambda inst: instances.start(ec2, inst.instance_id, RUNNING_TIMEOUT_S), stopped)
         # Your address may have changed since the launch: open SSH to today's.
         network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
-                                      cfg.ssh_cidr or myip.public_cidr(), box.ssh_port,
-                                      _tags(project_dir))
+                                      cfg.ssh_cidr or myip.public_cidr(), boxes[0].ssh_port,
+                                      _tags(project_dir), cluster=nodes > 1)
     except BaseException:
-        _give_up(project_dir, box, launched_now=False, say=say)
-    return _ready(project_dir, ec2, box, cfg, say, launched_now=False)
+        _give_up(project_dir, boxes, launched_now=False, say=say)
+    ready = _ready(project_dir, ec2, boxes, cfg, say, launched_now=False)
+    lost = [b for b in mates if b.node not in reused]
+    missing = [k for k in range(nodes) if k not in reused]
+    if missing:
+        inst = next(iter(reused.values()))[1]
+        say(f"node(s) {', '.join(map(str, missing))} of the cluster are gone; making them again "
+            f"in {inst.zone}")
+        for old in lost:
+            old.retire(project_dir, say)
+        ready += _remake(project_dir, cfg, ec2, say, lost, missing, nodes,
+                         _Like(inst.instance_type, inst.zone, inst.image_id))
+    return _chief(ready)
+
+
+def replace_node(project_dir: Path, lost: Ec2Box, say: Say) -> Ec2Box:
+    """A lost node of a cluster (terminated, verified) made again: the same index, type,
+    zone and placement group, recorded in its place, ready. The caller holds the box lock."""
+    from infra import instances
+
+    cfg = _config(project_dir, lost.up_flags(project_dir))
+    ec2 = clients(lost.region, lost.profile)
+    if lost.instance_type is not None and lost.zone is not None:
+        old = instances.describe(ec2, lost.instance_id) if lost.instance_id else None
+        like = _Like(lost.instance_type, lost.zone, old.image_id if old else None)
+    else:  # it never launched: like the nodes left
+        found = [inst for b in _nodes_of(project_dir, lost) if b.name != lost.name
+                 and (inst := _instance_of(ec2, b)) is not None]
+        if not found:
+            raise UsageError(f"{lost.label} never launched, and no node of its cluster is left "
+                             f"to copy; `dlbox down`, then `dlbox up --nodes {lost.nodes}`")
+        like = _Like(found[0].instance_type, found[0].zone, found[0].image_id)
+    return _remake(project_dir, cfg, ec2, say, [lost], [lost.node], lost.nodes, like)[0]
+
+
+def _config(project_dir: Path, flags: UpFlags) -> config.Config:
+    """dlbox.toml with the flags given over it."""
+    return config.load(project_dir, region=flags.region, profile=flags.profile,
+                       instance_types=flags.instance_type, spot=flags.spot,
+                       disk_gb=flags.disk_gb, idle_minutes=flags.idle_minutes,
+                       max_lifetime_minutes=flags.max_lifetime_minutes,
+                       ssh_cidr=flags.ssh_cidr, ssh_user=flags.ssh_user, ssh_key=flags.ssh_key,
+                       ami=flags.ami, python=flags.python, box_workdir=flags.workdir,
+                       nodes=flags.nodes)
+
+
+def _nodes_of(project_dir: Path, box: Ec2Box | None) -> list[Ec2Box]:
+    """The recorded nodes of box's cluster ([box] for a single box; [] for None)."""
+    if box is None:
+        return []
+    if box.nodes == 1:
+        return [box]
+    return sorted((b for b in recorded(project_dir) if b.kind == box.kind), key=lambda b: b.node)
+
+
+def _chief(boxes: list[Ec2Box]) -> Ec2Box:
+    return next(b for b in boxes if b.node == 0)
 
 
 def _instance_of(ec2, box: Ec2Box):
@@ -172,7 +260,10 @@ def _tags(project_dir: Path) -> dict[str, str]:
     return {TAG_PROJECT: project_name(project_dir), TAG_OWNER: getpass.getuser()}
 
 
-def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
+def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Sequence[int],
+            nodes: int, like: _Like | None = None) -> list[Ec2Box]:
+    """Launch the nodes indexes of a cluster of nodes (range(1), 1: a single box), all in
+    one zone (like's, with its type and AMI, for nodes made again), and make them ready."""
     from infra import ami, instances, network
     from infra.errors import InfraError
     from infra.models import LaunchSpec
@@ -180,8 +271,10 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
 
     project = project_name(project_dir)
     name = f"dlbox-{project}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    names = [name] if nodes == 1 else [f"{name}-{k}" for k in indexes]
     cidr = cfg.ssh_cidr or myip.public_cidr()
-    image = ami.resolve(ec2, ssm_client(cfg.region, cfg.profile), cfg.ami)
+    image = ami.resolve(ec2, ssm_client(cfg.region, cfg.profile),
+                        like.image_id if like is not None and like.image_id else cfg.ami)
     say(f"AMI {image.image_id} ({image.name or image.source})")
     if cfg.ssh_key:
         key_path, public_key = keys.own(cfg.ssh_key)
@@ -191,38 +284,47 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
     key_name = f"dlbox-{project}-{keys.fingerprint(public_key)}"
     network.ensure_key_pair(ec2, key_name, public_key, tags)
     try:
-        group_id, _ = network.ensure_security_group(ec2, f"dlbox-{project}", cidr, cfg.ssh_port, tags)
+        group_id, _ = network.ensure_security_group(ec2, f"dlbox-{project}", cidr, cfg.ssh_port,
+                                                    tags, cluster=nodes > 1)
     except InfraError:
-        network.delete_key_pair(ec2, key_name)
+        if like is None:  # nodes made again: the others still use the key pair
+            network.delete_key_pair(ec2, key_name)
         raise
-    say(f"SSH open to {cidr} only (security group {group_id})")
-    box = Ec2Box(
-        name=name, region=cfg.region, profile=cfg.profile, key_name=key_name,
+    say(f"SSH open to {cidr} only (security group {group_id})"
+        + ("; every port open between the cluster's nodes" if nodes > 1 else ""))
+    made = [Ec2Box(
+        name=names[i], region=cfg.region, profile=cfg.profile, key_name=key_name,
         key_path=str(key_path.resolve()), security_group_id=group_id,
         ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
         idle_minutes=cfg.idle_minutes, max_lifetime_minutes=cfg.max_lifetime_minutes,
-    )
-    state.put(project_dir, box)  # before launching: `down` can find the box by its tag
+        node=k, nodes=nodes,
+    ) for i, k in enumerate(indexes)]
+    for box in made:
+        state.put(project_dir, box)  # before launching: `down` can find each by its tag
     spec = LaunchSpec(
-        box=name, project=project, owner=getpass.getuser(), image=image,
-        instance_types=cfg.instance_types, spot=cfg.spot, spot_fallback=cfg.spot_fallback,
+        box=names[0], project=project, owner=getpass.getuser(), image=image,
+        instance_types=(like.instance_type,) if like is not None else cfg.instance_types,
+        spot=cfg.spot, spot_fallback=cfg.spot_fallback,
         key_name=key_name, security_group_id=group_id, disk_gb=cfg.disk_gb,
         user_data=user_data(cfg), iam_instance_profile=cfg.iam_instance_profile,
+        placement_group=f"dlbox-{project}" if nodes > 1 else None,
     )
 
-    def record(instance_id: str) -> None:
-        nonlocal box
-        box = replace(box, instance_id=instance_id)
-        state.put(project_dir, box)
+    def record(i: int, instance_id: str | None) -> None:
+        made[i] = replace(made[i], instance_id=instance_id)
+        state.put(project_dir, made[i])
 
     try:
-        launched = instances.launch(ec2, spec, on_launched=record)
+        launched = instances.launch_cluster(
+            ec2, spec, tuple(names), on_launched=record, on_dropped=lambda i: record(i, None),
+            zones=(like.zone,) if like is not None else None)
     except BaseException as exc:
-        if box.instance_id is not None:
-            _give_up(project_dir, box, launched_now=True, say=say)
-        if isinstance(exc, InfraError):  # nothing runs: remove the key and group we made
+        if any(box.instance_id is not None for box in made):
+            _give_up(project_dir, made, launched_now=True, say=say)
+        if isinstance(exc, InfraError):  # nothing runs: remove the key and groups we made
             try:
-                forget(project_dir, ec2, box)
+                for box in made:
+                    forget(project_dir, ec2, box)
             except Exception as cleanup:
                 raise DlboxError(f"{exc}; nothing was launched, but deleting its key pair and "
                                  f"group failed too ({cleanup}): `dlbox down` retries") from exc
@@ -231,70 +333,153 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say) -> Ec2Box:
         for attempt in launched.attempts[:-1]:
             say(f"no {attempt.market} {attempt.instance_type} in {attempt.zone} "
                 f"({attempt.outcome}); trying the next")
-        inst = launched.instance
-        usd = AwsPrices(ec2).hourly(inst.instance_type, inst.zone, inst.spot)
-        box = replace(box, instance_type=inst.instance_type, zone=inst.zone, spot=inst.spot,
-                      usd_per_hour=usd)
-        state.put(project_dir, box)
-        market = "spot" if inst.spot else "on-demand"
-        price = f"${usd:.3f}/h" if usd is not None else "price unknown"
-        say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, {price}")
+        prices = AwsPrices(ec2)
+        for i, inst in enumerate(launched.instances):
+            usd = prices.hourly(inst.instance_type, inst.zone, inst.spot)
+            made[i] = replace(made[i], instance_type=inst.instance_type, zone=inst.zone,
+                              spot=inst.spot, usd_per_hour=usd,
+                              placement_group=inst.placement_group)
+            state.put(project_dir, made[i])
+            market = "spot" if inst.spot else "on-demand"
+            price = f"${usd:.3f}/h" if usd is not None else "price unknown"
+            say(f"launched {inst.instance_id}: {market} {inst.instance_type} in {inst.zone}, "
+                f"{price}" + (f" (node {made[i].node} of {nodes}, placement group "
+                              f"{inst.placement_group})" if nodes > 1 else ""))
     except BaseException:
-        _give_up(project_dir, box, launched_now=True, say=say)
-    return _ready(project_dir, ec2, box, cfg, say, launched_now=True)
+        _give_up(project_dir, made, launched_now=True, say=say)
+    return _ready(project_dir, ec2, made, cfg, say, launched_now=True)
 
 
-def _ready(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say,
-           launched_now: bool) -> Ec2Box:
-    """Wait for running, an SSH banner and a first login that prepares the box."""
+def _remake(project_dir: Path, cfg: config.Config, ec2, say: Say, lost: list[Ec2Box],
+            indexes: list[int], nodes: int, like: _Like) -> list[Ec2Box]:
+    """Nodes of a cluster made again like the others (lost: their old records, whose
+    instances are ended already): each new one recorded in its old one's place."""
+    for old in lost:
+        forget_node(project_dir, old)  # the key pair and groups stay: the other nodes use them
+    return _launch(project_dir, cfg, ec2, say, indexes, nodes, like)
+
+
+def _ready(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config, say: Say,
+           launched_now: bool) -> list[Ec2Box]:
+    """Wait for running, an SSH banner and a first login that prepares each box; the
+    waits of several nodes at once."""
     from infra import instances
 
+    boxes = list(boxes)
     try:
-        inst = instances.wait_running(ec2, box.instance_id, RUNNING_TIMEOUT_S)
-        if not inst.public_ip:
-            raise DlboxError(f"{inst.instance_id} has no public IP; the default subnet must "
-                             "assign public addresses")
-        if box.host is not None and box.host != inst.public_ip:  # started again: a new address
-            hostkeys.moved(Path(state.known_hosts(project_dir)),
-                           box.ssh_target(project_dir).known_hosts_name,
-                           replace(box, host=inst.public_ip).ssh_target(project_dir).known_hosts_name)
-        box = replace(box, host=inst.public_ip)
-        state.put(project_dir, box)
-        banner = netwait.wait_for_ssh(inst.public_ip, box.ssh_port)
-        box = _log_in(project_dir, ec2, box, cfg, say)
-        sshtarget.write_config(state.state_dir(project_dir), box.ssh_target(project_dir))
+        found = instances.wait_all_running(ec2, [b.instance_id for b in boxes], RUNNING_TIMEOUT_S)
+        for i, inst in enumerate(found):
+            if not inst.public_ip:
+                raise DlboxError(f"{inst.instance_id} has no public IP; the default subnet must "
+                                 "assign public addresses")
+            box = boxes[i]
+            if box.host is not None and box.host != inst.public_ip:  # started again: moved
+                hostkeys.moved(Path(state.known_hosts(project_dir)),
+                               box.ssh_target(project_dir).known_hosts_name,
+                               replace(box, host=inst.public_ip).ssh_target(project_dir)
+                               .known_hosts_name)
+            boxes[i] = replace(box, host=inst.public_ip)
+            state.put(project_dir, boxes[i])
+        banners = _each(lambda b: netwait.wait_for_ssh(b.host, b.ssh_port), boxes)
+        boxes = _log_in(project_dir, ec2, boxes, cfg, say)
+        if any(b.node == 0 for b in boxes):
+            sshtarget.write_config(state.state_dir(project_dir),
+                                   _chief(boxes).ssh_target(project_dir))
     except BaseException:
-        _give_up(project_dir, box, launched_now, say)
-    say(f"box {box.name} is up at {box.host}:{box.ssh_port} ({banner}); "
-        f"`dlbox ssh` or `ssh -F .dlbox/ssh_config {sshtarget.SSH_HOST_ALIAS}`")
-    return box
+        _give_up(project_dir, boxes, launched_now, say)
+    for box, banner in zip(boxes, banners, strict=True):
+        notes = [f"node {box.node} of {box.nodes}, reached by the others at {box.address}"
+                 ] if box.nodes > 1 else []
+        if box.node == 0:
+            notes.append(f"`dlbox ssh` or `ssh -F .dlbox/ssh_config {sshtarget.SSH_HOST_ALIAS}`")
+        say(f"box {box.name} is up at {box.host}:{box.ssh_port} ({banner}); " + "; ".join(notes))
+    return boxes
 
 
-def _log_in(project_dir: Path, ec2, box: Ec2Box, cfg: config.Config, say: Say) -> Ec2Box:
-    """First SSH login: pin the host key (checked against the console's fingerprints when
-    the console shows them), make dlbox's folder, check the Python that will train."""
+def _log_in(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config,
+            say: Say) -> list[Ec2Box]:
+    """First SSH login to each box: pin its host key (checked against the console's
+    fingerprints when the console shows them), then, every node at once, make dlbox's
+    folder, check the Python that will train and (a cluster) find its address."""
     from infra import instances
 
     from .hostkeys import console_fingerprints
 
-    expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
-    machine = SshMachine(box.ssh_target(project_dir), pin_new_host=True,
-                         expected_fingerprints=expected or None,
-                         connect_deadline_s=cfg.login_timeout_seconds)
+    machines, checked = [], []
     try:
-        machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
-        _say_watchdog(machine, cfg, say)
-        box = replace(box, workdir=workdir.prepare(machine, cfg.box_workdir, box.label))
-        python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
-                                                    say, cfg.box_requirements, cfg.pip_args)
-        say(f"box Python: {versions}")
-        box = replace(box, python=python)
+        for box in boxes:  # one at a time: a pin rewrites the one known_hosts file
+            expected = console_fingerprints(instances.console_output(ec2, box.instance_id))
+            machines.append(SshMachine(box.ssh_target(project_dir), pin_new_host=True,
+                                       expected_fingerprints=expected or None,
+                                       connect_deadline_s=cfg.login_timeout_seconds))
+            machines[-1].conn  # noqa: B018 - the first login, which pins the key, now
+            checked.append(bool(expected))
+        boxes = _each(lambda pair: _prepare(pair[0], pair[1], cfg, _node_say(say, pair[0])),
+                      list(zip(boxes, machines, strict=True)))
     finally:
-        machine.close()
-    say("host key " + ("checked against the console output and " if expected else "")
+        for machine in machines:
+            machine.close()
+    say(("host key " if len(boxes) == 1 else "host keys ")
+        + ("checked against the console output and " if all(checked) else "")
         + f"pinned in .dlbox/{state.KNOWN_HOSTS_FILE}")
-    state.put(project_dir, box)
+    for box in boxes:
+        state.put(project_dir, box)
+    return boxes
+
+
+def _prepare(box: Ec2Box, machine: SshMachine, cfg: config.Config, say: Say) -> Ec2Box:
+    """One logged-in box ready to train: cloud-init done, its watchdog checked, dlbox's
+    folder, a Python with TensorFlow, and (a cluster's node) its address."""
+    machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
+    _say_watchdog(machine, cfg, say)
+    box = replace(box, workdir=workdir.prepare(machine, cfg.box_workdir, box.label))
+    python, versions = environment.ready_python(machine, box.workdir, cfg.python or box.python,
+                                                say, cfg.box_requirements, cfg.pip_args)
+    say(f"box Python: {versions}")
+    box = replace(box, python=python)
+    if box.nodes > 1:  # where sshd took this login: the instance's private address on EC2
+        box = replace(box, address=own_address(machine, box.label))
     return box
+
+
+def _node_say(say: Say, box: Ec2Box) -> Say:
+    """say for one node of several made ready at once: its lines named, one at a time."""
+    if box.nodes == 1:
+        return say
+
+    def said(line: str) -> None:
+        with _SAY:
+            say(f"node {box.node}: {line}")
+
+    return said
+
+
+def _each(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """fn(item) for every item at once; the results in order, or the first error.
+
+    Daemon threads: an interrupt, or a node that failed, need not wait for the others'
+    bounded waits to end (ending the instances ends their SSH sessions too)."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    results: dict[int, R] = {}
+    errors: list[BaseException] = []
+    finished = threading.Semaphore(0)
+
+    def work(i: int, item: T) -> None:
+        try:
+            results[i] = fn(item)
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+        finally:
+            finished.release()
+
+    for i, item in enumerate(items):
+        threading.Thread(target=work, args=(i, item), daemon=True, name=f"dlbox-node-{i}").start()
+    for _ in items:
+        finished.acquire()
+        if errors:
+            raise errors[0]
+    return [results[i] for i in range(len(items))]
 
 
 def _say_watchdog(machine: SshMachine, cfg: config.Config, say: Say) -> None:
@@ -306,12 +491,13 @@ def _say_watchdog(machine: SshMachine, cfg: config.Config, say: Say) -> None:
     say(("watchdog " if dog.protecting else "warning: the watchdog is ") + dog.line())
 
 
-def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> NoReturn:
+def _give_up(project_dir: Path, boxes: list[Ec2Box], launched_now: bool, say: Say) -> NoReturn:
     """Called from an except block after run_instances: end in one of the two states, say which.
 
-    Ctrl-C, a closed stdout, or a box that was already up: it stays recorded. A box launched
-    now that failed to become usable: ended as `dlbox down` ends a box (terminated, verified
-    by id and by tag, key pair and group deleted). Always raises.
+    Ctrl-C, a closed stdout, or boxes that were already up: they stay recorded. Boxes
+    launched now that failed to become usable: ended as `dlbox down` ends them (terminated,
+    verified by id and by tag; key pair and groups deleted once nothing uses them). Always
+    raises.
     """
     import sys
 
@@ -321,13 +507,17 @@ def _give_up(project_dir: Path, box: Ec2Box, launched_now: bool, say: Say) -> No
     if isinstance(exc, KeyboardInterrupt | SystemExit | BrokenPipeError):  # SystemExit: SIGTERM
         raise exc  # the CLI says the box is recorded: `dlbox up` resumes, `dlbox down` ends it
     why = str(exc) if isinstance(exc, DlboxError | InfraError) else f"{type(exc).__name__}: {exc}"
+    ids = ", ".join(b.instance_id or b.name for b in boxes)
+    one = len(boxes) == 1
+    it, they = ("it", "it stays") if one else ("them", "they stay")
     if not launched_now:
-        raise DlboxError(f"{why}; {box.instance_id} stays up and recorded: `dlbox up` tries "
-                         "again, `dlbox down` terminates it") from exc
+        raise DlboxError(f"{why}; {ids} {'stays' if one else 'stay'} up and recorded: `dlbox "
+                         f"up` tries again, `dlbox down` terminates {it}") from exc
     try:
-        box.down(project_dir, DownFlags(), say)
+        for box in boxes:
+            box.down(project_dir, DownFlags(), say)
     except Exception as failed:
-        raise DlboxError(f"{box.instance_id} never became usable ({why}), and ending it failed "
-                         f"({failed}); it stays recorded: run `dlbox down`") from exc
-    raise NeverUsable(f"{box.instance_id} never became usable ({why}); it was terminated "
-                      "(verified) and nothing of it is left running") from exc
+        raise DlboxError(f"{ids} never became usable ({why}), and ending {it} failed "
+                         f"({failed}); {they} recorded: run `dlbox down`") from exc
+    raise NeverUsable(f"{ids} never became usable ({why}); {'it was' if one else 'they were'} "
+                      f"terminated (verified) and nothing of {it} is left running") from exc

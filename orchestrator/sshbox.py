@@ -9,9 +9,9 @@ from typing import ClassVar
 
 from . import config, environment, registry, sshtarget, state, workdir
 from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
-from .errors import DlboxError, UsageError
+from .errors import UsageError
 from .machine import Machine
-from .sshmachine import SshMachine
+from .sshmachine import SshMachine, own_address
 from .sshtarget import SshTarget
 
 # user@host[:port]; neither may start with "-" (it would reach ssh as an option).
@@ -166,7 +166,7 @@ def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, 
         python, versions = environment.ready_python(
             machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
             cfg.pip_args)
-        address = _own_address(machine, name) if nodes > 1 else None
+        address = own_address(machine, name) if nodes > 1 else None
     finally:
         machine.close()
     say(f"ssh box {name} ready ({versions}); runs in {folder}; host key pinned in "
@@ -175,13 +175,3 @@ def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, 
     return cls(name=name, host=host, port=port, user=user, key_path=str(key_path),
                workdir=folder, python=python, node=node, nodes=nodes, address=address)
 
-
-def _own_address(machine: Machine, name: str) -> str:
-    """The address the box has on the network dlbox reached it by (sshd's end of this
-    login): the other nodes of a cluster reach it there."""
-    done = machine.run('printf "%s" "$SSH_CONNECTION"')
-    fields = done.stdout.split()
-    if done.exit_code != 0 or len(fields) != 4:
-        raise DlboxError(f"{name}: could not tell the address it is reached at (SSH_CONNECTION "
-                         f"is {done.stdout.strip()!r}); check that its sshd sets it")
-    return fields[2]

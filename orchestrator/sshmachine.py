@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import hostkeys, sshtarget, tarstream
 from .errors import CommandTimedOut, DlboxError, LostContact, UsageError
-from .machine import COMMAND_TIMEOUT_S, Result, decode
+from .machine import COMMAND_TIMEOUT_S, Machine, Result, decode
 from .sshtarget import SshTarget
 
 SSH_CONNECT_DEADLINE_S = 15  # a dropped handshake is tried again, for this long
@@ -386,3 +386,14 @@ def _unreachable(target: SshTarget, exc: BaseException) -> LostContact:
     return LostContact(f"cannot reach {target.address} over SSH ({type(exc).__name__}: "
                        f"{exc or 'connection closed'})", "check that the box is up and the "
                        "address and port are right")
+
+
+def own_address(machine: Machine, name: str) -> str:
+    """The address the box has on the network dlbox reached it by (sshd's end of this
+    login): the other nodes of a cluster reach it there."""
+    done = machine.run('printf "%s" "$SSH_CONNECTION"')
+    fields = done.stdout.split()
+    if done.exit_code != 0 or len(fields) != 4:
+        raise DlboxError(f"{name}: could not tell the address it is reached at (SSH_CONNECTION "
+                         f"is {done.stdout.strip()!r}); check that its sshd sets it")
+    return fields[2]

@@ -128,3 +128,116 @@ def reclaim(instance_id: str, region: str = REGION) -> None:
     instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
                                         "Server.SpotInstanceTermination")
     instance._reason = "Service initiated"
+
+
+# moto 5.2 implements no placement group call (CreatePlacementGroup answers "not
+# implemented") and ignores Placement.GroupName; dlbox's clusters need both. The stand-in
+# below lives in moto's own classes, so it serves moto in-process and moto's server (and a
+# CLI run as a subprocess against it) alike. It is installed once, when this module is
+# first imported (every AWS test imports it: conftest's aws fixture, test_infra), and
+# keeps AWS's rules that dlbox relies on: names unique (InvalidPlacementGroup.Duplicate),
+# an unknown group refused at launch and at deletion (InvalidPlacementGroup.Unknown), no
+# deletion while an instance not yet terminated is in the group (InvalidPlacementGroup.InUse).
+def _placement_groups(backend) -> dict[str, dict]:
+    """The backend's placement groups by name (a moto reset makes new backends: none)."""
+    if not hasattr(backend, "dlbox_placement_groups"):
+        backend.dlbox_placement_groups = {}
+    return backend.dlbox_placement_groups
+
+
+def _group_matches(group: dict, filters: dict[str, list[str]]) -> bool:
+    tags = {t["Key"]: t["Value"] for t in group["Tags"]}
+    for name, values in filters.items():
+        if name == "tag-key":
+            ok = bool(set(tags) & set(values))
+        elif name.startswith("tag:"):
+            ok = tags.get(name[4:]) in values
+        elif name in ("group-name", "strategy", "state"):
+            ok = group[{"group-name": "GroupName", "strategy": "Strategy",
+                        "state": "State"}[name]] in values
+        else:
+            raise NotImplementedError(f"placement group filter {name!r} (tests/awsfakes.py)")
+        if not ok:
+            return False
+    return True
+
+
+def _create_placement_group(self):
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+
+    groups = _placement_groups(self.ec2_backend)
+    name = self._get_param("GroupName")
+    if name in groups:
+        raise EC2ClientError("InvalidPlacementGroup.Duplicate",
+                             f"The placement group '{name}' already exists.")
+    tags = self._parse_tag_specification().get("placement-group", {})
+    groups[name] = {"GroupName": name, "State": "available",
+                    "Strategy": self._get_param("Strategy"),
+                    "GroupId": f"pg-{len(groups) + 1:017x}",
+                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+    return ActionResult({"PlacementGroup": groups[name]})
+
+
+def _describe_placement_groups(self):
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+
+    groups = _placement_groups(self.ec2_backend)
+    names = self._get_param("GroupNames", [])
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        raise EC2ClientError("InvalidPlacementGroup.Unknown",
+                             f"The Placement Group '{unknown[0]}' is unknown.")
+    filters = self._filters_from_querystring()
+    return ActionResult({"PlacementGroups": [
+        g for g in groups.values()
+        if (not names or g["GroupName"] in names) and _group_matches(g, filters)]})
+
+
+def _delete_placement_group(self):
+    from moto.core.responses import EmptyResult
+    from moto.ec2.exceptions import EC2ClientError
+
+    groups = _placement_groups(self.ec2_backend)
+    name = self._get_param("GroupName")
+    if name not in groups:
+        raise EC2ClientError("InvalidPlacementGroup.Unknown",
+                             f"The Placement Group '{name}' is unknown.")
+    if any(i.placement.group_name == name and i.state != "terminated"
+           for i in self.ec2_backend.all_instances()):
+        raise EC2ClientError("InvalidPlacementGroup.InUse",
+                             f"The placement group '{name}' is in use and cannot be deleted.")
+    del groups[name]
+    return EmptyResult()
+
+
+def _install_placement_groups() -> None:
+    from moto.ec2 import utils
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.responses import EC2Response
+    from moto.ec2.responses.instances import InstanceResponse
+
+    if getattr(EC2Response, "dlbox_placement_groups", False):
+        return
+    EC2Response.dlbox_placement_groups = True
+    EC2Response.create_placement_group = _create_placement_group
+    EC2Response.describe_placement_groups = _describe_placement_groups
+    EC2Response.delete_placement_group = _delete_placement_group
+    utils.filter_dict_attribute_mapping["placement-group-name"] = "placement.group_name"
+    original = InstanceResponse.run_instances
+
+    def run_instances(self):
+        name = self._get_param("Placement.GroupName")
+        if name and name not in _placement_groups(self.ec2_backend):
+            raise EC2ClientError("InvalidPlacementGroup.Unknown",
+                                 f"The Placement Group '{name}' is unknown.")
+        result = original(self)
+        for instance in result.result.instances:
+            instance.placement.group_name = name or ""
+        return result
+
+    InstanceResponse.run_instances = run_instances
+
+
+_install_placement_groups()
