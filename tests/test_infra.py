@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import boto3
 import pytest
@@ -192,3 +193,128 @@ def test_a_stopped_instance_starts_again_and_its_shutdown_behaviour_can_change(d
     ec2.stop_instances(InstanceIds=[inst.instance_id])
     assert [i.state for i in instances.find(ec2, project="p", states=("stopped",))] == ["stopped"]
     assert instances.start(ec2, inst.instance_id, timeout_s=30).state == "running"
+
+
+def _rules(ec2, group: str) -> list[tuple]:
+    """(protocol, ports, address ranges, source groups) of each ingress rule."""
+    permissions = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["IpPermissions"]
+    return sorted((p["IpProtocol"], (p.get("FromPort"), p.get("ToPort")) if p["IpProtocol"] != "-1"
+                   else None, [r["CidrIp"] for r in p["IpRanges"]] + [r["CidrIpv6"] for r in
+                                                                       p["Ipv6Ranges"]],
+                   [g["GroupId"] for g in p["UserIdGroupPairs"]]) for p in permissions)
+
+
+def test_a_clusters_group_allows_ssh_from_one_address_and_all_traffic_between_members(aws):
+    ec2, _ = aws
+    group, _ = network.ensure_security_group(ec2, "dlbox-p", "203.0.113.7/32", 22,
+                                             {"dlbox:project": "p"}, cluster=True)
+    expected = [("-1", None, [], [group]), ("tcp", (22, 22), ["203.0.113.7/32"], [])]
+    assert _rules(ec2, group) == expected
+    again, _ = network.ensure_security_group(ec2, "dlbox-p", "203.0.113.7/32", 22,
+                                             {"dlbox:project": "p"}, cluster=True)
+    assert again == group and _rules(ec2, group) == expected  # nothing doubled
+    network.ensure_security_group(ec2, "dlbox-p", "198.51.100.9/32", 22, {}, cluster=True)
+    assert _rules(ec2, group) == [("-1", None, [], [group]),
+                                  ("tcp", (22, 22), ["198.51.100.9/32"], [])]
+    network.ensure_security_group(ec2, "dlbox-p", "198.51.100.9/32", 22, {})  # a single box
+    assert _rules(ec2, group) == [("tcp", (22, 22), ["198.51.100.9/32"], [])]
+
+
+def _cluster(ec2, spec, nodes: int = 2, **kwargs):
+    """launch_cluster of boxes c-0..c-{nodes-1}; (launched, recorded ids by node)."""
+    recorded: dict[int, str | None] = {}
+    launched = instances.launch_cluster(
+        ec2, spec, tuple(f"c-{k}" for k in range(nodes)),
+        on_launched=recorded.__setitem__, on_dropped=lambda k: recorded.__setitem__(k, None),
+        **kwargs)
+    return launched, recorded
+
+
+def _placement_group(ec2, name: str) -> dict:
+    [group] = ec2.describe_placement_groups(GroupNames=[name])["PlacementGroups"]
+    return group
+
+
+def test_a_cluster_is_one_type_in_one_zone_in_a_cluster_placement_group(dlami):
+    ec2, _ = dlami
+    spec = _spec(ec2, placement_group="dlbox-p")
+    launched, recorded = _cluster(ec2, spec, nodes=3)
+    nodes = launched.instances
+    zone = nodes[0].zone
+    name = f"dlbox-p-{zone}"
+    assert recorded == {k: inst.instance_id for k, inst in enumerate(nodes)}
+    assert {(i.instance_type, i.zone, i.placement_group) for i in nodes} == {
+        ("g4dn.xlarge", zone, name)}
+    assert [i.box for i in nodes] == ["c-0", "c-1", "c-2"]
+    group = _placement_group(ec2, name)
+    assert group["Strategy"] == "cluster"
+    assert {t["Key"]: t["Value"] for t in group["Tags"]} == {"dlbox:project": "p",
+                                                            "dlbox:owner": "me"}
+    assert network.tagged_placement_groups(ec2, "p") == [name]
+    assert network.tagged_placement_groups(ec2, "other") == []
+
+    instances.terminate(ec2, [nodes[0].instance_id], timeout_s=30)
+    network.release_unused(ec2, "p")
+    assert network.tagged_placement_groups(ec2, "p") == [name]  # the other nodes are in it
+    instances.terminate(ec2, [i.instance_id for i in nodes[1:]], timeout_s=30)
+    network.release_unused(ec2, "p")
+    assert network.tagged_placement_groups(ec2) == []
+    assert network.tagged_security_groups(ec2) == [] and network.tagged_key_pairs(ec2) == []
+
+
+def test_a_capacity_error_for_the_last_node_moves_the_whole_cluster(dlami):
+    ec2, _ = dlami
+    zones = instances.zones_offering(ec2, "g4dn.xlarge")
+    spec = _spec(ec2, placement_group="dlbox-p")
+
+    def no_second_node_in_the_first_zone(kw):
+        box = kw["tags"]["instance"]["dlbox:box"]
+        return "InsufficientInstanceCapacity" if kw["placement"] == zones[0] and box == "c-1" \
+            else None
+
+    with ec2_errors(no_second_node_in_the_first_zone) as calls:
+        launched, recorded = _cluster(ec2, spec)
+    assert [c["placement"] for c in calls] == [zones[0], zones[0], zones[1], zones[1]]
+    assert [a.outcome for a in launched.attempts] == [
+        "InsufficientInstanceCapacity for node 1 of 2", "launched"]
+    assert {i.zone for i in launched.instances} == {zones[1]}
+    assert recorded == {0: launched.instances[0].instance_id, 1: launched.instances[1].instance_id}
+    left = ec2.describe_instances(Filters=[{"Name": "availability-zone", "Values": [zones[0]]}])
+    assert [i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]] == [
+        "terminated"]  # node 0 of the first try, ended before the next zone was tried
+    assert network.tagged_placement_groups(ec2, "p") == [f"dlbox-p-{zones[1]}"]
+
+
+def test_a_cluster_without_capacity_anywhere_leaves_nothing(dlami):
+    ec2, _ = dlami
+    spec = _spec(ec2, placement_group="dlbox-p", instance_types=("g4dn.xlarge",))
+
+    def only_one_node_fits(kw):
+        return "InsufficientInstanceCapacity" if kw["tags"]["instance"]["dlbox:box"] == "c-1" \
+            else None
+
+    dropped = []
+    with ec2_errors(only_one_node_fits), pytest.raises(CapacityError, match="for node 1 of 2"):
+        instances.launch_cluster(ec2, spec, ("c-0", "c-1"), on_launched=lambda *_: None,
+                                 on_dropped=dropped.append)
+    assert instances.find(ec2) == [] and network.tagged_placement_groups(ec2) == []
+    assert dropped == [0] * len(instances.zones_offering(ec2, "g4dn.xlarge"))
+
+
+def test_a_new_node_joins_its_clusters_zone_and_placement_group(dlami):
+    """A lost node made again: only its cluster's zone and type, in the group it left."""
+    ec2, _ = dlami
+    spec = _spec(ec2, placement_group="dlbox-p")
+    first, _ = _cluster(ec2, spec)
+    zone = first.instances[0].zone
+    instances.terminate(ec2, [first.instances[1].instance_id], timeout_s=30)
+    with ec2_errors(lambda kw: None) as calls:
+        again, _ = _cluster(ec2, replace(spec, instance_types=("g4dn.xlarge",)), nodes=1,
+                            zones=(zone,))
+    assert [c["placement"] for c in calls] == [zone]  # no other zone is tried
+    assert again.instances[0].placement_group == f"dlbox-p-{zone}"
+    with ec2_errors(lambda kw: "InsufficientInstanceCapacity"), \
+            pytest.raises(CapacityError, match=zone):
+        _cluster(ec2, replace(spec, instance_types=("g4dn.xlarge",)), nodes=1, zones=(zone,))
+    # The group was not made by the failed try: it stays for the nodes in it.
+    assert network.tagged_placement_groups(ec2, "p") == [f"dlbox-p-{zone}"]
