@@ -469,45 +469,54 @@ def runs_finished(run_id: str) -> bool:
     return runs.load(_project(), run_id).finished_at is not None
 
 
-def _follow_cluster(run, nodes, machines) -> int:
-    """Stream a cluster run from its chief, watching the other nodes; a failed node stops the
-    run on every node (resumable: `dlbox attach`). Pull, record; return the exit status."""
-    from . import cluster, follow, runs
+def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
+    """Stream a cluster run from its chief, watching the other nodes. A node its owner took
+    back (spot) is replaced and the run resumed on every node (at most max_recoveries times
+    per command); any other failed node stops the run on every node (resumable: `dlbox
+    attach`). Pull, record; return the exit status. nodes and machines are updated in place."""
+    from dataclasses import replace
 
-    for node in nodes:
-        _hold(node)
-    failed = None
-    try:
-        with _status_bar() as (say, on_status):
-            code = follow.follow(run, machines[0], say, err=lambda line: typer.echo(line, err=True),
-                                 on_status=on_status,
-                                 peers=cluster.watcher(run, nodes, machines))
-        if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
-            failed = cluster.check(run, nodes, machines)
-    except KeyboardInterrupt:
-        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
-                   "it and pulls its results")
-        return EXIT_INTERRUPTED
-    except cluster.NodeFailed as exc:
-        failed = exc
-    except LostContact as exc:
-        raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
-                    f"{run.run_id}` follows it again", exc.exit_code) from None
-    except DlboxError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+    from . import checkpoints, cluster, config, runs
+
+    budget = config.load(_project()).max_recoveries
+    while True:
+        failed, code = _follow_cluster_once(run, nodes, machines)
+        if code is None:
+            return EXIT_INTERRUPTED  # detached: the run goes on
+        if failed is not None:
+            code = runs.EXIT_RESUMABLE  # stopped on every node below, resumable
+        elif code != runs.EXIT_RESUMABLE:
+            break  # ended (a stop on a notice may have a node to replace: asked below)
+        with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a box "
+                     "launched meanwhile is recorded: `dlbox down` ends it)"):
+            gone = cluster.lost_nodes(_project(), nodes, machines, run)
+            if not (recover and budget > 0 and gone and all(g.reclaimed for _, g in gone)):
+                break
+            budget -= 1
+            if failed is not None:
+                _say(str(failed))
+            cluster.stop(run, nodes, machines)
+            run = cluster.replace_lost(_project(), run, nodes, machines, gone, _say,
+                                       config.load(_project()).pip_args)
+            run = cluster.resume(_project(), run, nodes, machines, _say)
     with _errors(f"`dlbox attach {run.run_id}` pulls the results"):
         if failed is not None:
             cluster.stop(run, nodes, machines)
-            code = runs.EXIT_RESUMABLE
         else:
             cluster.wait_for_workers(run, nodes, machines, time.sleep)
         cluster.pull_logs(_project(), run, machines)
-        run = _finish(run, nodes[0], machines[0], code)
+        if failed is not None and failed.node == 0:  # the chief is gone: its copy is here
+            run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
+            runs.save(_project(), run)
+        else:
+            run = _finish(run, nodes[0], machines[0], code)
         cluster.release(_project(), run, nodes, machines)
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     if failed is not None:
-        epoch = (runs.read_json(machines[0].read(f"{run.remote_dir}/checkpoints/state.json"))
-                 or {}).get("completed", 0)
+        copy = checkpoints.held(_project(), run.run_id)
+        on_chief = None if failed.node == 0 else runs.read_json(
+            machines[0].read(f"{run.remote_dir}/checkpoints/state.json"))
+        epoch = (on_chief or {}).get("completed", copy.completed if copy else 0)
         typer.secho(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
                     f"checkpoint: epoch {epoch}); `dlbox attach {run.run_id}` resumes it from "
                     "there once the node is back", err=True, fg=typer.colors.RED)
@@ -517,6 +526,40 @@ def _follow_cluster(run, nodes, machines) -> int:
     else:
         typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
     return code
+
+
+def _follow_cluster_once(run, nodes, machines):
+    """One follow of a cluster run: (the failed node or None, the chief's exit status; None
+    when Ctrl-C detached)."""
+    from . import cluster, follow, runs
+
+    for node in nodes:
+        _hold(node)
+    chief = nodes[0]
+    try:
+        with _status_bar() as (say, on_status):
+            code = follow.follow(
+                run, machines[0], say, err=lambda line: typer.echo(line, err=True),
+                on_status=on_status, peers=cluster.watcher(run, nodes, machines),
+                on_checkpoint=_checkpoint_copier(run, machines[0]) if chief.replaceable else None,
+                gone=(lambda: chief.gone(_project())) if chief.replaceable else None)
+    except KeyboardInterrupt:
+        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
+                   "it and pulls its results")
+        return None, None
+    except cluster.NodeFailed as exc:
+        return exc, runs.EXIT_RESUMABLE
+    except BoxLost as exc:
+        return cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})"), \
+            runs.EXIT_RESUMABLE
+    except LostContact as exc:
+        raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
+                    f"{run.run_id}` follows it again", exc.exit_code) from None
+    except DlboxError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
+        return cluster.check(run, nodes, machines), code
+    return None, code
 
 
 def _cluster_of(run):
@@ -533,17 +576,27 @@ def _cluster_of(run):
     return nodes, [n.machine(_project()) for n in nodes]
 
 
-def _attach_cluster(run) -> int:
-    """attach for a cluster run: follow it, or resume it on every node if it was stopped."""
-    from . import boxlock, cluster
+def _attach_cluster(run, recover: bool = True) -> int:
+    """attach for a cluster run: follow it, or resume it on every node if it was stopped
+    (a node its owner took back replaced first)."""
+    from . import boxlock, cluster, config
+    from .errors import RunInterrupted
 
     nodes, machines = _cluster_of(run)
     try:
         if run.status == "interrupted" and run.finished_at is not None:
             with _errors(f"`dlbox attach {run.run_id}` again resumes it"), \
                     boxlock.run_held(_project(), run.run_id, _say):
+                gone = cluster.lost_nodes(_project(), nodes, machines, run)
+                if gone and not recover:
+                    raise RunInterrupted(f"run {run.run_id} lost node(s) "
+                                         f"{', '.join(str(k) for k, _ in gone)}; `dlbox attach "
+                                         f"{run.run_id}` without --no-recover replaces them")
+                if gone:
+                    run = cluster.replace_lost(_project(), run, nodes, machines, gone, _say,
+                                               config.load(_project()).pip_args)
                 run = cluster.resume(_project(), run, nodes, machines, _say)
-        return _follow_cluster(run, nodes, machines)
+        return _follow_cluster(run, nodes, machines, recover)
     finally:
         for machine in machines:
             machine.close()
@@ -743,7 +796,7 @@ def attach(
     with _errors(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is "
                  "recorded: `dlbox down` ends it)"):
         if runs.load(_project(), run_id).nodes:  # one line for a run that does not exist
-            raise typer.Exit(_attach_cluster(runs.load(_project(), run_id)))
+            raise typer.Exit(_attach_cluster(runs.load(_project(), run_id), not no_recover))
         cfg = config.load(_project())
         with boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
             run = runs.load(_project(), run_id)  # as the last holder left it

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import checkpoints, records, registry, runs
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
+
+from . import boxlock, checkpoints, records, runs
 from .atomic import write_atomic
-from .boxes import Box
-from .errors import DlboxError, UsageError
+from .boxes import Box, Gone
+from .errors import DlboxError, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine
 
@@ -32,6 +34,7 @@ NODE_ANSWER_TIMEOUT_S = 30  # a node silent this long has failed the run
 # SIGTERM -> checkpoint -> exit, then SIGKILL: a worker blocked in a collective whose peer
 # died never gets to its signal handler, so the wait is short.
 STOP_GRACE_S = 10
+STOP_POLL_S = 0.2
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
@@ -148,17 +151,30 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     return run
 
 
-def _state_command(run_id: str, remote_dir: str, box: Box) -> str:
+def _state_command(remote_dir: str) -> str:
     """Prints "ended CODE", "running", "starting", "gone" (killed: no exit status) or
-    "missing" (no folder) for the node's worker."""
-    pid_file = shlex.quote(f"{box.runs_registry()}/{run_id}.pid")
+    "missing" (no folder) for the node's worker (run.sh leaves its pid in run.pid)."""
     ended = 'if [ -e exit_code ]; then echo "ended $(cat exit_code)"; exit 0; fi'
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; {ended}; "
-            f"pid=$(cat {pid_file} 2>/dev/null); "
+            "pid=$(cat run.pid 2>/dev/null); "
             'if [ -n "$pid" ] && tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | '
             'grep -q "run\\.sh"; then echo running; exit 0; fi; '
-            # run.sh writes exit_code, then removes its pid: look again before saying gone
-            f"{ended}; if [ -e trainer_started_at ]; then echo gone; else echo starting; fi")
+            # run.sh writes exit_code as it ends: look again before saying gone
+            f"{ended}; if [ -e run.pid ]; then echo gone; else echo starting; fi")
+
+
+def _stop_command(remote_dir: str) -> str:
+    """SIGTERM the worker's whole process group, SIGKILL it after STOP_GRACE_S; record a
+    worker killed so as exit status 137 (run.sh, killed too, cannot)."""
+    polls = int(STOP_GRACE_S / STOP_POLL_S)
+    alive = 'tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | grep -q "run\\.sh"'
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; "
+            "pid=$(cat run.pid 2>/dev/null); "
+            'case "$pid" in ""|*[!0-9]*) pid= ;; esac; '
+            f'if [ -n "$pid" ] && {alive}; then kill -TERM -- "-$pid" 2>/dev/null; '
+            f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; "
+            f'{alive} && kill -KILL -- "-$pid" 2>/dev/null; fi; '
+            "[ -e exit_code ] || { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }")
 
 
 def check(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> NodeFailed | None:
@@ -167,7 +183,7 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> NodeFaile
     for w in workers(run)[1:]:
         box = nodes[w.node]
         try:
-            done = machines[w.node].run(_state_command(run.run_id, w.remote_dir, box),
+            done = machines[w.node].run(_state_command(w.remote_dir),
                                         timeout=NODE_ANSWER_TIMEOUT_S)
         except DlboxError as exc:
             return NodeFailed(w.node, box.label, f"does not answer ({exc})")
@@ -204,20 +220,14 @@ def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callabl
 
 def stop(run: runs.Run, nodes: list[Box], machines: list[Machine],
          only: list[int] | None = None) -> None:
-    """End the run's worker on every node (or those listed) that still answers: SIGTERM, a
-    short wait, SIGKILL; a worker killed this way gets exit status 137 in its folder."""
+    """End the run's worker on every node (or those listed) that still answers, all at once."""
 
     def end(k: int, box: Box) -> None:
         if only is not None and k not in only:
             return
-        w = workers(run)[k]
-        try:
-            registry.stop_live_runs(machines[k], box.runs_registry(), only={run.run_id},
-                                    timeout_s=STOP_GRACE_S)
-            machines[k].run(f"cd {shlex.quote(w.remote_dir)} 2>/dev/null && {{ [ -e exit_code ] "
-                            "|| { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }; }")
-        except DlboxError:
-            pass  # a node that does not answer runs nothing we could end
+        with contextlib.suppress(DlboxError):  # a node that does not answer runs nothing we reach
+            machines[k].run(_stop_command(workers(run)[k].remote_dir),
+                            timeout=STOP_GRACE_S + NODE_ANSWER_TIMEOUT_S)
 
     _each(nodes, end)
 
@@ -242,8 +252,7 @@ def wait_for_workers(run: runs.Run, nodes: list[Box], machines: list[Machine],
         states = []
         for w in workers(run)[1:]:
             try:
-                done = machines[w.node].run(_state_command(run.run_id, w.remote_dir,
-                                                           nodes[w.node]),
+                done = machines[w.node].run(_state_command(w.remote_dir),
                                             timeout=NODE_ANSWER_TIMEOUT_S)
                 states.append(done.stdout.split()[:1])
             except DlboxError:
@@ -275,19 +284,78 @@ def release(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[M
             nodes[w.node].release_results(project_dir, machines[w.node], run.run_id)
 
 
+def lost_nodes(project_dir: Path, nodes: list[Box], machines: list[Machine],
+               run: runs.Run) -> list[tuple[int, Gone]]:
+    """(node, why) for every node whose box is gone (terminated, reclaimed) or got an
+    interruption notice (spot: it goes within two minutes); an owner that cannot be asked
+    counts the box as there."""
+    from . import spotwatch
+
+    found = []
+    for w in workers(run):
+        box = nodes[w.node]
+        try:
+            why = box.gone(project_dir)
+        except (DlboxError, InfraError):
+            why = None
+        if why is None and box.interruptible:
+            with contextlib.suppress(DlboxError):
+                notice = runs.read_json(machines[w.node].read(
+                    f"{w.remote_dir}/{spotwatch.NOTICE_FILE}"))
+                if isinstance(notice, dict):
+                    why = Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
+                               f"{notice.get('time', '?')}", reclaimed=True)
+        if why is not None:
+            found.append((w.node, why))
+    return found
+
+
+def replace_lost(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+                 lost: list[tuple[int, Gone]], say: Say,
+                 pip_args: tuple[str, ...] = ()) -> runs.Run:
+    """Each lost node made again (a box like it, its code and data synced, a folder for the
+    run), in nodes and machines in place; the run records where its workers now are. Only
+    a box its owner took back (spot) is replaced: one ended on purpose stops here."""
+    team = workers(run)
+    for k, why in lost:
+        if not (why.reclaimed and nodes[k].replaceable):
+            raise RunInterrupted(f"{nodes[k].label} has ended ({why.reason}) and is not "
+                                 "replaced behind your back; `dlbox up` makes the cluster whole "
+                                 f"again, then `dlbox attach {run.run_id}` resumes the run")
+    for k, why in lost:
+        say(f"{nodes[k].label} was lost ({why.reason}); replacing it")
+        machines[k].close()
+        with boxlock.held(project_dir, say):
+            nodes[k] = nodes[k].replacement(project_dir, say)
+        machines[k] = nodes[k].machine(project_dir)
+        shipped = runs.ship(nodes[k], machines[k], run.data or "", run.test, say, None, pip_args)
+        remote = runs.reserve_folder(machines[k], nodes[k].workdir, run.run_id)
+        team[k] = Worker(k, nodes[k].name, remote, "", shipped.code, shipped.data, shipped.test)
+        if k == 0:
+            run = replace(run, box=nodes[k].name, remote_dir=remote)
+    run = replace(run, nodes=tuple(asdict(w) for w in team))
+    runs.save(project_dir, run)
+    return run
+
+
 def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
            say: Say) -> runs.Run:
-    """Start a stopped cluster run again on the same nodes, from the chief's checkpoint:
-    every worker gets a copy of it (they must all resume from the same epoch)."""
+    """Start a stopped cluster run again, from the chief's checkpoint (or the copy taken off
+    it, for a new chief): every worker gets it (they must all resume from the same epoch)."""
     team = workers(run)
     if [w.box for w in team] != [b.name for b in nodes]:
         raise UsageError(f"run {run.run_id} ran on nodes {', '.join(w.box for w in team)}; "
                          "this project's cluster is not those any more, so it cannot resume")
     stop(run, nodes, machines)  # nothing of the run may still hold a port or a file
-    copy = checkpoints.pull(project_dir, run, machines[0])
-    for w in team[1:]:
-        target = shlex.quote(f"{w.remote_dir}/{checkpoints.REMOTE_DIR}")
-        machines[w.node].run(f"rm -rf -- {target}")
+    copy = checkpoints.pull(project_dir, run, machines[0]) or \
+        checkpoints.held(project_dir, run.run_id)
+    for w in team:
+        on_box = runs.read_json(machines[w.node].read(
+            f"{w.remote_dir}/{checkpoints.REMOTE_DIR}/{checkpoints.STATE_FILE}"))
+        if w.node == 0 and on_box is not None:
+            continue  # the chief's own: what the copy was taken from
+        machines[w.node].run(
+            f"rm -rf -- {shlex.quote(f'{w.remote_dir}/{checkpoints.REMOTE_DIR}')}")
         if copy is not None:
             checkpoints.push(project_dir, run, machines[w.node], w.remote_dir, w.data)
     epoch = copy.completed if copy is not None else 0
@@ -296,4 +364,3 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     run = replace(run, status="running", exit_code=None, finished_at=None)
     # Same folders, same code and data, new endpoints (the old ports may be taken now).
     return launch(project_dir, run, nodes, machines, team)
-

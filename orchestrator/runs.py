@@ -382,7 +382,7 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
-    started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code; "
+    started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
                           "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")

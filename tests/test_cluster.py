@@ -112,7 +112,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
 
 
 def _mid_epoch_with_a_checkpoint(project: Path) -> tuple[Path, Path]:
-    """(node 1's run folder, its run.sh pid file) once the chief has committed an epoch and
+    """(node 1's run folder, its run.sh's pid file) once the chief has committed an epoch and
     trains the next one."""
     deadline = time.monotonic() + KILL_WAIT_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -122,8 +122,8 @@ def _mid_epoch_with_a_checkpoint(project: Path) -> tuple[Path, Path]:
             status = json.loads(status_file.read_text()) if status_file.exists() else {}
             if completed >= 1 and status.get("epoch", 0) > completed and status.get("step"):
                 run_id = state.parent.parent.name
-                node1 = project / ".dlbox" / "local-box-1"
-                return node1 / "runs" / run_id, node1 / "active" / f"{run_id}.pid"
+                worker = project / ".dlbox" / "local-box-1" / "runs" / run_id
+                return worker, worker / "run.pid"
         time.sleep(POLL_S)
     raise AssertionError("the run never got mid-epoch after a checkpoint")
 
