@@ -16,9 +16,10 @@ import pytest
 
 from tests import sshd as sshd_mod
 from tests.journey import quick_python
+from tests.test_spot import spot  # noqa: F401 (a fixture: EC2 instances as loopback sshds)
 
 DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 400
+CLI_TIMEOUT_S = 400  # a command that trains on the loaded 2-core machine
 POLL_S = 0.1
 KILL_WAIT_TIMEOUT_S = 120  # until the run is mid-epoch with a checkpoint
 # From the kill to dlbox's exit: a node check (3 s), SIGTERM's grace (10 s), the pulls.
@@ -213,3 +214,69 @@ def test_a_local_cluster_is_taken_up_again_as_is_and_not_resized_silently(tmp_pa
     assert sorted(r["name"] for r in records) == ["local", "local-1"]
     assert dlbox(tmp_path, "down").returncode == 0
     assert json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"] == []
+
+
+@pytest.mark.slow
+def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_node(
+        spot, aws, small_sample):  # noqa: F811 (the fixture imported above)
+    """EC2 through moto's server, each instance a loopback sshd (127.0.0.2, .3, then .4 for
+    the replacement): node 1 dies without a word mid-epoch; dlbox replaces it in the same
+    zone and placement group, resumes every node from the chief's checkpoint, and the run
+    ends with every epoch once and the workers' weights equal. `down` leaves nothing."""
+    from tests.test_spot import _instance_at, _reap, _wait
+
+    project, boxes = spot
+    directory, env = project
+    up = subprocess.run([DLBOX, "up", "--spot", "--nodes", "2"], cwd=directory, env=env,
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert up.returncode == 0, up.stdout + up.stderr
+    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
+                             "6", "--img-size", "64", "--batch-size", "4", "--patience", "0"],
+                            cwd=directory, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def mid_epoch():
+            found = list((directory / "runs").glob("*/run.json"))
+            if not found:
+                return None
+            record = json.loads(found[0].read_text())
+            chief = Path(record["remote_dir"])
+            try:
+                state = json.loads((chief / "checkpoints" / "state.json").read_text())
+                status = json.loads((chief / "status.json").read_text())
+            except (OSError, ValueError):
+                return None
+            going = status.get("epoch", 0) > state.get("completed", 0) >= 1 and status.get("step")
+            return record if going and record.get("nodes") else None
+
+        record = _wait("node 1 to be mid-epoch after a checkpoint", mid_epoch, proc)
+        worker = Path(record["nodes"][1]["remote_dir"])
+        os.killpg(int((worker / "run.pid").read_text()), signal.SIGKILL)
+        from tests import awsfakes
+
+        awsfakes.reclaim(_instance_at(aws, boxes[1].host))
+        sshd_mod.stop(boxes[1].sshd)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, out + err
+    assert "replacing it" in out and "resuming run" in out, out
+    run_dir = _only_run(directory)
+    assert _history_epochs(run_dir) == [1, 2, 3, 4, 5, 6]
+    final = json.loads((run_dir / "run.json").read_text())
+    assert final["status"] == "done"
+    assert final["nodes"][1]["box"] != record["nodes"][1]["box"]  # the new node took over
+    assert final["nodes"][1]["address"].startswith("127.0.0.4:")
+    assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
+    groups = aws.describe_placement_groups()["PlacementGroups"]
+    instances = [i for r in aws.describe_instances()["Reservations"] for i in r["Instances"]
+                 if i["State"]["Name"] == "running"]
+    assert len(instances) == 2 and {i["Placement"].get("GroupName") for i in instances} == \
+        {groups[0]["GroupName"]}  # the replacement joined the cluster's placement group
+
+    down = subprocess.run([DLBOX, "down"], cwd=directory, env=env, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [i for r in aws.describe_instances()["Reservations"] for i in r["Instances"]
+                if i["State"]["Name"] not in ("terminated", "shutting-down")]
+    assert aws.describe_placement_groups()["PlacementGroups"] == []
