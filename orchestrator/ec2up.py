@@ -353,10 +353,19 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Seque
 def _remake(project_dir: Path, cfg: config.Config, ec2, say: Say, lost: list[Ec2Box],
             indexes: list[int], nodes: int, like: _Like) -> list[Ec2Box]:
     """Nodes of a cluster made again like the others (lost: their old records, whose
-    instances are ended already): each new one recorded in its old one's place."""
+    instances are ended already): each new one recorded in its old one's place. One that
+    could not be made leaves its old record there: the cluster stays whole in the state
+    file, and `dlbox up` makes that node again (`dlbox down` ends the cluster)."""
     for old in lost:
         forget_node(project_dir, old)  # the key pair and groups stay: the other nodes use them
-    return _launch(project_dir, cfg, ec2, say, indexes, nodes, like)
+    try:
+        return _launch(project_dir, cfg, ec2, say, indexes, nodes, like)
+    except BaseException:
+        taken = {b.node for b in recorded(project_dir) if b.kind == Ec2Box.kind}
+        for old in lost:
+            if old.node not in taken:
+                state.put(project_dir, old)
+        raise
 
 
 def _ready(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config, say: Say,

@@ -170,3 +170,36 @@ def test_nodes_from_dlbox_toml_and_the_flag_over_it(tmp_path):
     config.write_default(tmp_path, force=True)
     assert "# nodes = 1" in (tmp_path / "dlbox.toml").read_text()
     assert config.load(tmp_path) == config.Config()
+
+
+def test_a_node_that_cannot_be_made_again_keeps_its_place_and_up_makes_it(cluster, aws):
+    """No capacity for the lost node's type in its zone: nothing of it runs, its record
+    stays (the cluster is whole in the state file); a later `up` makes it again there."""
+    from infra.errors import CapacityError
+    from orchestrator import boxes
+
+    project, _ = cluster
+    directory = project[0]
+    nodes = _up(project)
+    lost = boxes.recorded(directory)[1]
+    awsfakes.reclaim(lost.instance_id)
+    lost.retire(directory, lambda _: None)
+    with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity") as calls, \
+            pytest.raises(CapacityError, match=lost.zone):
+        lost.replacement(directory, lambda _: None)
+    assert [c["placement"] for c in calls] == [lost.zone]  # its zone only: no other is tried
+    assert [i["InstanceId"] for i in _instances(aws)] == [nodes[0]["instance_id"]]
+    assert sorted(b["node"] for b in _records(directory)) == [0, 1]
+    assert len(_placement_groups(aws)) == 1  # node 0 is in it
+
+    again = dlbox(project, "up")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "node(s) 1 of the cluster are gone; making them again" in again.stdout
+    records = sorted(_records(directory), key=lambda b: b["node"])
+    assert [(b["node"], b["zone"], b["placement_group"]) for b in records] == [
+        (0, lost.zone, lost.placement_group), (1, lost.zone, lost.placement_group)]
+    assert records[1]["instance_id"] not in (None, lost.instance_id)
+    assert records[1]["address"] == "127.0.0.3" and len(_instances(aws)) == 2
+    down = dlbox(project, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    _nothing_left(aws, directory)

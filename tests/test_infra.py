@@ -318,3 +318,20 @@ def test_a_new_node_joins_its_clusters_zone_and_placement_group(dlami):
         _cluster(ec2, replace(spec, instance_types=("g4dn.xlarge",)), nodes=1, zones=(zone,))
     # The group was not made by the failed try: it stays for the nodes in it.
     assert network.tagged_placement_groups(ec2, "p") == [f"dlbox-p-{zone}"]
+
+
+def test_down_all_deletes_every_projects_placement_groups_nothing_uses(dlami):
+    """release_unused(None) (`down --all`): dlbox's groups of every project once empty; a
+    group that is not dlbox's (no project tag) is never touched."""
+    ec2, _ = dlami
+    used = _cluster(ec2, _spec(ec2, placement_group="dlbox-p"), nodes=1)[0].instances[0]
+    assert network.ensure_placement_group(ec2, "dlbox-q-us-east-1a", {"dlbox:project": "q"})
+    assert not network.ensure_placement_group(ec2, "dlbox-q-us-east-1a", {"dlbox:project": "q"})
+    ec2.create_placement_group(GroupName="theirs", Strategy="cluster")
+    network.release_unused(ec2, None)
+    assert network.tagged_placement_groups(ec2) == [used.placement_group]
+    instances.terminate(ec2, [used.instance_id], timeout_s=30)
+    network.release_unused(ec2, None)
+    assert network.tagged_placement_groups(ec2) == []
+    assert [g["GroupName"] for g in ec2.describe_placement_groups()["PlacementGroups"]] == [
+        "theirs"]
