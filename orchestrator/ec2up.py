@@ -57,7 +57,6 @@ CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
                    "cloud-init status --wait >/dev/null 2>&1; exit 0")
 
 
-# The instance's purchasing option from IMDSv2 (spot boxes cannot stop, only terminate).
 T = TypeVar("T")
 R = TypeVar("R")
 _SAY = threading.Lock()  # nodes made ready at once say one line at a time
@@ -72,6 +71,7 @@ class _Like:
     image_id: str | None  # None: dlbox.toml's AMI
 
 
+# The instance's purchasing option from IMDSv2 (spot boxes cannot stop, only terminate).
 MARKET_COMMAND = ("token=$(curl -sf -m 2 -X PUT http://169.254.169.254/latest/api/token "
                   "-H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && curl -sf -m 2 "
                   "-H \"X-aws-ec2-metadata-token: $token\" "
@@ -139,8 +139,11 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
         for box, inst in reused.values():
             say(f"reusing box {box.name} ({inst.instance_id}, {inst.state})")
     if not reused:
+        if mates:
+            say(f"box {mates[0].name} is gone; launching a new one" if len(mates) == 1 else
+                f"the nodes of this project's cluster ({', '.join(b.name for b in mates)}) are "
+                "gone; launching a new cluster")
         for gone in mates:
-            say(f"box {gone.name} is gone; launching a new one")
             forget(project_dir, ec2, gone)
         return _chief(_launch(project_dir, cfg, clients(cfg.region, cfg.profile), say,
                               range(nodes), nodes))
