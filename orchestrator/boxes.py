@@ -244,8 +244,8 @@ def recorded(project_dir: Path) -> list[Box]:
 def current(project_dir: Path) -> Box | None:
     """The project's box (a cluster's chief), or None."""
     found = recorded(project_dir)
-    if _one_cluster(found):
-        return next(b for b in found if b.node == 0)
+    if _of_one_cluster(found):  # whole, or a node short (`up` makes it again)
+        return min(found, key=lambda b: b.node)
     if len(found) > 1:
         raise UsageError(f"this project records {len(found)} boxes ("
                          + ", ".join(b.label for b in found) + "); `dlbox down` ends them all")
@@ -257,6 +257,13 @@ def _one_cluster(found: list[Box]) -> bool:
     return (len(found) > 1 and len({b.kind for b in found}) == 1
             and sorted(b.node for b in found) == list(range(len(found)))
             and all(b.nodes == len(found) for b in found))
+
+
+def _of_one_cluster(found: list[Box]) -> bool:
+    """Whether the records are distinct nodes of one cluster, some maybe missing."""
+    sizes = {b.nodes for b in found}
+    return (len(found) > 1 and len({b.kind for b in found}) == 1 and len(sizes) == 1
+            and sizes.pop() >= len(found) and len({b.node for b in found}) == len(found))
 
 
 def cluster(project_dir: Path, chief: Box) -> list[Box]:
