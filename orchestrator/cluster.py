@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +36,7 @@ NODE_ANSWER_TIMEOUT_S = 30  # a node silent this long has failed the run
 # died never gets to its signal handler, so the wait is short.
 STOP_GRACE_S = 10
 STOP_POLL_S = 0.2
+WORKER_START_TIMEOUT_S = 120  # from the first check until its run.sh has begun
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
@@ -177,9 +179,11 @@ def _stop_command(remote_dir: str) -> str:
             "[ -e exit_code ] || { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }")
 
 
-def check(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> NodeFailed | None:
-    """The first node (other than the chief) whose worker failed, was killed or whose box does
-    not answer; None while they all run or ended well."""
+def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
+          starting: dict[int, float] | None = None) -> NodeFailed | None:
+    """The first node (other than the chief) whose worker failed, was killed, never started
+    (starting: when each node was first seen not started yet) or whose box does not answer;
+    None while they all run or ended well."""
     for w in workers(run)[1:]:
         box = nodes[w.node]
         try:
@@ -194,6 +198,11 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> NodeFaile
             return NodeFailed(w.node, box.label, f"lost the run's folder {w.remote_dir}")
         if answer[0] == "gone":
             return NodeFailed(w.node, box.label, "lost its worker (killed: no exit status)")
+        if answer[0] == "starting" and starting is not None:
+            since = starting.setdefault(w.node, time.monotonic())
+            if time.monotonic() - since > WORKER_START_TIMEOUT_S:
+                return NodeFailed(w.node, box.label, f"did not start its worker within "
+                                  f"{WORKER_START_TIMEOUT_S} s (see {w.remote_dir}/stdout.log)")
         if answer[0] == "ended" and answer[1:] not in (["0"], ["75"]):
             code = answer[1] if len(answer) > 1 else "?"
             last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
@@ -210,8 +219,10 @@ def _last_line(raw: bytes | None) -> str | None:
 def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callable[[], None]:
     """For follow: raises NodeFailed once a node other than the chief has failed."""
 
+    starting: dict[int, float] = {}
+
     def peers() -> None:
-        failed = check(run, nodes, machines)
+        failed = check(run, nodes, machines, starting)
         if failed is not None:
             raise failed
 
@@ -245,8 +256,6 @@ def wait_for_workers(run: runs.Run, nodes: list[Box], machines: list[Machine],
                      sleep: Callable[[float], None]) -> None:
     """After the chief ended: wait (bounded) until every other worker has ended; end those
     that have not."""
-    import time
-
     deadline = time.monotonic() + WORKERS_END_TIMEOUT_S
     while time.monotonic() < deadline:
         states = []
