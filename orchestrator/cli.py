@@ -38,6 +38,7 @@ EXIT_KILLED = 137  # a run that ended with no exit status (a power-off, SIGKILL)
 HOLD_LOCK_TIMEOUT_S = 30  # a run's start waits this long for an `up`/`down` to let the box go
 COPY_LOCK_TIMEOUT_S = 5  # a checkpoint copy waits this long for another dlbox's (then skips)
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1  # a cluster run a worker's own error stopped
 
 
 def _version(value: bool) -> None:
@@ -240,6 +241,7 @@ def down(
             if not found:
                 _down_unrecorded(region, profile, yes)
                 return
+            found.sort(key=lambda b: b.node)  # a cluster's chief first: its runs are settled first
             flags = boxes.DownFlags(purge=purge, profile=profile)
             for box in found:
                 boxes.check_down_flags(box, flags)
@@ -410,7 +412,8 @@ def train(
         if box.nodes > 1:
             nodes = [box] + [n.wake(_project(), _say)
                              for n in boxes.cluster(_project(), box)[1:]]
-            _train_on_cluster(nodes, model, data, test, list(ctx.args), down_after, cfg)
+            _train_on_cluster(nodes, model, data, test, list(ctx.args), down_after,
+                              not no_recover, cfg)
         for attempt in range(cfg.max_recoveries + 1):
             machine = box.machine(_project())
             try:
@@ -441,7 +444,7 @@ def train(
 
 
 def _train_on_cluster(nodes, model: str, data: str, test: str | None, trainer_args: list[str],
-                      down_after: bool, cfg) -> None:
+                      down_after: bool, recover: bool, cfg) -> None:
     """`train` on a cluster: a worker on every node, followed together; exits."""
     from . import boxes, boxlock, cluster
 
@@ -450,11 +453,11 @@ def _train_on_cluster(nodes, model: str, data: str, test: str | None, trainer_ar
         with _transfer_bar() as progress:
             run = cluster.start(_project(), nodes, machines, model, data, test, trainer_args,
                                 _say, progress, cfg.pip_args)
-        code = _follow_cluster(run, nodes, machines)
+        code = _follow_cluster(run, nodes, machines, recover)
     finally:
         for machine in machines:
             machine.close()
-    if down_after and runs_finished(run.run_id):
+    if down_after and _done(run.run_id):
         with _errors("the cluster may still be running: run `dlbox down`"), \
                 boxlock.held(_project(), _say):
             for node in nodes:
@@ -462,21 +465,22 @@ def _train_on_cluster(nodes, model: str, data: str, test: str | None, trainer_ar
     raise typer.Exit(code)
 
 
-def runs_finished(run_id: str) -> bool:
-    """Whether the run's results are pulled and verified (recorded as finished)."""
+def _done(run_id: str) -> bool:
+    """Whether the run ended well and its results are pulled and verified."""
     from . import runs
 
-    return runs.load(_project(), run_id).finished_at is not None
+    return runs.load(_project(), run_id).status == "done"
 
 
 def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
     """Stream a cluster run from its chief, watching the other nodes. A node its owner took
     back (spot) is replaced and the run resumed on every node (at most max_recoveries times
-    per command); any other failed node stops the run on every node (resumable: `dlbox
-    attach`). Pull, record; return the exit status. nodes and machines are updated in place."""
+    per command); any other failed node stops the run on every node (resumable by `dlbox
+    attach` unless a worker failed of its own error). Pull, record; return the exit status.
+    nodes and machines are updated in place."""
     from dataclasses import replace
 
-    from . import checkpoints, cluster, config, runs
+    from . import boxlock, checkpoints, cluster, config, runs
 
     budget = config.load(_project()).max_recoveries
     while True:
@@ -484,13 +488,19 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
         if code is None:
             return EXIT_INTERRUPTED  # detached: the run goes on
         if failed is not None:
-            code = runs.EXIT_RESUMABLE  # stopped on every node below, resumable
-        elif code != runs.EXIT_RESUMABLE:
-            break  # ended (a stop on a notice may have a node to replace: asked below)
+            code = runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED
+        if code == 0 or not recover or budget == 0:
+            break
         with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a box "
-                     "launched meanwhile is recorded: `dlbox down` ends it)"):
+                     "launched meanwhile is recorded: `dlbox down` ends it)"), \
+                boxlock.run_held(_project(), run.run_id, _say):  # one dlbox carries a run on
+            now = runs.load(_project(), run.run_id)
+            if now.nodes != run.nodes:  # another dlbox carried it on meanwhile: follow that
+                run = now
+                _refresh(nodes, machines, run)
+                continue
             gone = cluster.lost_nodes(_project(), nodes, machines, run)
-            if not (recover and budget > 0 and gone and all(g.reclaimed for _, g in gone)):
+            if not (gone and all(g.reclaimed for _, g in gone)):
                 break
             budget -= 1
             if failed is not None:
@@ -499,6 +509,7 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
             run = cluster.replace_lost(_project(), run, nodes, machines, gone, _say,
                                        config.load(_project()).pip_args)
             run = cluster.resume(_project(), run, nodes, machines, _say)
+            failed = None
     with _errors(f"`dlbox attach {run.run_id}` pulls the results"):
         if failed is not None:
             cluster.stop(run, nodes, machines)
@@ -514,18 +525,37 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     if failed is not None:
         copy = checkpoints.held(_project(), run.run_id)
-        on_chief = None if failed.node == 0 else runs.read_json(
-            machines[0].read(f"{run.remote_dir}/checkpoints/state.json"))
-        epoch = (on_chief or {}).get("completed", copy.completed if copy else 0)
+        epoch = copy.completed if copy else 0
+        if failed.node != 0:
+            with contextlib.suppress(DlboxError):
+                epoch = (runs.read_json(machines[0].read(
+                    f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
+        then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
+                if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
+                f"the run cannot go on as is")
         typer.secho(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
-                    f"checkpoint: epoch {epoch}); `dlbox attach {run.run_id}` resumes it from "
-                    "there once the node is back", err=True, fg=typer.colors.RED)
+                    f"checkpoint: epoch {epoch}); {then}", err=True, fg=typer.colors.RED)
     elif run.val_accuracy is not None:
         typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
                    f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
     else:
         typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
     return code
+
+
+def _refresh(nodes, machines, run) -> None:
+    """nodes and machines (in place) as the run's record names them now."""
+    from . import boxes, cluster
+
+    for w in cluster.workers(run):
+        if nodes[w.node].name != w.box:
+            box = boxes.named(_project(), w.box)
+            if box is None:
+                raise UsageError(f"node {w.node} of run {run.run_id} ({w.box}) is not recorded; "
+                                 f"`dlbox up` makes the cluster whole, then `dlbox attach "
+                                 f"{run.run_id}`")
+            machines[w.node].close()
+            nodes[w.node], machines[w.node] = box, box.machine(_project())
 
 
 def _follow_cluster_once(run, nodes, machines):
@@ -558,7 +588,10 @@ def _follow_cluster_once(run, nodes, machines):
     except DlboxError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
-        return cluster.check(run, nodes, machines), code
+        try:
+            return cluster.check(run, nodes, machines), code
+        except DlboxError:
+            return None, code
     return None, code
 
 
@@ -566,7 +599,11 @@ def _cluster_of(run):
     """(nodes, machines) of the cluster a recorded run ran on, woken."""
     from . import boxes, cluster
 
-    chief, _ = _box_of(run)
+    chief = boxes.named(_project(), run.box)
+    if chief is None:
+        raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's "
+                         f"box any more; its results are what was pulled into runs/{run.run_id}/")
+    chief = chief.wake(_project(), _say)
     nodes = boxes.cluster(_project(), chief)
     names = [w.box for w in cluster.workers(run)]
     if [n.name for n in nodes] != names:
@@ -576,17 +613,19 @@ def _cluster_of(run):
     return nodes, [n.machine(_project()) for n in nodes]
 
 
-def _attach_cluster(run, recover: bool = True) -> int:
+def _attach_cluster(run_id: str, recover: bool = True) -> int:
     """attach for a cluster run: follow it, or resume it on every node if it was stopped
     (a node its owner took back replaced first)."""
-    from . import boxlock, cluster, config
+    from . import boxlock, cluster, config, runs
     from .errors import RunInterrupted
 
-    nodes, machines = _cluster_of(run)
+    nodes, machines = [], []
     try:
-        if run.status == "interrupted" and run.finished_at is not None:
-            with _errors(f"`dlbox attach {run.run_id}` again resumes it"), \
-                    boxlock.run_held(_project(), run.run_id, _say):
+        with _errors(f"`dlbox attach {run_id}` again resumes it"), \
+                boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
+            run = runs.load(_project(), run_id)  # as the last holder left it
+            nodes, machines = _cluster_of(run)
+            if run.status == "interrupted" and run.finished_at is not None:
                 gone = cluster.lost_nodes(_project(), nodes, machines, run)
                 if gone and not recover:
                     raise RunInterrupted(f"run {run.run_id} lost node(s) "
@@ -666,24 +705,14 @@ def _box_of(run):
     return box, box.machine(_project())
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (then arrive as usual)."""
-    deferred = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
-
-
 def _hold(box) -> None:
     """While a run has results on the box, nothing that ends the box on its own destroys them.
     A Ctrl-C right after the start (to detach) waits for this short step."""
     from . import boxlock
+    from .signals import signals_deferred
 
     try:
-        with boxlock.held(_project(), _say, timeout_s=HOLD_LOCK_TIMEOUT_S), _signals_deferred():
+        with boxlock.held(_project(), _say, timeout_s=HOLD_LOCK_TIMEOUT_S), signals_deferred():
             box.hold_results(_project())
     except (DlboxError, InfraError) as exc:  # training goes on; the risk is said
         typer.secho(f"warning: could not keep the watchdog from destroying unpulled results "
@@ -796,7 +825,7 @@ def attach(
     with _errors(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is "
                  "recorded: `dlbox down` ends it)"):
         if runs.load(_project(), run_id).nodes:  # one line for a run that does not exist
-            raise typer.Exit(_attach_cluster(runs.load(_project(), run_id), not no_recover))
+            raise typer.Exit(_attach_cluster(run_id, not no_recover))
         cfg = config.load(_project())
         with boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
             run = runs.load(_project(), run_id)  # as the last holder left it
@@ -854,7 +883,25 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox ru
         else:  # ended: its results are final, and once here the box need not keep them
             _finish(run, box, machine, int(code.strip() or 1))
             local = _project() / runs.RUNS_DIR / run.run_id
+        machine.close()
+        if run.nodes:  # the other nodes' logs too; once the run ended, they may let it go
+            _pull_nodes(run_id, ended=code is not None)
     typer.echo(f"pulled into {local}")
+
+
+def _pull_nodes(run_id: str, ended: bool) -> None:
+    """A cluster run's other nodes: their logs into runs/<id>/nodes/; released once ended."""
+    from . import cluster, runs
+
+    run = runs.load(_project(), run_id)
+    nodes, machines = _cluster_of(run)
+    try:
+        cluster.pull_logs(_project(), run, machines)
+        if ended:
+            cluster.release(_project(), run, nodes, machines)
+    finally:
+        for machine in machines:
+            machine.close()
 
 
 @app.command()
@@ -915,7 +962,8 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
     with _errors():
         run = runs.load(_project(), run_id)
         if run.nodes:
-            raise typer.Exit(_cancel_cluster(run))
+            _cancel_cluster(run)
+            return
         box, machine = _box_of(run)
         code = runs.cancel(run, machine, _say)
         run = _finish(run, box, machine, code)
@@ -923,7 +971,7 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
                f"{runs.RUNS_DIR}/{run.run_id}/")
 
 
-def _cancel_cluster(run) -> int:
+def _cancel_cluster(run) -> None:
     """cancel on a cluster: SIGTERM every worker (they stop at the same step, checkpoint and
     exit 75), wait for the chief, then as any ended cluster run."""
     from . import cluster, runs
@@ -941,7 +989,6 @@ def _cancel_cluster(run) -> int:
             machine.close()
     typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes (exit {code}); what it had "
                f"is in {runs.RUNS_DIR}/{run.run_id}/")
-    return code
 
 
 @app.command("runs")

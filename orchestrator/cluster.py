@@ -11,25 +11,22 @@ import json
 import shlex
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
-from . import boxlock, checkpoints, records, runs
+from . import boxlock, checkpoints, parallel, records, runs
 from .atomic import write_atomic
 from .boxes import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine
-
-T = TypeVar("T")
+from .signals import signals_deferred
 
 # Asks the box's Python for a free TCP port: the worker's collective endpoint binds it.
-FREE_PORT = ("import socket; s = socket.socket(); s.bind(('', 0)); "
-             "print(s.getsockname()[1])")
+FREE_PORT = ("import socket, sys; s = socket.socket(socket.AF_INET6 if sys.argv[1] == '6' "
+             "else socket.AF_INET); s.bind(('', 0)); print(s.getsockname()[1])")
 NODE_CHECK_S = 3.0  # how often the other nodes are asked whether their worker still runs
 NODE_ANSWER_TIMEOUT_S = 30  # a node silent this long has failed the run
 # SIGTERM -> checkpoint -> exit, then SIGKILL: a worker blocked in a collective whose peer
@@ -40,6 +37,9 @@ WORKER_START_TIMEOUT_S = 120  # from the first check until its run.sh has begun
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
+EXIT_NOT_STARTED = 1  # a cluster run whose workers could not all be started
+MESSAGE_CHARS = 400  # of a node's failure line (remote stderr can run to pages)
+PORT_TRIES = 5  # probes of a node that answered a port another node of its host got
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,18 @@ class Worker:
 
 
 class NodeFailed(DlboxError):
-    """A node's worker failed or its box stopped answering: the run cannot go on as is."""
+    """A node's worker failed or its box stopped answering: the run cannot go on as is.
+    resumable: the node was lost (killed, silent, stopped), not failed by its own error."""
 
-    def __init__(self, node: int, label: str, why: str) -> None:
-        super().__init__(f"node {node} ({label}) {why}")
-        self.node, self.label, self.why = node, label, why
+    def __init__(self, node: int, label: str, why: str, resumable: bool = True) -> None:
+        super().__init__(_one_line(f"node {node} ({label}) {why}"))
+        self.node, self.label, self.why, self.resumable = node, label, why, resumable
+
+
+def _one_line(text: str) -> str:
+    """Remote text (stderr, a log's last line) as one printable line of bounded length."""
+    line = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
+    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 1] + "…"
 
 
 def workers(run: runs.Run) -> list[Worker]:
@@ -72,14 +79,6 @@ def workers(run: runs.Run) -> list[Worker]:
             from exc
 
 
-def _each(items: list[T], work: Callable[[int, T], Any]) -> list[Any]:
-    """work(i, item) for every item at once (one thread each); the first failure raised
-    once all have ended."""
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        futures = [pool.submit(work, i, item) for i, item in enumerate(items)]
-    return [f.result() for f in futures]
-
-
 def _tf_config(addresses: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": addresses},
                        "task": {"type": "worker", "index": index}})
@@ -87,12 +86,13 @@ def _tf_config(addresses: list[str], index: int) -> str:
 
 def _endpoint(box: Box, machine: Machine) -> str:
     """host:port for the node's collective endpoint: a port free on it now."""
-    done = machine.run(f"{shlex.quote(box.python)} -c {shlex.quote(FREE_PORT)}")
+    host = box.address or "127.0.0.1"
+    family = "6" if ":" in host else "4"
+    done = machine.run(f"{shlex.quote(box.python)} -c {shlex.quote(FREE_PORT)} {family}")
     port = done.stdout.strip()
     if done.exit_code != 0 or not port.isdigit():
         raise DlboxError(f"{box.label}: could not find a free port for the workers to talk "
-                         f"on ({done.stderr.strip() or done.stdout.strip()})")
-    host = box.address or "127.0.0.1"
+                         f"on ({_one_line(done.stderr or done.stdout)})")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -108,7 +108,7 @@ def start(project_dir: Path, nodes: list[Box], machines: list[Machine], model: s
         return runs.ship(box, machines[k], data, test, tell, progress if k == 0 else None,
                          pip_args)
 
-    shipped = _each(nodes, ship)
+    shipped = parallel.each(lambda k: ship(k, nodes[k]), range(len(nodes)))
     run_id, chief_dir = runs.reserve_on_box(project_dir, machines[0], nodes[0].workdir, model)
     dirs = [chief_dir] + [runs.reserve_folder(machines[k], nodes[k].workdir, run_id)
                           for k in range(1, len(nodes))]
@@ -131,7 +131,15 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
            team: list[Worker]) -> runs.Run:
     """Pick each node's endpoint, write every run.sh with its TF_CONFIG, record the run and
     start every worker; a worker that cannot start stops those that did."""
-    addresses = _each(nodes, lambda k, box: _endpoint(box, machines[k]))
+    addresses: list[str] = []
+    for k, box in enumerate(nodes):  # one at a time: nodes on one host must differ in port
+        for _ in range(PORT_TRIES):
+            address = _endpoint(box, machines[k])
+            if address not in addresses:
+                break
+        else:
+            raise DlboxError(f"{box.label}: no free port that no other node took; try again")
+        addresses.append(address)
     team = [replace(w, address=addresses[w.node]) for w in team]
     for w, box in zip(team, nodes, strict=True):
         shipped = runs.Shipped(w.code, w.data, w.test)
@@ -142,72 +150,92 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
             run = replace(run, args=args)
     run = replace(run, nodes=tuple(asdict(w) for w in team))
     runs.save(project_dir, run)
-    started = []
+    tried = []
     try:
         for w, box in zip(team, nodes, strict=True):
+            tried.append(w.node)  # before: an interrupt mid-start may leave it started
             runs.start_script(box, machines[w.node], w.remote_dir)
-            started.append(w.node)
-    except DlboxError:
-        stop(run, nodes, machines, only=started)
+    except BaseException:  # a failure, Ctrl-C, SIGTERM: no worker waits for a missing peer
+        with signals_deferred():
+            stop(run, nodes, machines, only=tried)
+            runs.save(project_dir, replace(run, status="failed", exit_code=EXIT_NOT_STARTED,
+                                           finished_at=runs.now()))
         raise
     return run
 
 
 def _state_command(remote_dir: str) -> str:
     """Prints "ended CODE", "running", "starting", "gone" (killed: no exit status) or
-    "missing" (no folder) for the node's worker (run.sh leaves its pid in run.pid)."""
+    "missing" (no folder) for the node's worker: run.pid names run.sh, which leads the
+    process group of the run (setsid); the run lives while any process of the group does."""
     ended = 'if [ -e exit_code ]; then echo "ended $(cat exit_code)"; exit 0; fi'
-    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; {ended}; "
-            "pid=$(cat run.pid 2>/dev/null); "
-            'if [ -n "$pid" ] && tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | '
-            'grep -q "run\\.sh"; then echo running; exit 0; fi; '
-            # run.sh writes exit_code as it ends: look again before saying gone
-            f"{ended}; if [ -e run.pid ]; then echo gone; else echo starting; fi")
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; "
+            f'{_READ_PID} if [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; then '
+            f"echo running; exit 0; fi; {ended}; "
+            # run.sh writes exit_code as it ends: looked at after the group is seen gone
+            "if [ -e run.pid ]; then echo gone; else echo starting; fi")
+
+
+# run.pid's number, if it is one above 1 (kill -0 -- -1 would mean every process).
+_READ_PID = ('pid=$(cat run.pid 2>/dev/null); case "$pid" in ""|*[!0-9]*|0|1) pid= ;; esac;')
 
 
 def _stop_command(remote_dir: str) -> str:
-    """SIGTERM the worker's whole process group, SIGKILL it after STOP_GRACE_S; record a
-    worker killed so as exit status 137 (run.sh, killed too, cannot)."""
+    """SIGTERM the worker's process group, SIGKILL what is left of it after STOP_GRACE_S;
+    once the group is gone, a worker killed so gets exit status 137 (run.sh, killed too,
+    cannot write it)."""
     polls = int(STOP_GRACE_S / STOP_POLL_S)
-    alive = 'tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null | grep -q "run\\.sh"'
-    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; "
-            "pid=$(cat run.pid 2>/dev/null); "
-            'case "$pid" in ""|*[!0-9]*) pid= ;; esac; '
+    alive = 'kill -0 -- "-$pid" 2>/dev/null'
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_READ_PID} "
             f'if [ -n "$pid" ] && {alive}; then kill -TERM -- "-$pid" 2>/dev/null; '
             f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; "
-            f'{alive} && kill -KILL -- "-$pid" 2>/dev/null; fi; '
+            f'if {alive}; then kill -KILL -- "-$pid" 2>/dev/null; '
+            f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; fi; fi; "
             "[ -e exit_code ] || { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }")
 
 
 def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
-          starting: dict[int, float] | None = None) -> NodeFailed | None:
-    """The first node (other than the chief) whose worker failed, was killed, never started
-    (starting: when each node was first seen not started yet) or whose box does not answer;
-    None while they all run or ended well."""
+          since: dict[tuple[str, int], float] | None = None) -> NodeFailed | None:
+    """The first node (other than the chief) whose worker failed, stopped, was killed, never
+    started or whose box has not answered for NODE_ANSWER_TIMEOUT_S; None while they all
+    run or ended well. since: when each node was first seen not answering or not started
+    (kept across calls); without it, one miss is enough."""
+    def late(what: str, node: int, bound_s: float) -> bool:
+        if since is None:
+            return True
+        return time.monotonic() - since.setdefault((what, node), time.monotonic()) >= bound_s
+
     for w in workers(run)[1:]:
         box = nodes[w.node]
         try:
             done = machines[w.node].run(_state_command(w.remote_dir),
                                         timeout=NODE_ANSWER_TIMEOUT_S)
+            answer = done.stdout.split() if done.exit_code == 0 else []
+            why = str(done.stderr)
         except DlboxError as exc:
-            return NodeFailed(w.node, box.label, f"does not answer ({exc})")
-        answer = done.stdout.split()
-        if done.exit_code != 0 or not answer:
-            return NodeFailed(w.node, box.label, f"does not answer ({done.stderr.strip()})")
+            answer, why = [], str(exc)
+        if since is not None and answer:
+            since.pop(("silent", w.node), None)
+        if not answer:
+            if late("silent", w.node, NODE_ANSWER_TIMEOUT_S):
+                return NodeFailed(w.node, box.label, f"does not answer ({why.strip()})")
+            continue
         if answer[0] == "missing":
             return NodeFailed(w.node, box.label, f"lost the run's folder {w.remote_dir}")
         if answer[0] == "gone":
             return NodeFailed(w.node, box.label, "lost its worker (killed: no exit status)")
-        if answer[0] == "starting" and starting is not None:
-            since = starting.setdefault(w.node, time.monotonic())
-            if time.monotonic() - since > WORKER_START_TIMEOUT_S:
-                return NodeFailed(w.node, box.label, f"did not start its worker within "
-                                  f"{WORKER_START_TIMEOUT_S} s (see {w.remote_dir}/stdout.log)")
-        if answer[0] == "ended" and answer[1:] not in (["0"], ["75"]):
+        if answer[0] == "starting" and late("starting", w.node, WORKER_START_TIMEOUT_S):
+            return NodeFailed(w.node, box.label, f"did not start its worker within "
+                              f"{WORKER_START_TIMEOUT_S} s (see {w.remote_dir}/stdout.log)")
+        if answer[0] == "ended" and answer[1:] != ["0"]:
             code = answer[1] if len(answer) > 1 else "?"
-            last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
-            return NodeFailed(w.node, box.label, f"had its worker exit with status {code}"
-                              + (f": {last}" if last else ""))
+            if code in (str(runs.EXIT_RESUMABLE), "137", "143"):
+                return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})")
+            last = None
+            with contextlib.suppress(DlboxError):
+                last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
+            return NodeFailed(w.node, box.label, f"had its worker fail (exit status {code})"
+                              + (f": {last}" if last else ""), resumable=False)
     return None
 
 
@@ -219,10 +247,10 @@ def _last_line(raw: bytes | None) -> str | None:
 def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callable[[], None]:
     """For follow: raises NodeFailed once a node other than the chief has failed."""
 
-    starting: dict[int, float] = {}
+    since: dict[tuple[str, int], float] = {}
 
     def peers() -> None:
-        failed = check(run, nodes, machines, starting)
+        failed = check(run, nodes, machines, since)
         if failed is not None:
             raise failed
 
@@ -233,23 +261,25 @@ def stop(run: runs.Run, nodes: list[Box], machines: list[Machine],
          only: list[int] | None = None) -> None:
     """End the run's worker on every node (or those listed) that still answers, all at once."""
 
-    def end(k: int, box: Box) -> None:
-        if only is not None and k not in only:
-            return
-        with contextlib.suppress(DlboxError):  # a node that does not answer runs nothing we reach
-            machines[k].run(_stop_command(workers(run)[k].remote_dir),
-                            timeout=STOP_GRACE_S + NODE_ANSWER_TIMEOUT_S)
+    team = workers(run)
 
-    _each(nodes, end)
+    def end(k: int) -> None:
+        with contextlib.suppress(DlboxError):  # a node that does not answer runs nothing we reach
+            machines[k].run(_stop_command(team[k].remote_dir),
+                            timeout=2 * STOP_GRACE_S + NODE_ANSWER_TIMEOUT_S)
+
+    parallel.each(end, [k for k in range(len(team)) if only is None or k in only])
 
 
 def signal_workers(run: runs.Run, machines: list[Machine]) -> None:
     """SIGTERM the trainer of every node but the chief (runs.cancel does the chief)."""
     for w in workers(run)[1:]:
         with contextlib.suppress(DlboxError):  # a node that does not answer: stopped below
+            state = machines[w.node].run(_state_command(w.remote_dir)).stdout.split()[:1]
             status = runs.read_json(machines[w.node].read(f"{w.remote_dir}/status.json")) or {}
-            if isinstance(status.get("pid"), int):
-                machines[w.node].run(f"kill -TERM {status['pid']} 2>/dev/null")
+            pid = status.get("pid")
+            if state == ["running"] and isinstance(pid, int) and pid > 1:
+                machines[w.node].run(f"kill -TERM {pid} 2>/dev/null")
 
 
 def wait_for_workers(run: runs.Run, nodes: list[Box], machines: list[Machine],
@@ -342,8 +372,8 @@ def replace_lost(project_dir: Path, run: runs.Run, nodes: list[Box], machines: l
         team[k] = Worker(k, nodes[k].name, remote, "", shipped.code, shipped.data, shipped.test)
         if k == 0:
             run = replace(run, box=nodes[k].name, remote_dir=remote)
-    run = replace(run, nodes=tuple(asdict(w) for w in team))
-    runs.save(project_dir, run)
+        run = replace(run, nodes=tuple(asdict(w) for w in team))
+        runs.save(project_dir, run)  # each node as it is made: a cut-short replacement resumes
     return run
 
 
@@ -356,6 +386,14 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
         raise UsageError(f"run {run.run_id} ran on nodes {', '.join(w.box for w in team)}; "
                          "this project's cluster is not those any more, so it cannot resume")
     stop(run, nodes, machines)  # nothing of the run may still hold a port or a file
+    for w in team:  # a node made again (or wiped) since: code, data and a folder first
+        if machines[w.node].run(_state_command(w.remote_dir)).stdout.split()[:1] == ["missing"]:
+            shipped = runs.ship(nodes[w.node], machines[w.node], run.data or "", run.test, say)
+            remote = runs.reserve_folder(machines[w.node], nodes[w.node].workdir, run.run_id)
+            team[w.node] = Worker(w.node, w.box, remote, "", shipped.code, shipped.data,
+                                  shipped.test)
+            if w.node == 0:
+                run = replace(run, remote_dir=remote)
     copy = checkpoints.pull(project_dir, run, machines[0]) or \
         checkpoints.held(project_dir, run.run_id)
     for w in team:

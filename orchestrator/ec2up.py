@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import getpass
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 from . import (
     config,
@@ -27,6 +27,7 @@ from . import (
     keys,
     myip,
     netwait,
+    parallel,
     registry,
     sshtarget,
     state,
@@ -57,8 +58,6 @@ CLOUD_INIT_WAIT = ("command -v cloud-init >/dev/null || exit 0; "
                    "cloud-init status --wait >/dev/null 2>&1; exit 0")
 
 
-T = TypeVar("T")
-R = TypeVar("R")
 _SAY = threading.Lock()  # nodes made ready at once say one line at a time
 
 
@@ -154,7 +153,7 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
         stopped = [inst for _, inst in reused.values() if inst.state in ("stopping", "stopped")]
         for inst in stopped:
             say(f"{inst.instance_id} is stopped (its disk kept); starting it...")
-        _each(lambda inst: instances.start(ec2, inst.instance_id, RUNNING_TIMEOUT_S), stopped)
+        parallel.each(lambda inst: instances.start(ec2, inst.instance_id, RUNNING_TIMEOUT_S), stopped)
         # Your address may have changed since the launch: open SSH to today's.
         network.ensure_security_group(ec2, f"dlbox-{project_name(project_dir)}",
                                       cfg.ssh_cidr or myip.public_cidr(), boxes[0].ssh_port,
@@ -392,7 +391,7 @@ def _ready(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config, say:
                                .known_hosts_name)
             boxes[i] = replace(box, host=inst.public_ip)
             state.put(project_dir, boxes[i])
-        banners = _each(lambda b: netwait.wait_for_ssh(b.host, b.ssh_port), boxes)
+        banners = parallel.each(lambda b: netwait.wait_for_ssh(b.host, b.ssh_port), boxes)
         boxes = _log_in(project_dir, ec2, boxes, cfg, say)
         if any(b.node == 0 for b in boxes):
             sshtarget.write_config(state.state_dir(project_dir),
@@ -426,7 +425,7 @@ def _log_in(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config,
                                        connect_deadline_s=cfg.login_timeout_seconds))
             machines[-1].conn  # noqa: B018 - the first login, which pins the key, now
             checked.append(bool(expected))
-        boxes = _each(lambda pair: _prepare(pair[0], pair[1], cfg, _node_say(say, pair[0])),
+        boxes = parallel.each(lambda pair: _prepare(pair[0], pair[1], cfg, _node_say(say, pair[0])),
                       list(zip(boxes, machines, strict=True)))
     finally:
         for machine in machines:
@@ -464,34 +463,6 @@ def _node_say(say: Say, box: Ec2Box) -> Say:
             say(f"node {box.node}: {line}")
 
     return said
-
-
-def _each(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """fn(item) for every item at once; the results in order, or the first error.
-
-    Daemon threads: an interrupt, or a node that failed, need not wait for the others'
-    bounded waits to end (ending the instances ends their SSH sessions too)."""
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    results: dict[int, R] = {}
-    errors: list[BaseException] = []
-    finished = threading.Semaphore(0)
-
-    def work(i: int, item: T) -> None:
-        try:
-            results[i] = fn(item)
-        except BaseException as exc:  # handed to the caller's thread
-            errors.append(exc)
-        finally:
-            finished.release()
-
-    for i, item in enumerate(items):
-        threading.Thread(target=work, args=(i, item), daemon=True, name=f"dlbox-node-{i}").start()
-    for _ in items:
-        finished.acquire()
-        if errors:
-            raise errors[0]
-    return [results[i] for i in range(len(items))]
 
 
 def _say_watchdog(machine: SshMachine, cfg: config.Config, say: Say) -> None:

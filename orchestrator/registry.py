@@ -38,8 +38,7 @@ def live_runs(machine: Machine, registry: str) -> dict[str, int]:
     return found
 
 
-def stop_live_runs(machine: Machine, registry: str, only: set[str] | None = None,
-                   timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+def stop_live_runs(machine: Machine, registry: str, only: set[str] | None = None) -> list[str]:
     """End every live run's (or only those named) whole process group (run.sh and its
     trainer): SIGTERM, a bounded wait for the trainer's checkpoint, then SIGKILL. Their ids."""
     live = {run_id: pid for run_id, pid in live_runs(machine, registry).items()
@@ -47,10 +46,10 @@ def stop_live_runs(machine: Machine, registry: str, only: set[str] | None = None
     if live:
         groups = " ".join(f"-{pid}" for pid in live.values())
         machine.run(f"kill -TERM -- {groups} 2>/dev/null; "
-                    f"for i in $(seq {int(timeout_s / STOP_POLL_S)}); do "
+                    f"for i in $(seq {int(STOP_TIMEOUT_S / STOP_POLL_S)}); do "
                     f"left=; for g in {groups}; do kill -0 -- $g 2>/dev/null && left=1; done; "
                     f'[ -z "$left" ] && exit 0; sleep {STOP_POLL_S}; done; '
-                    f"kill -KILL -- {groups} 2>/dev/null; exit 0", timeout=timeout_s * 2)
+                    f"kill -KILL -- {groups} 2>/dev/null; exit 0", timeout=STOP_TIMEOUT_S * 2)
     return sorted(live)
 
 

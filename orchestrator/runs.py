@@ -382,8 +382,10 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
+    # $! is run.sh's pid: setsid, not a group leader here, runs it in place (no fork).
     started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
-                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null &")
+                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & "
+                          'echo "$!" > run.pid.tmp && mv run.pid.tmp run.pid')
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
 

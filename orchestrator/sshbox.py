@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import config, environment, registry, sshtarget, state, workdir
+from . import boxes, config, environment, registry, sshtarget, state, workdir
 from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
@@ -70,6 +70,11 @@ class SshBox(Unwatched):
         if existing is not None and existing.name != names[0]:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "
                              f"use {names[0]}")
+        if existing is not None and existing.nodes > 1:
+            had = [b.name for b in boxes.cluster(project_dir, existing)]
+            if had != names:
+                raise UsageError(f"this project's cluster is {', '.join(had)}; `dlbox down` "
+                                 f"first to use {', '.join(names)}")
         cfg = config.load(project_dir)
         made = []
         for node, (host, port, user, key_path) in enumerate(targets):
@@ -110,7 +115,7 @@ class SshBox(Unwatched):
             from . import runs
 
             mine = {r.run_id for r in runs.all_runs(project_dir, lambda _: None)
-                    if r.box == self.name}
+                    if r.box == self.name or any(n.get("box") == self.name for n in r.nodes)}
             machine = self.machine(project_dir)
             try:
                 # The folder may be shared with other projects (the default ~/dlbox is):
