@@ -170,12 +170,16 @@ def _state_command(remote_dir: str) -> str:
     process group of the run (setsid); the run lives while any process of the group does."""
     ended = 'if [ -e exit_code ]; then echo "ended $(cat exit_code)"; exit 0; fi'
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; "
-            f'{_READ_PID} if [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; then '
+            f'{_READ_PID} if [ -n "$pid" ] && {_GROUP_ALIVE}; then '
             f"echo running; exit 0; fi; {ended}; "
             # run.sh writes exit_code as it ends: looked at after the group is seen gone
             "if [ -e run.pid ]; then echo gone; else echo starting; fi")
 
 
+# Whether a process of the group lives (a zombie does not: an orphan's may wait long for a
+# reaper, and kill -0 counts it).
+_GROUP_ALIVE = ('ps -e -o pgid=,stat= | awk -v g="$pid" \'$1 == g && $2 !~ /^Z/ {a = 1} '
+                'END {exit !a}\'')
 # run.pid's number, if it is one above 1 (kill -0 -- -1 would mean every process).
 _READ_PID = ('pid=$(cat run.pid 2>/dev/null); case "$pid" in ""|*[!0-9]*|0|1) pid= ;; esac;')
 
@@ -185,7 +189,7 @@ def _stop_command(remote_dir: str) -> str:
     once the group is gone, a worker killed so gets exit status 137 (run.sh, killed too,
     cannot write it)."""
     polls = int(STOP_GRACE_S / STOP_POLL_S)
-    alive = 'kill -0 -- "-$pid" 2>/dev/null'
+    alive = _GROUP_ALIVE
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_READ_PID} "
             f'if [ -n "$pid" ] && {alive}; then kill -TERM -- "-$pid" 2>/dev/null; '
             f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; "

@@ -280,3 +280,69 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
     assert not [i for r in aws.describe_instances()["Reservations"] for i in r["Instances"]
                 if i["State"]["Name"] not in ("terminated", "shutting-down")]
     assert aws.describe_placement_groups()["PlacementGroups"] == []
+
+
+def _bare_run(folder: Path):
+    """A cluster run of one node whose folder is folder (for the worker commands alone)."""
+    from orchestrator import runs
+
+    node = {"node": 0, "box": "local", "remote_dir": str(folder), "address": "127.0.0.1:1",
+            "code": "", "data": "", "test": None}
+    return runs.Run(run_id="r", model="scratch", box="local", remote_dir=str(folder), args=[],
+                    started_at=runs.now(), nodes=(node,))
+
+
+def _state(machine, folder: Path) -> str:
+    from orchestrator import cluster
+
+    return machine.run(cluster._state_command(str(folder))).stdout.strip()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, monkeypatch):
+    """run.sh dies at the first SIGTERM; a trainer blocked in an all-reduce does not: stop
+    waits for the whole group, SIGKILLs what is left, and only then writes exit status 137."""
+    from orchestrator import cluster, runs
+    from orchestrator.localbox import LocalBox
+    from orchestrator.localmachine import LocalMachine
+
+    monkeypatch.setattr(cluster, "STOP_GRACE_S", 1)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "run.sh").write_text(
+        f"{sys.executable} -c 'import signal, time; signal.signal(signal.SIGTERM, "
+        "signal.SIG_IGN); open(\"child\", \"w\").close(); time.sleep(600)' &\nwait\n")
+    machine, box = LocalMachine(), LocalBox(name="local", workdir=str(tmp_path), python="")
+    assert _state(machine, folder) == "starting"
+    runs.start_script(box, machine, str(folder))
+    deadline = time.monotonic() + 30
+    while not (folder / "child").exists():
+        assert time.monotonic() < deadline
+        time.sleep(POLL_S)
+    pgid = int((folder / "run.pid").read_text())
+    assert _state(machine, folder) == "running"
+    cluster.stop(_bare_run(folder), [box], [machine])
+    assert (folder / "exit_code").read_text().strip() == "137"
+    assert _state(machine, folder) == "ended 137"
+    listed = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True, text=True)
+    alive = [line for line in listed.stdout.splitlines()
+             if line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")]
+    assert alive == []  # zombies wait for a reaper: nothing of the group runs
+
+
+def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path):
+    from orchestrator import runs
+    from orchestrator.localbox import LocalBox
+    from orchestrator.localmachine import LocalMachine
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "run.sh").write_text("sleep 600\n")
+    machine, box = LocalMachine(), LocalBox(name="local", workdir=str(tmp_path), python="")
+    runs.start_script(box, machine, str(folder))
+    assert _state(machine, folder) == "running"
+    os.killpg(int((folder / "run.pid").read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _state(machine, folder) != "gone":
+        assert time.monotonic() < deadline
+        time.sleep(POLL_S)
+    assert _state(machine, tmp_path / "nothing") == "missing"
