@@ -19,6 +19,7 @@ from pathlib import Path
 # Before TensorFlow is imported anywhere: keep its C++ start-up chatter out of the logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from . import cluster as clusters
 from . import data, options
 from .errors import (
     EXIT_FAILED,
@@ -27,6 +28,7 @@ from .errors import (
     EXIT_SIGINT,
     EXIT_USAGE,
     Interrupted,
+    TrainerError,
     UsageError,
 )
 from .status import Heartbeat
@@ -125,6 +127,7 @@ def _main(argv: list[str] | None) -> int:
     out = None
     try:
         opts = options.parse(argv)
+        cluster = clusters.from_env()
         out = options.prepare_out(opts)
         labelled = data.find_labelled(opts.data, opts.extract_dir)
         test_items = data.find_unlabelled(opts.test, opts.extract_dir) if opts.test else None
@@ -141,16 +144,17 @@ def _main(argv: list[str] | None) -> int:
         return _crash_before_logging(exc, out)
     _setup_logging(out)
     log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv))
-    hb = Heartbeat(out / "status.json", model=opts.model, epochs=opts.total_epochs).start()
+    hb = Heartbeat(out / "status.json", model=opts.model, epochs=opts.total_epochs,
+                   node=cluster.index, nodes=cluster.workers).start()
     try:
         from . import train  # TensorFlow is imported only from here on
 
-        done = train.finished_metrics(out, opts)
+        done = train.finished_metrics(out, opts, cluster)
         if done is not None:
             log.info("this run already finished (val_accuracy %.4f); nothing to do",
                      done["val_accuracy"])
         else:
-            done = train.run(opts, out, labelled, test_items, hb, stop)
+            done = train.run(opts, out, labelled, test_items, hb, stop, cluster)
     except Interrupted as exc:
         hb.finish("interrupted", message=str(exc))
         _fail(str(exc), logging.WARNING)
@@ -160,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
         hb.finish("interrupted", message=message)
         _fail(message, logging.WARNING)
         return EXIT_SIGINT
-    except UsageError as exc:
+    except TrainerError as exc:  # usage, data, a lost or failed worker, a diverged loss
         hb.finish("failed", error=str(exc))
         _fail(str(exc))
         return exc.exit_code
@@ -175,8 +179,10 @@ def _main(argv: list[str] | None) -> int:
         hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
         _fail(_internal_error(exc, out / "train.log"))
         return EXIT_FAILED
+    # weights_sha256: equal on every worker of a cluster (absent when --resume found it done).
     hb.finish("done", metrics={k: done[k] for k in ("val_accuracy", "val_loss")},
-              best_epoch=done["best_epoch"], epochs_run=done["epochs_run"])
+              best_epoch=done["best_epoch"], epochs_run=done["epochs_run"],
+              weights_sha256=done.get("weights_sha256"))
     return EXIT_OK
 
 

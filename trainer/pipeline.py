@@ -168,8 +168,56 @@ def batches(
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(index, np.int64))
     if training:
         ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def padded_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    index: np.ndarray,
+    batch_size: int,
+    n_batches: int,
+    *,
+    training: bool,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Exactly n_batches full batches of (float32 images, float32 labels, float32 weights).
+
+    index's examples come first (shuffled when training) with weight 1, then zero-weight
+    repeats of them fill the rest: every worker of a cluster runs the same number of steps
+    whatever its shard holds, and the zero weights keep the sums exact. Full batches also
+    keep one input shape, so the step is traced once.
+    """
+    size = images.shape[1]
+    index = np.asarray(index, np.int64)
+    padding = n_batches * batch_size - len(index)
+    if padding < 0 or not len(index):
+        raise ValueError(f"{len(index)} examples do not fit {n_batches} batches of {batch_size}")
+
+    def gather(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+        order = np.argsort(rows, kind="stable")  # sequential reads when the cache is a memmap
+        rows = rows[order]
+        return images[rows], labels[rows], weights[order]
+
+    def load(rows: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, w = tf.numpy_function(gather, [rows, weights], (tf.uint8, tf.float32, tf.float32),
+                                    stateful=False)
+        x = tf.ensure_shape(x, (batch_size, size, size, 3))
+        x = augment(x) if training else tf.cast(x, tf.float32)
+        return x, tf.ensure_shape(y, (batch_size,)), tf.ensure_shape(w, (batch_size,))
+
+    real = tf.data.Dataset.from_tensor_slices((index, np.ones(len(index), np.float32)))
+    if training:
+        real = real.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
+    filler = tf.data.Dataset.from_tensor_slices((np.resize(index, padding),
+                                                 np.zeros(padding, np.float32)))
+    ds = real.concatenate(filler).batch(batch_size, drop_remainder=True)
+    return _finish(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
-    # One worker: nothing to shard, and FILE sharding cannot apply to an index dataset.
+    # Each worker builds its own shard's dataset: there is nothing left for tf.distribute to
+    # shard, and FILE sharding cannot apply to an index dataset.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

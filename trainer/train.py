@@ -1,14 +1,23 @@
-"""One training run: devices, image cache, resumable epochs (two phases for vgg16), outputs."""
+"""One training run: devices, image cache, resumable epochs (two phases for vgg16), outputs.
+
+With TF_CONFIG naming several workers, every worker runs this same code on its own shard of
+the images (MultiWorkerMirroredStrategy); only the chief (worker 0) writes the outputs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,9 +25,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import data, outputs, pipeline
+from . import data, loop, outputs, pipeline
 from .checkpoint import Checkpoints, ResumeState
-from .errors import DataError, TrainerError
+from .cluster import TF_CONFIG_ENV, Cluster
+from .errors import (
+    EXIT_PEER_LOST,
+    DataError,
+    Interrupted,
+    PeerFailed,
+    PeerLost,
+    TrainerError,
+    UsageError,
+)
 from .options import Options
 from .recipes import Phase
 from .status import Heartbeat
@@ -29,6 +47,13 @@ log = logging.getLogger("trainer")
 PREDICT_BATCH = 64
 MIXED_PRECISION_MIN_CC = (7, 0)  # tensor cores: Volta (V100), Turing (T4), Ampere (A10G) and up
 CPU_REPLICAS_ENV = "DLBOX_CPU_REPLICAS"  # split the CPU into N devices (tests MirroredStrategy)
+# TensorFlow waits for every worker in TF_CONFIG without a limit, deaf to SIGTERM meanwhile
+# (its preemption notifier holds the signal): past this, a worker gives up on the others.
+CLUSTER_START_TIMEOUT_S = 300
+# What a collective raises once the coordination service finds a worker gone: a closed
+# connection at once, missed heartbeats after about 10 s (TensorFlow 2.21's default).
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.AbortedError, tf.errors.CancelledError)
 
 
 @dataclass(frozen=True)
@@ -36,27 +61,65 @@ class Devices:
     """Where the model runs."""
 
     strategy: tf.distribute.Strategy
-    names: list[str]
+    names: list[str]  # this worker's devices
     mixed_precision: bool
+    workers: int
+    consensus: loop.Consensus
+
+    @property
+    def replicas(self) -> int:
+        """Replicas of every worker together."""
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def local_replicas(self) -> int:
+        return self.replicas // self.workers
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """The decoded images and the split, ready for batching."""
+    """The decoded images and the split, ready for batching (this worker's share of them)."""
 
     images: np.ndarray
     labels: np.ndarray  # float32, dog = 1
     keys: list[str]
-    train_index: np.ndarray
-    val_index: np.ndarray
+    train_index: np.ndarray  # this worker's training shard
+    val_index: np.ndarray  # the whole validation split on the chief, the shard elsewhere
+    val_shard: np.ndarray  # the part of val_index this worker validates every epoch
     skipped: list[dict]  # {"file", "reason"} for every image that could not be used
     cache: str
 
 
-def setup_devices() -> Devices:
-    """Mixed precision on tensor-core GPUs; MirroredStrategy over several GPUs (or CPUs)."""
+@dataclass(frozen=True)
+class Peers:
+    """What the workers told each other before training."""
+
+    train_counts: tuple[int, ...]  # readable training images of each worker
+    val_counts: tuple[int, ...]  # readable validation images each worker validates
+    skipped: list[dict]  # the files any worker skipped, each named once
+
+    @property
+    def train_images(self) -> int:
+        return sum(self.train_counts)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every stage of one run shares."""
+
+    o: Options
+    out: Path
+    cluster: Cluster
+    devices: Devices
+    hb: Heartbeat
+    stop: StopSignal
+    ckpt: Checkpoints
+
+
+def setup_devices(cluster: Cluster, hb: Heartbeat) -> Devices:
+    """Mixed precision on tensor-core GPUs; a strategy over the workers, GPUs or CPUs."""
     cpu_replicas = int(os.environ.get(CPU_REPLICAS_ENV, "0") or 0)
-    if cpu_replicas > 1:
+    if cpu_replicas > 1 and not cluster.multi:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_replicas)]
@@ -73,7 +136,9 @@ def setup_devices() -> Devices:
     elif gpus:
         log.warning("a GPU older than compute capability %d.%d: no mixed precision (slower)",
                     *MIXED_PRECISION_MIN_CC)
-    if len(gpus) > 1:
+    if cluster.multi:  # before any TensorFlow op, as MultiWorkerMirroredStrategy requires
+        strategy = _join_cluster(cluster, hb)
+    elif len(gpus) > 1:
         strategy = tf.distribute.MirroredStrategy()
     elif cpu_replicas > 1:
         strategy = tf.distribute.MirroredStrategy(
@@ -84,18 +149,56 @@ def setup_devices() -> Devices:
     names = [d.get("device_name", "GPU") for d in details] or [
         d.name for d in tf.config.list_logical_devices("CPU")
     ]
-    return Devices(strategy, names, mixed)
+    return Devices(strategy, names, mixed, cluster.workers, loop.Consensus(strategy))
+
+
+def _join_cluster(cluster: Cluster, hb: Heartbeat) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy over TF_CONFIG's workers, once every one of them is up."""
+    if int(os.environ.get(CPU_REPLICAS_ENV, "0") or 0) > 1:
+        log.warning("%s is ignored on a cluster: one CPU device per worker", CPU_REPLICAS_ENV)
+    log.info("worker %d of %d: waiting for the cluster (at most %d s)", cluster.index,
+             cluster.workers, CLUSTER_START_TIMEOUT_S)
+    hb.update(phase="waiting for the cluster")
+    watchdog = threading.Timer(CLUSTER_START_TIMEOUT_S, _give_up_waiting, args=(hb,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        watchdog.cancel()
+    log.info("cluster of %d workers ready (%d replicas)", cluster.workers,
+             strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _give_up_waiting(hb: Heartbeat) -> None:
+    """The watchdog's end: TensorFlow's wait cannot be interrupted, so the process exits here."""
+    message = (f"the other workers in {TF_CONFIG_ENV} did not all start within "
+               f"{CLUSTER_START_TIMEOUT_S} s; start every worker with the same cluster")
+    log.error("%s", message)
+    hb.finish("failed", error=message)
+    print(f"trainer: error: {message}", file=sys.stderr, flush=True)  # __main__'s error line
+    os._exit(EXIT_PEER_LOST)
 
 
 def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
-            stop: StopSignal) -> Prepared:
-    """Split and decode every labelled image once into the cache; name the files skipped."""
+            stop: StopSignal, cluster: Cluster) -> Prepared:
+    """Split and decode this worker's images once into the cache; name the files skipped.
+
+    A worker decodes every workers-th training image of the split's order; the chief also
+    decodes the whole validation split (it alone evaluates the best model on it at the end).
+    """
     examples = data.limit(labelled.examples, o.limit)
     train, val = data.split(examples, o.val_split)
     if not train or not val:
         raise DataError(f"{len(examples)} labelled images are too few to split "
                         f"with --val-split {o.val_split}; add images or change --val-split")
-    ordered = train + val
+    if min(len(train), len(val)) < cluster.workers:
+        raise DataError(f"{len(train)} training and {len(val)} validation images are too few "
+                        f"for {cluster.workers} workers; add images or use fewer workers")
+    train = cluster.shard(train)
+    val_decoded = val if cluster.chief else cluster.shard(val)
+    ordered = train + val_decoded
     paths = [e.path for e in ordered]
     hb.update(phase="caching", step=0, steps=len(paths))
     images, ok, location = _image_cache(o, out, paths, hb, stop)
@@ -104,16 +207,20 @@ def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
         log.warning("skipped %s: %s", s["file"], s["reason"])
     labels = np.array([e.label for e in ordered], np.float32)
     position = np.arange(len(ordered))
-    train_index = position[: len(train)][ok[: len(train)]]
-    val_index = position[len(train):][ok[len(train):]]
-    if len(train_index) == 0 or len(val_index) == 0:
+    is_train = position < len(train)
+    # The chief validates every epoch on its shard of the split like any worker.
+    in_shard = (position - len(train)) % (cluster.workers if cluster.chief else 1) == 0
+    train_index = position[is_train & ok]
+    val_index = position[~is_train & ok]
+    val_shard = position[~is_train & ok & in_shard]
+    if len(train_index) == 0 or len(val_shard) == 0:
         which = "validation" if len(train_index) else "training"
         raise DataError(f"no readable image left in the {which} split ({len(skipped)} skipped); "
                         f"check the files under {labelled.root}")
     if len(set(labels[train_index].tolist())) < 2:
         raise DataError(f"the training split holds only one class; --data {o.data} needs both "
                         "cats and dogs")
-    return Prepared(images, labels, [e.key for e in ordered], train_index, val_index,
+    return Prepared(images, labels, [e.key for e in ordered], train_index, val_index, val_shard,
                     skipped, location)
 
 
@@ -172,145 +279,165 @@ def _files_key(paths: list[str], img_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-class Progress(keras.callbacks.Callback):
-    """Feeds the heartbeat with steps and metrics; turns a stop request into stop_training."""
-
-    async_safe = True  # only touches the heartbeat (locked) and flags
-
-    def __init__(self, hb: Heartbeat, stop: StopSignal) -> None:
-        super().__init__()
-        self.hb, self.stop = hb, stop
-
-    def on_train_begin(self, logs=None):
-        self.hb.update(stage="train", step=0, steps=self.params.get("steps") or 0)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.hb.update(step=batch + 1, metrics=_floats(logs))
-        if self.stop.requested:
-            self.model.stop_training = True
-
-    def on_test_begin(self, logs=None):
-        self.hb.update(stage="validate")
-
-    def on_test_batch_end(self, batch, logs=None):
-        if self.stop.requested:
-            self.model.stop_evaluating = True
-
-
-def _floats(logs: dict | None) -> dict:
-    return {k: round(float(v), 6) for k, v in (logs or {}).items()}
+def _rounded(metrics: dict) -> dict:
+    return {k: round(float(v), 6) for k, v in metrics.items()}
 
 
 def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    # Compiled although fit is never called: the saved model keeps its optimizer and loss, and
+    # under mixed_float16 compile wraps the optimizer in the LossScaleOptimizer the step uses.
     model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=["accuracy"])
+    if not model.optimizer.built:  # its variables now, in the strategy's scope, not mid-step
+        model.optimizer.build(model.trainable_variables)
 
 
-def _load(devices: Devices, path: Path) -> keras.Model:
-    with devices.strategy.scope():
+def _load(strategy: tf.distribute.Strategy, path: Path) -> keras.Model:
+    with strategy.scope():
         return keras.models.load_model(path)
 
 
-def _start_phase(o: Options, devices: Devices, phase: Phase, first_phase: bool,
-                 state: ResumeState, ckpt: Checkpoints) -> keras.Model:
+def _start_phase(job: Job, phase: Phase, first_phase: bool, state: ResumeState) -> keras.Model:
     """A phase's starting model: built (first phase) or the best so far; prepared, compiled."""
+    o = job.o
     if not first_phase and state.best is None:
         raise TrainerError(f"no epoch before {phase.name} produced a finite validation loss "
                            "(the loss diverged); lower --learning-rate")
-    with devices.strategy.scope():
+    with job.devices.strategy.scope():
         if first_phase:
             model = o.recipe.build(o.img_size, o.weights)
         else:
-            model = keras.models.load_model(ckpt.path(state.best))
+            model = keras.models.load_model(job.ckpt.path(state.best))
         if phase.prepare is not None:
             phase.prepare(model)
         _compile(model, o.recipe.optimizer(o.learning_rate * phase.lr_factor))
     return model
 
 
-def fit(o: Options, out: Path, prep: Prepared, devices: Devices, hb: Heartbeat,
-        stop: StopSignal) -> ResumeState:
-    """Run (or continue) every epoch of every phase; return the final checkpoint state."""
-    ckpt = Checkpoints(out / "checkpoints")
-    state = (ckpt.load_for_resume(o.as_dict()) if o.resume else None) or ResumeState(o.as_dict())
+@dataclass(frozen=True)
+class Batches:
+    """Both splits' batches on this worker, and the plans every worker shares."""
+
+    train: object  # tf.distribute.DistributedDataset
+    train_plan: loop.Plan
+    val: object
+    val_plan: loop.Plan
+    train_images: int  # over every worker: the images one epoch trains on
+
+
+def _batches(job: Job, prep: Prepared, peers: Peers) -> Batches:
+    strategy, local = job.devices.strategy, job.devices.local_replicas
+    train_plan = loop.plan(peers.train_counts, job.o.batch_size, local)
+    val_plan = loop.plan(peers.val_counts, job.o.batch_size, local)
+    return Batches(
+        loop.distribute(strategy, prep.images, prep.labels, prep.train_index, train_plan,
+                        training=True, seed=job.o.seed),
+        train_plan,
+        loop.distribute(strategy, prep.images, prep.labels, prep.val_shard, val_plan,
+                        training=False),
+        val_plan,
+        peers.train_images,
+    )
+
+
+def _stopped(stop: StopSignal) -> Interrupted:
+    """The stop every worker raises together: for its own signal, or for another worker's."""
+    return Interrupted(stop.signum or signal.SIGTERM, by_peer=stop.signum is None)
+
+
+def fit(job: Job, prep: Prepared, peers: Peers, state: ResumeState
+        ) -> tuple[ResumeState, keras.Model | None]:
+    """Run (or continue) every epoch of every phase; return the final state and model."""
+    o, hb, ckpt = job.o, job.hb, job.ckpt
     if state.completed:  # a warning: whoever follows the run should see it was resumed
         log.warning("resuming after epoch %d of %d from the run's checkpoint", state.completed,
                     o.total_epochs)
     # Weights, shuffling and augmentation; a resumed run does not replay epoch 1's order.
     keras.utils.set_random_seed(o.seed + state.completed)
-    replicas = devices.strategy.num_replicas_in_sync
-    global_batch = o.batch_size * replicas
-    train_ds = pipeline.batches(prep.images, prep.labels, prep.train_index, global_batch,
-                                training=True, seed=o.seed)
-    val_ds = pipeline.batches(prep.images, prep.labels, prep.val_index, global_batch,
-                              training=False)
-    callbacks = [Progress(hb, stop)]
+    batches = _batches(job, prep, peers)
+    model = None
     for index, (phase, first, end) in enumerate(o.recipe.schedule(o)):
         if phase.name in state.phases_done:
             continue
         if state.phase == phase.name and state.last:  # resumed mid-phase: weights and optimizer
-            model = _load(devices, ckpt.path(state.last))
+            model = _load(job.devices.strategy, ckpt.path(state.last))
         else:
-            model = _start_phase(o, devices, phase, index == 0, state, ckpt)
+            model = _start_phase(job, phase, index == 0, state)
             state = replace(state, wait=0)  # early stopping counts within a phase
+        steps = loop.Steps(job.devices.strategy, model)
         for epoch in range(max(first, state.completed), end):
             if o.patience and state.wait >= o.patience:  # checked first: --resume agrees
                 log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
                 break
             hb.update(phase=phase.name, epoch=epoch + 1, epochs=o.total_epochs)
-            row = _one_epoch(model, phase.name, epoch, train_ds, val_ds, len(prep.train_index),
-                             callbacks, state, ckpt, stop)
-            # NaN never improves and is never kept as the best (x < NaN is always False).
-            improved = not math.isnan(row["val_loss"]) and (
-                state.best_val_loss is None or row["val_loss"] < state.best_val_loss)
-            if improved:
-                state = replace(state, best=ckpt.save_model(model, f"best-{epoch + 1:04d}.keras"),
-                                best_val_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
-            else:
-                state = replace(state, wait=state.wait + 1)
-            state = replace(state, history=(*state.history, row), phase=phase.name,
-                            completed=epoch + 1,
-                            last=ckpt.save_model(model, f"last-{epoch + 1:04d}.keras"))
-            ckpt.commit(state)
-            outputs.write_history(out, list(state.history))
-            hb.epoch_done(row["seconds"])
-            hb.update(metrics={k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
-            log.info("%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
-                     "(%.1f s, %.0f img/s)%s", phase.name, epoch + 1, o.total_epochs,
-                     row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
-                     row["seconds"], row["images_per_second"], " *best*" if improved else "")
-            stop.check()
+            row = _one_epoch(job, model, steps, batches, phase.name, epoch, state)
+            state = _after_epoch(job, model, row, state)
+            if job.devices.consensus.anyone(job.stop.requested):  # every worker, the same epoch
+                raise _stopped(job.stop)
         state = replace(state, phases_done=(*state.phases_done, phase.name))
         ckpt.commit(state)
+    return state, model
+
+
+def _after_epoch(job: Job, model: keras.Model, row: dict, state: ResumeState) -> ResumeState:
+    """Keep the best and the last model, commit the state; history.csv on the chief."""
+    ckpt, epoch = job.ckpt, row["epoch"]
+    # NaN never improves and is never kept as the best (x < NaN is always False). val_loss
+    # is reduced over every worker: each one takes the same decision.
+    improved = not math.isnan(row["val_loss"]) and (
+        state.best_val_loss is None or row["val_loss"] < state.best_val_loss)
+    if improved:
+        state = replace(state, best=ckpt.save_model(model, f"best-{epoch:04d}.keras"),
+                        best_val_loss=row["val_loss"], best_epoch=epoch, wait=0)
+    else:
+        state = replace(state, wait=state.wait + 1)
+    state = replace(state, history=(*state.history, row), phase=row["phase"], completed=epoch,
+                    last=ckpt.save_model(model, f"last-{epoch:04d}.keras"))
+    ckpt.commit(state)
+    if job.cluster.chief:
+        outputs.write_history(job.out, list(state.history))
+    job.hb.epoch_done(row["seconds"])
+    job.hb.update(metrics={k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
+    log.info("%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
+             "(%.1f s, %.0f img/s)%s", row["phase"], epoch, job.o.total_epochs,
+             row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
+             row["seconds"], row["images_per_second"], " *best*" if improved else "")
     return state
 
 
-def _one_epoch(model, phase: str, epoch: int, train_ds, val_ds, n_train: int, callbacks,
-               state: ResumeState, ckpt: Checkpoints, stop: StopSignal) -> dict:
+def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches, phase: str,
+               epoch: int, state: ResumeState) -> dict:
     """Train and validate one epoch; on a stop request, checkpoint the weights and raise."""
+    hb, stop = job.hb, job.stop
 
-    def stop_here() -> None:  # the epoch does not count: --resume redoes it from these weights
-        if stop.requested:
-            partial = ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
-            ckpt.commit(replace(state, phase=phase, last=partial))
-            stop.check()
+    def stop_here(stopped: bool) -> None:  # the epoch does not count: --resume redoes it
+        if stopped:
+            partial = job.ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
+            job.ckpt.commit(replace(state, phase=phase, last=partial))
+            raise _stopped(stop)
+
+    def progress(step: int, metrics: dict) -> None:
+        hb.update(step=step, metrics=_rounded(metrics))
 
     started = time.monotonic()
-    history = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0,
-                        shuffle=False, callbacks=callbacks)
+    hb.update(stage="train", step=0, steps=batches.train_plan.steps)
+    train = loop.run_pass(steps.train, batches.train, batches.train_plan,
+                          lambda: stop.requested, progress)
     trained = time.monotonic()
-    stop_here()
-    val = model.evaluate(val_ds, verbose=0, return_dict=True, callbacks=callbacks)
-    stop_here()
+    stop_here(train.stopped)
+    hb.update(stage="validate")
+    val = loop.run_pass(steps.evaluate, batches.val, batches.val_plan, lambda: stop.requested)
+    stop_here(val.stopped)
     return {
         "epoch": epoch + 1,
         "phase": phase,
-        "loss": round(float(history.history["loss"][-1]), 6),
-        "accuracy": round(float(history.history["accuracy"][-1]), 6),
-        "val_loss": round(float(val["loss"]), 6),
-        "val_accuracy": round(float(val["accuracy"]), 6),
+        "loss": round(train.loss, 6),
+        "accuracy": round(train.accuracy, 6),
+        "val_loss": round(val.loss, 6),
+        "val_accuracy": round(val.accuracy, 6),
         "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
         "seconds": round(time.monotonic() - started, 3),
-        "images_per_second": round(n_train / max(trained - started, 1e-9), 1),
+        # Every worker's images: the cluster's rate.
+        "images_per_second": round(batches.train_images / max(trained - started, 1e-9), 1),
     }
 
 
@@ -338,36 +465,169 @@ def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[in
     return _why_skipped([os.path.basename(p) for p in paths], paths, ok)
 
 
-def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
-        hb: Heartbeat, stop: StopSignal) -> dict:
-    """Train, pick the best model, write every output; return metrics.json's content."""
-    started = time.monotonic()
-    devices = setup_devices()
-    log.info("devices: %s (replicas %d, mixed precision %s)", ", ".join(devices.names),
-             devices.strategy.num_replicas_in_sync, devices.mixed_precision)
-    prep = prepare(o, labelled, out, hb, stop)
-    log.info("%d training and %d validation images (%d skipped), cache in %s",
-             len(prep.train_index), len(prep.val_index), len(prep.skipped), prep.cache)
-    state = fit(o, out, prep, devices, hb, stop)
-    if state.best is None:
-        raise TrainerError("no epoch produced a finite validation loss (the loss diverged); "
-                           "lower --learning-rate")
-    outputs.write_history(out, list(state.history))  # again: a kill may have come before the last write
+RESUME_MISMATCH = "workers resumed from different checkpoints"
 
+
+def _resume_state(job: Job) -> ResumeState:
+    o = job.o
+    return (job.ckpt.load_for_resume(o.as_dict()) if o.resume else None) or ResumeState(o.as_dict())
+
+
+def _start_together(job: Job, labelled: data.LabelledSet
+                    ) -> tuple[Prepared, ResumeState, Peers]:
+    """Load the checkpoint and decode on every worker, then agree: one problem stops them all.
+
+    A worker that failed alone would leave the others waiting in their first collective, so
+    problems are exchanged instead of raised; every worker then raises the same one.
+    """
+    prep, state, problem = None, ResumeState(job.o.as_dict()), None
+    try:
+        state = _resume_state(job)
+        prep = prepare(job.o, labelled, job.out, job.hb, job.stop, job.cluster)
+    except Interrupted:
+        pass  # job.stop.requested tells the others
+    except TrainerError as exc:
+        problem = exc
+    mine = {
+        "stopped": job.stop.requested,
+        "error": None if problem is None else str(problem),
+        "exit_code": None if problem is None else problem.exit_code,
+        "train": 0 if prep is None else len(prep.train_index),
+        "val": 0 if prep is None else len(prep.val_shard),
+        "skipped": [] if prep is None else prep.skipped,
+        "resume": {"completed": state.completed, "phase": state.phase,
+                   "phases_done": list(state.phases_done), "last": state.last, "best": state.best},
+    }
+    shared = job.devices.consensus.exchange(mine, job.cluster.index)
+    _raise_first_problem(job, shared, problem)
+    assert prep is not None  # no problem anywhere
+    return prep, state, _peers(shared)
+
+
+def _raise_first_problem(job: Job, shared: list[dict], problem: TrainerError | None) -> None:
+    """The same decision on every worker: stop, this worker's error, another's, or go on."""
+    if any(p["stopped"] for p in shared):
+        raise _stopped(job.stop)
+    if problem is not None:
+        raise problem
+    for k, p in enumerate(shared):
+        if p["error"] is not None:
+            raise PeerFailed(f"worker {k} failed: {p['error']}", p["exit_code"])
+    resumes = [p["resume"] for p in shared]
+    if any(r != resumes[0] for r in resumes):
+        seen = ", ".join(f"worker {k} after epoch {r['completed']} ({r['last'] or 'no checkpoint'})"
+                         for k, r in enumerate(resumes))
+        raise UsageError(f"{RESUME_MISMATCH}: {seen}; copy the chief's checkpoints/ to every "
+                         "worker")
+
+
+def _peers(shared: list[dict]) -> Peers:
+    skipped, named = [], set()
+    for p in shared:  # the chief's first: it names the validation split's files too
+        for s in p["skipped"]:
+            if s["file"] not in named:
+                named.add(s["file"])
+                skipped.append(s)
+    return Peers(tuple(p["train"] for p in shared), tuple(p["val"] for p in shared), skipped)
+
+
+@contextlib.contextmanager
+def _peers_answering(cluster: Cluster) -> Iterator[None]:
+    """On a cluster, a collective that fails because a worker is gone becomes PeerLost."""
+    try:
+        yield
+    except PEER_ERRORS as exc:
+        if not cluster.multi:
+            raise
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        why = next((x for x in lines if "aborted by" in x), lines[0] if lines else "")
+        raise PeerLost(f"another worker of the cluster stopped answering ({type(exc).__name__}: "
+                       f"{why}); see its train.log, then rerun every worker with --resume") from exc
+
+
+def _farewell(job: Job) -> None:
+    """A last collective: a worker past it knows every worker is done with the ones before."""
+    if not job.cluster.multi:
+        return
+    try:
+        job.devices.consensus.anyone(False)
+    except PEER_ERRORS as exc:
+        if not job.cluster.chief:
+            raise
+        # The others may leave as soon as their part is done: the chief needs no more of them.
+        log.info("the other workers left during the last collective (%s)", type(exc).__name__)
+
+
+def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
+        hb: Heartbeat, stop: StopSignal, cluster: Cluster | None = None) -> dict:
+    """Train, pick the best model, write every output (chief); return metrics.json's content.
+
+    A worker other than the chief returns a summary of the run instead and leaves no file
+    but its log and status.json behind.
+    """
+    started = time.monotonic()
+    cluster = cluster or Cluster()
+    devices = setup_devices(cluster, hb)
+    stop.install()  # again: TensorFlow's preemption notifier took SIGTERM as the cluster formed
+    log.info("devices: %s (replicas %d, workers %d, mixed precision %s)", ", ".join(devices.names),
+             devices.replicas, cluster.workers, devices.mixed_precision)
+    job = Job(o, out, cluster, devices, hb, stop, Checkpoints(out / "checkpoints"))
+    with _peers_answering(cluster):
+        prep, state, peers = _start_together(job, labelled)
+        log.info("%d training images (%d on this worker) and %d validation images (%d skipped), "
+                 "cache in %s", peers.train_images, len(prep.train_index), len(prep.val_index),
+                 len(peers.skipped), prep.cache)
+        state, model = fit(job, prep, peers, state)
+        if state.best is None:
+            raise TrainerError("no epoch produced a finite validation loss (the loss diverged); "
+                               "lower --learning-rate")
+        digest = loop.weights_sha256(model or _load(devices.strategy, job.ckpt.path(state.last)))
+        log.info("final weights: sha256 %s", digest)
+        _farewell(job)
+    if not cluster.chief:
+        return _worker_done(job, state, digest)
+    return _write_outputs(job, prep, peers, state, test_items, digest, started)
+
+
+def _summary(state: ResumeState) -> dict:
+    """The best epoch's validation figures (reduced over the workers) and the epochs run."""
+    best = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    return {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
+            "best_epoch": state.best_epoch, "epochs_run": len(state.history)}
+
+
+def _worker_done(job: Job, state: ResumeState, digest: str) -> dict:
+    """A worker other than the chief: its checkpoints were the chief's twins; drop them."""
+    for folder in ("checkpoints", "cache"):
+        shutil.rmtree(job.out / folder, ignore_errors=True)
+    summary = {**_summary(state), "weights_sha256": digest}
+    log.info("done: worker %d of %d, val_accuracy %.4f val_loss %.4f (best epoch %d of %d); "
+             "the chief writes the outputs", job.cluster.index, job.cluster.workers,
+             summary["val_accuracy"], summary["val_loss"], summary["best_epoch"],
+             summary["epochs_run"])
+    return summary
+
+
+def _write_outputs(job: Job, prep: Prepared, peers: Peers, state: ResumeState,
+                   test_items: list | None, digest: str, started: float) -> dict:
+    """The chief's outputs from the best model; return metrics.json's content."""
+    o, out, hb, devices = job.o, job.out, job.hb, job.devices
+    outputs.write_history(out, list(state.history))  # again: a kill may have come before the last write
     hb.update(phase="evaluating", stage=None)
-    best = _load(devices, Path(out / "checkpoints" / state.best))
-    shutil.copyfile(out / "checkpoints" / state.best, out / "model.keras.tmp")
+    # The other workers are gone: outside MultiWorkerMirroredStrategy, no collective may run.
+    strategy = tf.distribute.get_strategy() if job.cluster.multi else devices.strategy
+    local = 1 if job.cluster.multi else devices.replicas
+    best = _load(strategy, job.ckpt.path(state.best))
+    shutil.copyfile(job.ckpt.path(state.best), out / "model.keras.tmp")
     os.replace(out / "model.keras.tmp", out / "model.keras")
-    p_val, final = evaluate_best(best, prep, o.batch_size * devices.strategy.num_replicas_in_sync)
+    p_val, final = evaluate_best(best, prep, o.batch_size * local)
     val_keys = [prep.keys[i] for i in prep.val_index]
     outputs.write_val_predictions(out, val_keys, prep.labels[prep.val_index], p_val)
     misclassified = outputs.write_misclassified(out, prep.images, prep.val_index, val_keys,
                                                 prep.labels[prep.val_index], p_val)
-
     test_skipped = None
     if test_items is not None:
-        test_skipped = predict_test(o, out, best, test_items, hb, stop)
-
+        test_skipped = predict_test(o, out, best, test_items, hb, job.stop)
     rates = [r["images_per_second"] for r in state.history]
     metrics = {
         "model": o.model,
@@ -375,17 +635,19 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
         "best_epoch": state.best_epoch,
         "epochs_run": len(state.history),
         "epochs_planned": o.total_epochs,
-        "train_images": len(prep.train_index),
+        "train_images": peers.train_images,
         "val_images": len(prep.val_index),
         "misclassified": misclassified,
-        "skipped_files": len(prep.skipped),
-        "skipped": prep.skipped,
+        "skipped_files": len(peers.skipped),
+        "skipped": peers.skipped,
         "images_per_second": round(sum(rates) / len(rates), 1) if rates else None,
         "wall_seconds": round(time.monotonic() - started, 1),
         "devices": devices.names,
-        "replicas": devices.strategy.num_replicas_in_sync,
+        "replicas": devices.replicas,
+        "workers": job.cluster.workers,
         "mixed_precision": devices.mixed_precision,
         "image_cache": prep.cache,
+        "weights_sha256": digest,
         "versions": outputs.versions(),
         "arguments": o.as_dict(),
     }
@@ -393,17 +655,23 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
         metrics["test_images"] = len(test_items)
         metrics["test_skipped"] = test_skipped
     outputs.write_metrics(out, metrics)
-    Checkpoints(out / "checkpoints").commit(replace(state, finished=True))
+    job.ckpt.commit(replace(state, finished=True))
     log.info("done: val_accuracy %.4f val_loss %.4f (best epoch %d of %d) in %.0f s",
              metrics["val_accuracy"], metrics["val_loss"], metrics["best_epoch"],
              metrics["epochs_run"], metrics["wall_seconds"])
     return metrics
 
 
-def finished_metrics(out: Path, o: Options) -> dict | None:
-    """metrics.json of a run in --out that already finished (for an idempotent --resume)."""
+def finished_metrics(out: Path, o: Options, cluster: Cluster | None = None) -> dict | None:
+    """metrics.json of a run in --out that already finished (for an idempotent --resume).
+
+    A worker other than the chief has no metrics.json: the chief's checkpoints/ copied into
+    its --out say the run finished, and a summary of them stands in.
+    """
     state = Checkpoints(out / "checkpoints").load_for_resume(o.as_dict()) if o.resume else None
+    if not state or not state.finished:
+        return None
     metrics = out / "metrics.json"
-    if state and state.finished and metrics.exists():
+    if metrics.exists():
         return json.loads(metrics.read_text())
-    return None
+    return _summary(state) if cluster is not None and not cluster.chief else None
