@@ -233,7 +233,7 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
                               f"{WORKER_START_TIMEOUT_S} s (see {w.remote_dir}/stdout.log)")
         if answer[0] == "ended" and answer[1:] != ["0"]:
             code = answer[1] if len(answer) > 1 else "?"
-            if code in (str(runs.EXIT_RESUMABLE), "137", "143"):
+            if code in (str(runs.EXIT_RESUMABLE), str(runs.EXIT_PEER_LOST), "137", "143"):
                 return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})")
             last = None
             with contextlib.suppress(DlboxError):

@@ -29,6 +29,7 @@ from .render import render
 
 RUNS_DIR = "runs"
 EXIT_RESUMABLE = 75  # the trainer's "interrupted, resumable" (EX_TEMPFAIL)
+EXIT_PEER_LOST = 69  # the trainer's "another worker of the cluster died": resumable too
 LOST = "lost"  # the box ended before its results were pulled (`down --yes`)
 RUN_FILE = "run.json"
 STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
@@ -547,7 +548,8 @@ def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
     """Pull the results and record how the run ended."""
     local = pull(project_dir, run, machine)
     metrics = read_local_json(local / "metrics.json")
-    status = {0: "done", 75: "interrupted", 130: "interrupted"}.get(code, "failed")
+    status = {0: "done", EXIT_RESUMABLE: "interrupted", EXIT_PEER_LOST: "interrupted",
+              130: "interrupted"}.get(code, "failed")
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=now())
     save(project_dir, run)
