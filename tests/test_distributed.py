@@ -22,8 +22,8 @@ import pytest
 
 from orchestrator.sample import bad_file_name
 from tests.conftest import REPO, run_trainer, trainer_cmd
-
-pytestmark = pytest.mark.slow
+from trainer.cluster import Cluster, from_env
+from trainer.errors import Interrupted, PeerFailed, UsageError
 
 WORKERS = 2
 POLL_S = 0.05
@@ -145,6 +145,69 @@ def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
+def test_tf_config_names_this_worker():
+    assert from_env({}) == Cluster(workers=1, index=0)
+    two = from_env({"TF_CONFIG": _tf_config([1111, 2222], 1)})
+    assert (two.workers, two.index, two.chief, two.multi) == (2, 1, False, True)
+    assert two.shard(list(range(7))) == [1, 3, 5]
+    for bad in ("{", '{"cluster": {}}', _tf_config([1111], 3),
+                json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}})):
+        with pytest.raises(UsageError, match="TF_CONFIG"):
+            from_env({"TF_CONFIG": bad})
+
+
+def test_plan_gives_every_worker_the_same_steps():
+    from trainer import loop
+
+    plan = loop.plan([5, 3], batch_size=2, local_replicas=1)
+    assert plan.steps == 3  # the larger shard's; the smaller one is padded
+    assert plan.denominators.tolist() == [4, 3, 1]  # real examples of each global step
+    assert loop.plan([8], batch_size=2, local_replicas=2).denominators.tolist() == [4, 4]
+
+
+def test_padded_batches_weigh_only_real_examples():
+    import numpy as np
+
+    from trainer import pipeline
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(32, 1).repeat(32, 2)
+    images = images.repeat(3, 3)
+    labels = np.arange(10, dtype=np.float32)
+    ds = pipeline.padded_batches(images, labels, np.array([1, 4, 7, 9, 2]), 2, 4, training=False)
+    batches = [(x.numpy(), y.numpy(), w.numpy()) for x, y, w in ds]
+    assert [x.shape for x, _, _ in batches] == [(2, 32, 32, 3)] * 4  # full batches: one trace
+    weights = np.concatenate([w for _, _, w in batches])
+    seen = np.concatenate([y for _, y, _ in batches])
+    assert sorted(seen[weights == 1].tolist()) == [1, 2, 4, 7, 9]
+    assert weights.sum() == 5
+    assert all((x[:, 0, 0, 0] == y).all() for x, y, _ in batches)  # labels follow images
+
+
+def test_workers_agree_or_all_fail_alike():
+    from trainer import workers
+    from trainer.stop import StopSignal
+
+    def report(**changes):
+        return {"stopped": False, "error": None, "exit_code": None, "train": 4, "val": 1,
+                "skipped": [{"file": "cat.1.jpg", "reason": "empty file"}],
+                "resume": {"completed": 2, "last": "last-0002.keras"}, **changes}
+
+    peers = workers.agree([report(), report(train=3)], None, StopSignal())
+    assert (peers.train_counts, peers.train_images, len(peers.skipped)) == ((4, 3), 7, 1)
+    with pytest.raises(UsageError) as refused:
+        workers.agree([report(), report(resume={"completed": 0, "last": None})], None,
+                      StopSignal())
+    assert str(refused.value) == (
+        "workers resumed from different checkpoints: worker 0 after epoch 2 (last-0002.keras), "
+        "worker 1 after epoch 0 (no checkpoint); copy the chief's checkpoints/ to every worker")
+    with pytest.raises(PeerFailed, match="worker 1 failed: bad data") as failed:
+        workers.agree([report(), report(error="bad data", exit_code=2)], None, StopSignal())
+    assert failed.value.exit_code == 2
+    with pytest.raises(Interrupted) as stopped:
+        workers.agree([report(), report(stopped=True)], None, StopSignal())
+    assert stopped.value.exit_code == EXIT_INTERRUPTED and "another worker" in str(stopped.value)
+
+
 @pytest.fixture(scope="module")
 def cluster_run(sample, tmp_path_factory):
     """A two-worker run to the end, and a one-worker run with the same global batch."""
@@ -160,6 +223,7 @@ def cluster_run(sample, tmp_path_factory):
     return outs, root / "single"
 
 
+@pytest.mark.slow
 def test_two_workers_train_as_one(cluster_run):
     (chief, worker), _ = cluster_run
     for name in ("model.keras", "history.csv", "metrics.json", "val_predictions.csv",
@@ -176,6 +240,7 @@ def test_two_workers_train_as_one(cluster_run):
     assert statuses[1]["epochs_run"] == metrics["epochs_run"] == 12
 
 
+@pytest.mark.slow
 def test_each_worker_decodes_its_share(cluster_run):
     (chief, worker), single = cluster_run
     metrics = json.loads((chief / "metrics.json").read_text())
@@ -190,6 +255,7 @@ def test_each_worker_decodes_its_share(cluster_run):
     assert decoded < 0.6 * (1000 + 7)  # its half of the training and validation images
 
 
+@pytest.mark.slow
 def test_cluster_learns_like_one_worker(cluster_run):
     (chief, _), single = cluster_run
     metrics = json.loads((chief / "metrics.json").read_text())
@@ -218,6 +284,7 @@ def stopped_cluster(sample, tmp_path_factory):
     return args, outs, results, pristine
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both(stopped_cluster):
     _, outs, results, _ = stopped_cluster
     assert [code for code, _ in results] == [EXIT_INTERRUPTED, EXIT_INTERRUPTED], results
@@ -230,6 +297,7 @@ def test_sigterm_to_one_worker_stops_both(stopped_cluster):
         assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_resumed_cluster_finishes_the_planned_epochs(stopped_cluster):
     args, (chief, worker), _, _ = stopped_cluster
     shutil.rmtree(worker / "checkpoints")  # what dlbox does before resuming a cluster
@@ -245,6 +313,7 @@ def test_resumed_cluster_finishes_the_planned_epochs(stopped_cluster):
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_resume_from_different_checkpoints_is_refused(stopped_cluster, tmp_path):
     args, _, _, pristine = stopped_cluster
     chief, worker = (shutil.copytree(pristine / f"worker{k}", tmp_path / f"worker{k}")
@@ -259,6 +328,7 @@ def test_resume_from_different_checkpoints_is_refused(stopped_cluster, tmp_path)
     assert not (chief / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [0, 1], ids=["chief-killed", "worker-killed"])
 def test_sigkill_of_one_worker_ends_the_other(sample, tmp_path, victim):
     outs = [tmp_path / f"worker{k}" for k in range(WORKERS)]

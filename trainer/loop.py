@@ -10,7 +10,6 @@ a decision that differed would leave the others waiting in a collective forever.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -159,41 +158,6 @@ def run_pass(step: Callable, batches, p: Plan, stop_requested: Callable[[], bool
 def _metrics(totals: np.ndarray) -> dict:
     count = max(totals[COUNT], 1.0)
     return {"loss": float(totals[LOSS_SUM] / count), "accuracy": float(totals[CORRECT] / count)}
-
-
-class Consensus:
-    """Decisions all workers take together, through the strategy's collectives."""
-
-    def __init__(self, strategy: tf.distribute.Strategy) -> None:
-        self.strategy = strategy
-        self._sum = tf.function(self._sum_replicas)
-        self._gather = tf.function(self._gather_replicas)
-
-    def _sum_replicas(self, value):
-        per_replica = self.strategy.run(tf.identity, args=(value,))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    def _gather_replicas(self, value):
-        return self.strategy.gather(self.strategy.run(tf.identity, args=(value,)), axis=0)
-
-    def anyone(self, flag: bool) -> bool:
-        """Whether flag is true on any worker (the same answer everywhere)."""
-        return bool(self._sum(tf.constant(float(flag))).numpy() > 0)
-
-    def exchange(self, payload: dict, index: int) -> list[dict]:
-        """Every worker's JSON payload, in worker order (index: this worker's)."""
-        raw = json.dumps({"worker": index, "payload": payload}).encode()
-        # Bytes as float32 (exact up to 2**24) behind their count: any device can gather them.
-        blob = np.concatenate([[len(raw)], np.frombuffer(raw, np.uint8)]).astype(np.float32)
-        gathered = self._gather(tf.constant(blob)).numpy()
-        found: dict[int, dict] = {}
-        at = 0
-        while at < len(gathered):  # one blob per replica: several per worker
-            n = int(gathered[at])
-            item = json.loads(gathered[at + 1 : at + 1 + n].astype(np.uint8).tobytes())
-            found.setdefault(item["worker"], item["payload"])
-            at += 1 + n
-        return [found[k] for k in sorted(found)]
 
 
 def weights_sha256(model: keras.Model) -> str:

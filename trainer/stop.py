@@ -14,6 +14,7 @@ class StopSignal:
         self.signum: int | None = None
 
     def install(self) -> StopSignal:
+        """Take SIGTERM and SIGINT (again after TensorFlow's cluster took SIGTERM over)."""
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
         return self
@@ -31,3 +32,7 @@ class StopSignal:
         """Raise Interrupted if a stop was asked for (call where nothing is left to save)."""
         if self.signum is not None:
             raise Interrupted(self.signum)
+
+    def interrupted(self) -> Interrupted:
+        """The error all workers of a cluster raise together: for this signal, or another's."""
+        return Interrupted(self.signum or signal.SIGTERM, by_peer=self.signum is None)

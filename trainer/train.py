@@ -6,18 +6,13 @@ the images (MultiWorkerMirroredStrategy); only the chief (worker 0) writes the o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,18 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import data, loop, outputs, pipeline
+from . import data, loop, outputs, pipeline, workers
 from .checkpoint import Checkpoints, ResumeState
-from .cluster import TF_CONFIG_ENV, Cluster
-from .errors import (
-    EXIT_PEER_LOST,
-    DataError,
-    Interrupted,
-    PeerFailed,
-    PeerLost,
-    TrainerError,
-    UsageError,
-)
+from .cluster import Cluster
+from .errors import DataError, Interrupted, TrainerError
 from .options import Options
 from .recipes import Phase
 from .status import Heartbeat
@@ -47,13 +34,6 @@ log = logging.getLogger("trainer")
 PREDICT_BATCH = 64
 MIXED_PRECISION_MIN_CC = (7, 0)  # tensor cores: Volta (V100), Turing (T4), Ampere (A10G) and up
 CPU_REPLICAS_ENV = "DLBOX_CPU_REPLICAS"  # split the CPU into N devices (tests MirroredStrategy)
-# TensorFlow waits for every worker in TF_CONFIG without a limit, deaf to SIGTERM meanwhile
-# (its preemption notifier holds the signal): past this, a worker gives up on the others.
-CLUSTER_START_TIMEOUT_S = 300
-# What a collective raises once the coordination service finds a worker gone: a closed
-# connection at once, missed heartbeats after about 10 s (TensorFlow 2.21's default).
-PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-               tf.errors.AbortedError, tf.errors.CancelledError)
 
 
 @dataclass(frozen=True)
@@ -64,7 +44,7 @@ class Devices:
     names: list[str]  # this worker's devices
     mixed_precision: bool
     workers: int
-    consensus: loop.Consensus
+    consensus: workers.Consensus
 
     @property
     def replicas(self) -> int:
@@ -88,19 +68,6 @@ class Prepared:
     val_shard: np.ndarray  # the part of val_index this worker validates every epoch
     skipped: list[dict]  # {"file", "reason"} for every image that could not be used
     cache: str
-
-
-@dataclass(frozen=True)
-class Peers:
-    """What the workers told each other before training."""
-
-    train_counts: tuple[int, ...]  # readable training images of each worker
-    val_counts: tuple[int, ...]  # readable validation images each worker validates
-    skipped: list[dict]  # the files any worker skipped, each named once
-
-    @property
-    def train_images(self) -> int:
-        return sum(self.train_counts)
 
 
 @dataclass(frozen=True)
@@ -137,7 +104,9 @@ def setup_devices(cluster: Cluster, hb: Heartbeat) -> Devices:
         log.warning("a GPU older than compute capability %d.%d: no mixed precision (slower)",
                     *MIXED_PRECISION_MIN_CC)
     if cluster.multi:  # before any TensorFlow op, as MultiWorkerMirroredStrategy requires
-        strategy = _join_cluster(cluster, hb)
+        if cpu_replicas > 1:
+            log.warning("%s is ignored on a cluster: one CPU device per worker", CPU_REPLICAS_ENV)
+        strategy = workers.join(cluster, hb)
     elif len(gpus) > 1:
         strategy = tf.distribute.MirroredStrategy()
     elif cpu_replicas > 1:
@@ -149,36 +118,7 @@ def setup_devices(cluster: Cluster, hb: Heartbeat) -> Devices:
     names = [d.get("device_name", "GPU") for d in details] or [
         d.name for d in tf.config.list_logical_devices("CPU")
     ]
-    return Devices(strategy, names, mixed, cluster.workers, loop.Consensus(strategy))
-
-
-def _join_cluster(cluster: Cluster, hb: Heartbeat) -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy over TF_CONFIG's workers, once every one of them is up."""
-    if int(os.environ.get(CPU_REPLICAS_ENV, "0") or 0) > 1:
-        log.warning("%s is ignored on a cluster: one CPU device per worker", CPU_REPLICAS_ENV)
-    log.info("worker %d of %d: waiting for the cluster (at most %d s)", cluster.index,
-             cluster.workers, CLUSTER_START_TIMEOUT_S)
-    hb.update(phase="waiting for the cluster")
-    watchdog = threading.Timer(CLUSTER_START_TIMEOUT_S, _give_up_waiting, args=(hb,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    finally:
-        watchdog.cancel()
-    log.info("cluster of %d workers ready (%d replicas)", cluster.workers,
-             strategy.num_replicas_in_sync)
-    return strategy
-
-
-def _give_up_waiting(hb: Heartbeat) -> None:
-    """The watchdog's end: TensorFlow's wait cannot be interrupted, so the process exits here."""
-    message = (f"the other workers in {TF_CONFIG_ENV} did not all start within "
-               f"{CLUSTER_START_TIMEOUT_S} s; start every worker with the same cluster")
-    log.error("%s", message)
-    hb.finish("failed", error=message)
-    print(f"trainer: error: {message}", file=sys.stderr, flush=True)  # __main__'s error line
-    os._exit(EXIT_PEER_LOST)
+    return Devices(strategy, names, mixed, cluster.workers, workers.Consensus(strategy))
 
 
 def prepare(o: Options, labelled: data.LabelledSet, out: Path, hb: Heartbeat,
@@ -324,7 +264,7 @@ class Batches:
     train_images: int  # over every worker: the images one epoch trains on
 
 
-def _batches(job: Job, prep: Prepared, peers: Peers) -> Batches:
+def _batches(job: Job, prep: Prepared, peers: workers.Peers) -> Batches:
     strategy, local = job.devices.strategy, job.devices.local_replicas
     train_plan = loop.plan(peers.train_counts, job.o.batch_size, local)
     val_plan = loop.plan(peers.val_counts, job.o.batch_size, local)
@@ -339,12 +279,7 @@ def _batches(job: Job, prep: Prepared, peers: Peers) -> Batches:
     )
 
 
-def _stopped(stop: StopSignal) -> Interrupted:
-    """The stop every worker raises together: for its own signal, or for another worker's."""
-    return Interrupted(stop.signum or signal.SIGTERM, by_peer=stop.signum is None)
-
-
-def fit(job: Job, prep: Prepared, peers: Peers, state: ResumeState
+def fit(job: Job, prep: Prepared, peers: workers.Peers, state: ResumeState
         ) -> tuple[ResumeState, keras.Model | None]:
     """Run (or continue) every epoch of every phase; return the final state and model."""
     o, hb, ckpt = job.o, job.hb, job.ckpt
@@ -372,7 +307,7 @@ def fit(job: Job, prep: Prepared, peers: Peers, state: ResumeState
             row = _one_epoch(job, model, steps, batches, phase.name, epoch, state)
             state = _after_epoch(job, model, row, state)
             if job.devices.consensus.anyone(job.stop.requested):  # every worker, the same epoch
-                raise _stopped(job.stop)
+                raise job.stop.interrupted()
         state = replace(state, phases_done=(*state.phases_done, phase.name))
         ckpt.commit(state)
     return state, model
@@ -413,7 +348,7 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
         if stopped:
             partial = job.ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
             job.ckpt.commit(replace(state, phase=phase, last=partial))
-            raise _stopped(stop)
+            raise stop.interrupted()
 
     def progress(step: int, metrics: dict) -> None:
         hb.update(step=step, metrics=_rounded(metrics))
@@ -465,16 +400,13 @@ def predict_test(o: Options, out: Path, model: keras.Model, items: list[tuple[in
     return _why_skipped([os.path.basename(p) for p in paths], paths, ok)
 
 
-RESUME_MISMATCH = "workers resumed from different checkpoints"
-
-
 def _resume_state(job: Job) -> ResumeState:
     o = job.o
     return (job.ckpt.load_for_resume(o.as_dict()) if o.resume else None) or ResumeState(o.as_dict())
 
 
 def _start_together(job: Job, labelled: data.LabelledSet
-                    ) -> tuple[Prepared, ResumeState, Peers]:
+                    ) -> tuple[Prepared, ResumeState, workers.Peers]:
     """Load the checkpoint and decode on every worker, then agree: one problem stops them all.
 
     A worker that failed alone would leave the others waiting in their first collective, so
@@ -498,64 +430,10 @@ def _start_together(job: Job, labelled: data.LabelledSet
         "resume": {"completed": state.completed, "phase": state.phase,
                    "phases_done": list(state.phases_done), "last": state.last, "best": state.best},
     }
-    shared = job.devices.consensus.exchange(mine, job.cluster.index)
-    _raise_first_problem(job, shared, problem)
+    peers = workers.agree(job.devices.consensus.exchange(mine, job.cluster.index), problem,
+                          job.stop)
     assert prep is not None  # no problem anywhere
-    return prep, state, _peers(shared)
-
-
-def _raise_first_problem(job: Job, shared: list[dict], problem: TrainerError | None) -> None:
-    """The same decision on every worker: stop, this worker's error, another's, or go on."""
-    if any(p["stopped"] for p in shared):
-        raise _stopped(job.stop)
-    if problem is not None:
-        raise problem
-    for k, p in enumerate(shared):
-        if p["error"] is not None:
-            raise PeerFailed(f"worker {k} failed: {p['error']}", p["exit_code"])
-    resumes = [p["resume"] for p in shared]
-    if any(r != resumes[0] for r in resumes):
-        seen = ", ".join(f"worker {k} after epoch {r['completed']} ({r['last'] or 'no checkpoint'})"
-                         for k, r in enumerate(resumes))
-        raise UsageError(f"{RESUME_MISMATCH}: {seen}; copy the chief's checkpoints/ to every "
-                         "worker")
-
-
-def _peers(shared: list[dict]) -> Peers:
-    skipped, named = [], set()
-    for p in shared:  # the chief's first: it names the validation split's files too
-        for s in p["skipped"]:
-            if s["file"] not in named:
-                named.add(s["file"])
-                skipped.append(s)
-    return Peers(tuple(p["train"] for p in shared), tuple(p["val"] for p in shared), skipped)
-
-
-@contextlib.contextmanager
-def _peers_answering(cluster: Cluster) -> Iterator[None]:
-    """On a cluster, a collective that fails because a worker is gone becomes PeerLost."""
-    try:
-        yield
-    except PEER_ERRORS as exc:
-        if not cluster.multi:
-            raise
-        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-        why = next((x for x in lines if "aborted by" in x), lines[0] if lines else "")
-        raise PeerLost(f"another worker of the cluster stopped answering ({type(exc).__name__}: "
-                       f"{why}); see its train.log, then rerun every worker with --resume") from exc
-
-
-def _farewell(job: Job) -> None:
-    """A last collective: a worker past it knows every worker is done with the ones before."""
-    if not job.cluster.multi:
-        return
-    try:
-        job.devices.consensus.anyone(False)
-    except PEER_ERRORS as exc:
-        if not job.cluster.chief:
-            raise
-        # The others may leave as soon as their part is done: the chief needs no more of them.
-        log.info("the other workers left during the last collective (%s)", type(exc).__name__)
+    return prep, state, peers
 
 
 def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | None,
@@ -572,18 +450,18 @@ def run(o: Options, out: Path, labelled: data.LabelledSet, test_items: list | No
     log.info("devices: %s (replicas %d, workers %d, mixed precision %s)", ", ".join(devices.names),
              devices.replicas, cluster.workers, devices.mixed_precision)
     job = Job(o, out, cluster, devices, hb, stop, Checkpoints(out / "checkpoints"))
-    with _peers_answering(cluster):
+    with workers.answering(cluster):
         prep, state, peers = _start_together(job, labelled)
-        log.info("%d training images (%d on this worker) and %d validation images (%d skipped), "
-                 "cache in %s", peers.train_images, len(prep.train_index), len(prep.val_index),
-                 len(peers.skipped), prep.cache)
+        log.info("%d training and %d validation images (%d and %d on this worker, %d skipped), "
+                 "cache in %s", peers.train_images, sum(peers.val_counts), len(prep.train_index),
+                 len(prep.val_shard), len(peers.skipped), prep.cache)
         state, model = fit(job, prep, peers, state)
         if state.best is None:
             raise TrainerError("no epoch produced a finite validation loss (the loss diverged); "
                                "lower --learning-rate")
         digest = loop.weights_sha256(model or _load(devices.strategy, job.ckpt.path(state.last)))
         log.info("final weights: sha256 %s", digest)
-        _farewell(job)
+        workers.part(devices.consensus, cluster)
     if not cluster.chief:
         return _worker_done(job, state, digest)
     return _write_outputs(job, prep, peers, state, test_items, digest, started)
@@ -600,6 +478,7 @@ def _worker_done(job: Job, state: ResumeState, digest: str) -> dict:
     """A worker other than the chief: its checkpoints were the chief's twins; drop them."""
     for folder in ("checkpoints", "cache"):
         shutil.rmtree(job.out / folder, ignore_errors=True)
+    job.hb.update(stage=None)
     summary = {**_summary(state), "weights_sha256": digest}
     log.info("done: worker %d of %d, val_accuracy %.4f val_loss %.4f (best epoch %d of %d); "
              "the chief writes the outputs", job.cluster.index, job.cluster.workers,
@@ -608,7 +487,7 @@ def _worker_done(job: Job, state: ResumeState, digest: str) -> dict:
     return summary
 
 
-def _write_outputs(job: Job, prep: Prepared, peers: Peers, state: ResumeState,
+def _write_outputs(job: Job, prep: Prepared, peers: workers.Peers, state: ResumeState,
                    test_items: list | None, digest: str, started: float) -> dict:
     """The chief's outputs from the best model; return metrics.json's content."""
     o, out, hb, devices = job.o, job.out, job.hb, job.devices
