@@ -35,11 +35,10 @@ EXIT_USAGE = 2
 EXIT_PEER_LOST = 69
 # 32 px, as tests/test_training.py: the sample is learnt well past chance in 12 epochs.
 LEARN_ARGS = ("scratch", "--img-size", "32", "--epochs", "12", "--patience", "0")
-# Small batches make an epoch many steps long: a signal lands mid-epoch.
-LONG_EPOCH_ARGS = ("scratch", "--img-size", "32", "--batch-size", "4", "--patience", "0",
+# One image per step: an epoch is ~240 steps, ~5 s here, longer than status.json's 2 s period.
+LONG_EPOCH_ARGS = ("scratch", "--img-size", "32", "--batch-size", "1", "--patience", "0",
                    "--limit", "600")
-# Epochs of ~2 s: the stop lands in one of the first two, whatever the heartbeat's lag.
-STOPPED_RUN_EPOCHS = 4
+STOPPED_RUN_EPOCHS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -127,16 +126,18 @@ def _wait_for(predicate, workers: list[Worker], what: str):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _training(out: Path):
+def _training(out: Path, before_half: bool = False):
     """A predicate: status.json says the worker in out is in a training step.
 
-    status.json is rewritten every 2 s: the worker may be a step or two further on.
+    status.json is rewritten every 2 s: the worker may be that much further on, so "early in
+    an epoch" (before_half) leaves it most of the epoch to go.
     """
 
     def check() -> bool:
         status = _json_or_none(out / "status.json") or {}
+        step, steps = status.get("step", 0), status.get("steps", 0)
         return (status.get("stage") == "train" and status.get("state") == "running"
-                and status.get("step", 0) > 0)
+                and step > 0 and (not before_half or step < steps // 2))
 
     return check
 
@@ -276,7 +277,8 @@ def stopped_cluster(sample, tmp_path_factory):
     outs = [root / f"worker{k}" for k in range(WORKERS)]
     args = (*LONG_EPOCH_ARGS, "--epochs", str(STOPPED_RUN_EPOCHS), "--data", sample)
     workers = _start(args, outs)
-    _wait_for(_training(outs[1]), workers, "a training step on the non-chief")
+    _wait_for(_training(outs[1], before_half=True), workers,
+              "the first half of an epoch on the non-chief")
     workers[1].proc.send_signal(signal.SIGTERM)
     results = _finish(workers, PEER_EXIT_LIMIT_S)
     pristine = tmp_path_factory.mktemp("stopped-copy") / "run"
@@ -344,3 +346,20 @@ def test_sigkill_of_one_worker_ends_the_other(sample, tmp_path, victim):
     assert "another worker of the cluster stopped answering" in _last_line(stderr)
     status = json.loads((outs[1 - victim] / "status.json").read_text())
     assert status["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_chief_alone_gives_up_on_the_cluster(small_sample, tmp_path):
+    """TensorFlow waits for the others holding the GIL, deaf to SIGTERM: the watchdog ends it."""
+    out = tmp_path / "worker0"
+    env = {**os.environ, "TF_CONFIG": _tf_config(_free_ports(WORKERS), 0),
+           "DLBOX_CLUSTER_START_TIMEOUT_S": "3"}
+    result = subprocess.run(trainer_cmd("scratch", "--data", small_sample, "--out", out), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=START_LIMIT_S)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert _last_line(result.stderr) == ("trainer: error: the other workers in TF_CONFIG did not "
+                                         "all start within 3 s; start every worker with the same "
+                                         "cluster")
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["phase"]) == ("failed", "waiting for the cluster")
+    assert "did not all start" in (out / "train.log").read_text()

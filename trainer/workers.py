@@ -10,24 +10,27 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from .cluster import TF_CONFIG_ENV, Cluster
-from .errors import EXIT_PEER_LOST, PeerFailed, PeerLost, TrainerError, UsageError
+from .errors import PeerFailed, PeerLost, TrainerError, UsageError
 from .status import Heartbeat
 from .stop import StopSignal
 
 log = logging.getLogger("trainer")
 
-# TensorFlow waits for every worker in TF_CONFIG without a limit, deaf to SIGTERM meanwhile
-# (its preemption notifier holds the signal): past this, a worker gives up on the others.
+# TensorFlow waits for every worker in TF_CONFIG without a limit, holding the GIL and deaf
+# to SIGTERM (its preemption notifier holds the signal): past this, trainer.watchdog kills
+# the worker (exit status 137, status.json "failed", the error line on stderr).
 CLUSTER_START_TIMEOUT_S = 300
+CLUSTER_START_TIMEOUT_ENV = "DLBOX_CLUSTER_START_TIMEOUT_S"  # overrides it (seconds)
 # What a collective raises once a worker is gone. Measured on TensorFlow 2.21 (127.0.0.1):
 # a killed worker's closed connections fail the others' next collective within ~1 s; a
 # frozen or unreachable one is found by the coordination service's heartbeats in ~10 s.
@@ -38,29 +41,39 @@ RESUME_MISMATCH = "workers resumed from different checkpoints"
 
 def join(cluster: Cluster, hb: Heartbeat) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy over TF_CONFIG's workers, once every one of them is up."""
-    log.info("worker %d of %d: waiting for the cluster (at most %d s)", cluster.index,
-             cluster.workers, CLUSTER_START_TIMEOUT_S)
+    limit_s = float(os.environ.get(CLUSTER_START_TIMEOUT_ENV) or CLUSTER_START_TIMEOUT_S)
+    log.info("worker %d of %d: waiting for the cluster (at most %g s)", cluster.index,
+             cluster.workers, limit_s)
     hb.update(phase="waiting for the cluster")
-    watchdog = threading.Timer(CLUSTER_START_TIMEOUT_S, _give_up_waiting, args=(hb,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
+    hb.write()  # now: the heartbeat's thread does not run until the wait is over
+    with _watchdog(hb.path.parent, limit_s):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    finally:
-        watchdog.cancel()
     log.info("cluster of %d workers ready (%d replicas)", cluster.workers,
              strategy.num_replicas_in_sync)
     return strategy
 
 
-def _give_up_waiting(hb: Heartbeat) -> None:
-    """The watchdog's end: TensorFlow's wait cannot be interrupted, so the process exits here."""
-    message = (f"the other workers in {TF_CONFIG_ENV} did not all start within "
-               f"{CLUSTER_START_TIMEOUT_S} s; start every worker with the same cluster")
-    log.error("%s", message)
-    hb.finish("failed", error=message)
-    print(f"trainer: error: {message}", file=sys.stderr, flush=True)  # __main__'s error line
-    os._exit(EXIT_PEER_LOST)
+@contextlib.contextmanager
+def _watchdog(out: Path, limit_s: float) -> Iterator[None]:
+    """A process that kills this one if the block does not end within limit_s.
+
+    TensorFlow's wait for the workers holds the GIL and ignores SIGTERM: no thread of this
+    process could end it. The watchdog's stdin is closed when the block ends, or when this
+    process does, whichever comes first; then it exits.
+    """
+    message = (f"the other workers in {TF_CONFIG_ENV} did not all start within {limit_s:g} s; "
+               "start every worker with the same cluster")
+    package_parent = str(Path(__file__).resolve().parents[1])
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "trainer.watchdog", str(os.getpid()),
+         str(limit_s), str(out), message],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": package_parent}, cwd=package_parent)
+    try:
+        yield
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 class Consensus:
