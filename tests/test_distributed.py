@@ -151,7 +151,9 @@ def test_tf_config_names_this_worker():
     two = from_env({"TF_CONFIG": _tf_config([1111, 2222], 1)})
     assert (two.workers, two.index, two.chief, two.multi) == (2, 1, False, True)
     assert two.shard(list(range(7))) == [1, 3, 5]
-    for bad in ("{", '{"cluster": {}}', _tf_config([1111], 3),
+    chief_job = {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker",
+                                                                          "index": 0}}
+    for bad in ("{", '{"cluster": {}}', _tf_config([1111], 3), json.dumps(chief_job),
                 json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}})):
         with pytest.raises(UsageError, match="TF_CONFIG"):
             from_env({"TF_CONFIG": bad})

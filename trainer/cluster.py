@@ -49,6 +49,10 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Cluster:
                          '"task": {"type": "worker", "index": N}}') from exc
     if not isinstance(workers, list) or not workers:
         raise UsageError(f"{TF_CONFIG_ENV} lists no worker; give cluster.worker as a list of host:port")
+    others = sorted(set(config["cluster"]) - {WORKER_JOB})
+    if others:  # a "chief" or "ps" job would take part in TensorFlow's collectives unseen here
+        raise UsageError(f"{TF_CONFIG_ENV} has jobs other than worker ({', '.join(others)}); "
+                         "list every node under cluster.worker, the chief first")
     if task.get("type") != WORKER_JOB or not 0 <= index < len(workers):
         raise UsageError(f"{TF_CONFIG_ENV} task {task!r} is not one of the {len(workers)} workers; "
                          f'use {{"type": "worker", "index": 0..{len(workers) - 1}}}')
