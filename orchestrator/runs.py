@@ -383,7 +383,9 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
-    # $! is run.sh's pid: setsid, not a group leader here, runs it in place (no fork).
+    # $! is run.sh's pid: setsid, not a group leader here, runs it in place (no fork). It
+    # leads the run's process group; run.pid beside the results is what dlbox checks and
+    # stops a cluster node's worker by, whoever else shares the registry (written whole).
     started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
                           "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & "
                           'echo "$!" > run.pid.tmp && mv run.pid.tmp run.pid')

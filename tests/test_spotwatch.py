@@ -35,7 +35,8 @@ def stop(signum, frame):
     sys.exit(75)
 
 signal.signal(signal.SIGTERM, stop)
-Path("trainer-ready").write_text(str(os.getpid()))
+Path("trainer-ready.tmp").write_text(str(os.getpid()))
+os.replace("trainer-ready.tmp", "trainer-ready")  # whole: the test reads it once it exists
 time.sleep(float(sys.argv[1]))
 """
 
