@@ -27,6 +27,7 @@ class UpFlags:
     ssh: tuple[str, ...] | None = None  # one USER@HOST[:PORT] per node
     key: tuple[str, ...] | None = None  # one for every node, or one per --ssh
     nodes: int | None = None  # boxes in the cluster (--ssh: as many as given)
+    node_address: tuple[str, ...] | None = None  # --ssh: where the others reach each node
     workdir: str | None = None
     python: str | None = None
     region: str | None = None

@@ -146,6 +146,9 @@ def up(
         help="--ssh: the private key that logs you in (repeat: one per --ssh).")] = None,
     nodes: Annotated[int | None, typer.Option(
         help="Boxes in the cluster (data-parallel training, one worker per box) [1].")] = None,
+    node_address: Annotated[list[str] | None, typer.Option(
+        help="--ssh cluster: the address the other nodes reach this one at (repeat: one per "
+             "--ssh) [the one its sshd sees].")] = None,
     python: Annotated[str | None, typer.Option(
         help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
     workdir: Annotated[str | None, typer.Option(
@@ -156,7 +159,9 @@ def up(
 
     flags = boxes.UpFlags(
         local=local, ssh=tuple(ssh_target) if ssh_target else None,
-        key=tuple(key) if key else None, nodes=nodes, workdir=workdir, python=python,
+        key=tuple(key) if key else None, nodes=nodes,
+        node_address=tuple(node_address) if node_address else None, workdir=workdir,
+        python=python,
         region=region, profile=profile,
         instance_type=tuple(instance_type) if instance_type else None, spot=spot,
         disk_gb=disk_gb, idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,

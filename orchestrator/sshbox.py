@@ -15,6 +15,8 @@ from .sshmachine import SshMachine, own_address
 from .sshtarget import SshTarget
 
 # user@host[:port]; neither may start with "-" (it would reach ssh as an option).
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}"
+                       r"[A-Za-z0-9])?)*")
 SSH_TARGET = re.compile(r"^(?P<user>[A-Za-z0-9_.][^@\s]*)@(?P<host>[A-Za-z0-9_.\[][^:\s]*)"
                         r"(:(?P<port>\d{1,5}))?$")
 
@@ -39,7 +41,7 @@ class SshBox(Unwatched):
     INTERRUPTED_UP: ClassVar[str] = ("the box is as you had it, its key pinned if the login "
                                      "got that far: run `dlbox up --ssh ...` again")
     UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"ssh", "key", "python", "workdir",
-                                                     "nodes"})
+                                                     "nodes", "node_address"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"purge"})
     hourly_usd: ClassVar[None] = None
 
@@ -59,6 +61,12 @@ class SshBox(Unwatched):
         if flags.nodes is not None and flags.nodes != len(specs):
             raise UsageError(f"--nodes {flags.nodes} with {len(specs)} --ssh: a cluster of SSH "
                              "boxes has one node per --ssh; drop --nodes")
+        given = flags.node_address or ()
+        if given and len(given) != len(specs):
+            raise UsageError(f"{len(given)} --node-address for {len(specs)} --ssh: give one per "
+                             "--ssh in the same order, or none (each node's own address)")
+        for address in given:
+            _check_address(address)
         targets = [_parse(spec, keys[i if len(keys) > 1 else 0]) for i, spec in enumerate(specs)]
         names = [f"{user}@{host}:{port}" for host, port, user, _ in targets]
         if len(set(names)) != len(names):
@@ -79,7 +87,7 @@ class SshBox(Unwatched):
         made = []
         for node, (host, port, user, key_path) in enumerate(targets):
             made.append(_prepare(cls, project_dir, cfg, flags, host, port, user, key_path, node,
-                                 len(targets), say))
+                                 len(targets), say, given[node] if given else None))
         for box in made:  # recorded together: a cluster is whole or not recorded
             state.put(project_dir, box)
         sshtarget.write_config(state.state_dir(project_dir), made[0].ssh_target(project_dir))
@@ -142,6 +150,19 @@ class SshBox(Unwatched):
         say(f"forgot ssh box {self.name}" + ("" if flags.purge else f" (its {self.workdir} stays)"))
 
 
+def _check_address(address: str) -> None:
+    """An IP address (v4 or v6) or a host name: what a worker's TF_CONFIG may name."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+        return
+    except ValueError:
+        pass
+    if not HOST_NAME.fullmatch(address):
+        raise UsageError(f"--node-address {address!r}: expected an IP address or a host name")
+
+
 def _target(spec: str) -> re.Match:
     match = SSH_TARGET.match(spec or "")
     if not match or not 1 <= int(match["port"] or 22) <= 65535:
@@ -159,9 +180,11 @@ def _parse(spec: str, key: str) -> tuple[str, int, str, Path]:
 
 
 def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, user: str,
-             key_path: Path, node: int, nodes: int, say: Say) -> SshBox:
+             key_path: Path, node: int, nodes: int, say: Say,
+             address: str | None = None) -> SshBox:
     """One machine ready to train: its host key pinned, dlbox's folder, a Python with
-    TensorFlow, and (in a cluster) the address the other nodes reach it on."""
+    TensorFlow, and (in a cluster) the address the other nodes reach it on: the one given,
+    else the one its sshd sees for dlbox's login."""
     name = f"{user}@{host}:{port}"
     target = SshTarget(host, port, user, str(key_path), state.known_hosts(project_dir))
     sshtarget.check_paths(target.key_path, target.known_hosts)
@@ -171,7 +194,8 @@ def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, 
         python, versions = environment.ready_python(
             machine, folder, flags.python or cfg.python, say, cfg.box_requirements,
             cfg.pip_args)
-        address = own_address(machine, name) if nodes > 1 else None
+        if nodes > 1 and address is None:
+            address = own_address(machine, name)
     finally:
         machine.close()
     say(f"ssh box {name} ready ({versions}); runs in {folder}; host key pinned in "

@@ -178,6 +178,14 @@ def test_an_ssh_cluster_trains_like_one_box_and_its_workers_agree(tmp_path, smal
     assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["workers"] == 2
+    shards = []
+    for status_file in (run_dir / "status.json", run_dir / "nodes" / "1" / "status.json"):
+        status = json.loads(status_file.read_text())
+        assert status["images_per_second"] > 0, status
+        shards.append(status["shard_images"])
+    assert sum(shards) == metrics["train_images"] and abs(shards[0] - shards[1]) <= 1
+    report = (run_dir / "report.html").read_text()
+    assert "<h2>Nodes</h2>" in report and "127.0.0.3:" in report and "images/s" in report
     # Within noise of one box on the same data (44 validation images: a few images' worth).
     single = _single_box_accuracy(tmp_path, small_sample, "3")
     assert abs(metrics["val_accuracy"] - single) <= 0.2, (metrics["val_accuracy"], single)
@@ -195,12 +203,33 @@ def test_cluster_flags_that_cannot_work_are_one_line(tmp_path):
         (["--ssh", "u@h1", "--ssh", "u@h1", "--key", "/etc/hostname"], "the same --ssh"),
         (["--ssh", "u@h1", "--ssh", "u@h2", "--key", "/etc/hostname", "--nodes", "3"],
          "one node per --ssh"),
+        (["--ssh", "u@h1", "--ssh", "u@h2", "--key", "/etc/hostname", "--node-address",
+          "10.0.0.1"], "1 --node-address for 2 --ssh"),
+        (["--ssh", "u@h1", "--ssh", "u@h2", "--key", "/etc/hostname", "--node-address",
+          "10.0.0.1", "--node-address", "$(reboot)"], "expected an IP address or a host name"),
+        (["--local", "--node-address", "10.0.0.1"], "--node-address is for SSH boxes"),
     ]:
         result = dlbox(tmp_path, "up", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
             (args, result.stderr)
     assert not (tmp_path / ".dlbox" / "state.json").exists()
+
+
+def test_ssh_nodes_reach_each_other_at_the_addresses_given(tmp_path, two_sshds):
+    """--node-address: a private network the nodes share, not the address dlbox logs in by."""
+    a, b = two_sshds
+    up = dlbox(tmp_path, "up", "--ssh", f"{a.user}@{a.host}:{a.port}", "--ssh",
+               f"{b.user}@{b.host}:{b.port}", "--key", str(a.client_key), "--key",
+               str(b.client_key), "--python", quick_python(), "--node-address", "10.1.0.7",
+               "--node-address", "fd00::8")
+    assert up.returncode == 0, up.stderr
+    nodes = json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"]
+    assert [n["address"] for n in nodes] == ["10.1.0.7", "fd00::8"]
+    moved = dlbox(tmp_path, "up", "--ssh", f"{a.user}@{a.host}:{a.port}", "--ssh",
+                  f"{a.user}@127.0.0.4:{a.port}", "--key", str(a.client_key))
+    assert moved.returncode == 2 and "`dlbox down` first" in moved.stderr
+    assert dlbox(tmp_path, "down").returncode == 0
 
 
 def test_a_local_cluster_is_taken_up_again_as_is_and_not_resized_silently(tmp_path):

@@ -262,6 +262,7 @@ class Batches:
     val: object
     val_plan: loop.Plan
     train_images: int  # over every worker: the images one epoch trains on
+    shard_images: int  # this worker's share of them
 
 
 def _batches(job: Job, prep: Prepared, peers: workers.Peers) -> Batches:
@@ -276,6 +277,7 @@ def _batches(job: Job, prep: Prepared, peers: workers.Peers) -> Batches:
                         training=False),
         val_plan,
         peers.train_images,
+        len(prep.train_index),
     )
 
 
@@ -358,6 +360,9 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
     train = loop.run_pass(steps.train, batches.train, batches.train_plan,
                           lambda: stop.requested, progress)
     trained = time.monotonic()
+    # This worker's own rate, for the cluster's per-node figures (report.html).
+    hb.update(shard_images=batches.shard_images,
+              images_per_second=round(batches.shard_images / max(trained - started, 1e-9), 1))
     stop_here(train.stopped)
     hb.update(stage="validate")
     val = loop.run_pass(steps.evaluate, batches.val, batches.val_plan, lambda: stop.requested)
