@@ -571,10 +571,11 @@ def _follow_cluster_once(run, nodes, machines):
     for node in nodes:
         _hold(node)
     chief = nodes[0]
+    last_words: list[str] = []  # the chief's error line: said unless a node took it down
     try:
         with _status_bar() as (say, on_status):
             code = follow.follow(
-                run, machines[0], say, err=lambda line: typer.echo(line, err=True),
+                run, machines[0], say, err=last_words.append,
                 on_status=on_status, peers=cluster.watcher(run, nodes, machines),
                 on_checkpoint=_checkpoint_copier(run, machines[0]) if chief.replaceable else None,
                 gone=(lambda: chief.gone(_project())) if chief.replaceable else None)
@@ -592,12 +593,14 @@ def _follow_cluster_once(run, nodes, machines):
                     f"{run.run_id}` follows it again", exc.exit_code) from None
     except DlboxError as exc:
         raise _fail(str(exc), exc.exit_code) from None
+    failed = None
     if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
-        try:
-            return cluster.check(run, nodes, machines), code
-        except DlboxError:
-            return None, code
-    return None, code
+        with contextlib.suppress(DlboxError):
+            failed = cluster.check(run, nodes, machines)
+    if failed is None:
+        for line in last_words:
+            typer.echo(line, err=True)
+    return failed, code
 
 
 def _cluster_of(run):
