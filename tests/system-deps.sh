@@ -2,7 +2,7 @@
 # The system packages `make` needs, installed when it can be (the Makefile calls this).
 #
 #   bash tests/system-deps.sh suite [LABEL]   what the test suite drives: the OpenSSH server
-#       (tests/sshd.py starts /usr/sbin/sshd on loopback) and client, rsync, and chromium
+#       (tests/sshd.py starts /usr/sbin/sshd on loopback) and client, rsync, procps, and chromium
 #       with chromedriver (the HTML report test drives /usr/bin/chromium)
 #   bash tests/system-deps.sh venv [LABEL]    a python3 >= 3.10 that can create a venv (on
 #       Debian/Ubuntu, venv's ensurepip comes in the python3-venv package)
@@ -33,6 +33,7 @@ check_suite() {
     need openssh-server /usr/sbin/sshd test -x /usr/sbin/sshd  # absolute in tests/sshd.py
     need openssh-client ssh command -v ssh
     need rsync rsync command -v rsync
+    need procps ps command -v ps  # a cluster worker's process group, checked on the "box"
     need chromium /usr/bin/chromium test -x /usr/bin/chromium  # absolute in the report test
     need chromium-driver /usr/bin/chromedriver test -x /usr/bin/chromedriver
 }
