@@ -521,7 +521,7 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
         else:
             cluster.wait_for_workers(run, nodes, machines, time.sleep)
         cluster.pull_logs(_project(), run, machines)
-        if failed is not None and failed.node == 0:  # the chief is gone: its copy is here
+        if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
             run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
             runs.save(_project(), run)
         else:
@@ -531,7 +531,7 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
     if failed is not None:
         copy = checkpoints.held(_project(), run.run_id)
         epoch = copy.completed if copy else 0
-        if failed.node != 0:
+        if not (failed.node == 0 and failed.box_gone):
             with contextlib.suppress(DlboxError):
                 epoch = (runs.read_json(machines[0].read(
                     f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
@@ -586,8 +586,8 @@ def _follow_cluster_once(run, nodes, machines):
     except cluster.NodeFailed as exc:
         return exc, runs.EXIT_RESUMABLE
     except BoxLost as exc:
-        return cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})"), \
-            runs.EXIT_RESUMABLE
+        return cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})",
+                                  box_gone=True), runs.EXIT_RESUMABLE
     except LostContact as exc:
         raise _fail(f"{exc.reason}; run {run.run_id} goes on there: `dlbox attach "
                     f"{run.run_id}` follows it again", exc.exit_code) from None
@@ -597,6 +597,13 @@ def _follow_cluster_once(run, nodes, machines):
     if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
         with contextlib.suppress(DlboxError):
             failed = cluster.check(run, nodes, machines)
+        if code != runs.EXIT_PEER_LOST and (failed is None
+                                            or failed.code == runs.EXIT_PEER_LOST):
+            # The chief went first (the others lost it): the chief is the node to name.
+            words = f": {last_words[-1]}" if last_words else ""
+            failed = cluster.NodeFailed(0, chief.label, f"had its worker end with exit status "
+                                        f"{code}{words}", code=code,
+                                        resumable=code in cluster.RESUMABLE_EXITS)
     if failed is None:
         for line in last_words:
             typer.echo(line, err=True)

@@ -37,6 +37,9 @@ WORKER_START_TIMEOUT_S = 120  # from the first check until its run.sh has begun
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
+# A worker's exit statuses that leave the run resumable: stopped (75), a peer lost (69),
+# killed (137, 143).
+RESUMABLE_EXITS = (runs.EXIT_RESUMABLE, runs.EXIT_PEER_LOST, 137, 143)
 EXIT_NOT_STARTED = 1  # a cluster run whose workers could not all be started
 MESSAGE_CHARS = 400  # of a node's failure line (remote stderr can run to pages)
 PORT_TRIES = 5  # probes of a node that answered a port another node of its host got
@@ -59,9 +62,12 @@ class NodeFailed(DlboxError):
     """A node's worker failed or its box stopped answering: the run cannot go on as is.
     resumable: the node was lost (killed, silent, stopped), not failed by its own error."""
 
-    def __init__(self, node: int, label: str, why: str, resumable: bool = True) -> None:
+    def __init__(self, node: int, label: str, why: str, resumable: bool = True,
+                 code: int | None = None, box_gone: bool = False) -> None:
         super().__init__(_one_line(f"node {node} ({label}) {why}"))
         self.node, self.label, self.why, self.resumable = node, label, why, resumable
+        self.code = code  # its worker's exit status, if it ended with one
+        self.box_gone = box_gone  # the node's box itself is gone (nothing to pull from it)
 
 
 def _one_line(text: str) -> str:
@@ -233,13 +239,15 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
                               f"{WORKER_START_TIMEOUT_S} s (see {w.remote_dir}/stdout.log)")
         if answer[0] == "ended" and answer[1:] != ["0"]:
             code = answer[1] if len(answer) > 1 else "?"
-            if code in (str(runs.EXIT_RESUMABLE), str(runs.EXIT_PEER_LOST), "137", "143"):
-                return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})")
+            status = int(code) if code.isdigit() else None
+            if status in RESUMABLE_EXITS:
+                return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})",
+                                  code=status)
             last = None
             with contextlib.suppress(DlboxError):
                 last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
             return NodeFailed(w.node, box.label, f"had its worker fail (exit status {code})"
-                              + (f": {last}" if last else ""), resumable=False)
+                              + (f": {last}" if last else ""), resumable=False, code=status)
     return None
 
 

@@ -71,7 +71,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
                               "--epochs", "6", *FLAGS, "--img-size", "96"], cwd=project,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        worker_dir, pid_file = _mid_epoch_with_a_checkpoint(project)
+        worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
         os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # node 1's run.sh and trainer
         killed_at = time.monotonic()
         out, err = train.communicate(timeout=CLI_TIMEOUT_S)
@@ -88,6 +88,21 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     assert not _trainers_alive(), "a worker outlived the stopped run"
     done_before = len(_history_epochs(run_dir))
     assert 1 <= done_before < 6
+
+    # Resumed; then the chief's trainer is killed mid-epoch (run.sh lives on: exit 137).
+    attach = subprocess.Popen([DLBOX, "attach", run_dir.name], cwd=project,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        chief_pid = _mid_epoch_with_a_checkpoint(project, after=done_before)[2]
+        os.kill(chief_pid, signal.SIGKILL)
+        out, err = attach.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        attach.kill()
+    assert attach.returncode == 75, out + err
+    assert f"resuming run {run_dir.name} on 2 nodes from epoch {done_before}" in out
+    [line] = err.strip().splitlines()
+    assert "node 0 (local node 0)" in line and "exit status 137" in line, line
+    assert not _trainers_alive(), "a worker outlived the stopped run"
 
     attach = dlbox(project, "attach", run_dir.name)
     assert attach.returncode == 0, attach.stdout + attach.stderr
@@ -112,19 +127,20 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     assert not list((project / ".dlbox").glob("local-box*"))
 
 
-def _mid_epoch_with_a_checkpoint(project: Path) -> tuple[Path, Path]:
-    """(node 1's run folder, its run.sh's pid file) once the chief has committed an epoch and
-    trains the next one."""
+def _mid_epoch_with_a_checkpoint(project: Path, after: int = 0) -> tuple[Path, Path, int]:
+    """(node 1's run folder, its run.sh's pid file, the chief trainer's pid) once the chief
+    has committed an epoch (more than after) and trains the next one."""
     deadline = time.monotonic() + KILL_WAIT_TIMEOUT_S
     while time.monotonic() < deadline:
         for state in (project / ".dlbox" / "local-box" / "runs").glob("*/checkpoints/state.json"):
             status_file = state.parent.parent / "status.json"
             completed = json.loads(state.read_text()).get("completed", 0)
             status = json.loads(status_file.read_text()) if status_file.exists() else {}
-            if completed >= 1 and status.get("epoch", 0) > completed and status.get("step"):
+            if completed > after and status.get("epoch", 0) > completed and status.get("step") \
+                    and status.get("state") == "running":
                 run_id = state.parent.parent.name
                 worker = project / ".dlbox" / "local-box-1" / "runs" / run_id
-                return worker, worker / "run.pid"
+                return worker, worker / "run.pid", status["pid"]
         time.sleep(POLL_S)
     raise AssertionError("the run never got mid-epoch after a checkpoint")
 
