@@ -68,7 +68,8 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     assert "local node 0 of 2" in status.stdout and "local node 1 of 2" in status.stdout
 
     train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
-                              "--epochs", "6", *FLAGS, "--img-size", "96"], cwd=project,
+                              "--epochs", "6", *FLAGS, "--img-size", "96",
+                              "--batch-size", "2"], cwd=project,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
@@ -276,7 +277,7 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
                         capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert up.returncode == 0, up.stdout + up.stderr
     proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
-                             "6", "--img-size", "64", "--batch-size", "4", "--patience", "0"],
+                             "6", "--img-size", "64", "--batch-size", "2", "--patience", "0"],
                             cwd=directory, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
