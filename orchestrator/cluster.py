@@ -16,7 +16,7 @@ from pathlib import Path
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
-from . import boxlock, checkpoints, parallel, records, runs
+from . import boxlock, checkpoints, follow, parallel, records, runs
 from .atomic import write_atomic
 from .boxes import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
@@ -245,15 +245,10 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
                                   code=status)
             last = None
             with contextlib.suppress(DlboxError):
-                last = _last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
+                last = follow.last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
             return NodeFailed(w.node, box.label, f"had its worker fail (exit status {code})"
                               + (f": {last}" if last else ""), resumable=False, code=status)
     return None
-
-
-def _last_line(raw: bytes | None) -> str | None:
-    lines = raw.decode(errors="replace").strip().splitlines() if raw else []
-    return lines[-1] if lines else None
 
 
 def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callable[[], None]:

@@ -209,7 +209,7 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
                 raise lost(Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
                                 f"{notice.get('time', '?')}", reclaimed=True))
             if snap.exit_code != 0:
-                error = _last_line(machine.read(f"{run.remote_dir}/stdout.log")) \
+                error = last_line(machine.read(f"{run.remote_dir}/stdout.log")) \
                     or status.get("error")
                 if error:
                     (err or say)(error)
@@ -263,6 +263,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{float(row['images_per_second']):.0f} img/s)")
 
 
-def _last_line(raw: bytes | None) -> str | None:
+def last_line(raw: bytes | None) -> str | None:
+    """The last non-blank line of a file read off the box (its last words), or None."""
     lines = raw.decode(errors="replace").strip().splitlines() if raw else []
     return lines[-1] if lines else None
