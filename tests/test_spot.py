@@ -80,11 +80,13 @@ def spot(tmp_path, aws, moto_url, ip_lookup_url, box_settings, box_bin):
 
 
 def _wait(what: str, condition, proc: subprocess.Popen | None = None,
-          timeout_s: float = RUN_TIMEOUT_S):
+          timeout_s: float = RUN_TIMEOUT_S, timeline: Timeline | None = None):
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"dlbox ended while waiting for {what}: {proc.communicate()}")
+            out, err = proc.communicate()
+            said = timeline.text() if timeline is not None else out
+            raise AssertionError(f"dlbox ended while waiting for {what}: {said}{err}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(POLL_S)
     return value
@@ -144,6 +146,19 @@ def _instance_at(aws, host: str) -> str:
     return inst["InstanceId"]
 
 
+def _pause_trainer(run_id: str) -> int:
+    """SIGSTOP the run's trainer on its box, so that the test, not this machine's speed,
+    decides whether the run ends before the next step of the journey. Returns its pid."""
+    from orchestrator import ec2box
+
+    group = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{run_id}.pid").read_text())
+    found = subprocess.run(["pgrep", "-g", str(group), "-f", "--", "-m trainer"],
+                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S).stdout.split()
+    assert len(found) == 1, found
+    os.kill(int(found[0]), signal.SIGSTOP)
+    return int(found[0])
+
+
 def _kill_box(box: Box, instance: str, run_id: str) -> float:
     """The box dies without a word: its processes, its instance, its sshd. Returns when."""
     from orchestrator import ec2box
@@ -166,6 +181,8 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     and resumes; then that box dies without warning: resumed from the last copied epoch.
     The run ends with the epochs of an uninterrupted one, and --down-after leaves nothing
     running."""
+    from orchestrator import spotwatch
+
     project, boxes = spot
     directory, env = project
     up = dlbox(project, "up", "--spot")
@@ -179,9 +196,13 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
         record = _wait("the run to train", lambda: (r := _record(directory)) and
                        _status(r).get("epoch", 0) >= 2 and r, proc)
         run_id = record["run_id"]
+        trainer = _pause_trainer(run_id)  # no epoch ends until the notice has landed
         boxes[0].imds.announce()  # two minutes' notice
+        _wait("the watcher to take the notice", lambda: (
+            Path(record["remote_dir"]) / spotwatch.NOTICE_FILE).exists(), proc)
+        os.kill(trainer, signal.SIGCONT)
         _wait("the loss to be recorded", lambda: (_record(directory) or {}).get("interruptions"),
-              proc)
+              proc, timeline=timeline)
         warned = _copied(directory, run_id)
         assert warned["last"].startswith(("partial-", "last-")), warned
         # then AWS takes the box back
@@ -193,12 +214,16 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
                         and r, proc)
         _wait("the first resumed step", lambda: _status(resumed).get("step", 0) > 0, proc)
         stepped = time.time()
+        on_box = Path(resumed["remote_dir"]) / "checkpoints" / "state.json"
+        _wait("a checkpoint on the second box", lambda: json.loads(on_box.read_text()).get(
+            "completed", 0) > warned["completed"] if on_box.exists() else False, proc,
+            timeline=timeline)
+        _pause_trainer(run_id)  # the run stays unfinished until its box is killed
         _wait("a checkpoint of the second box", lambda: _copied(directory, run_id).get(
-            "completed", 0) > warned["completed"], proc)
+            "completed", 0) > warned["completed"], proc, timeline=timeline)
         before = _copied(directory, run_id)["completed"]
         killed_at = _kill_box(boxes[1], _instance_at(aws, boxes[1].host), run_id)
-        on_box = json.loads((Path(resumed["remote_dir"]) / "checkpoints" / "state.json")
-                            .read_text())["completed"]  # the last commit there: nothing after
+        on_box = json.loads(on_box.read_text())["completed"]  # its last commit: nothing after
         proc.wait(timeout=RUN_TIMEOUT_S)
         out, err = timeline.text(), proc.stderr.read()
     finally:
@@ -298,6 +323,7 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
                             and r["status"] == "running" and _status(r).get("step", 0) > 0
                             and _copied(directory, run_id)["completed"] > kept["completed"]
                             and r, proc)
+            _pause_trainer(run_id)  # unfinished until its box is killed below
             proc.send_signal(signal.SIGINT)  # detach
             out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
