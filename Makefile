@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := .demo/data
 SYSTEM_DEPS := bash tests/system-deps.sh
 GOAL := make $(or $(MAKECMDGOALS),venv)
+# pytest-xdist workers: a module runs whole on one of them (tests/conftest.py); the suite
+# keeps about one core busy per worker.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast test-deps lint bench clean
 .NOTPARALLEL:  # prerequisites in order: system packages are checked before anything runs
@@ -31,11 +34,11 @@ demo: $(STAMP)
 
 ## test: lint, then the whole suite (what CI runs)
 test: test-deps $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 ## test-fast: skip the slow end-to-end tests while iterating
 test-fast: test-deps $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 # what the suite drives: sshd and ssh on loopback, rsync, chromium and chromedriver
 test-deps:

@@ -616,8 +616,7 @@ def _cluster_of(run):
 
     chief = boxes.named(_project(), run.box)
     if chief is None:
-        raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's "
-                         f"box any more; its results are what was pulled into runs/{run.run_id}/")
+        raise _not_recorded(run, f"box {run.box}", f"runs/{run.run_id}/")
     chief = chief.wake(_project(), _say)
     nodes = boxes.cluster(_project(), chief)
     names = [w.box for w in cluster.workers(run)]
@@ -714,10 +713,23 @@ def _box_of(run):
 
     box = boxes.named(_project(), run.box)
     if box is None:
-        raise UsageError(f"run {run.run_id} ran on box {run.box}, which is not this project's box "
-                         f"any more; its results are what was pulled into runs/{run.run_id}/")
+        raise _not_recorded(run, f"box {run.box}", f"runs/{run.run_id}/")
     box = box.wake(_project(), _say)
     return box, box.machine(_project())
+
+
+def _not_recorded(run, what: str, pulled: str) -> UsageError:
+    """The error for a run whose box this project no longer records: with no box recorded at
+    all (`.dlbox/` lost) it may still be there, and `up` records it again."""
+    from . import boxes
+
+    if not boxes.recorded(_project()):
+        return UsageError(f"run {run.run_id} ran on {what}, which this project has no record of "
+                          "(no box is up); if it is still there, `dlbox up` with the flags it "
+                          f"was made with records it again, then run this again; what was "
+                          f"pulled is in {pulled}")
+    return UsageError(f"run {run.run_id} ran on {what}, which is not this project's box any "
+                      f"more; what was pulled is in {pulled}")
 
 
 def _hold(box) -> None:
@@ -962,9 +974,8 @@ def _node_of(run, node: int):
         raise UsageError(f"--node {node}: run {run.run_id} ran on {what}")
     box = boxes.named(_project(), team[node].box)
     if box is None:
-        raise UsageError(f"node {node} of run {run.run_id} ({team[node].box}) is not this "
-                         f"project's box any more; what was pulled is in runs/{run.run_id}/"
-                         f"nodes/{node}/")
+        raise _not_recorded(run, f"node {node} ({team[node].box})",
+                            f"runs/{run.run_id}/nodes/{node}/")
     box = box.wake(_project(), _say)
     return replace(run, remote_dir=team[node].remote_dir), box.machine(_project())
 

@@ -10,7 +10,7 @@ SCRIPT_FILE = "spotwatch.sh"  # in the run's folder; run.sh starts it as `bash s
 CURL_TIMEOUT_S = 2  # each request to the instance metadata service
 
 
-def script() -> str:
-    """The watcher's bash script (templates/spotwatch.sh.j2)."""
-    return render("spotwatch.sh.j2", poll_s=POLL_S, notice_file=NOTICE_FILE,
+def script(poll_s: int = POLL_S) -> str:
+    """The watcher's bash script (templates/spotwatch.sh.j2), asking every poll_s seconds."""
+    return render("spotwatch.sh.j2", poll_s=poll_s, notice_file=NOTICE_FILE,
                   curl_timeout_s=CURL_TIMEOUT_S)

@@ -57,6 +57,28 @@ def run_trainer(*args: str, env: dict | None = None, timeout: float = TRAINER_TI
         env={**os.environ, **(env or {})},
     )
 
+# `make test` runs the suite on two workers (pytest -n 2), each module whole on one of them
+# (a module's tests may share a fixed key or port), except that every test that plays an EC2
+# box runs on one worker, one after another: they share this machine's /var/lib/dlbox (the
+# boxes' run registry) and the loopback addresses 127.0.0.2-5. (xdist's own --dist loadgroup
+# does not group on pytest 9.2: pytest-dev/pytest-xdist#1386.)
+EC2_BOX_TESTS = ("tests/test_cli_ec2.py::", "tests/test_ec2_cluster.py::", "tests/test_spot.py::",
+                 "tests/test_cluster.py::test_an_ec2_", "tests/test_journeys.py::test_a_day_on_an_ec2_")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        """LoadScopeScheduling whose unit of work is a module, or all of EC2_BOX_TESTS."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ec2-boxes" if nodeid.startswith(EC2_BOX_TESTS) else nodeid.split("::", 1)[0]
+
+    return ByModule(config, log)
+
+
 # moto: skip loading its thousands of default AMIs (≈1 s per test); set before moto loads.
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 

@@ -73,6 +73,22 @@ def quick_python() -> str:
     return str(python)
 
 
+def at_once(args: list[str], cwd: Path, count: int = 2, env: dict[str, str] | None = None,
+            timeout_s: float = COMMAND_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+    """The same dlbox command in count terminals at once, each run to its end."""
+    procs = [subprocess.Popen([DLBOX, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        outs = [p.communicate(timeout=timeout_s) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outs, strict=True)]
+
+
 class Day:
     """One project, its box, and the user typing dlbox commands."""
 

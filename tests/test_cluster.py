@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.journey import quick_python
+from tests.journey import at_once, quick_python
 from tests.test_spot import spot  # noqa: F401 (a fixture: EC2 instances as loopback sshds)
 
 DLBOX = str(Path(sys.executable).parent / "dlbox")
@@ -26,6 +26,7 @@ KILL_WAIT_TIMEOUT_S = 120  # until the run is mid-epoch with a checkpoint
 STOPPED_WITHIN_S = 45
 # Trainer flags of every run here: short epochs on the small sample, no early stopping.
 FLAGS = ("--img-size", "32", "--patience", "0")
+RESUMED_RUN_EPOCHS = 5  # the cancelled run: stopped after its first, resumed to the end
 
 
 def dlbox(cwd: Path, *args: str, timeout: float = CLI_TIMEOUT_S):
@@ -86,7 +87,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     run_dir = _only_run(project)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and len(record["nodes"]) == 2
-    assert not _trainers_alive(), "a worker outlived the stopped run"
+    assert not _trainers_alive(project), "a worker outlived the stopped run"
     done_before = len(_history_epochs(run_dir))
     assert 1 <= done_before < 6
 
@@ -103,7 +104,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     assert f"resuming run {run_dir.name} on 2 nodes from epoch {done_before}" in out
     [line] = err.strip().splitlines()
     assert "node 0 (local node 0)" in line and "exit status 137" in line, line
-    assert not _trainers_alive(), "a worker outlived the stopped run"
+    assert not _trainers_alive(project), "a worker outlived the stopped run"
 
     attach = dlbox(project, "attach", run_dir.name)
     assert attach.returncode == 0, attach.stdout + attach.stderr
@@ -146,9 +147,11 @@ def _mid_epoch_with_a_checkpoint(project: Path, after: int = 0) -> tuple[Path, P
     raise AssertionError("the run never got mid-epoch after a checkpoint")
 
 
-def _trainers_alive() -> list[str]:
+def _trainers_alive(project: Path) -> list[str]:
+    """The trainers of this project's runs still alive (other tests may train meanwhile)."""
     found = subprocess.run(["pgrep", "-af", "-m", "trainer"], capture_output=True, text=True)
-    return [line for line in found.stdout.splitlines() if " -m trainer " in line]
+    return [line for line in found.stdout.splitlines()
+            if " -m trainer " in line and str(project) in line]
 
 
 @pytest.fixture
@@ -392,3 +395,53 @@ def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(POLL_S)
     assert _state(machine, tmp_path / "nothing") == "missing"
+
+
+@pytest.mark.slow
+def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resume_it_once(
+        tmp_path, small_sample):
+    """cancel stops every worker with a checkpoint; .dlbox/state.json is lost; `up` finds
+    the nodes again; two `attach` at once: one resumes the run on both nodes, the other
+    follows it; both end with it, every epoch once; a second `train` then runs whole."""
+    project = tmp_path / "cluster"
+    project.mkdir()
+    python = quick_python()
+    assert dlbox(project, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
+    scratch = ("train", "scratch", "--data", str(small_sample), *FLAGS)
+    # Epochs of ~2 s (one image per replica and step): cancel lands well before the end.
+    train = subprocess.Popen([DLBOX, *scratch, "--epochs", str(RESUMED_RUN_EPOCHS), "--batch-size", "1"],
+                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _mid_epoch_with_a_checkpoint(project)
+        run_dir = _only_run(project)
+        cancel = dlbox(project, "cancel", run_dir.name)
+        out, err = train.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        train.kill()
+    assert cancel.returncode == 0 and "interrupted on 2 nodes (exit 75)" in cancel.stdout, \
+        cancel.stdout + cancel.stderr
+    assert train.returncode == 75, out + err
+    assert not _trainers_alive(project), "a worker outlived the cancelled run"
+    done_before = len(_history_epochs(run_dir))
+    assert 1 <= done_before < RESUMED_RUN_EPOCHS
+
+    (project / ".dlbox" / "state.json").unlink()  # lost; the nodes' folders are not
+    assert "no box is up" in dlbox(project, "status").stdout
+    lost = dlbox(project, "attach", run_dir.name)
+    assert lost.returncode != 0 and len(lost.stderr.strip().splitlines()) == 1, lost.stderr
+    assert "`dlbox up`" in lost.stderr and "Traceback" not in lost.stderr
+    assert dlbox(project, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
+
+    both = at_once(["attach", run_dir.name], project, timeout_s=CLI_TIMEOUT_S)
+    assert [p.returncode for p in both] == [0, 0], both
+    said = "".join(p.stdout for p in both)
+    assert said.count(f"resuming run {run_dir.name} on 2 nodes") == 1, said
+    assert _history_epochs(run_dir) == list(range(1, RESUMED_RUN_EPOCHS + 1))  # each epoch once
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+    assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
+
+    again = dlbox(project, *scratch, "--epochs", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len([p for p in (project / "runs").iterdir() if p.is_dir()]) == 2
+    assert dlbox(project, "down").returncode == 0 and not _trainers_alive(project)

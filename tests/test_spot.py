@@ -21,6 +21,7 @@ import pytest
 from tests import awsfakes
 from tests import sshd as sshd_mod
 from tests.imds import Imds
+from tests.journey import at_once
 from tests.tcpproxy import Proxy
 from tests.test_cli_ec2 import CLI_TIMEOUT_S, DLBOX, _tagged, cli_env, dlbox
 
@@ -334,16 +335,9 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
     _kill_box(boxes[2], _instance_at(aws, boxes[2].host), run_id)  # nobody follows
 
     # Two terminals attach at once: one carries the run on, the other follows it there.
-    both = [subprocess.Popen([DLBOX, "attach", run_id], cwd=directory, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    try:
-        outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in both]
-    finally:
-        for p in both:
-            _reap(p)
-    assert [p.returncode for p in both] == [0, 0], outs
-    joined = "".join(out for out, _ in outs)
+    both = at_once(["attach", run_id], directory, env=env, timeout_s=RUN_TIMEOUT_S)
+    assert [p.returncode for p in both] == [0, 0], both
+    joined = "".join(p.stdout for p in both)
     assert joined.count("was lost at") == 1 and joined.count("resumed on the EC2 box") == 1
     run_dir = directory / "runs" / run_id
     record = json.loads((run_dir / "run.json").read_text())

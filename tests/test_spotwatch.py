@@ -23,7 +23,10 @@ from orchestrator.spotwatch import CURL_TIMEOUT_S, NOTICE_FILE, POLL_S, SCRIPT_F
 from tests.imds import INSTANCE_ACTION, REBALANCE, TOKEN_PATH, Imds
 
 LOG_LINE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (.*)$")  # as orchestrator/follow.py
-NOTICE_BOUND_S = POLL_S + 3  # from the notice to the trainer's SIGTERM
+# The watcher as rendered with a 1 s poll: what the tests wait for is the same, sooner
+# (test_the_watcher_script_is_valid_and_wants_a_pid checks the real POLL_S is rendered).
+WATCH_POLL_S = 1
+NOTICE_BOUND_S = WATCH_POLL_S + 3  # from the notice to the trainer's SIGTERM
 TAG = "SPOTWATCH_TEST_TAG"  # in the environment of every process a test starts, to find them
 # The trainer as far as the watcher sees it: SIGTERM -> a checkpoint (here a marker) -> exit 75.
 TRAINER = """\
@@ -76,7 +79,7 @@ class Box:
     def __init__(self, tmp_path: Path, endpoint: str) -> None:
         self.run = tmp_path / "run"
         self.run.mkdir()
-        (self.run / SCRIPT_FILE).write_text(script())
+        (self.run / SCRIPT_FILE).write_text(script(WATCH_POLL_S))
         (tmp_path / "trainer.py").write_text(TRAINER)
         self.trainer_py = tmp_path / "trainer.py"
         self.tag = f"{TAG}={uuid.uuid4().hex}"
@@ -169,7 +172,7 @@ def test_a_rebalance_recommendation_is_logged_once_and_watching_goes_on(box, imd
     trainer = box.trainer()
     watcher = box.watcher(trainer.pid)
     # A third poll has begun: the second has seen the recommendation again, and is done.
-    _wait_for(lambda: imds.count(INSTANCE_ACTION) >= 3, 2 * POLL_S + 5, "third poll")
+    _wait_for(lambda: imds.count(INSTANCE_ACTION) >= 3, 2 * WATCH_POLL_S + 5, "third poll")
     assert imds.count(REBALANCE) >= 2
     assert _warnings(box.run) == [
         "EC2 rebalance recommendation: this spot box is at elevated risk of interruption"]
@@ -186,8 +189,8 @@ def test_the_watcher_ends_with_the_trainer(box, imds):
     watcher = box.watcher(trainer.pid)
     assert trainer.wait(timeout=10) == 0
     ended = time.monotonic()
-    watcher.wait(timeout=POLL_S + 2 * CURL_TIMEOUT_S + 2)
-    assert time.monotonic() - ended < POLL_S + 2 * CURL_TIMEOUT_S + 2
+    watcher.wait(timeout=WATCH_POLL_S + 2 * CURL_TIMEOUT_S + 2)
+    assert time.monotonic() - ended < WATCH_POLL_S + 2 * CURL_TIMEOUT_S + 2
     assert watcher.returncode == 0
     assert imds.count(INSTANCE_ACTION) >= 1
     assert box.left() == set()
@@ -221,8 +224,8 @@ def test_a_metadata_service_that_never_answers_does_not_hang_the_watcher(box, si
     watcher = box.watcher(trainer.pid)
     assert trainer.wait(timeout=10) == 0
     ended = time.monotonic()
-    watcher.wait(timeout=POLL_S + CURL_TIMEOUT_S + 3)  # one request at most was hanging
-    assert time.monotonic() - ended < POLL_S + CURL_TIMEOUT_S + 3
+    watcher.wait(timeout=WATCH_POLL_S + CURL_TIMEOUT_S + 3)  # one request at most was hanging
+    assert time.monotonic() - ended < WATCH_POLL_S + CURL_TIMEOUT_S + 3
     assert watcher.returncode == 0
     assert held  # it did ask
     assert box.left() == set()
