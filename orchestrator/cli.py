@@ -719,15 +719,16 @@ def _box_of(run):
 
 
 def _not_recorded(run, what: str, pulled: str) -> UsageError:
-    """The error for a run whose box this project no longer records: with no box recorded at
-    all (`.dlbox/` lost) it may still be there, and `up` records it again."""
-    from . import boxes
+    """The error for a run whose box this project no longer records. With the state file
+    itself gone (`.dlbox/` lost, not `down`) the box may still be there: `up` records it again."""
+    from . import state
 
-    if not boxes.recorded(_project()):
-        return UsageError(f"run {run.run_id} ran on {what}, which this project has no record of "
-                          "(no box is up); if it is still there, `dlbox up` with the flags it "
-                          f"was made with records it again, then run this again; what was "
-                          f"pulled is in {pulled}")
+    if not (state.state_dir(_project()) / state.STATE_FILE).exists():
+        nodes = f" (a cluster: `--nodes {len(run.nodes)}`)" if run.nodes else ""
+        return UsageError(f"run {run.run_id} ran on {what}, and this project's record of its box "
+                          f"is gone (.dlbox/{state.STATE_FILE}); if the box is still there, "
+                          f"`dlbox up` with the flags it was made with{nodes} records it again, "
+                          f"then run this command again; what was pulled is in {pulled}")
     return UsageError(f"run {run.run_id} ran on {what}, which is not this project's box any "
                       f"more; what was pulled is in {pulled}")
 

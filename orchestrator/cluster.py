@@ -35,6 +35,10 @@ STOP_GRACE_S = 10
 STOP_POLL_S = 0.2
 WORKER_START_TIMEOUT_S = 120  # from the first check until its run.sh has begun
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
+# A worker that stopped with a checkpoint (exit 75): every worker stops at the same step, so
+# the chief ends by itself (its checkpoint written) within this; a stop before that would
+# kill it mid-write.
+AGREED_STOP_TIMEOUT_S = 60
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
 # A worker's exit statuses that leave the run resumable: stopped (75), a peer lost (69),
@@ -240,6 +244,9 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
         if answer[0] == "ended" and answer[1:] != ["0"]:
             code = answer[1] if len(answer) > 1 else "?"
             status = int(code) if code.isdigit() else None
+            if status == runs.EXIT_RESUMABLE and not late("stopped", w.node,
+                                                          AGREED_STOP_TIMEOUT_S):
+                continue
             if status in RESUMABLE_EXITS:
                 return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})",
                                   code=status)

@@ -68,6 +68,8 @@ EC2_BOX_TESTS = ("tests/test_cli_ec2.py::", "tests/test_ec2_cluster.py::", "test
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # another --dist asked for: xdist's own
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):

@@ -75,18 +75,29 @@ def quick_python() -> str:
 
 def at_once(args: list[str], cwd: Path, count: int = 2, env: dict[str, str] | None = None,
             timeout_s: float = COMMAND_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
-    """The same dlbox command in count terminals at once, each run to its end."""
-    procs = [subprocess.Popen([DLBOX, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(count)]
-    try:
-        outs = [p.communicate(timeout=timeout_s) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    """The same dlbox command in count terminals at once, each run to its end (their output
+    goes to files: none of them waits on a pipe nobody reads)."""
+    with contextlib.ExitStack() as files:
+        outputs = [(files.enter_context(tempfile.TemporaryFile("w+")),
+                    files.enter_context(tempfile.TemporaryFile("w+"))) for _ in range(count)]
+        procs = [subprocess.Popen([DLBOX, *args], cwd=cwd, env=env, stdout=out, stderr=err,
+                                  text=True) for out, err in outputs]
+        deadline = time.monotonic() + timeout_s
+        try:
+            for p in procs:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        said = []
+        for out, err in outputs:
+            out.seek(0)
+            err.seek(0)
+            said.append((out.read(), err.read()))
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
-            for p, (out, err) in zip(procs, outs, strict=True)]
+            for p, (out, err) in zip(procs, said, strict=True)]
 
 
 class Day:

@@ -147,9 +147,17 @@ def _mid_epoch_with_a_checkpoint(project: Path, after: int = 0) -> tuple[Path, P
     raise AssertionError("the run never got mid-epoch after a checkpoint")
 
 
+def _pending(pid: int) -> int:
+    """The signals pending for a process (a stopped one keeps them until SIGCONT)."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":\t" in line)
+    return int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
 def _trainers_alive(project: Path) -> list[str]:
     """The trainers of this project's runs still alive (other tests may train meanwhile)."""
-    found = subprocess.run(["pgrep", "-af", "-m", "trainer"], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-af", "--", "-m trainer"], capture_output=True, text=True)
+    assert found.returncode in (0, 1), found.stderr  # 1: none at all
     return [line for line in found.stdout.splitlines()
             if " -m trainer " in line and str(project) in line]
 
@@ -408,19 +416,27 @@ def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resu
     python = quick_python()
     assert dlbox(project, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
     scratch = ("train", "scratch", "--data", str(small_sample), *FLAGS)
-    # Epochs of ~2 s (one image per replica and step): cancel lands well before the end.
+    # Epochs of ~2 s (one image per replica and step): mid-epoch is seen between heartbeats.
     train = subprocess.Popen([DLBOX, *scratch, "--epochs", str(RESUMED_RUN_EPOCHS), "--batch-size", "1"],
                              cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
-        _mid_epoch_with_a_checkpoint(project)
+        chief = _mid_epoch_with_a_checkpoint(project)[2]
         run_dir = _only_run(project)
-        cancel = dlbox(project, "cancel", run_dir.name)
+        os.kill(chief, signal.SIGSTOP)  # the run cannot end before cancel's SIGTERM is there
+        cancel = subprocess.Popen([DLBOX, "cancel", run_dir.name], cwd=project,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + KILL_WAIT_TIMEOUT_S
+        while not _pending(chief) & (1 << (signal.SIGTERM - 1)):
+            assert time.monotonic() < deadline and cancel.poll() is None, cancel.communicate()
+            time.sleep(POLL_S)
+        os.kill(chief, signal.SIGCONT)
+        cancelled = cancel.communicate(timeout=CLI_TIMEOUT_S)
         out, err = train.communicate(timeout=CLI_TIMEOUT_S)
     finally:
         train.kill()
-    assert cancel.returncode == 0 and "interrupted on 2 nodes (exit 75)" in cancel.stdout, \
-        cancel.stdout + cancel.stderr
+    assert cancel.returncode == 0 and "interrupted on 2 nodes (exit 75)" in cancelled[0], \
+        (cancelled, out, err)
     assert train.returncode == 75, out + err
     assert not _trainers_alive(project), "a worker outlived the cancelled run"
     done_before = len(_history_epochs(run_dir))

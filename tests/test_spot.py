@@ -4,6 +4,7 @@ its own loopback address (127.0.0.2, .3...) on one port, with a stand-in metadat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -76,8 +77,18 @@ def spot(tmp_path, aws, moto_url, ip_lookup_url, box_settings, box_bin):
         with awsfakes.public_ips(*BOXES):
             yield (directory, env), boxes
     finally:
+        _end_runs_on_boxes()  # a failed test may have left a trainer paused (_pause_trainer)
         for box in boxes:
             box.close()
+
+
+def _end_runs_on_boxes() -> None:
+    """SIGKILL the process group of every run registered on the boxes (this machine)."""
+    from orchestrator import ec2box
+
+    for pid_file in Path(ec2box.RUNS_REGISTRY_ON_BOX).glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _wait(what: str, condition, proc: subprocess.Popen | None = None,
@@ -85,8 +96,10 @@ def _wait(what: str, condition, proc: subprocess.Popen | None = None,
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
         if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            said = timeline.text() if timeline is not None else out
+            if timeline is not None:  # it reads stdout: stderr alone is left here
+                said, err = timeline.text(), proc.stderr.read()
+            else:
+                said, err = proc.communicate()
             raise AssertionError(f"dlbox ended while waiting for {what}: {said}{err}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(POLL_S)
