@@ -232,7 +232,7 @@ def decode(record: dict, project_dir: Path) -> Box:
     try:
         return records.build(cls, record)
     except ValueError as exc:
-        path = state.state_dir(project_dir) / state.STATE_FILE
+        path = state.state_file(project_dir)
         raise UsageError(f"{path}: the record of box {record['name']!r} is damaged ({exc}); "
                          "restore it, or move the file away and run `dlbox down`") from exc
 

@@ -723,7 +723,7 @@ def _not_recorded(run, what: str, pulled: str) -> UsageError:
     itself gone (`.dlbox/` lost, not `down`) the box may still be there: `up` records it again."""
     from . import state
 
-    if not (state.state_dir(_project()) / state.STATE_FILE).exists():
+    if not state.state_file(_project()).exists():
         nodes = f" (a cluster: `--nodes {len(run.nodes)}`)" if run.nodes else ""
         return UsageError(f"run {run.run_id} ran on {what}, and this project's record of its box "
                           f"is gone (.dlbox/{state.STATE_FILE}); if the box is still there, "

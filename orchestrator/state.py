@@ -28,6 +28,11 @@ def state_dir(project_dir: Path) -> Path:
     return project_dir / STATE_DIR
 
 
+def state_file(project_dir: Path) -> Path:
+    """.dlbox/state.json: the project's box records."""
+    return state_dir(project_dir) / STATE_FILE
+
+
 def known_hosts(project_dir: Path) -> str:
     """The file holding the pinned host keys of the project's boxes (absolute)."""
     return str(state_dir(project_dir).resolve() / KNOWN_HOSTS_FILE)
@@ -42,7 +47,7 @@ def ensure_dir(project_dir: Path) -> Path:
 
 def records(project_dir: Path) -> list[dict]:
     """Every box record of the project, oldest first ([] when there is no state)."""
-    path = state_dir(project_dir) / STATE_FILE
+    path = state_file(project_dir)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -91,7 +96,8 @@ def locked(project_dir: Path) -> Iterator[None]:
 
 def _write(project_dir: Path, boxes: list[dict]) -> None:
     # fsynced: an instance id must survive a power cut, not only a Ctrl-C.
-    write_atomic(ensure_dir(project_dir) / STATE_FILE,
+    ensure_dir(project_dir)
+    write_atomic(state_file(project_dir),
                  json.dumps({"version": STATE_VERSION, "boxes": boxes}, indent=2) + "\n",
                  mode=0o600, durable=True)
 

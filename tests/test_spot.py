@@ -160,13 +160,17 @@ def _instance_at(aws, host: str) -> str:
     return inst["InstanceId"]
 
 
+def _run_group(run_id: str) -> int:
+    """The process group of a run on the boxes: run.sh's pid in the box's run registry."""
+    from orchestrator import ec2box
+
+    return int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{run_id}.pid").read_text())
+
+
 def _pause_trainer(run_id: str) -> int:
     """SIGSTOP the run's trainer on its box, so that the test, not this machine's speed,
     decides whether the run ends before the next step of the journey. Returns its pid."""
-    from orchestrator import ec2box
-
-    group = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{run_id}.pid").read_text())
-    found = subprocess.run(["pgrep", "-g", str(group), "-f", "--", "-m trainer"],
+    found = subprocess.run(["pgrep", "-g", str(_run_group(run_id)), "-f", "--", "-m trainer"],
                            capture_output=True, text=True, timeout=CLI_TIMEOUT_S).stdout.split()
     assert len(found) == 1, found
     os.kill(int(found[0]), signal.SIGSTOP)
@@ -175,10 +179,8 @@ def _pause_trainer(run_id: str) -> int:
 
 def _kill_box(box: Box, instance: str, run_id: str) -> float:
     """The box dies without a word: its processes, its instance, its sshd. Returns when."""
-    from orchestrator import ec2box
-
-    pid = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{run_id}.pid").read_text())
-    os.killpg(pid, signal.SIGKILL)  # run.sh leads its group (setsid): trainer and watcher too
+    # run.sh leads its group (setsid): the trainer and the watcher go with it
+    os.killpg(_run_group(run_id), signal.SIGKILL)
     at = time.time()
     awsfakes.reclaim(instance)
     sshd_mod.stop(box.sshd)
@@ -410,8 +412,6 @@ def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spo
 def test_a_box_ended_on_purpose_is_not_replaced(spot, aws, small_sample):
     """Terminated by a person (the console, `dlbox down` elsewhere) or by its own watchdog,
     not taken back by AWS: the run stops with it in one line and no box is launched."""
-    from orchestrator import ec2box
-
     project, boxes = spot
     directory, env = project
     assert dlbox(project, "up", "--spot").returncode == 0
@@ -421,8 +421,7 @@ def test_a_box_ended_on_purpose_is_not_replaced(spot, aws, small_sample):
     try:
         record = _wait("a first checkpoint copied", lambda: (r := _record(directory)) and
                        _copied(directory, r["run_id"]).get("completed", 0) >= 1 and r, proc)
-        pid = int((Path(ec2box.RUNS_REGISTRY_ON_BOX) / f"{record['run_id']}.pid").read_text())
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(_run_group(record["run_id"]), signal.SIGKILL)
         aws.terminate_instances(InstanceIds=[first_box])  # Client.UserInitiatedShutdown
         sshd_mod.stop(boxes[0].sshd)
         out, err = proc.communicate(timeout=RUN_TIMEOUT_S)

@@ -31,14 +31,13 @@ from .errors import (
     TrainerError,
     UsageError,
 )
-from .status import Heartbeat
+from .status import LOG_DATE_FORMAT, Heartbeat
 from .stop import StopSignal
 
 log = logging.getLogger("trainer")
 log.addHandler(logging.NullHandler())  # before _setup_logging: nothing, not logging's lastResort
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 FILE_ONLY = "file_only"  # a record's extra flag: train.log only (stderr gets the error line)
 ERROR_LINE_CHARS = 400  # TensorFlow's messages run to pages; the error line stays readable
 

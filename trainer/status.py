@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HEARTBEAT_SECONDS = 2.0  # how often status.json is rewritten while the run lives
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"  # train.log's timestamps (the trainer's and its watchdog's)
 
 
 def utc_now() -> str:

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .status import utc_now, write_json_atomic
-
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"  # train.log's
+from .status import LOG_DATE_FORMAT, utc_now, write_json_atomic
 
 
 def main(argv: list[str]) -> int:
