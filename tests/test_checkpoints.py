@@ -16,8 +16,13 @@ from orchestrator import checkpoints, runs
 from orchestrator.localmachine import LocalMachine
 from trainer.checkpoint import Checkpoints, ResumeState
 
-COMMITS = 150
+COMMITS = 150  # at least; more until the copies have seen DISTINCT_COPIES epochs
+DISTINCT_COPIES = 3
 EPOCH_S = 0.01  # the stand-in trainer's epochs: far shorter than a copy takes
+# Every PAUSE_EVERY epochs one takes PAUSE_S, so that a copy can land mid-run on a loaded
+# machine too (at EPOCH_S alone every try may meet a commit: the copy then waits, exit 5).
+PAUSE_EVERY, PAUSE_S = 15, 0.3
+TRAINER_DEADLINE_S = 120.0
 
 
 class EpochModel:
@@ -52,20 +57,26 @@ def test_copies_taken_while_the_trainer_commits_are_always_whole(tmp_path):
     run, machine = _run(box_dir), LocalMachine()
     assert checkpoints.pull(project, run, machine) is None  # nothing committed yet
 
+    seen: list[int] = []
+    final = [0]
+
     def trainer() -> None:
-        state = ResumeState(options={"data": "/data"})
-        for epoch in range(1, COMMITS + 1):
+        state, epoch = ResumeState(options={"data": "/data"}), 0
+        deadline = time.monotonic() + TRAINER_DEADLINE_S
+        while (epoch < COMMITS or len(set(seen)) < DISTINCT_COPIES) \
+                and time.monotonic() < deadline:
+            epoch += 1
             best = state.best if epoch % 3 else ckpt.save_model(EpochModel(epoch),
                                                                  f"best-{epoch:04d}.keras")
             state = replace(state, completed=epoch, best=best,
                             last=ckpt.save_model(EpochModel(epoch), f"last-{epoch:04d}.keras"))
             ckpt.commit(state)
-            time.sleep(EPOCH_S)  # the epoch's training
+            time.sleep(PAUSE_S if epoch % PAUSE_EVERY == 0 else EPOCH_S)  # the epoch's training
+        final[0] = epoch
 
     writer = threading.Thread(target=trainer)
     writer.start()
-    seen = []
-    while writer.is_alive() or not seen or seen[-1] < COMMITS:
+    while writer.is_alive() or not seen or seen[-1] < final[0]:
         copy = checkpoints.pull(project, run, machine)
         if copy is None:
             continue
@@ -77,7 +88,8 @@ def test_copies_taken_while_the_trainer_commits_are_always_whole(tmp_path):
         assert {p.name for p in here.glob("*.keras")} == {state["last"], state["best"]} - {None}
         seen.append(copy.completed)
     writer.join()
-    assert seen == sorted(seen) and len(set(seen)) > 1 and seen[-1] == COMMITS
+    assert seen == sorted(seen) and len(set(seen)) >= DISTINCT_COPIES
+    assert seen[-1] == final[0] >= COMMITS
     assert not list(box_dir.glob(".dlbox-ckpt-*"))
 
 
