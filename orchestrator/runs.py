@@ -45,6 +45,9 @@ SNAPSHOT_NAME = re.compile(r"\.dlbox-pull-[A-Za-z0-9]+")
 STALE_SNAPSHOT_MIN = 60
 PARTIAL_DIR = "partial"  # under .dlbox/: downloads until verified
 STALE_PARTIAL_S = 24 * 3600  # a part file this old (or whose pull died) is swept by the next
+# start_script: until the detached run.sh leads its own process group (an exec of setsid
+# away; seconds only on a starved machine)
+SESSION_WAIT_TRIES, SESSION_WAIT_POLL_S = 200, 0.05
 MAX_ID_TRIES = 20  # run ids taken on a box shared with other projects, before giving up
 EXTRACT_DIR = "extracted"  # under the box's workdir: zips unpacked once, shared by runs
 
@@ -378,6 +381,10 @@ def write_script(box: Box, machine: Machine, run_id: str, remote_dir: str, code:
                       0o755)
 
 
+_LEADS_OR_ENDED = ('ps -o pgid=,stat= -p "$pid" | awk -v p="$pid" '
+                   "'$1 == p || $2 ~ /^Z/ {f = 1} END {exit !(f || NR == 0)}'")
+
+
 def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     """Start the folder's run.sh detached from dlbox."""
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
@@ -386,9 +393,16 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # $! is run.sh's pid: setsid, not a group leader here, runs it in place (no fork). It
     # leads the run's process group; run.pid beside the results is what dlbox checks and
     # stops a cluster node's worker by, whoever else shares the registry (written whole).
-    started = machine.run(f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
-                          "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & "
-                          'echo "$!" > run.pid.tmp && mv run.pid.tmp run.pid')
+    # run.pid is written once that group exists (setsid has run; the child stays listed, a
+    # zombie at worst, until this shell ends): a check in between would find the run "gone".
+    started = machine.run(
+        f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
+        "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & pid=$!; "
+        f"for i in $(seq {SESSION_WAIT_TRIES}); do "
+        # it leads its group, or has ended already (a zombie: setsid could not run)
+        f"{_LEADS_OR_ENDED} && break; "
+        f"sleep {SESSION_WAIT_POLL_S}; done; "
+        'echo "$pid" > run.pid.tmp && mv run.pid.tmp run.pid')
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
 

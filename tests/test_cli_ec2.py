@@ -20,7 +20,7 @@ from tests.conftest import CALLER_IP
 from tests.sshd import free_port
 from tests.tcpproxy import Proxy
 
-CLI_TIMEOUT_S = 120
+CLI_TIMEOUT_S = 300  # a bound against a hang: training on the loaded machine takes far less
 POLL_S = 0.05
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 

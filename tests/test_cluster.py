@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from tests.test_spot import spot  # noqa: F401 (a fixture: EC2 instances as loop
 DLBOX = str(Path(sys.executable).parent / "dlbox")
 CLI_TIMEOUT_S = 400  # a command that trains on the loaded 2-core machine
 POLL_S = 0.1
-KILL_WAIT_TIMEOUT_S = 120  # until the run is mid-epoch with a checkpoint
+KILL_WAIT_TIMEOUT_S = 300  # until the run is mid-epoch with a checkpoint
 # From the kill to dlbox's exit: a node check (3 s), SIGTERM's grace (10 s), the pulls.
 STOPPED_WITHIN_S = 45
 # Trainer flags of every run here: short epochs on the small sample, no early stopping.
@@ -308,10 +309,12 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
 
         record = _wait("node 1 to be mid-epoch after a checkpoint", mid_epoch, proc)
         worker = Path(record["nodes"][1]["remote_dir"])
-        os.killpg(int((worker / "run.pid").read_text()), signal.SIGKILL)
         from tests import awsfakes
 
+        # EC2 says the instance is going before its processes die: dlbox, seeing the node
+        # fail, asks which nodes are gone and must hear this one
         awsfakes.reclaim(_instance_at(aws, boxes[1].host))
+        os.killpg(int((worker / "run.pid").read_text()), signal.SIGKILL)
         sshd_mod.stop(boxes[1].sshd)
         out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     finally:
@@ -386,11 +389,18 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, 
     assert alive == []  # zombies wait for a reaper: nothing of the group runs
 
 
-def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path):
+def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path, monkeypatch):
+    """Running from the moment its start returns, however slowly its session begins (a starved
+    box: setsid execs a second late here); gone once killed without an exit status."""
     from orchestrator import runs
     from orchestrator.localbox import LocalBox
     from orchestrator.localmachine import LocalMachine
 
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "setsid").write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('setsid')} \"$@\"\n")
+    (slow / "setsid").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{slow}:{os.environ['PATH']}")
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "run.sh").write_text("sleep 600\n")
@@ -403,6 +413,27 @@ def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(POLL_S)
     assert _state(machine, tmp_path / "nothing") == "missing"
+
+
+def test_a_run_whose_session_cannot_begin_is_gone_at_once(tmp_path, monkeypatch):
+    """setsid fails: the start does not wait out its bound for a session that never comes."""
+    from orchestrator import runs
+    from orchestrator.localbox import LocalBox
+    from orchestrator.localmachine import LocalMachine
+
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "setsid").write_text("#!/bin/sh\nexit 1\n")
+    (broken / "setsid").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "run.sh").write_text("sleep 600\n")
+    machine, box = LocalMachine(), LocalBox(name="local", workdir=str(tmp_path), python="")
+    began = time.monotonic()
+    runs.start_script(box, machine, str(folder))
+    assert time.monotonic() - began < runs.SESSION_WAIT_TRIES * runs.SESSION_WAIT_POLL_S / 2
+    assert _state(machine, folder) == "gone"
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from tests.journey import Day, copy_dataset, quick_python
 
 pytestmark = pytest.mark.slow
 ONE_EPOCH = ("--epochs", "1", "--img-size", "32")
+# of the big dataset's 150 files on the box when the link is cut (4 upload streams at most)
+ARRIVED_BEFORE_CUT = 20
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +74,14 @@ def _detach_then_cancel(day: Day, data: Path) -> Path:
 
 def _drop_mid_sync(day: Day, data: Path) -> None:
     """The link goes down while the dataset is on its way; the next train sends the rest."""
-    day.proxy.rate_bytes_per_s = 1_500_000
+    # ~7 s for its 3.5 MB: the cut lands mid-way, loaded machine or not
+    day.proxy.rate_bytes_per_s = 500_000
     proc = day.start("train", "scratch", "--data", str(data), *ONE_EPOCH)
     arriving = day.remote / "data"
-    day.until(lambda: any(arriving.glob(f"{data.name}-*/{data.name}/train/*.jpg")), proc,
-              "the first files")
+    # Files whole on the box (tar writes a file's bytes, then its time: the next sync skips
+    # it), not merely begun: each stream has one file under way.
+    day.until(lambda: len(list(arriving.glob(f"{data.name}-*/{data.name}/train/*.jpg")))
+              >= ARRIVED_BEFORE_CUT, proc, "the first files")
     assert day.proxy.cut() > 0
     dropped = day.finish(proc, ("train", "(link dropped)"))
     assert dropped.code == 1 and "dropped" in dropped.stderr, str(dropped)

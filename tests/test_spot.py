@@ -178,11 +178,13 @@ def _pause_trainer(run_id: str) -> int:
 
 
 def _kill_box(box: Box, instance: str, run_id: str) -> float:
-    """The box dies without a word: its processes, its instance, its sshd. Returns when."""
-    # run.sh leads its group (setsid): the trainer and the watcher go with it
-    os.killpg(_run_group(run_id), signal.SIGKILL)
+    """The box dies without a word: its instance, its processes, its sshd. Returns when."""
+    # EC2 says the instance is going before its processes die, as it does for a reclaim: dlbox,
+    # seeing the run die, asks whether the box is gone and must hear yes
     at = time.time()
     awsfakes.reclaim(instance)
+    # run.sh leads its group (setsid): the trainer and the watcher go with it
+    os.killpg(_run_group(run_id), signal.SIGKILL)
     sshd_mod.stop(box.sshd)
     return at
 
@@ -391,9 +393,9 @@ def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spo
             _wait("the dataset to be crossing", lambda: link.relayed_bytes - before > 1_000_000,
                   proc)
             assert _record(directory) is None  # no run yet: the data is still on its way
+            awsfakes.reclaim(instance)  # first, as EC2 does: dlbox asks once the link fails
             link.refuse = True
             link.cut()
-            awsfakes.reclaim(instance)
             out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
             _reap(proc)
