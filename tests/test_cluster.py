@@ -389,6 +389,18 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, 
     assert alive == []  # zombies wait for a reaper: nothing of the group runs
 
 
+def _run_folder(tmp_path: Path, monkeypatch, setsid: str) -> Path:
+    """A run's folder whose run.sh sleeps; setsid, on PATH, is the given sh script."""
+    bin_dir, folder = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "setsid").write_text(f"#!/bin/sh\n{setsid}\n")
+    (bin_dir / "setsid").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    folder.mkdir()
+    (folder / "run.sh").write_text("sleep 600\n")
+    return folder
+
+
 def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path, monkeypatch):
     """Running from the moment its start returns, however slowly its session begins (a starved
     box: setsid execs a second late here); gone once killed without an exit status."""
@@ -396,14 +408,8 @@ def test_a_worker_killed_without_an_exit_status_is_gone_not_running(tmp_path, mo
     from orchestrator.localbox import LocalBox
     from orchestrator.localmachine import LocalMachine
 
-    slow = tmp_path / "bin"
-    slow.mkdir()
-    (slow / "setsid").write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('setsid')} \"$@\"\n")
-    (slow / "setsid").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{slow}:{os.environ['PATH']}")
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "run.sh").write_text("sleep 600\n")
+    folder = _run_folder(tmp_path, monkeypatch,
+                         f"sleep 1\nexec {shutil.which('setsid')} \"$@\"")
     machine, box = LocalMachine(), LocalBox(name="local", workdir=str(tmp_path), python="")
     runs.start_script(box, machine, str(folder))
     assert _state(machine, folder) == "running"
@@ -421,14 +427,7 @@ def test_a_run_whose_session_cannot_begin_is_gone_at_once(tmp_path, monkeypatch)
     from orchestrator.localbox import LocalBox
     from orchestrator.localmachine import LocalMachine
 
-    broken = tmp_path / "bin"
-    broken.mkdir()
-    (broken / "setsid").write_text("#!/bin/sh\nexit 1\n")
-    (broken / "setsid").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "run.sh").write_text("sleep 600\n")
+    folder = _run_folder(tmp_path, monkeypatch, "exit 1")
     machine, box = LocalMachine(), LocalBox(name="local", workdir=str(tmp_path), python="")
     began = time.monotonic()
     runs.start_script(box, machine, str(folder))
