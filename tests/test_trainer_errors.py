@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -172,3 +173,44 @@ def test_unexpected_error_before_logging_names_its_traceback_file(small_sample, 
     assert stderr.startswith("trainer: error: internal error, RuntimeError: a bug in dataset")
     assert str(out / "train.log") in stderr
     assert "Traceback" in (out / "train.log").read_text()
+
+
+# The trainer with data.find_labelled slowed until status.json is there (as while a big zip
+# is unpacked), which it then copies aside and fails with a user error.
+SLOW_DATA = """\
+import os, shutil, sys, time
+from pathlib import Path
+from trainer import __main__ as entry, data
+from trainer.errors import DataError
+
+def find_labelled(path, extract_dir=None):
+    status = Path(os.environ["OUT"]) / "status.json"
+    deadline = time.monotonic() + 60
+    while not status.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("no status.json while the data was being found")
+        time.sleep(0.05)
+    shutil.copy(status, os.environ["SEEN"])
+    raise DataError(f"--data {path}: a broken zip; download it again")
+
+data.find_labelled = find_labelled
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+def test_the_heartbeat_begins_before_the_data_is_found_and_ends_with_its_error(tmp_path,
+                                                                              small_sample):
+    """dlbox waits a bounded time for the first status.json: unpacking a big zip must not
+    count against it; a data error still ends stderr with its one line, and status.json says
+    failed."""
+    out, seen = tmp_path / "out", tmp_path / "seen.json"
+    result = subprocess.run(
+        [sys.executable, "-c", SLOW_DATA, "scratch", "--data", str(small_sample), "--out",
+         str(out)], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OUT": str(out), "SEEN": str(seen)})
+    _assert_user_error(result, "a broken zip", "download it again")
+    during = json.loads(seen.read_text())
+    assert during["state"] == "running" and during["phase"] == "starting"
+    after = json.loads((out / "status.json").read_text())
+    assert after["state"] == "failed" and "a broken zip" in after["error"]
+    assert "a broken zip" in (out / "train.log").read_text()

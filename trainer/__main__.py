@@ -128,23 +128,39 @@ def _main(argv: list[str] | None) -> int:
         opts = options.parse(argv)
         cluster = clusters.from_env()
         out = options.prepare_out(opts)
-        labelled = data.find_labelled(opts.data, opts.extract_dir)
-        test_items = data.find_unlabelled(opts.test, opts.extract_dir) if opts.test else None
     except UsageError as exc:
         _fail(str(exc))
         return exc.exit_code
-    except OSError as exc:  # unreadable folders, a full disk while unzipping
-        _fail(f"{exc.filename or 'data'}: {exc.strerror or exc}; check the path and free space")
-        return EXIT_IO if _disk_full(exc) else EXIT_USAGE
-    except KeyboardInterrupt:  # a second Ctrl-C while reading or unzipping the data
+    except KeyboardInterrupt:
         _fail("stopped by Ctrl-C before training started; rerun to start again")
         return EXIT_SIGINT
     except Exception as exc:
         return _crash_before_logging(exc, out)
     _setup_logging(out)
-    log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv))
+    # File only: a user error found next (the data) stays stderr's one line.
+    log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv),
+             extra={FILE_ONLY: True})
+    # Beating before the data is found: unzipping Kaggle's 25,000 images takes a while, and
+    # dlbox counts a run without a status.json for minutes as one that never started.
     hb = Heartbeat(out / "status.json", model=opts.model, epochs=opts.total_epochs,
                    node=cluster.index, nodes=cluster.workers).start()
+    try:
+        labelled = data.find_labelled(opts.data, opts.extract_dir)
+        test_items = data.find_unlabelled(opts.test, opts.extract_dir) if opts.test else None
+    except UsageError as exc:
+        hb.finish("failed", error=str(exc))
+        _fail(str(exc))
+        return exc.exit_code
+    except OSError as exc:  # unreadable folders, a full disk while unzipping
+        message = f"{exc.filename or 'data'}: {exc.strerror or exc}; check the path and free space"
+        hb.finish("failed", error=message)
+        _fail(message)
+        return EXIT_IO if _disk_full(exc) else EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C while reading or unzipping the data
+        message = "stopped by Ctrl-C before training started; rerun to start again"
+        hb.finish("interrupted", message=message)
+        _fail(message, logging.WARNING)
+        return EXIT_SIGINT
     try:
         from . import train  # TensorFlow is imported only from here on
 
