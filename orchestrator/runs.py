@@ -393,8 +393,8 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # $! is run.sh's pid: setsid, not a group leader here, runs it in place (no fork). It
     # leads the run's process group; run.pid beside the results is what dlbox checks and
     # stops a cluster node's worker by, whoever else shares the registry (written whole).
-    # run.pid is written once that group exists (setsid has run; the child stays listed, a
-    # zombie at worst, until this shell ends): a check in between would find the run "gone".
+    # run.pid is written once that group exists (setsid has run) or the child has ended
+    # (a zombie, or reaped: ps lists nothing): a check in between would find the run "gone".
     started = machine.run(
         f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
         "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & pid=$!; "

@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_trainer
+from tests.conftest import REPO, TRAINER_TIMEOUT_S, run_trainer
 
 
 def _assert_user_error(result, *needles: str) -> None:
@@ -155,24 +156,61 @@ def test_unexpected_error_has_its_traceback_in_train_log_only(small_sample, tmp_
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
 
 
-def test_unexpected_error_before_logging_names_its_traceback_file(small_sample, out,
-                                                                  monkeypatch, capsys):
-    from trainer import __main__ as cli
-    from trainer import data
-    from trainer.stop import StopSignal
+def _patched_trainer(script: str, data: Path, out: Path, **env: str):
+    """`python -m trainer scratch --data DATA --out OUT`, as script (which patches it) runs it."""
+    return subprocess.run([sys.executable, "-c", script, "scratch", "--data", str(data), "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=TRAINER_TIMEOUT_S, env={**os.environ, **env})
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug in\ndataset discovery")
 
-    monkeypatch.setattr(StopSignal, "install", lambda self: self)  # keep pytest's handlers
-    monkeypatch.setattr(data, "find_labelled", broken)
-    code = cli.main(["scratch", "--data", str(small_sample), "--out", str(out)])
-    stderr = capsys.readouterr().err
-    assert code == 1
-    assert stderr.count("\n") == 1 and "Traceback" not in stderr
-    assert stderr.startswith("trainer: error: internal error, RuntimeError: a bug in dataset")
-    assert str(out / "train.log") in stderr
+# The trainer with a bug in finding the data (after logging began).
+BROKEN_DATA = """\
+import sys
+from trainer import __main__ as entry, data
+
+def find_labelled(*args, **kwargs):
+    raise RuntimeError("a bug in\\ndataset discovery")
+
+data.find_labelled = find_labelled
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_finding_the_data_names_its_traceback_file(small_sample, out):
+    result = _patched_trainer(BROKEN_DATA, small_sample, out)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("trainer: error: internal error, RuntimeError: a bug in "
+                                    "dataset")
+    assert str(out / "train.log") in result.stderr
     assert "Traceback" in (out / "train.log").read_text()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "a bug in" in status["error"]
+
+
+# The trainer with a bug before train.log can exist (its folder not made yet).
+BROKEN_OUT = """\
+import sys
+from trainer import __main__ as entry, options
+
+def prepare_out(opts):
+    raise RuntimeError("a bug making the output folder")
+
+options.prepare_out = prepare_out
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_before_logging_names_a_file_of_its_own(small_sample, out):
+    result = _patched_trainer(BROKEN_OUT, small_sample, out)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "internal error, RuntimeError: a bug making the output folder" in result.stderr
+    where = Path(result.stderr.split("traceback in ")[1].strip())
+    try:
+        assert where.name.startswith("trainer-") and "Traceback" in where.read_text()
+    finally:
+        where.unlink(missing_ok=True)
+    assert not out.exists()
 
 
 # The trainer with data.find_labelled slowed until status.json is there (as while a big zip
@@ -204,10 +242,7 @@ def test_the_heartbeat_begins_before_the_data_is_found_and_ends_with_its_error(t
     count against it; a data error still ends stderr with its one line, and status.json says
     failed."""
     out, seen = tmp_path / "out", tmp_path / "seen.json"
-    result = subprocess.run(
-        [sys.executable, "-c", SLOW_DATA, "scratch", "--data", str(small_sample), "--out",
-         str(out)], cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OUT": str(out), "SEEN": str(seen)})
+    result = _patched_trainer(SLOW_DATA, small_sample, out, OUT=str(out), SEEN=str(seen))
     _assert_user_error(result, "a broken zip", "download it again")
     during = json.loads(seen.read_text())
     assert during["state"] == "running" and during["phase"] == "starting"

@@ -88,9 +88,9 @@ def _internal_error(exc: BaseException, log_file: Path) -> str:
             f"in {log_file}")
 
 
-def _crash_before_logging(exc: BaseException, out: Path | None) -> int:
+def _crash_before_logging(exc: BaseException) -> int:
     """An unexpected error before train.log was opened: its traceback to a file, not stderr."""
-    where = out / "train.log" if out else Path(tempfile.gettempdir()) / f"trainer-{os.getpid()}.log"
+    where = Path(tempfile.gettempdir()) / f"trainer-{os.getpid()}.log"
     stamp = time.strftime(LOG_DATE_FORMAT)
     try:
         with open(where, "a") as f:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # failing while reporting a failure: still one line, no traceback
         logs = [Path(h.baseFilename) for h in log.handlers if isinstance(h, logging.FileHandler)]
         if not logs:
-            return _crash_before_logging(exc, None)
+            return _crash_before_logging(exc)
         log.error("unexpected error", exc_info=exc, extra={FILE_ONLY: True})
         _fail(_internal_error(exc, logs[0]))
         return EXIT_FAILED
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     stop = StopSignal().install()
-    out = None
     try:
         opts = options.parse(argv)
         cluster = clusters.from_env()
@@ -135,7 +134,7 @@ def _main(argv: list[str] | None) -> int:
         _fail("stopped by Ctrl-C before training started; rerun to start again")
         return EXIT_SIGINT
     except Exception as exc:
-        return _crash_before_logging(exc, out)
+        return _crash_before_logging(exc)
     _setup_logging(out)
     # File only: a user error found next (the data) stays stderr's one line.
     log.info("python -m trainer %s", " ".join(sys.argv[1:] if argv is None else argv),
@@ -161,7 +160,13 @@ def _main(argv: list[str] | None) -> int:
         hb.finish("interrupted", message=message)
         _fail(message, logging.WARNING)
         return EXIT_SIGINT
+    except Exception as exc:
+        log.exception("finding the data failed", extra={FILE_ONLY: True})
+        hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        _fail(_internal_error(exc, out / "train.log"))
+        return EXIT_FAILED
     try:
+        stop.check()  # a `dlbox cancel` while the data was unpacked
         from . import train  # TensorFlow is imported only from here on
 
         done = train.finished_metrics(out, opts, cluster)

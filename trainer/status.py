@@ -105,4 +105,5 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join()
         self.update(state=state, eta_seconds=0 if state == "done" else None, **fields)
-        self.write()
+        with contextlib.suppress(OSError):  # a full disk: the exit status still tells
+            self.write()
