@@ -108,6 +108,25 @@ def _disk_full(exc: BaseException) -> bool:
     return "No space left on device" in str(exc)
 
 
+def _ended(hb: Heartbeat, state: str, message: str, code: int) -> int:
+    """status.json's last word (failed: the error; interrupted: why) and stderr's line."""
+    if state == "failed":
+        hb.finish(state, error=message)
+        _fail(message)
+    else:
+        hb.finish(state, message=message)
+        _fail(message, logging.WARNING)
+    return code
+
+
+def _crashed(hb: Heartbeat, exc: Exception, out: Path, what: str) -> int:
+    """A bug: its traceback to train.log only, status.json failed, stderr's line names the log."""
+    log.exception(what, extra={FILE_ONLY: True})  # stderr: the error line
+    hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
+    _fail(_internal_error(exc, out / "train.log"))
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m trainer ARGV; returns the exit code (errors.py)."""
     try:
@@ -147,24 +166,15 @@ def _main(argv: list[str] | None) -> int:
         labelled = data.find_labelled(opts.data, opts.extract_dir)
         test_items = data.find_unlabelled(opts.test, opts.extract_dir) if opts.test else None
     except UsageError as exc:
-        hb.finish("failed", error=str(exc))
-        _fail(str(exc))
-        return exc.exit_code
+        return _ended(hb, "failed", str(exc), exc.exit_code)
     except OSError as exc:  # unreadable folders, a full disk while unzipping
-        message = f"{exc.filename or 'data'}: {exc.strerror or exc}; check the path and free space"
-        hb.finish("failed", error=message)
-        _fail(message)
-        return EXIT_IO if _disk_full(exc) else EXIT_USAGE
+        return _ended(hb, "failed", f"{exc.filename or 'data'}: {exc.strerror or exc}; check the "
+                      "path and free space", EXIT_IO if _disk_full(exc) else EXIT_USAGE)
     except KeyboardInterrupt:  # a second Ctrl-C while reading or unzipping the data
-        message = "stopped by Ctrl-C before training started; rerun to start again"
-        hb.finish("interrupted", message=message)
-        _fail(message, logging.WARNING)
-        return EXIT_SIGINT
+        return _ended(hb, "interrupted", "stopped by Ctrl-C before training started; rerun to "
+                      "start again", EXIT_SIGINT)
     except Exception as exc:
-        log.exception("finding the data failed", extra={FILE_ONLY: True})
-        hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        _fail(_internal_error(exc, out / "train.log"))
-        return EXIT_FAILED
+        return _crashed(hb, exc, out, "finding the data failed")
     try:
         stop.check()  # a `dlbox cancel` while the data was unpacked
         from . import train  # TensorFlow is imported only from here on
@@ -176,29 +186,17 @@ def _main(argv: list[str] | None) -> int:
         else:
             done = train.run(opts, out, labelled, test_items, hb, stop, cluster)
     except Interrupted as exc:
-        hb.finish("interrupted", message=str(exc))
-        _fail(str(exc), logging.WARNING)
-        return exc.exit_code
+        return _ended(hb, "interrupted", str(exc), exc.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stands
-        message = "stopped by a second Ctrl-C; rerun with --resume to continue from the last checkpoint"
-        hb.finish("interrupted", message=message)
-        _fail(message, logging.WARNING)
-        return EXIT_SIGINT
+        return _ended(hb, "interrupted", "stopped by a second Ctrl-C; rerun with --resume to "
+                      "continue from the last checkpoint", EXIT_SIGINT)
     except TrainerError as exc:  # usage, data, a lost or failed worker, a diverged loss
-        hb.finish("failed", error=str(exc))
-        _fail(str(exc))
-        return exc.exit_code
+        return _ended(hb, "failed", str(exc), exc.exit_code)
     except Exception as exc:
         if _disk_full(exc):
-            message = (f"no space left on the device writing {out}; free disk space, "
-                       "then rerun with --resume")
-            hb.finish("failed", error=message)
-            _fail(message)
-            return EXIT_IO
-        log.exception("training failed", extra={FILE_ONLY: True})  # stderr: the error line
-        hb.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        _fail(_internal_error(exc, out / "train.log"))
-        return EXIT_FAILED
+            return _ended(hb, "failed", f"no space left on the device writing {out}; free disk "
+                          "space, then rerun with --resume", EXIT_IO)
+        return _crashed(hb, exc, out, "training failed")
     # weights_sha256: equal on every worker of a cluster (absent when --resume found it done).
     hb.finish("done", metrics={k: done[k] for k in ("val_accuracy", "val_loss")},
               best_epoch=done["best_epoch"], epochs_run=done["epochs_run"],
