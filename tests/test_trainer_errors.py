@@ -249,3 +249,32 @@ def test_the_heartbeat_begins_before_the_data_is_found_and_ends_with_its_error(t
     after = json.loads((out / "status.json").read_text())
     assert after["state"] == "failed" and "a broken zip" in after["error"]
     assert "a broken zip" in (out / "train.log").read_text()
+
+
+# The trainer told to stop (dlbox cancel: SIGTERM) while it finds the data; at exit it notes
+# whether TensorFlow was ever imported.
+STOPPED_IN_DATA = """\
+import atexit, os, signal, sys
+from pathlib import Path
+from trainer import __main__ as entry, data
+
+found = data.find_labelled
+
+def find_labelled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return found(*args, **kwargs)
+
+atexit.register(lambda: Path(os.environ["SEEN"]).write_text(str("tensorflow" in sys.modules)))
+data.find_labelled = find_labelled
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+def test_a_cancel_while_the_data_is_found_stops_before_tensorflow_starts(tmp_path, small_sample):
+    out, seen = tmp_path / "out", tmp_path / "tf-imported"
+    result = _patched_trainer(STOPPED_IN_DATA, small_sample, out, SEEN=str(seen))
+    assert result.returncode == 75, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], result.stderr
+    assert seen.read_text() == "False"
+    assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
