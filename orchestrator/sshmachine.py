@@ -207,6 +207,7 @@ class SshMachine:
             tarstream.close_unused(remote)
 
     def fetch(self, path: str, local: Path) -> None:
+        _quiet_prefetch_deaths()
         with self._link(f"copying {path}"):
             self._sftp().get(path, str(local))
 
@@ -218,6 +219,29 @@ class SshMachine:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _quiet_prefetch_deaths() -> None:
+    """paramiko's SFTP get reads ahead in a thread of its own, which dies with the link and
+    Python prints its traceback; the get itself fails too, and that is said in one line.
+    Hook such deaths (only those), once per process; anything else goes where it went."""
+    previous = threading.excepthook
+    if getattr(previous, "dlbox_prefetch", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        import traceback
+
+        import paramiko
+
+        prefetching = any(f.f_code.co_name == "_prefetch_thread" and "paramiko" in
+                          f.f_code.co_filename for f, _ in traceback.walk_tb(args.exc_traceback))
+        if not (prefetching and isinstance(args.exc_value,
+                                           paramiko.SSHException | EOFError | OSError)):
+            previous(args)
+
+    hook.dlbox_prefetch = True
+    threading.excepthook = hook
 
 
 class _Heartbeat:

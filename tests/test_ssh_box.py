@@ -414,3 +414,52 @@ def test_a_missing_key_is_one_line_at_once(ssh_up, sshd, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     finally:
         moved.rename(box["key_path"])
+
+
+# A fetch of a big (sparse) file whose connection is closed while paramiko's read-ahead
+# thread still sends requests; prints the fetch's error class and whether that thread was
+# alive at the cut. argv: host port user key known_hosts remote_file local_file.
+FETCH_CUT = """\
+import sys, threading, time
+from pathlib import Path
+from orchestrator.errors import DlboxError
+from orchestrator.sshmachine import SshMachine
+from orchestrator.sshtarget import SshTarget
+
+host, port, user, key, known, remote, local = sys.argv[1:]
+machine = SshMachine(SshTarget(host, int(port), user, key, known), pin_new_host=True)
+machine.run("true")
+failed = []
+
+def fetch():
+    try:
+        machine.fetch(remote, Path(local))
+    except DlboxError as exc:
+        failed.append(type(exc).__name__)
+
+worker = threading.Thread(target=fetch)
+worker.start()
+deadline = time.monotonic() + 60
+while not (Path(local).exists() and Path(local).stat().st_size > 0):
+    assert time.monotonic() < deadline, "the fetch never began"
+    time.sleep(0.01)
+reading_ahead = any("_prefetch_thread" in t.name for t in threading.enumerate())
+machine.conn.client.get_transport().close()
+worker.join(60)
+time.sleep(0.5)  # the read-ahead thread's death, reported or not
+print(failed, reading_ahead)
+"""
+
+
+def test_a_link_lost_mid_fetch_is_one_error_without_a_thread_traceback(tmp_path, sshd):
+    big = tmp_path / "remote" / "big.bin"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)  # sparse: ~130,000 read requests, far more than a link's window
+    result = subprocess.run(
+        [sys.executable, "-c", FETCH_CUT, sshd.host, str(sshd.port), sshd.user,
+         str(sshd.client_key), str(tmp_path / "known_hosts"), str(big), str(tmp_path / "got")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['LostContact']", "True"], result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
