@@ -96,6 +96,10 @@ class Box(Protocol):
     address: str | None  # where the other nodes reach it (None: a single box)
     workdir: str | None  # dlbox's folder on the box (None until the box is ready)
     python: str | None  # the interpreter that trains there
+    rented: ClassVar[bool]  # paid by the hour (EC2): an unknown price is an unknown cost
+    # Its folder may hold other projects' runs (an SSH box's ~/dlbox): a run there that this
+    # project has no record of is not taken for one of its own.
+    shared_workdir: ClassVar[bool]
     DESCRIPTION: ClassVar[str]  # "EC2 boxes", "the local box"...
     INTERRUPTED_UP: ClassVar[str]  # what Ctrl-C during `up` leaves, and what to do
     UP_FLAGS: ClassVar[frozenset[str]]  # the `up` flags this kind takes
@@ -181,6 +185,8 @@ class Unwatched:
 
     interruptible = False  # nobody takes it back
     replaceable = False
+    rented = False  # the user's own machine
+    shared_workdir = False
 
     def gone(self, project_dir: Path) -> Gone | None:
         return None  # unreachable is not gone: it is the user's machine

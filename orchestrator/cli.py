@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +18,7 @@ from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
 from . import __version__
 from .errors import BoxLost, DlboxError, LostContact, UsageError
+from .humanize import clean
 
 app = typer.Typer(
     name="dlbox",
@@ -34,8 +35,6 @@ app.add_typer(data_app, name="data")
 
 MAX_SAMPLE_IMAGES = 100_000
 EXIT_INFRA = 1
-EXIT_KILLED = 137  # a run that ended with no exit status (a power-off, SIGKILL) is recorded so
-HOLD_LOCK_TIMEOUT_S = 30  # a run's start waits this long for an `up`/`down` to let the box go
 COPY_LOCK_TIMEOUT_S = 5  # a checkpoint copy waits this long for another dlbox's (then skips)
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1  # a cluster run a worker's own error stopped
@@ -62,22 +61,29 @@ def _terminated(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _echo(message: str, err: bool = False, fg: str | None = None) -> None:
+    """Every line dlbox prints: much of it comes from the box (log lines, file names, its
+    stderr), so control characters are shown escaped, never obeyed by the terminal."""
+    typer.secho(clean(message), err=err, fg=fg)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.secho(f"dlbox: error: {message}", err=True, fg=typer.colors.RED)
+    _echo(f"dlbox: error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
 
 def _say(message: str) -> None:
-    typer.echo(message)
+    _echo(message)
 
 
 def _warn(message: str) -> None:
-    typer.secho(f"dlbox: warning: {message}", err=True, fg=typer.colors.YELLOW)
+    _echo(f"dlbox: warning: {message}", err=True, fg=typer.colors.YELLOW)
 
 
 @contextlib.contextmanager
-def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
-    """The one place where errors become a line and an exit code, by their type."""
+def _errors(interrupted_hint: str | Callable[[], str] | None = None) -> Iterator[None]:
+    """The one place where errors become a line and an exit code, by their type.
+    interrupted_hint: what Ctrl-C leaves and what to do (a callable: as things are then)."""
     try:
         yield
     except DlboxError as exc:
@@ -89,8 +95,9 @@ def _errors(interrupted_hint: str | None = None) -> Iterator[None]:
         raise _fail(f"{where}{exc.strerror or exc}; free space or fix the permissions, then run "
                     "the command again", EXIT_INFRA) from None
     except KeyboardInterrupt:
-        typer.secho("dlbox: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""),
-                    err=True, fg=typer.colors.YELLOW)
+        hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+        _echo("dlbox: interrupted" + (f"; {hint}" if hint else ""), err=True,
+              fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
@@ -119,7 +126,7 @@ def init(force: Annotated[bool, typer.Option("--force", help="Overwrite dlbox.to
 
     with _errors():
         path = write_default(_project(), force)
-    typer.echo(f"wrote {path}")
+    _echo(f"wrote {path}")
 
 
 @app.command()
@@ -186,7 +193,7 @@ def status() -> None:
 
         box = boxes.current(_project())
         if box is None:
-            typer.echo("no box is up in this project (`dlbox up` starts one)")
+            _echo("no box is up in this project (`dlbox up` starts one)")
             return
         rows = [row for node in boxes.cluster(_project(), box)
                 for row in node.status(_project())]
@@ -208,14 +215,15 @@ def _unpulled(box) -> list:
 def _table(rows: list[tuple[str, str]]) -> None:
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts
         for key, value in rows:
-            typer.echo(f"{key}\t{value}")
+            typer.echo(f"{clean(key)}\t{clean(value)}")
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, box=None)
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
+        table.add_row(Text(clean(key), style="bold"), Text(clean(value)))
     Console().print(table)
 
 
@@ -272,11 +280,11 @@ def _down_every_project(region: str | None, profile: str | None, yes: bool) -> N
     cfg = config.load(_project(), region=region, profile=profile)
     ec2, found = ec2box.every_instance(cfg.region, cfg.profile)
     if not found:
-        typer.echo(f"no dlbox instance is running in {cfg.region}")
+        _echo(f"no dlbox instance is running in {cfg.region}")
         return
-    typer.echo(f"dlbox instances in {cfg.region}, of every project:")
+    _echo(f"dlbox instances in {cfg.region}, of every project:")
     for line in ec2box.describe_for_ending(ec2, found):
-        typer.echo(f"  {line}")
+        _echo(f"  {line}")
     _confirm(f"Terminate these {len(found)} instance(s)?", yes,
              f"{len(found)} instance(s) of every project would be terminated; `dlbox down --all "
              "--yes` ends them (plain `dlbox down` ends only this project's)")
@@ -293,7 +301,7 @@ def _down_unrecorded(region: str | None, profile: str | None, yes: bool) -> None
     try:
         ec2 = ec2box.clients(cfg.region, cfg.profile)
     except CredentialsError:  # no AWS here: nothing of this project can be running there
-        typer.echo("no box is up in this project")
+        _echo("no box is up in this project")
         return
     waiting = [r.run_id for r in runs.all_runs(_project(), _warn) if r.status == "running"]
     found = ec2box.project_instances(ec2, _project())
@@ -305,10 +313,10 @@ def _down_unrecorded(region: str | None, profile: str | None, yes: bool) -> None
                          "without them")
     ended = ec2box.end_project(_project(), ec2, _say, [])
     if ended:
-        typer.echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
+        _echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
                    "record: terminated (verified)")
     else:
-        typer.echo("no box is up in this project")
+        _echo("no box is up in this project")
 
 
 def _end_box(box, flags, yes: bool) -> None:
@@ -333,19 +341,23 @@ def _record_lost(box) -> None:
 
 
 def _settle_runs(box, yes: bool, ends_runs: bool):
-    """Before a box ends: pull the results of its runs that ended (or were killed); runs still
-    going, and results that could not be pulled, are given up only with --yes (or a yes at
-    the prompt) when ending the box would end them. Returns the box (maybe woken)."""
+    """Before a box ends: every run the box knows of (its registry: runs alive, runs holding
+    unpulled results) or this project records as unpulled on it. Those that ended (or were
+    killed) are pulled; one the box holds with no record here, or a damaged one, is recorded
+    again from the box first. Runs still going, and results that could not be pulled, are
+    given up only with --yes (or a yes at the prompt) when ending the box would end them.
+    Returns the box (maybe woken)."""
     from . import registry, runs
 
     pending = _unpulled(box)
-    if not pending:
-        return box
-    names = ", ".join(r.run_id for r in pending)
+    if not pending and not (ends_runs and box.workdir):
+        return box  # nothing recorded, and ending the box ends nothing it holds
+    names = ", ".join(r.run_id for r in pending) or "any it holds"
     try:
         box = box.wake(_project(), _say)
         machine = box.machine(_project())
         going = set(registry.live_runs(machine, box.runs_registry()))
+        held = set(registry.held_runs(machine, box.runs_registry()))
     except (DlboxError, InfraError) as exc:
         if ends_runs:
             _confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
@@ -354,21 +366,23 @@ def _settle_runs(box, yes: bool, ends_runs: bool):
         return box
     failed = []
     try:
+        if not box.shared_workdir:  # every run there is this project's
+            pending += _recorded_again(box, machine, (going | held) - _recorded_ids())
         for run in pending:
             if run.run_id in going:
                 continue
             try:
-                code = machine.read(f"{run.remote_dir}/exit_code")
+                code, life = runs.exit_status(machine, run, _warn)
                 run = runs.finish(_project(), run, machine,
-                                  int(code.strip() or 1) if code is not None else EXIT_KILLED)
+                                  code if code is not None else runs.EXIT_KILLED, _say)
                 box.release_results(_project(), machine, run.run_id)  # the caller holds the lock
             except (DlboxError, InfraError) as exc:
                 failed.append(run.run_id)
                 _warn(f"could not pull run {run.run_id}: {exc}")
                 continue
-            how = "had ended" if code is not None else "was killed before it ended"
-            typer.echo(f"run {run.run_id} {how} ({run.status}); its results are pulled into "
-                       f"{runs.RUNS_DIR}/{run.run_id}/")
+            how = "was killed before it ended" if life in ("gone", "starting") else "had ended"
+            _echo(f"run {run.run_id} {how} ({run.status}); its results are pulled into "
+                  f"{runs.RUNS_DIR}/{run.run_id}/")
     finally:
         machine.close()
     still = [r.run_id for r in pending if r.run_id in going]
@@ -383,6 +397,28 @@ def _settle_runs(box, yes: bool, ends_runs: bool):
                  f"could not pull run(s) {listed} from {box.label}: `dlbox pull {failed[0]}` "
                  "tries again, `dlbox down --yes` ends the box without them")
     return box
+
+
+def _recorded_ids() -> set[str]:
+    """The runs this project has a readable record of."""
+    from . import runs
+
+    return {r.run_id for r in runs.all_runs(_project(), lambda _: None)}
+
+
+def _recorded_again(box, machine, run_ids: set[str]) -> list:
+    """Runs the box holds that this project has no (readable) record of: recorded again
+    from their folders there, so that their results can be pulled or waited for."""
+    from . import boxfiles, runs
+
+    found = []
+    for run_id in sorted(boxfiles.run_ids(list(run_ids))):
+        run = runs.adopt(_project(), box, machine, run_id)
+        if run is not None:
+            _warn(f"run {run_id} is on {box.label} but had no readable record in "
+                  f"{runs.RUNS_DIR}/{run_id}/; recorded it again from the box")
+            found.append(run)
+    return found
 
 
 MODELS = ("scratch", "vgg16")
@@ -408,8 +444,15 @@ def train(
 
     from . import boxes, boxlock, config, runs
 
-    with _errors("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
-                 "follows it"):
+    started: list = []  # the run, once it started
+
+    def left() -> str:  # what a Ctrl-C leaves
+        if not started:
+            return ("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
+                    "follows it")
+        return f"run {started[0].run_id} goes on: " + _attach_hint(started[0].run_id)
+
+    with _errors(left):
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
         cfg = config.load(_project())
@@ -425,6 +468,7 @@ def train(
                 with _transfer_bar() as progress:
                     run = runs.start(_project(), box, machine, model, data, test, list(ctx.args),
                                      _say, progress, cfg.pip_args)
+                started.append(run)
                 break
             except (DlboxError, InfraError) as exc:
                 machine.close()
@@ -439,13 +483,18 @@ def train(
                      "replacing it")
                 with boxlock.held(_project(), _say):
                     box = box.replacement(_project(), _say)
-    code, box = _follow_and_finish(run, box, machine, recover=not no_recover)
+        code, box = _follow_and_finish(run, box, machine, recover=not no_recover,
+                                       down_after=down_after)
     if down_after and runs.load(_project(), run.run_id).finished_at:  # pulled and verified
         # As `down` does it: other runs of the box are pulled first, or asked about.
-        with _errors("the box may still be running: run `dlbox down`"), \
-                boxlock.held(_project(), _say):
+        with _errors(f"its results are in {runs.RUNS_DIR}/{run.run_id}/; the box may still be "
+                     "running: run `dlbox down`"), boxlock.held(_project(), _say):
             _end_box(box, boxes.DownFlags(), yes=False)
     raise typer.Exit(code)
+
+
+def _attach_hint(run_id: str) -> str:
+    return f"`dlbox attach {run_id}` follows it and pulls its results"
 
 
 def _train_on_cluster(nodes, model: str, data: str, test: str | None, trainer_args: list[str],
@@ -538,13 +587,13 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
         then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
                 if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
                 f"the run cannot go on as is")
-        typer.secho(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
+        _echo(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
                     f"checkpoint: epoch {epoch}); {then}", err=True, fg=typer.colors.RED)
     elif run.val_accuracy is not None:
-        typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
+        _echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
                    f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
     else:
-        typer.echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
+        _echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
     return code
 
 
@@ -568,8 +617,6 @@ def _follow_cluster_once(run, nodes, machines):
     when Ctrl-C detached)."""
     from . import cluster, follow, runs
 
-    for node in nodes:
-        _hold(node)
     chief = nodes[0]
     last_words: list[str] = []  # the chief's error line: said unless a node took it down
     try:
@@ -580,7 +627,7 @@ def _follow_cluster_once(run, nodes, machines):
                 on_checkpoint=_checkpoint_copier(run, machines[0]) if chief.replaceable else None,
                 gone=(lambda: chief.gone(_project())) if chief.replaceable else None)
     except KeyboardInterrupt:
-        typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
+        _echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
                    "it and pulls its results")
         return None, None
     except cluster.NodeFailed as exc:
@@ -606,7 +653,7 @@ def _follow_cluster_once(run, nodes, machines):
                                         resumable=code in cluster.RESUMABLE_EXITS)
     if failed is None:
         for line in last_words:
-            typer.echo(line, err=True)
+            _echo(line, err=True)
     return failed, code
 
 
@@ -684,8 +731,10 @@ def _status_bar():
     from .follow import bar_view
 
     eta = rp.TextColumn("{task.fields[eta]}")
-    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
-                     rp.MofNCompleteColumn(), rp.TextColumn("{task.fields[metrics]}"), eta,
+    # markup=False: the description and metrics come from the box's status.json
+    with rp.Progress(rp.TextColumn("{task.description}", markup=False), rp.BarColumn(),
+                     rp.MofNCompleteColumn(),
+                     rp.TextColumn("{task.fields[metrics]}", markup=False), eta,
                      transient=True) as bar:
         task = bar.add_task("starting", total=None, metrics="", eta="")
 
@@ -698,7 +747,7 @@ def _status_bar():
             bar.update(task, description=view.label, completed=view.step, total=view.steps,
                        metrics=view.metrics, eta=left, visible=True)
 
-        yield (lambda line: bar.console.print(line, markup=False, highlight=False)), on_status
+        yield (lambda line: bar.console.print(clean(line), markup=False, highlight=False)), on_status
 
 
 def _hms(seconds: float) -> str:
@@ -733,26 +782,11 @@ def _not_recorded(run, what: str, pulled: str) -> UsageError:
                       f"more; what was pulled is in {pulled}")
 
 
-def _hold(box) -> None:
-    """While a run has results on the box, nothing that ends the box on its own destroys them.
-    A Ctrl-C right after the start (to detach) waits for this short step."""
-    from . import boxlock
-    from .signals import signals_deferred
-
-    try:
-        with boxlock.held(_project(), _say, timeout_s=HOLD_LOCK_TIMEOUT_S), signals_deferred():
-            box.hold_results(_project())
-    except (DlboxError, InfraError) as exc:  # training goes on; the risk is said
-        typer.secho(f"warning: could not keep the watchdog from destroying unpulled results "
-                    f"({exc}); pull them before the box goes idle", err=True,
-                    fg=typer.colors.YELLOW)
-
-
 def _finish(run, box, machine, code: int):
     """Pull and record the results of a run that ended; then the box may end on its own."""
     from . import runs
 
-    run = runs.finish(_project(), run, machine, code)
+    run = runs.finish(_project(), run, machine, code, _say)
     _release(run, box, machine)
     return run
 
@@ -765,27 +799,26 @@ def _release(run, box, machine) -> None:
         box.release_results(_project(), machine, run.run_id)
 
 
-def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, object]:
+def _follow_and_finish(run, box, machine, recover: bool = True,
+                       down_after: bool = False) -> tuple[int, object]:
     """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
     resumed there (at most max_recoveries more boxes in this command); pull and record the
-    results. Returns (exit status, the last box)."""
+    results (Ctrl-C then says what was not done). Returns (exit status, the last box)."""
     from . import checkpoints, config, follow, recovery, runs
 
     shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
     budget = len(run.interruptions)  # boxes the run had lost before this command
     while True:
         try:
-            _hold(box)
             with _status_bar() as (say, on_status):
                 code = follow.follow(
-                    run, machine, say, err=lambda line: typer.echo(line, err=True),
+                    run, machine, say, err=lambda line: _echo(line, err=True),
                     on_status=on_status, shown=shown,
                     on_checkpoint=_checkpoint_copier(run, machine) if box.replaceable else None,
                     gone=(lambda b=box: b.gone(_project())) if box.replaceable else None)
             break
         except KeyboardInterrupt:
-            typer.echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
-                       "it and pulls its results")
+            _echo(f"detached; run {run.run_id} goes on. " + _attach_hint(run.run_id))
             return EXIT_INTERRUPTED, box  # as shells expect of Ctrl-C; the run itself goes on
         except BoxLost as lost:
             with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a "
@@ -803,16 +836,19 @@ def _follow_and_finish(run, box, machine, recover: bool = True) -> tuple[int, ob
             raise _fail(str(exc), exc.exit_code) from None
         except InfraError as exc:
             raise _fail(str(exc), EXIT_INFRA) from None
-    with _errors():
+    with _errors(f"run {run.run_id} ended, and pulling its results was cut short"
+                 + ("; the box was not ended" if down_after else "")
+                 + f": `dlbox pull {run.run_id}` fetches them"
+                 + (", then `dlbox down` ends the box" if down_after else "")):
         run = _finish(run, box, machine, code)
     machine.close()
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     lost = f" after {len(run.interruptions)} lost box(es)" if run.interruptions else ""
     if run.val_accuracy is not None:
-        typer.echo(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
+        _echo(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
                    f"model, metrics, history and log in {where}")
     else:
-        typer.echo(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
+        _echo(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
     return code, box
 
 
@@ -875,7 +911,9 @@ def attach(
                     cfg.pip_args, new_box=lambda: _box_to_resume_on(run))
         if not waiting:
             box, machine = _box_of(run)
-    raise typer.Exit(_follow_and_finish(run, box, machine, recover=not no_recover)[0])
+    with _errors(f"run {run_id} goes on: " + _attach_hint(run_id)):
+        code = _follow_and_finish(run, box, machine, recover=not no_recover)[0]
+    raise typer.Exit(code)
 
 
 def _box_to_resume_on(run):
@@ -902,19 +940,19 @@ def pull(run_id: Annotated[str, typer.Argument(help="The run's id (see `dlbox ru
     with _errors():
         run = runs.load(_project(), run_id)
         box, machine = _box_of(run)
-        code = machine.read(f"{run.remote_dir}/exit_code")
+        code, _ = runs.exit_status(machine, run, _warn)
         if code is None:  # still going: a snapshot of what it has
             local = runs.pull(_project(), run, machine, _say)
         elif run.finished_at:  # recorded already: copy again (and let the box go, if it waits)
-            local = runs.pull(_project(), run, machine, _say)
+            local = runs.pull(_project(), run, machine, _say, ended=True)
             _release(run, box, machine)
         else:  # ended: its results are final, and once here the box need not keep them
-            _finish(run, box, machine, int(code.strip() or 1))
+            _finish(run, box, machine, code)
             local = _project() / runs.RUNS_DIR / run.run_id
         machine.close()
         if run.nodes:  # the other nodes' logs too; once the run ended, they may let it go
             _pull_nodes(run_id, ended=code is not None)
-    typer.echo(f"pulled into {local}")
+    _echo(f"pulled into {local}")
 
 
 def _pull_nodes(run_id: str, ended: bool) -> None:
@@ -939,10 +977,16 @@ def logs(
                                              "until the run ends.")] = False,
     node: Annotated[int | None, typer.Option(help="A cluster run: node K's log [0, the "
                                              "chief].")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="The bytes as they are on the box, "
+                                      "control characters and all.")] = False,
 ) -> None:
-    """Print a run's train.log from the box."""
-    from . import follow, runs
+    """Print a run's train.log from the box (control characters shown escaped, unless --raw)."""
+    import codecs
 
+    from . import follow, runs
+    from .humanize import clean_lines
+
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # a chunk may end mid-character
     with _errors():
         run = runs.resolve(_project(), run_id)
         _, machine = _box_of(run)
@@ -953,7 +997,8 @@ def logs(
         while True:
             chunk, ended = follow.read_log(machine, run, offset)
             if chunk:
-                sys.stdout.buffer.write(chunk)
+                shown = chunk if raw else clean_lines(text.decode(chunk)).encode()
+                sys.stdout.buffer.write(shown)
                 sys.stdout.flush()
                 offset += len(chunk)
             if len(chunk) == follow.LOG_CHUNK_BYTES:
@@ -994,7 +1039,7 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
         box, machine = _box_of(run)
         code = runs.cancel(run, machine, _say)
         run = _finish(run, box, machine, code)
-    typer.echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
+    _echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
                f"{runs.RUNS_DIR}/{run.run_id}/")
 
 
@@ -1014,7 +1059,7 @@ def _cancel_cluster(run) -> None:
     finally:
         for machine in machines:
             machine.close()
-    typer.echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes (exit {code}); what it had "
+    _echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes (exit {code}); what it had "
                f"is in {runs.RUNS_DIR}/{run.run_id}/")
 
 
@@ -1045,14 +1090,15 @@ def list_runs() -> None:
         ))
     if not sys.stdout.isatty():  # piped: tab-separated, for scripts
         for row in (header, *rows):
-            typer.echo("\t".join(row))
+            typer.echo("\t".join(clean(cell) for cell in row))
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*header)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(clean(cell)) for cell in row))
     Console().print(table)
 
 
@@ -1100,7 +1146,7 @@ def data_sample(
         except OSError as exc:
             raise UsageError(f"cannot write to {directory} ({exc.strerror}); choose another "
                              "directory") from exc
-    typer.echo(
+    _echo(
         f"wrote {summary.train} training images to {directory / 'train'}, {summary.test} test "
         f"images to {directory / 'test1'}" + (f", {summary.bad} bad files" if bad else "")
     )

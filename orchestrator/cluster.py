@@ -16,13 +16,12 @@ from pathlib import Path
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
-from . import boxlock, checkpoints, follow, parallel, records, runs
+from . import boxlock, checkpoints, follow, parallel, records, runs, signals
 from .atomic import write_atomic
 from .boxes import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine
-from .signals import signals_deferred
 
 # Asks the box's Python for a free TCP port: the worker's collective endpoint binds it.
 FREE_PORT = ("import socket, sys; s = socket.socket(socket.AF_INET6 if sys.argv[1] == '6' "
@@ -41,6 +40,7 @@ WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 AGREED_STOP_TIMEOUT_S = 60
 NODE_FILES = ("train.log", "stdout.log", "status.json")  # pulled into runs/<id>/nodes/<k>/
 NODES_DIR = "nodes"
+NODE_FILE_BYTES = 64 << 20  # of each, at most (the end of a longer log)
 # A worker's exit statuses that leave the run resumable: stopped (75), a peer lost (69),
 # killed (137, 143).
 RESUMABLE_EXITS = (runs.EXIT_RESUMABLE, runs.EXIT_PEER_LOST, 137, 143)
@@ -124,10 +124,10 @@ def start(project_dir: Path, nodes: list[Box], machines: list[Machine], model: s
                           for k in range(1, len(nodes))]
     run = runs.Run(run_id=run_id, model=model, box=nodes[0].name, remote_dir=chief_dir, args=[],
                    started_at=runs.now(), usd_per_hour=_hourly(nodes), data=data, test=test,
-                   trainer_args=tuple(trainer_args))
+                   trainer_args=tuple(trainer_args), rented=nodes[0].rented)
     team = [Worker(k, box.name, dirs[k], "", shipped[k].code, shipped[k].data, shipped[k].test)
             for k, box in enumerate(nodes)]
-    run = launch(project_dir, run, nodes, machines, team)
+    run = launch(project_dir, run, nodes, machines, team, say)
     say(f"run {run_id} started on {len(nodes)} nodes ({', '.join(b.label for b in nodes)})")
     return run
 
@@ -138,9 +138,10 @@ def _hourly(nodes: list[Box]) -> float | None:
 
 
 def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
-           team: list[Worker]) -> runs.Run:
-    """Pick each node's endpoint, write every run.sh with its TF_CONFIG, record the run and
-    start every worker; a worker that cannot start stops those that did."""
+           team: list[Worker], say: Say) -> runs.Run:
+    """Pick each node's endpoint, write every run.sh with its TF_CONFIG, record the run, hold
+    its results on every node and start every worker; a worker that cannot start stops those
+    that did."""
     addresses: list[str] = []
     for k, box in enumerate(nodes):  # one at a time: nodes on one host must differ in port
         for _ in range(PORT_TRIES):
@@ -160,13 +161,14 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
             run = replace(run, args=args)
     run = replace(run, nodes=tuple(asdict(w) for w in team))
     runs.save(project_dir, run)
+    runs.hold(project_dir, list(zip(nodes, machines, strict=True)), run.run_id, say)
     tried = []
     try:
         for w, box in zip(team, nodes, strict=True):
             tried.append(w.node)  # before: an interrupt mid-start may leave it started
             runs.start_script(box, machines[w.node], w.remote_dir)
     except BaseException:  # a failure, Ctrl-C, SIGTERM: no worker waits for a missing peer
-        with signals_deferred():
+        with signals.deferred():
             stop(run, nodes, machines, only=tried)
             runs.save(project_dir, replace(run, status="failed", exit_code=EXIT_NOT_STARTED,
                                            finished_at=runs.now()))
@@ -176,22 +178,10 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
 
 def _state_command(remote_dir: str) -> str:
     """Prints "ended CODE", "running", "starting", "gone" (killed: no exit status) or
-    "missing" (no folder) for the node's worker: run.pid names run.sh, which leads the
-    process group of the run (setsid); the run lives while any process of the group does."""
-    ended = 'if [ -e exit_code ]; then echo "ended $(cat exit_code)"; exit 0; fi'
+    "missing" (no folder) for the node's worker (runs.LIFE)."""
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; "
-            f'{_READ_PID} if [ -n "$pid" ] && {_GROUP_ALIVE}; then '
-            f"echo running; exit 0; fi; {ended}; "
-            # run.sh writes exit_code as it ends: looked at after the group is seen gone
-            "if [ -e run.pid ]; then echo gone; else echo starting; fi")
-
-
-# Whether a process of the group lives (a zombie does not: an orphan's may wait long for a
-# reaper, and kill -0 counts it).
-_GROUP_ALIVE = ('ps -e -o pgid=,stat= | awk -v g="$pid" \'$1 == g && $2 !~ /^Z/ {a = 1} '
-                'END {exit !a}\'')
-# run.pid's number, if it is one above 1 (kill -0 -- -1 would mean every process).
-_READ_PID = ('pid=$(cat run.pid 2>/dev/null); case "$pid" in ""|*[!0-9]*|0|1) pid= ;; esac;')
+            f'{runs.LIFE} if [ $life = ended ]; then echo "ended $(head -c 16 exit_code)"; '
+            'else echo $life; fi')
 
 
 def _stop_command(remote_dir: str) -> str:
@@ -199,8 +189,8 @@ def _stop_command(remote_dir: str) -> str:
     once the group is gone, a worker killed so gets exit status 137 (run.sh, killed too,
     cannot write it)."""
     polls = int(STOP_GRACE_S / STOP_POLL_S)
-    alive = _GROUP_ALIVE
-    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_READ_PID} "
+    alive = runs.GROUP_ALIVE
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {runs.READ_PID} "
             f'if [ -n "$pid" ] && {alive}; then kill -TERM -- "-$pid" 2>/dev/null; '
             f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; "
             f'if {alive}; then kill -KILL -- "-$pid" 2>/dev/null; '
@@ -250,9 +240,7 @@ def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
             if status in RESUMABLE_EXITS:
                 return NodeFailed(w.node, box.label, f"stopped its worker (exit status {code})",
                                   code=status)
-            last = None
-            with contextlib.suppress(DlboxError):
-                last = follow.last_line(machines[w.node].read(f"{w.remote_dir}/stdout.log"))
+            last = follow.last_words(machines[w.node], replace(run, remote_dir=w.remote_dir))
             return NodeFailed(w.node, box.label, f"had its worker fail (exit status {code})"
                               + (f": {last}" if last else ""), resumable=False, code=status)
     return None
@@ -286,14 +274,11 @@ def stop(run: runs.Run, nodes: list[Box], machines: list[Machine],
 
 
 def signal_workers(run: runs.Run, machines: list[Machine]) -> None:
-    """SIGTERM the trainer of every node but the chief (runs.cancel does the chief)."""
+    """SIGTERM the trainer of every node but the chief (runs.cancel does the chief), found in
+    its run's own process group."""
     for w in workers(run)[1:]:
         with contextlib.suppress(DlboxError):  # a node that does not answer: stopped below
-            state = machines[w.node].run(_state_command(w.remote_dir)).stdout.split()[:1]
-            status = runs.read_json(machines[w.node].read(f"{w.remote_dir}/status.json")) or {}
-            pid = status.get("pid")
-            if state == ["running"] and isinstance(pid, int) and pid > 1:
-                machines[w.node].run(f"kill -TERM {pid} 2>/dev/null")
+            machines[w.node].run(runs.cancel_command(w.remote_dir))
 
 
 def wait_for_workers(run: runs.Run, nodes: list[Box], machines: list[Machine],
@@ -322,8 +307,8 @@ def pull_logs(project_dir: Path, run: runs.Run, machines: list[Machine]) -> None
         here = project_dir / runs.RUNS_DIR / run.run_id / NODES_DIR / str(w.node)
         here.mkdir(parents=True, exist_ok=True)
         for name in NODE_FILES:
-            try:
-                raw = machines[w.node].read(f"{w.remote_dir}/{name}")
+            try:  # a log past the bound: its end
+                raw = machines[w.node].read(f"{w.remote_dir}/{name}", NODE_FILE_BYTES, tail=True)
             except DlboxError:
                 break  # the node is gone: what was pulled before stays
             if raw is not None:
@@ -424,4 +409,4 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
         + ("" if copy is not None else " (no checkpoint yet: from the start)"))
     run = replace(run, status="running", exit_code=None, finished_at=None)
     # Same folders, same code and data, new endpoints (the old ports may be taken now).
-    return launch(project_dir, run, nodes, machines, team)
+    return launch(project_dir, run, nodes, machines, team, say)

@@ -55,6 +55,8 @@ class Ec2Box:
     address: str | None = None  # where the other nodes of its cluster reach it
     placement_group: str | None = None  # a cluster's: the cluster placement group of its zone
 
+    rented: ClassVar[bool] = True
+    shared_workdir: ClassVar[bool] = False  # one project's
     DESCRIPTION: ClassVar[str] = "EC2 boxes"
     INTERRUPTED_UP: ClassVar[str] = ("a box launched before the interrupt is recorded in "
                                      ".dlbox/state.json: `dlbox up` keeps waiting for it, "
@@ -164,8 +166,9 @@ class Ec2Box:
                              "down` again to delete its key pair and groups") from exc
         for inst in ended:
             spent = _cost_so_far(inst, self.usd_per_hour)
-            if spent is not None:
-                say(f"{inst.instance_id} terminated; it cost about ${spent:.2f}")
+            say(f"{inst.instance_id} terminated; " + (
+                f"it cost about ${spent:.2f}" if spent is not None else
+                f"its cost is unknown (dlbox has no price for {inst.instance_type})"))
 
 
     def ends_runs(self, flags: DownFlags) -> bool:

@@ -112,7 +112,8 @@ def fetch(machine: Machine, workdir: str, python: str, say: Say,
                        timeout=DOWNLOAD_TIMEOUT_S, stdin=credentials.stdin())
     if done.exit_code != 0:
         raise DlboxError(_why(done.stdout + "\n" + done.stderr))
-    size = int((machine.read(f"{dest}/{MARKER}") or b"0").strip() or 0)
+    marked = (machine.read(f"{dest}/{MARKER}", 64) or b"").strip()  # the zip's size
+    size = int(marked) if marked.isdigit() else 0
     say(f"kaggle {COMPETITION}: {size / 1e6:.1f} MB in {time.monotonic() - started:.0f} s, "
         "tested; the credentials were never written on the box")
     return archive

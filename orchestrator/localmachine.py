@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import DlboxError
-from .machine import COMMAND_TIMEOUT_S, Result, decode
+from .machine import COMMAND_TIMEOUT_S, MAX_READ_BYTES, Result, decode, local_error, too_big
 
 
 class LocalMachine:
@@ -36,11 +36,22 @@ class LocalMachine:
             raise
         return Result(proc.returncode, decode(out), decode(err))
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
         try:
-            return Path(path).read_bytes()
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    if not tail:
+                        raise too_big(path, max_bytes)
+                    f.seek(size - max_bytes)
+                data = f.read(max_bytes + 1)
         except FileNotFoundError:
             return None
+        if len(data) > max_bytes:
+            if not tail:
+                raise too_big(path, max_bytes)
+            data = data[-max_bytes:]
+        return data
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +81,20 @@ class LocalMachine:
     def discard_prepared(self) -> None:
         pass
 
-    def fetch(self, path: str, local: Path) -> None:
-        shutil.copyfile(path, local)
+    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
+        with open(path, "rb") as source:
+            if os.fstat(source.fileno()).st_size > max_bytes:
+                raise too_big(path, max_bytes)
+            with open(local, "wb") as out:
+                left = max_bytes
+                while block := source.read(1 << 20):
+                    left -= len(block)
+                    if left < 0:
+                        raise too_big(path, max_bytes)
+                    try:
+                        out.write(block)
+                    except OSError as exc:
+                        raise local_error(exc, local) from exc
 
     def close(self) -> None:
         pass

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .errors import DlboxError
+
 COMMAND_TIMEOUT_S = 600
+# What one read or fetch takes from a box at most: the box is not trusted to keep files small.
+MAX_READ_BYTES = 16 << 20  # a small file read into memory (status, exit code, a log's tail)
+MAX_OUTPUT_BYTES = 128 << 20  # a command's stdout or stderr
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,20 @@ class Result:
     exit_code: int
     stdout: str
     stderr: str
+
+
+class TooBig(DlboxError):
+    """A file or answer from the box over the bound dlbox takes."""
+
+
+def too_big(what: str, max_bytes: int) -> TooBig:
+    return TooBig(f"{what} on the box is over {max_bytes / 1e6:.0f} MB, more than dlbox takes "
+                  "from it; check what wrote it there")
+
+
+def local_error(exc: OSError, local: Path) -> OSError:
+    """An error writing this machine's file, naming it (a full disk is not a lost link)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(local))
 
 
 def decode(raw: bytes) -> str:
@@ -54,7 +73,9 @@ class Machine(Protocol):
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result: ...
 
-    def read(self, path: str) -> bytes | None: ...
+    def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
+        """The file's bytes (None: it is not there). A file over max_bytes is an error, or,
+        with tail, its last max_bytes."""
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
 
@@ -68,6 +89,8 @@ class Machine(Protocol):
 
     def discard_prepared(self) -> None: ...
 
-    def fetch(self, path: str, local: Path) -> None: ...
+    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
+        """Copy the file to local (which this call creates or truncates); TooBig once more
+        than max_bytes arrive. Errors writing local are OSErrors naming local."""
 
     def close(self) -> None: ...

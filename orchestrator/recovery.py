@@ -95,9 +95,10 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
         done = [i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
             (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)} for i in run.interruptions]
         run = replace(run, box=box.name, remote_dir=remote, status="running", exit_code=None,
+                      rented=box.rented,
                       usd_per_hour=box.hourly_usd, segment_started_at=now.isoformat(
                           timespec="seconds"), interruptions=tuple(done))
-        run = runs.launch(project_dir, box, machine, run, shipped)
+        run = runs.launch(project_dir, box, machine, run, shipped, say)
     except BaseException:
         machine.close()
         raise

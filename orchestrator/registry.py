@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 import shlex
 
+from .errors import DlboxError
 from .machine import Machine
 
 UNPULLED_DIR = "unpulled"
@@ -57,6 +58,15 @@ def held_runs(machine: Machine, registry: str) -> list[str]:
     """The runs whose results are still on the box, not pulled."""
     done = machine.run(f"ls -1 {shlex.quote(unpulled_dir(registry))} 2>/dev/null; exit 0")
     return sorted(line for line in done.stdout.splitlines() if line and not line.startswith("."))
+
+
+def mark_unpulled(machine: Machine, registry: str, run_id: str) -> None:
+    """Mark run_id's results as held on the box (run.sh marks them too, as it starts)."""
+    marker = shlex.quote(posixpath.join(unpulled_dir(registry), run_id))
+    done = machine.run(f"mkdir -p -- {shlex.quote(unpulled_dir(registry))} && : > {marker}")
+    if done.exit_code != 0:
+        raise DlboxError(f"could not mark run {run_id}'s results as unpulled on the box "
+                         f"({done.stderr.strip()[-200:] or done.exit_code})")
 
 
 def release(machine: Machine, registry: str, run_id: str) -> list[str]:

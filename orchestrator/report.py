@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from markupsafe import Markup
 
+from . import boxfiles
 from .atomic import write_atomic
 from .render import render
 
@@ -72,8 +72,8 @@ def _nodes(run_dir: Path, run) -> list[dict]:
         k = node.get("node")
         where = run_dir / "status.json" if k == 0 else run_dir / "nodes" / str(k) / "status.json"
         try:
-            status = json.loads(where.read_text())
-        except (OSError, ValueError):
+            status = boxfiles.status(where.read_bytes())
+        except (OSError, boxfiles.BadBoxFile):
             status = {}
         rate = status.get("images_per_second")
         found.append({"node": k, "box": node.get("box"), "address": node.get("address"),
@@ -82,12 +82,12 @@ def _nodes(run_dir: Path, run) -> list[dict]:
     return found
 
 
-def write(run_dir: Path, run, box: str, duration: str, cost: str) -> Path:
-    """Render the report from what was pulled into run_dir."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
+def write(run_dir: Path, run, box: str, duration: str, cost: str,
+          metrics: dict | None = None) -> Path:
+    """Render the report from what was pulled into run_dir (metrics: metrics.json as
+    boxfiles.metrics checked it; read here if not given)."""
+    if metrics is None:
+        metrics = boxfiles.pulled_metrics(run_dir, f"run {run.run_id}'s metrics.json")
     try:
         with open(run_dir / "history.csv", newline="") as f:
             history = [{**TABLED, **row} for row in csv.DictReader(f) if _plottable(row)]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import sys
@@ -19,28 +20,40 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import codeship, kaggle, records, report, state, sync
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
+
+from . import boxfiles, boxlock, codeship, kaggle, records, registry, report, signals, state, sync
 from .atomic import write_atomic
 from .boxes import Box
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
-from .humanize import Say
+from .humanize import Say, clean
 from .machine import Machine
 from .render import render
 
 RUNS_DIR = "runs"
 EXIT_RESUMABLE = 75  # the trainer's "interrupted, resumable" (EX_TEMPFAIL)
 EXIT_PEER_LOST = 69  # the trainer's "another worker of the cluster died": resumable too
+EXIT_KILLED = 137  # a run that ended with no exit status (SIGKILL, a power-off) is recorded so
+EXIT_UNKNOWN = 1  # a run whose exit_code on the box is not valid: recorded as failed
 LOST = "lost"  # the box ended before its results were pulled (`down --yes`)
 RUN_FILE = "run.json"
 STATUS_POLL_S = 1.0  # the trainer rewrites status.json every 2 s
 CANCEL_TIMEOUT_S = 300  # SIGTERM -> checkpoint written -> exit 75; a big model saves slowly
 RESULT_FILES = ("model.keras", "history.csv", "metrics.json", "train.log", "status.json",
                 "val_predictions.csv", "submission.csv", "misclassified.jpg", "stdout.log")
+# The most a pull takes of one result file (a VGG16 model with its optimizer is ~0.2 GB),
+# and the space it leaves free on this machine's disk: a box must not be able to fill it.
+MAX_RESULT_BYTES = 8 << 30
+DISK_RESERVE_BYTES = 256 << 20
+# Trainer flags that only print (help): as a run they would "succeed" with no model.
+PRINT_ONLY_FLAGS = ("-h", "--help")
 # Trainer flags dlbox sets itself: given through `train`, they would send results elsewhere.
 OWNED_FLAGS = ("--data", "--test", "--out", "--resume", "--extract-dir")
 LISTING_END = "dlbox-listing-end"  # the last line of a complete listing of results
 SNAPSHOT_PREFIX = ".dlbox-pull-"  # in the run's folder on the box: a pull's private copies
 SNAPSHOT_NAME = re.compile(r"\.dlbox-pull-[A-Za-z0-9]+")
+# One line of a snapshot's listing: size, SHA-256, name (checked against RESULT_FILES).
+LISTED = re.compile(r"(?P<size>\d{1,20}) (?P<digest>[0-9a-f]{64}) (?P<name>.+)")
 # A snapshot this old was left by a pull cut off before its cleanup (no pull takes this long).
 STALE_SNAPSHOT_MIN = 60
 PARTIAL_DIR = "partial"  # under .dlbox/: downloads until verified
@@ -48,6 +61,7 @@ STALE_PARTIAL_S = 24 * 3600  # a part file this old (or whose pull died) is swep
 # start_script: until the detached run.sh leads its own process group (an exec of setsid
 # away; seconds only on a starved machine)
 SESSION_WAIT_TRIES, SESSION_WAIT_POLL_S = 200, 0.05
+HOLD_LOCK_TIMEOUT_S = 30  # a run's start waits this long for an `up`/`down` to let the box go
 MAX_ID_TRIES = 20  # run ids taken on a box shared with other projects, before giving up
 EXTRACT_DIR = "extracted"  # under the box's workdir: zips unpacked once, shared by runs
 
@@ -77,6 +91,7 @@ class Run:
     # A run on a cluster: every node's worker (see cluster.Worker), the chief (box,
     # remote_dir above) first; () on a single box.
     nodes: tuple[dict[str, Any], ...] = ()
+    rented: bool = False  # its box is rented by the hour (its cost is unknown if unpriced)
 
     @property
     def seconds(self) -> float | None:
@@ -236,21 +251,95 @@ def resolve(project_dir: Path, run_id: str | None) -> Run:
     return runs[-1]
 
 
+def adopt(project_dir: Path, box: Box, machine: Machine, run_id: str) -> Run | None:
+    """A run the box holds that this project has no readable record of (runs/ deleted, its
+    run.json damaged), recorded again from its folder there, so that its results can be
+    pulled; a damaged record is kept beside it. None: the box has no folder for it."""
+    match = boxfiles.RUN_ID.fullmatch(run_id)
+    if match is None:
+        return None
+    parent = f"{box.workdir}/{RUNS_DIR}"
+    # runs/<id>, or runs/<id>.N where a replacement box shared the lost one's disk: the last
+    found = machine.run(f"cd {shlex.quote(parent)} 2>/dev/null || exit 0; "
+                        f"ls -1d -- {run_id} {run_id}.* 2>/dev/null | sort -t. -k2,2n | tail -n 1")
+    folder = found.stdout.strip()
+    if found.exit_code != 0 or folder not in (run_id, *(f"{run_id}.{n}" for n in range(2, 100))):
+        return None
+    record = project_dir / RUNS_DIR / run_id / RUN_FILE
+    if record.exists():
+        os.replace(record, record.with_name(f"{RUN_FILE}.damaged-{int(time.time())}"))
+    started = datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    run = Run(run_id=run_id, model=run_id[16:].split("-")[0], box=box.name,
+              remote_dir=f"{parent}/{folder}", args=[],
+              started_at=started.isoformat(timespec="seconds"), usd_per_hour=box.hourly_usd,
+              rented=box.rented)
+    save(project_dir, run)
+    return run
+
+
+def cancel_command(remote_dir: str) -> str:
+    """SIGTERM the trainer of the run in remote_dir, found in the run's own process group (run.sh
+    leads it), never by a pid the box wrote elsewhere. Prints "signalled", or the run's LIFE
+    word when it is not running, or "no-trainer" while run.sh has not started it yet."""
+    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 3; {LIFE} "
+            '[ $life = running ] || { echo $life; exit 0; }; '
+            'trainers=$(ps -e -o pid=,pgid=,args= | awk -v g="$pid" '
+            "'$2 == g && / -m trainer( |$)/ {print $1}'); "
+            '[ -n "$trainers" ] || { echo no-trainer; exit 0; }; '
+            "kill -TERM $trainers 2>/dev/null; echo signalled")
+
+
 def cancel(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
-    """SIGTERM the trainer (it checkpoints and exits 75); wait for it; return its exit status."""
-    status = read_json(machine.read(f"{run.remote_dir}/status.json")) or {}
-    if machine.read(f"{run.remote_dir}/exit_code") is not None or not status.get("pid"):
-        raise UsageError(f"run {run.run_id} is not running")
-    sent = machine.run(f"kill -TERM {int(status['pid'])}")
-    if sent.exit_code != 0:
-        raise DlboxError(f"could not signal run {run.run_id}: {sent.stderr.strip()}")
+    """SIGTERM the trainer (it checkpoints and exits 75); wait for it; return its exit status
+    (EXIT_KILLED if its processes end without one)."""
+    done = machine.run(cancel_command(run.remote_dir))
+    answer = done.stdout.strip()
+    if done.exit_code == 3:
+        raise folder_gone(run)
+    if answer == "ended":
+        raise UsageError(f"run {run.run_id} is not running; `dlbox pull {run.run_id}` fetches "
+                         "its results")
+    if answer == "gone":
+        raise UsageError(f"run {run.run_id} is not running: it ended without an exit status "
+                         f"(killed, or its box restarted); `dlbox attach {run.run_id}` pulls what "
+                         "it left")
+    if answer in ("starting", "no-trainer"):
+        raise UsageError(f"run {run.run_id} has not started its trainer yet; run `dlbox cancel "
+                         f"{run.run_id}` again in a few seconds")
+    if answer != "signalled":
+        raise DlboxError(f"could not signal run {run.run_id}: {_last_line(done.stderr) or answer}; "
+                         f"run `dlbox cancel {run.run_id}` again")
     say(f"asked run {run.run_id} to stop; waiting for its checkpoint...")
     deadline = time.monotonic() + CANCEL_TIMEOUT_S
-    while (code := machine.read(f"{run.remote_dir}/exit_code")) is None:
+    while True:
+        code, _ = exit_status(machine, run)
+        if code is not None:
+            return code
         if time.monotonic() > deadline:
-            raise DlboxError(f"run {run.run_id} still running {CANCEL_TIMEOUT_S} s after SIGTERM")
+            raise DlboxError(f"run {run.run_id} still running {CANCEL_TIMEOUT_S} s after SIGTERM; "
+                             f"`dlbox logs {run.run_id}` shows why")
         sleep(STATUS_POLL_S)
-    return int(code.strip() or 1)
+
+
+def exit_status(machine: Machine, run: Run, warn: Say | None = None) -> tuple[int | None, str]:
+    """(the run's exit status, its LIFE word) as the box says them: None while it runs;
+    EXIT_KILLED for a run whose processes ended without one; EXIT_UNKNOWN, said to warn, for
+    an exit_code that is not valid."""
+    done = machine.run(f"cd {shlex.quote(run.remote_dir)} 2>/dev/null || exit 3; {LIFE} "
+                       'echo $life; [ $life != ended ] || head -c 64 exit_code')
+    if done.exit_code == 3:
+        raise folder_gone(run)
+    life, _, code = done.stdout.partition("\n")
+    if life == "gone":
+        return EXIT_KILLED, life
+    if life != "ended":
+        return None, life
+    try:
+        return boxfiles.exit_code(code.encode(), f"run {run.run_id}'s exit_code"), life
+    except boxfiles.BadBoxFile as exc:
+        if warn is not None:
+            warn(f"{exc}; counting the run as failed")
+        return EXIT_UNKNOWN, life
 
 
 def ship_data(machine: Machine, workdir: str, local: Path, say: Say,
@@ -277,6 +366,9 @@ def _local_dataset(spec: str | None, flag: str) -> Path | None:
     if not path.exists():
         raise UsageError(f"{flag} {spec}: no such file or folder (or `{flag} kaggle` to "
                          "download the competition's data on the box)")
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device would be read without end
+        raise UsageError(f"{flag} {spec}: not a folder or a regular file (a zip); give the "
+                         "Kaggle train/ folder or its zip")
     return path.resolve()
 
 
@@ -284,6 +376,9 @@ def check_trainer_args(trainer_args: list[str]) -> None:
     """Refuse a flag dlbox sets, also abbreviated (argparse takes --ou for --out)."""
     for arg in trainer_args:
         flag = arg.split("=", 1)[0]
+        if flag in PRINT_ONLY_FLAGS or (len(flag) >= 3 and "--help".startswith(flag)):
+            raise UsageError(f"{flag} asks the trainer for its help, which is no run; "
+                             "`python -m trainer --help` prints it (or see README.md)")
         if not flag.startswith("--") or len(flag) < 3:
             continue
         owned = next((f for f in OWNED_FLAGS if f.startswith(flag)), None)
@@ -335,8 +430,8 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
     run_id, remote = reserve_on_box(project_dir, machine, box.workdir, model)
     run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=[],
               started_at=now(), usd_per_hour=box.hourly_usd, data=data, test=test,
-              trainer_args=tuple(trainer_args))
-    run = launch(project_dir, box, machine, run, shipped)
+              trainer_args=tuple(trainer_args), rented=box.rented)
+    run = launch(project_dir, box, machine, run, shipped, say)
     say(f"run {run_id} started on {box.label}")
     return run
 
@@ -381,6 +476,20 @@ def write_script(box: Box, machine: Machine, run_id: str, remote_dir: str, code:
                       0o755)
 
 
+# run.pid's number, if it is one above 1 (kill -0 -- -1 would mean every process).
+READ_PID = 'pid=$(cat run.pid 2>/dev/null); case "$pid" in ""|*[!0-9]*|0|1) pid= ;; esac;'
+# Whether a process of the run's group lives (run.sh leads it: setsid). A zombie does not
+# count: an orphan's may wait long for a reaper, and kill -0 counts it.
+GROUP_ALIVE = ('ps -e -o pgid=,stat= | awk -v g="$pid" \'$1 == g && $2 !~ /^Z/ {a = 1} '
+               'END {exit !a}\'')
+# In the run's folder: $life is "running" while the run's process group lives, else "ended"
+# (exit_code written), "gone" (killed, the box restarted, a full disk: no exit status) or
+# "starting" (no run.pid yet). run.sh writes exit_code before it ends, so files read after
+# this agree with it.
+LIFE = (f'{READ_PID} if [ -n "$pid" ] && {GROUP_ALIVE}; then life=running; '
+        "elif [ -e exit_code ]; then life=ended; elif [ -e run.pid ]; then life=gone; "
+        "else life=starting; fi;")
+
 _LEADS_OR_ENDED = ('ps -o pgid=,stat= -p "$pid" | awk -v p="$pid" '
                    "'$1 == p || $2 ~ /^Z/ {f = 1} END {exit !(f || NR == 0)}'")
 
@@ -407,13 +516,30 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
 
 
-def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped) -> Run:
-    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box and start
-    it detached; record the run as started there."""
+def hold(project_dir: Path, pairs: list[tuple[Box, Machine]], run_id: str, say: Say) -> None:
+    """Before a run starts: its results held on each of its boxes (a marker the watchdog and
+    `down` read; on EC2, a power-off that stops the box rather than terminating it), so that
+    no Ctrl-C or lost link after the start can leave a run's results unprotected. Ctrl-C and
+    SIGTERM wait for this step; a failure is said, and the run goes on."""
+    try:
+        with boxlock.held(project_dir, say, timeout_s=HOLD_LOCK_TIMEOUT_S), signals.deferred():
+            for box, machine in pairs:
+                registry.mark_unpulled(machine, box.runs_registry(), run_id)
+                box.hold_results(project_dir)
+    except (DlboxError, InfraError) as exc:
+        say(f"warning: could not keep the watchdog from destroying run {run_id}'s unpulled "
+            f"results ({exc}); pull them before the box goes idle")
+
+
+def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped,
+           say: Say = print) -> Run:
+    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box, hold
+    its results there and start it detached; record the run as started there."""
     args = trainer_args(box, run, shipped, run.remote_dir)
     write_script(box, machine, run.run_id, run.remote_dir, shipped.code, args)
     run = replace(run, args=args)
     save(project_dir, run)
+    hold(project_dir, [(box, machine)], run.run_id, say)
     try:
         start_script(box, machine, run.remote_dir)
     except DlboxError as exc:
@@ -423,10 +549,12 @@ def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shi
 
 
 def read_json(raw: bytes | None) -> dict | None:
+    """A JSON object, or None for nothing, not JSON, or JSON that is not an object."""
     try:
-        return json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    return data if isinstance(data, dict) else None
 
 
 def read_local_json(path: Path) -> dict:
@@ -443,57 +571,104 @@ def folder_gone(run: Run) -> DlboxError:
                       "(deleted, or the box was replaced); what was pulled is in runs/")
 
 
-def snapshot_command(remote_dir: str) -> str:
-    """A command that copies the results present into a private folder of the run's, then
-    prints its name, "ended" or "running", the copies' SHA-256 sums and LISTING_END.
+def snapshot_command(remote_dir: str, snapshot: str) -> str:
+    """A command that copies the results present (regular files only, never a link) into the
+    run's private folder snapshot, then prints "ended" or "running", one LISTED line per copy
+    and LISTING_END.
 
     The trainer rewrites its files while it runs: copies made in one go agree with their
     sums, whatever it writes meanwhile. Whether it ended is read before copying: "ended"
-    means every copy is final.
+    means every copy is final. The folder's name comes from dlbox, so a pull cut short
+    still knows what to remove.
     """
     copies = " ".join(RESULT_FILES)
+    snap = shlex.quote(snapshot)
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 3; "
             f"find . -maxdepth 1 -name '{SNAPSHOT_PREFIX}*' -mmin +{STALE_SNAPSHOT_MIN} "
             "-exec rm -rf {} + 2>/dev/null; "
             "if [ -e exit_code ]; then state=ended; else state=running; fi; "
-            f"snap=$(mktemp -d ./{SNAPSHOT_PREFIX}XXXXXXXX) || exit 1; "
-            f'for f in {copies}; do if [ -e "$f" ]; then '
+            f"mkdir -m 700 -- {snap} || exit 1; "
+            f'for f in {copies}; do if [ -f "$f" ] && [ ! -L "$f" ]; then '
             # a file that vanished meanwhile is not a failure; a full disk is
-            'cp --reflink=auto -- "$f" "$snap"/ || [ ! -e "$f" ] || { rm -rf "$snap"; exit 1; }; '
-            'fi; done; echo "${snap#./}"; echo $state; '
-            f'cd "$snap" || exit 1; sha256sum -- * 2>/dev/null; echo {LISTING_END}')
+            f'cp -P --reflink=auto -- "$f" {snap}/ || [ ! -e "$f" ] || {{ rm -rf {snap}; exit 1; }}; '
+            f"fi; done; echo $state; cd {snap} || exit 1; "
+            'for f in *; do [ -f "$f" ] || continue; '
+            'echo "$(stat -c %s -- "$f") $(sha256sum < "$f" | cut -c1-64) $f"; done; '
+            f"echo {LISTING_END}")
 
 
-def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print) -> Path:
-    """Copy the results into runs/<id>/, each checked against the box's SHA-256: a snapshot,
-    said so, while the run is still going."""
+@dataclass(frozen=True)
+class Listed:
+    """A result file in a pull's snapshot on the box, as the box describes it."""
+
+    name: str
+    size: int
+    digest: str
+
+
+def _listing(lines: list[str], run: Run, say: Say) -> list[Listed]:
+    """The snapshot's files dlbox asked for (RESULT_FILES), each within MAX_RESULT_BYTES;
+    any other name (a path, a ../, a name dlbox never asked for) is refused in one line."""
+    found: dict[str, Listed] = {}
+    for line in lines:
+        match = LISTED.fullmatch(line)
+        name = match["name"] if match else line
+        if match is None or name not in RESULT_FILES:
+            say(f"warning: refused {clean(name[:200])!r} from the box's listing of run "
+                f"{run.run_id}: not a result file dlbox asked for")
+            continue
+        size = int(match["size"])
+        if size > MAX_RESULT_BYTES:
+            raise DlboxError(f"{name} of run {run.run_id} is {size / 1e9:.1f} GB on the box, "
+                             f"over the {MAX_RESULT_BYTES / 1e9:.0f} GB dlbox pulls; check "
+                             "what wrote it")
+        found[name] = Listed(name, size, match["digest"])
+    return [found[n] for n in RESULT_FILES if n in found]
+
+
+def _check_room(local: Path, partial: Path, wanted: list[Listed], run: Run) -> None:
+    """Refuse, before copying, a pull that would leave this machine's disk nearly full."""
+    need = sum(f.size for f in wanted)
+    for folder in {local, partial}:
+        free = shutil.disk_usage(folder).free
+        if need + DISK_RESERVE_BYTES > free:
+            raise DlboxError(f"the results of run {run.run_id} take {need / 1e6:.0f} MB, and "
+                             f"{folder} has {free / 1e6:.0f} MB free; free some space, then "
+                             f"`dlbox pull {run.run_id}`")
+
+
+def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print,
+         ended: bool = False) -> Path:
+    """Copy the results into runs/<id>/, each checked against the box's SHA-256 and size:
+    only the files dlbox asked for, never through a link, none over its bound. A snapshot,
+    said so, while the run is still going (ended: the caller knows it ended, e.g. killed)."""
     local = project_dir / RUNS_DIR / run.run_id
     local.mkdir(parents=True, exist_ok=True)
-    listing = machine.run(snapshot_command(run.remote_dir))
-    if listing.exit_code == 3:
-        raise folder_gone(run)
-    lines = listing.stdout.splitlines()
-    # Cut short: never take a partial list as all.
-    if (len(lines) < 3 or lines[-1] != LISTING_END or not SNAPSHOT_NAME.fullmatch(lines[0])
-            or lines[1] not in ("ended", "running")):
-        error = _last_line(listing.stderr)
-        fix = DISK_FULL_FIX if "No space left" in error else f"run `dlbox pull {run.run_id}` again"
-        raise DlboxError(f"could not copy the results of run {run.run_id} in {run.remote_dir} "
-                         f"on the box{f' ({error})' if error else ''}; {fix}")
-    snapshot = f"{run.remote_dir}/{lines[0]}"
+    snapshot = f"{run.remote_dir}/{SNAPSHOT_PREFIX}{secrets.token_hex(8)}"
     try:
-        remote_sums = {name: digest for digest, name in
-                       (line.split(maxsplit=1) for line in lines[2:-1])}
-        if not remote_sums:
+        listing = machine.run(snapshot_command(run.remote_dir, snapshot))
+        if listing.exit_code == 3:
+            raise folder_gone(run)
+        lines = listing.stdout.splitlines()
+        # Cut short: never take a partial list as all.
+        if len(lines) < 2 or lines[-1] != LISTING_END or lines[0] not in ("ended", "running"):
+            error = clean(_last_line(listing.stderr))
+            fix = DISK_FULL_FIX if "No space left" in error else \
+                f"run `dlbox pull {run.run_id}` again"
+            raise DlboxError(f"could not copy the results of run {run.run_id} in "
+                             f"{run.remote_dir} on the box{f' ({error})' if error else ''}; {fix}")
+        wanted = _listing(lines[1:-1], run, say)
+        if not wanted:
             raise DlboxError(f"no results for run {run.run_id} in {run.remote_dir} on the box")
         partial = partial_dir(project_dir)
-        for name, digest in remote_sums.items():
-            fetch_verified(machine, f"{snapshot}/{name}", local / name, digest, run.run_id,
-                            partial)
+        _check_room(local, partial, wanted, run)
+        for f in wanted:
+            fetch_verified(machine, f"{snapshot}/{f.name}", local / f.name, f.digest, run.run_id,
+                           partial, f.size)
     finally:
-        with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
-            machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
-    if lines[1] != "ended":
+        with signals.deferred(), contextlib.suppress(DlboxError):  # lost contact: the next
+            machine.run(f"rm -rf -- {shlex.quote(snapshot)}")      # pull removes it
+    if lines[0] != "ended" and not ended:
         say(f"run {run.run_id} is still going; pulled a snapshot of what it has so far")
     return local
 
@@ -528,15 +703,16 @@ def _alive(pid: int) -> bool:
 
 
 def fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str,
-                    partial_dir: Path) -> None:
-    """remote copied to local whole and verified, or not at all."""
+                   partial_dir: Path, max_bytes: int = MAX_RESULT_BYTES) -> None:
+    """remote copied to local whole and verified, or not at all (max_bytes at most). local is
+    replaced by a rename, so a link there is replaced, never followed."""
     # A name of its own: two pulls of one run at once (two terminals) never share a part file.
     fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}.{run_id}.{local.name}.", suffix=".part",
                                 dir=partial_dir)
     os.close(fd)
     tmp = Path(name)
     try:
-        machine.fetch(remote, tmp)
+        machine.fetch(remote, tmp, max_bytes)
         if _sha256(tmp) != digest:
             raise DlboxError(f"copy of {local.name} does not match the box's; run `dlbox pull "
                              f"{run_id}`")
@@ -560,15 +736,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finish(project_dir: Path, run: Run, machine: Machine, code: int) -> Run:
-    """Pull the results and record how the run ended."""
-    local = pull(project_dir, run, machine)
-    metrics = read_local_json(local / "metrics.json")
+def finish(project_dir: Path, run: Run, machine: Machine, code: int, say: Say = print) -> Run:
+    """Pull the results and record how the run ended (warnings go to say)."""
+    local = pull(project_dir, run, machine, say, ended=True)
+    metrics = boxfiles.pulled_metrics(local, f"run {run.run_id}'s metrics.json",
+                                      lambda line: say(f"warning: {line}"))
     status = {0: "done", EXIT_RESUMABLE: "interrupted", EXIT_PEER_LOST: "interrupted",
               130: "interrupted"}.get(code, "failed")
+    if status == "done" and not (local / "model.keras").is_file():
+        say(f"warning: run {run.run_id} ended well (exit 0) but left no model.keras; it is "
+            "recorded as failed")
+        status = "failed"
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=now())
     save(project_dir, run)
-    cost = f"${run.cost_usd:.2f}" if run.cost_usd is not None else "nothing (own machine)"
-    report.write(local, run, box=run.box, duration=f"{run.seconds / 60:.1f} min", cost=cost)
+    report.write(local, run, box=run.box, duration=f"{run.seconds / 60:.1f} min",
+                 cost=cost_line(run), metrics=metrics)
     return run
+
+
+def cost_line(run: Run) -> str:
+    """What the run cost, as the report says it."""
+    if run.cost_usd is not None:
+        return f"${run.cost_usd:.2f}"
+    return "unknown (no price for its instance type)" if run.rented else "nothing (own machine)"

@@ -44,6 +44,7 @@ class SshBox(Unwatched):
                                                      "nodes", "node_address"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"purge"})
     hourly_usd: ClassVar[None] = None
+    shared_workdir: ClassVar[bool] = True  # ~/dlbox is every project's on that machine
 
     @classmethod
     def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> SshBox:

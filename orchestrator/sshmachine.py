@@ -20,7 +20,16 @@ from pathlib import Path
 
 from . import hostkeys, sshtarget, tarstream
 from .errors import CommandTimedOut, DlboxError, LostContact, UsageError
-from .machine import COMMAND_TIMEOUT_S, Machine, Result, decode
+from .machine import (
+    COMMAND_TIMEOUT_S,
+    MAX_OUTPUT_BYTES,
+    MAX_READ_BYTES,
+    Machine,
+    Result,
+    decode,
+    local_error,
+    too_big,
+)
 from .sshtarget import SshTarget
 
 SSH_CONNECT_DEADLINE_S = 15  # a dropped handshake is tried again, for this long
@@ -116,13 +125,23 @@ class SshMachine:
         sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
         return sftp
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
         with self._link(f"reading {path}"):
             try:
                 with self._sftp().open(path, "rb") as f:
-                    return f.read()
+                    size = f.stat().st_size
+                    if size > max_bytes:
+                        if not tail:
+                            raise too_big(path, max_bytes)
+                        f.seek(size - max_bytes)
+                    data = f.read(max_bytes + 1)  # a file still growing: bounded all the same
             except FileNotFoundError:
                 return None
+        if len(data) > max_bytes:
+            if not tail:
+                raise too_big(path, max_bytes)
+            data = data[-max_bytes:]
+        return data
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write path in one rename, so a reader on the box never sees half of it."""
@@ -206,10 +225,13 @@ class SshMachine:
             self._ready = None
             tarstream.close_unused(remote)
 
-    def fetch(self, path: str, local: Path) -> None:
+    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
         _quiet_prefetch_deaths()
-        with self._link(f"copying {path}"):
-            self._sftp().get(path, str(local))
+        with open(local, "wb") as out, self._link(f"copying {path}"):
+            sftp = self._sftp()
+            if sftp.stat(path).st_size > max_bytes:
+                raise too_big(path, max_bytes)
+            sftp.getfo(path, _Bounded(out, local, path, max_bytes))
 
     def close(self) -> None:
         self.discard_prepared()
@@ -242,6 +264,32 @@ def _quiet_prefetch_deaths() -> None:
 
     hook.dlbox_prefetch = True
     threading.excepthook = hook
+
+
+class _Bounded:
+    """A local file that takes at most max_bytes: a box must not fill this machine's disk.
+    Its write errors (a full disk here) name the local file, never a lost link."""
+
+    def __init__(self, out, local: Path, remote: str, max_bytes: int) -> None:
+        self.out, self.local, self.remote, self.left = out, local, remote, max_bytes
+        self.max_bytes = max_bytes
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise too_big(self.remote, self.max_bytes)
+        try:
+            return self.out.write(data)
+        except OSError as exc:  # raised as a DlboxError: _link passes those through
+            raise LocalWriteFailed(local_error(exc, self.local)) from exc
+
+
+class LocalWriteFailed(DlboxError):
+    """Writing a file on this machine failed (a full disk, a read-only folder)."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"{exc.filename}: {exc.strerror}; free some space or fix the "
+                         "permissions there, then run the command again")
 
 
 class _Heartbeat:
@@ -290,19 +338,27 @@ def _collect(channel, timeout: float) -> tuple[bytes, bytes]:
 
     def drain_stderr() -> None:
         try:
-            err.append(channel.makefile_stderr("rb").read())
+            err.append(_read_bounded(channel.makefile_stderr("rb"), "a command's stderr"))
         except BaseException as exc:  # handed to the caller's thread
             errors.append(exc)
 
     reader = threading.Thread(target=drain_stderr, daemon=True)
     reader.start()
-    out = channel.makefile("rb").read()
+    out = _read_bounded(channel.makefile("rb"), "a command's output")
     reader.join(timeout)
     if errors:
         raise errors[0]
     if reader.is_alive() or not channel.status_event.wait(timeout):
         raise TimeoutError("no exit status")
     return out, err[0] if err else b""
+
+
+def _read_bounded(stream, what: str) -> bytes:
+    """A channel's stream to its end, MAX_OUTPUT_BYTES at most (a box may send without end)."""
+    data = stream.read(MAX_OUTPUT_BYTES + 1)
+    if len(data) > MAX_OUTPUT_BYTES:
+        raise too_big(what, MAX_OUTPUT_BYTES)
+    return data
 
 
 def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[str] | None,
@@ -318,8 +374,9 @@ def _connect(target: SshTarget, pin_new_host: bool, expected_fingerprints: set[s
     if not Path(target.key_path).is_file():
         raise UsageError(f"the SSH key {target.key_path} is missing; put it back, or `dlbox down` "
                          "and `dlbox up` with another key")
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    known_hosts.touch(mode=0o600, exist_ok=True)
+    if not known_hosts.exists():  # made once: a read-only project still connects
+        known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        known_hosts.touch(mode=0o600)
     config = fabric.Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
 
     def attempt():
