@@ -350,19 +350,22 @@ def _settle_runs(box, yes: bool, ends_runs: bool):
     from . import registry, runs
 
     pending = _unpulled(box)
-    if not pending and not (ends_runs and box.workdir):
-        return box  # nothing recorded, and ending the box ends nothing it holds
-    names = ", ".join(r.run_id for r in pending) or "any it holds"
+    if not pending and not (ends_runs and box.python):
+        return box  # nothing recorded, and ending the box ends nothing it holds (or it never
+        # became ready to run anything)
+    names = ", ".join(r.run_id for r in pending)
     try:
         box = box.wake(_project(), _say)
         machine = box.machine(_project())
         going = set(registry.live_runs(machine, box.runs_registry()))
         held = set(registry.held_runs(machine, box.runs_registry()))
     except (DlboxError, InfraError) as exc:
-        if ends_runs:
+        if ends_runs and pending:
             _confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
                      f"{names}?", yes, f"cannot reach {box.label} to pull run(s) {names} ({exc}); "
                      "`dlbox down --yes` ends it without them")
+        elif ends_runs:  # nothing recorded here says it holds results: it is not kept for a maybe
+            _warn(f"could not look for runs on {box.label} ({exc}); ending it all the same")
         return box
     failed = []
     try:
@@ -415,8 +418,8 @@ def _recorded_again(box, machine, run_ids: set[str]) -> list:
     for run_id in sorted(boxfiles.run_ids(list(run_ids))):
         run = runs.adopt(_project(), box, machine, run_id)
         if run is not None:
-            _warn(f"run {run_id} is on {box.label} but had no readable record in "
-                  f"{runs.RUNS_DIR}/{run_id}/; recorded it again from the box")
+            _say(f"run {run_id} is on {box.label} but had no readable record in "
+                 f"{runs.RUNS_DIR}/{run_id}/; recorded it again from the box")
             found.append(run)
     return found
 
@@ -1136,8 +1139,8 @@ def data_sample(
     with _errors():
         if not 2 <= n <= MAX_SAMPLE_IMAGES:
             raise UsageError(f"--n must be 2..{MAX_SAMPLE_IMAGES} (got {n})")
-        if test_n < 0:
-            raise UsageError(f"--test-n must be 0 or more (got {test_n})")
+        if not 0 <= test_n <= MAX_SAMPLE_IMAGES:
+            raise UsageError(f"--test-n must be 0..{MAX_SAMPLE_IMAGES} (got {test_n})")
         train_dir = directory / "train"
         if train_dir.exists() and (not train_dir.is_dir() or any(train_dir.iterdir())):
             raise UsageError(f"{directory / 'train'} is not empty; choose another directory")

@@ -7,8 +7,10 @@ import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from . import environment
 from .boxes import MAX_NODES
 from .errors import UsageError
+from .machine import printable
 from .render import render
 
 if sys.version_info >= (3, 11):
@@ -22,6 +24,9 @@ REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 MAX_DISK_GB = 16_384
 MAX_LOGIN_TIMEOUT_S = 3600
 MAX_RECOVERIES = 100
+# The watchdog's limits: a week idle, a month alive (a typo of 10**10 must not reach EC2).
+MAX_IDLE_MINUTES = 7 * 24 * 60
+MAX_LIFETIME_MINUTES = 31 * 24 * 60
 TYPE_WORDS = {int: "a whole number", bool: "true or false", list: "a list", str: "a string"}
 
 
@@ -74,9 +79,10 @@ def _check(cfg: Config, where: str) -> Config:
         raise bad("nodes", f"must be 1..{MAX_NODES} (got {cfg.nodes})")
     if not 8 <= cfg.disk_gb <= MAX_DISK_GB:
         raise bad("disk_gb", f"must be 8..{MAX_DISK_GB} (got {cfg.disk_gb})")
-    for key in ("idle_minutes", "max_lifetime_minutes"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, f"must be 0 (off) or more (got {getattr(cfg, key)})")
+    for key, most in (("idle_minutes", MAX_IDLE_MINUTES),
+                      ("max_lifetime_minutes", MAX_LIFETIME_MINUTES)):
+        if not 0 <= getattr(cfg, key) <= most:
+            raise bad(key, f"must be 0 (off) to {most} (got {getattr(cfg, key)})")
     if not 1 <= cfg.login_timeout_seconds <= MAX_LOGIN_TIMEOUT_S:
         raise bad("login_timeout_seconds", f"must be 1..{MAX_LOGIN_TIMEOUT_S} (got "
                   f"{cfg.login_timeout_seconds})")
@@ -86,6 +92,11 @@ def _check(cfg: Config, where: str) -> Config:
         raise bad("ssh_port", f"must be 1..65535 (got {cfg.ssh_port})")
     if not re.match(r"^[a-z_][a-z0-9_-]*$", cfg.ssh_user):
         raise bad("ssh_user", f"{cfg.ssh_user!r} is not a user name")
+    # Paths that reach the box: checked here, before anything is launched.
+    environment.check_plain(cfg.box_workdir, cfg.box_workdir)
+    if cfg.python is not None and printable(cfg.python) != cfg.python:
+        raise bad("python", f"{printable(cfg.python)!r} has a control character or a byte that "
+                  "is not UTF-8; name a plainer path")
     return cfg
 
 

@@ -257,6 +257,8 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
                 and on_checkpoint()):
             committed = snap.checkpoint
         code = snap.exit_code
+        if code is None and snap.life == "gone" and (why := asking()) is not None:
+            raise lost(why)  # its processes went with the box
         if code is None and snap.life in ("ended", "gone"):  # no exit status to go by
             if snap.life == "gone":
                 (err or say)(f"run {run.run_id} ended without an exit status: its processes "

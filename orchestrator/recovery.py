@@ -115,7 +115,7 @@ def keep_log(project_dir: Path, run: runs.Run, machine: Machine) -> None:
     target = project_dir / runs.RUNS_DIR / run.run_id / f"train.{n}.log"
     part = runs.partial_dir(project_dir) / f"{os.getpid()}.{run.run_id}.{target.name}.part"
     try:
-        machine.fetch(f"{run.remote_dir}/train.log", part)
+        machine.fetch(f"{run.remote_dir}/train.log", part, runs.MAX_RESULT_BYTES)
         os.replace(part, target)
     except (DlboxError, OSError):
         pass  # the log of a box that went meanwhile goes with it

@@ -433,7 +433,7 @@ failed = []
 
 def fetch():
     try:
-        machine.fetch(remote, Path(local))
+        machine.fetch(remote, Path(local), 8 << 30)
     except DlboxError as exc:
         failed.append(type(exc).__name__)
 
