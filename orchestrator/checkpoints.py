@@ -41,6 +41,9 @@ class Copy:
     completed: int  # epochs finished, over all phases
     last: str | None  # the model file training resumes from
     partial: bool  # taken mid-epoch (a stop request): --resume redoes that epoch from it
+    # A partial one's: the epochs of training done when the trainer stopped (4.4: 40 % into
+    # epoch 5), which the resume redoes from the start of that epoch.
+    stopped_at: float | None = None
 
 
 def snapshot_command(remote_dir: str) -> str:
@@ -78,7 +81,12 @@ def held(project_dir: Path, run_id: str) -> Copy | None:
         else (None, None)
     if not isinstance(completed, int) or not (last is None or isinstance(last, str)):
         return None  # none, or damaged: nothing to resume from
-    return Copy(completed=completed, last=last, partial=bool(last and last.startswith("partial-")))
+    partial = bool(last and last.startswith("partial-"))
+    stopped_at = state.get("stopped_at")
+    if not (partial and isinstance(stopped_at, int | float) and not isinstance(stopped_at, bool)
+            and completed <= stopped_at <= completed + 1):
+        stopped_at = None  # an epoch's end, an older trainer's, or not believable
+    return Copy(completed=completed, last=last, partial=partial, stopped_at=stopped_at)
 
 
 def epoch_seconds(project_dir: Path, run_id: str) -> float | None:

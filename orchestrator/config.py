@@ -118,6 +118,24 @@ def _coerce(key: str, value, where: str):
     return value
 
 
+def recorded(data: dict, where: str) -> Config:
+    """The configuration a box was made with, as its record keeps it (see Ec2Box.settings)."""
+    from . import records
+
+    try:
+        cfg = records.build(Config, data)
+    except ValueError as exc:
+        raise UsageError(f"{where}: the settings the box was made with are damaged ({exc}); "
+                         "restore it, or `dlbox down` and `dlbox up` again") from exc
+    return _check(cfg, where)
+
+
+def with_flags(cfg: Config, **flags) -> Config:
+    """cfg with the flags that were given (not None) over it, checked."""
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items() if v is not None}
+    return _check(replace(cfg, **given), "command line")
+
+
 def load(project_dir: Path, **flags) -> Config:
     """Defaults, then dlbox.toml if present, then the flags that were given (not None)."""
     cfg = Config()
@@ -136,8 +154,7 @@ def load(project_dir: Path, **flags) -> Config:
             raise UsageError(f"{where}: unknown key {unknown[0]!r}; valid keys: "
                              + ", ".join(sorted(KEYS)))
         cfg = _check(replace(cfg, **{k: _coerce(k, v, where) for k, v in data.items()}), where)
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items() if v is not None}
-    return _check(replace(cfg, **given), "command line")
+    return with_flags(cfg, **flags)
 
 
 def write_default(project_dir: Path, force: bool = False) -> Path:

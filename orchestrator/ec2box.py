@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from . import hostkeys, registry, sshtarget, state
 from .boxes import Box, DownFlags, Gone, Say, UpFlags, recorded
@@ -54,6 +54,9 @@ class Ec2Box:
     nodes: int = 1
     address: str | None = None  # where the other nodes of its cluster reach it
     placement_group: str | None = None  # a cluster's: the cluster placement group of its zone
+    # Every choice of the `up` that made it (config.Config: dlbox.toml's and the flags'):
+    # replacements and `up` again take them, not today's dlbox.toml or IP. None: an older record.
+    settings: dict[str, Any] | None = None
 
     rented: ClassVar[bool] = True
     shared_workdir: ClassVar[bool] = False  # one project's
@@ -239,13 +242,19 @@ class Ec2Box:
 
     def up_flags(self, project_dir: Path) -> UpFlags:
         """`up`'s flags for a box like this one: the same region, account, market (spot, with
-        spot_fallback), key, user and watchdog limits; dlbox.toml's types, disk and AMI."""
+        spot_fallback), key, user and watchdog limits, and what else the `up` that made it was
+        given (its recorded settings: SSH's CIDR, types, disk, AMI...)."""
         own_key = Path(self.key_path).parent != state.state_dir(project_dir) / "keys"
+        made = self.settings or {}
+        types = made.get("instance_types")
         return UpFlags(region=self.region, profile=self.profile,
                        spot=True if self.spot else None, idle_minutes=self.idle_minutes,
                        max_lifetime_minutes=self.max_lifetime_minutes, ssh_user=self.ssh_user,
                        ssh_key=self.key_path if own_key else None,
-                       nodes=self.nodes if self.nodes > 1 else None)
+                       nodes=self.nodes if self.nodes > 1 else None,
+                       ssh_cidr=made.get("ssh_cidr"), ami=made.get("ami"),
+                       disk_gb=made.get("disk_gb"),
+                       instance_type=tuple(types) if isinstance(types, list | tuple) else None)
 
     def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
         """Terminate this instance (verified) and launch another like it (see up_flags),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import getpass
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NoReturn
@@ -103,7 +103,7 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
     lost is reused or named, never doubled. Local checks come first (dlbox.toml, region,
     credentials), then the network.
     """
-    cfg = _config(project_dir, flags)
+    cfg = _config(project_dir, flags, existing)
     nodes = existing.nodes if existing is not None and flags.nodes is None else cfg.nodes
     if existing is not None and existing.nodes != nodes:
         what = existing.label if existing.nodes == 1 else f"a cluster of {existing.nodes} nodes"
@@ -146,7 +146,8 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
             forget(project_dir, ec2, gone)
         return _chief(_launch(project_dir, cfg, clients(cfg.region, cfg.profile), say,
                               range(nodes), nodes))
-    boxes = [reused[k][0] for k in sorted(reused)]
+    # What this `up` was asked (flags over the recorded settings) is what the box keeps now.
+    boxes = [replace(reused[k][0], settings=asdict(cfg)) for k in sorted(reused)]
     try:
         from infra import instances, network
 
@@ -179,7 +180,7 @@ def replace_node(project_dir: Path, lost: Ec2Box, say: Say) -> Ec2Box:
     zone and placement group, recorded in its place, ready. The caller holds the box lock."""
     from infra import instances
 
-    cfg = _config(project_dir, lost.up_flags(project_dir))
+    cfg = _config(project_dir, UpFlags(), lost)
     ec2 = clients(lost.region, lost.profile)
     if lost.instance_type is not None and lost.zone is not None:
         old = instances.describe(ec2, lost.instance_id) if lost.instance_id else None
@@ -194,15 +195,22 @@ def replace_node(project_dir: Path, lost: Ec2Box, say: Say) -> Ec2Box:
     return _remake(project_dir, cfg, ec2, say, [lost], [lost.node], lost.nodes, like)[0]
 
 
-def _config(project_dir: Path, flags: UpFlags) -> config.Config:
-    """dlbox.toml with the flags given over it."""
-    return config.load(project_dir, region=flags.region, profile=flags.profile,
-                       instance_types=flags.instance_type, spot=flags.spot,
-                       disk_gb=flags.disk_gb, idle_minutes=flags.idle_minutes,
-                       max_lifetime_minutes=flags.max_lifetime_minutes,
-                       ssh_cidr=flags.ssh_cidr, ssh_user=flags.ssh_user, ssh_key=flags.ssh_key,
-                       ami=flags.ami, python=flags.python, box_workdir=flags.workdir,
-                       nodes=flags.nodes)
+def _config(project_dir: Path, flags: UpFlags, existing: Box | None = None) -> config.Config:
+    """The flags given over what the project's box was made with (its record keeps every
+    choice of the `up` that made it, dlbox.toml's and the flags'), or over dlbox.toml for a
+    new box."""
+    given = dict(region=flags.region, profile=flags.profile,
+                 instance_types=flags.instance_type, spot=flags.spot,
+                 disk_gb=flags.disk_gb, idle_minutes=flags.idle_minutes,
+                 max_lifetime_minutes=flags.max_lifetime_minutes,
+                 ssh_cidr=flags.ssh_cidr, ssh_user=flags.ssh_user, ssh_key=flags.ssh_key,
+                 ami=flags.ami, python=flags.python, box_workdir=flags.workdir,
+                 nodes=flags.nodes)
+    settings = getattr(existing, "settings", None)
+    if settings is None:
+        return config.load(project_dir, **given)
+    where = f"{state.state_file(project_dir)} (box {existing.name})"
+    return config.with_flags(config.recorded(settings, where), **given)
 
 
 def _nodes_of(project_dir: Path, box: Ec2Box | None) -> list[Ec2Box]:
@@ -249,7 +257,8 @@ def _adopt(project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Ec2Box
         ssh_port=cfg.ssh_port, idle_minutes=cfg.idle_minutes,
         max_lifetime_minutes=cfg.max_lifetime_minutes, instance_id=inst.instance_id,
         instance_type=inst.instance_type, zone=inst.zone, spot=inst.spot,
-        usd_per_hour=AwsPrices(ec2).hourly(inst.instance_type, inst.zone, inst.spot))
+        usd_per_hour=AwsPrices(ec2).hourly(inst.instance_type, inst.zone, inst.spot),
+        settings=asdict(cfg))
     state.put(project_dir, box)
     say(f"found {inst.instance_id} ({inst.state}) of this project, which .dlbox/state.json did "
         "not record; reusing it")
@@ -299,7 +308,7 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Seque
         key_path=str(key_path.resolve()), security_group_id=group_id,
         ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
         idle_minutes=cfg.idle_minutes, max_lifetime_minutes=cfg.max_lifetime_minutes,
-        node=k, nodes=nodes,
+        node=k, nodes=nodes, settings=asdict(cfg),
     ) for i, k in enumerate(indexes)]
     for box in made:
         state.put(project_dir, box)  # before launching: `down` can find each by its tag

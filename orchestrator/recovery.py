@@ -31,14 +31,15 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> ru
     segment = datetime.fromisoformat(run.segment_started_at or run.started_at).timestamp()
     usd = box.hourly_usd
     copy = checkpoints.held(project_dir, run.run_id)
-    if copy is not None and copy.partial and lost.warned:  # the weights at the notice itself
-        lost_s, lost_epochs = 0.0, 0.0
-    elif lost.progress is not None:  # from the trainer's last heartbeat seen
-        lost_epochs = max(0.0, lost.progress - (copy.completed if copy else 0))
+    lost_s = lost_epochs = None
+    # How far the trainer had got: its last heartbeat seen, or where it stopped by its own
+    # checkpoint (a warned stop); the resume starts at the checkpoint's last whole epoch, so
+    # everything since is done again.
+    reached = [p for p in (lost.progress, copy.stopped_at if copy else None) if p is not None]
+    if reached:
+        lost_epochs = max(0.0, max(reached) - (copy.completed if copy else 0))
         per_epoch = checkpoints.epoch_seconds(project_dir, run.run_id)
         lost_s = lost_epochs * per_epoch if per_epoch is not None else None
-    else:
-        lost_s = lost_epochs = None
     flags = box.up_flags(project_dir) if box.replaceable else None
     entry = runs.Interruption(
         at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name,

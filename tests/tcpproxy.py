@@ -21,6 +21,9 @@ class Proxy:
         self.drop_handshakes = 0  # the next N connections end after the server's first bytes
         self.refuse = False  # accept, then close at once
         self.silent = False  # accept, then never relay a byte (a peer that never speaks)
+        # Every connection, open or new, relays nothing more and is never closed: a host that
+        # vanished without a word (its packets dropped, no reset).
+        self.stalled = False
         self.rate_bytes_per_s: float | None = None  # a slow link (each direction of each connection)
         self.connections = 0
         self.relayed_bytes = 0  # in both directions, over every connection
@@ -48,7 +51,7 @@ class Proxy:
             return
         with self._lock:
             self._open.append(client)
-        if self.silent:
+        if self.silent or self.stalled:
             return  # held open, never answered, until cut() or close()
         try:
             upstream = socket.create_connection(self.target, timeout=10)
@@ -70,6 +73,8 @@ class Proxy:
         try:
             while data := source.recv(CHUNK_BYTES if self.rate_bytes_per_s is None
                                       else max(1024, int(self.rate_bytes_per_s / 20))):
+                if self.stalled:
+                    continue  # swallowed: the other end hears nothing, and nothing closes
                 sink.sendall(data)
                 with self._lock:
                     self.relayed_bytes += len(data)

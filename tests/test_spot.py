@@ -37,18 +37,27 @@ DETECTION_BOUND_S = 15  # the issue's bound, from the instance leaving running
 
 
 class Box:
-    """One "EC2 instance": a loopback sshd and its metadata service."""
+    """One "EC2 instance": a loopback sshd behind its own link (a TCP proxy on the box's
+    address and port: the network between dlbox and the box), and its metadata service."""
 
     def __init__(self, directory: Path, host: str, port: int, box_bin: Path, public_key: str):
         self.imds = Imds()
         env = {"PATH": f"{box_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds.url}
         self.env = env
-        self.sshd = sshd_mod.start(directory, env=env, port=port, host=host)
+        self.sshd = sshd_mod.start(directory, env=env, host=host)
         sshd_mod.authorize(self.sshd, public_key)
+        self.link = Proxy(host, self.sshd.port, listen=(host, port))
         self.host = host
 
+    def vanish(self) -> None:
+        """The box goes without a word: its sshd stops, and its link relays nothing more
+        without closing (stopping sshd alone keeps open sessions answering)."""
+        self.link.stalled = True
+        sshd_mod.stop(self.sshd)
+
     def close(self) -> None:
+        self.link.close()
         if self.sshd.proc.poll() is None:
             sshd_mod.stop(self.sshd)
         self.imds.close()
@@ -183,9 +192,9 @@ def _kill_box(box: Box, instance: str, run_id: str) -> float:
     # seeing the run die, asks whether the box is gone and must hear yes
     at = time.time()
     awsfakes.reclaim(instance)
+    box.vanish()  # the link first: dlbox hears nothing more, not even the run's end
     # run.sh leads its group (setsid): the trainer and the watcher go with it
     os.killpg(_run_group(run_id), signal.SIGKILL)
-    sshd_mod.stop(box.sshd)
     return at
 
 
@@ -254,7 +263,11 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     record = json.loads((run_dir / "run.json").read_text())
     first, second = record["interruptions"]
     assert first["warned"] and first["spot"] and first["zone"] and first["instance"] == first_box
-    assert first["work_lost_epochs"] == 0.0 and first["downtime_s"] is not None
+    # Measured: the resume redoes the epoch the trainer stopped in, up to where it stopped
+    # (its checkpoint says where: steps done over the epoch's steps).
+    assert warned["stopped_at"] is not None and 0 < first["work_lost_epochs"] <= 1
+    assert abs(first["work_lost_epochs"] - (warned["stopped_at"] - warned["completed"])) <= 0.01
+    assert first["downtime_s"] is not None
     assert not second["warned"] and "Server.SpotInstanceTermination" in second["reason"]
     # the copy it resumed from: taken before the kill, or from what the box had committed
     assert before <= second["checkpoint_epochs"] <= on_box
@@ -377,30 +390,24 @@ def test_a_box_lost_while_the_data_crosses_is_replaced_before_the_run_starts(spo
     data = tmp_path / "fresh"  # never sent to any box: it has to cross the link
     generate(data, 200, test_n=0, seed=7)
     first = boxes[0]
-    sshd_mod.stop(first.sshd)  # the first box's sshd, behind a link the test can slow and cut
-    inner = sshd_mod.start(first.sshd.client_key.parent, env=first.env)
-    first.sshd = inner
-    link = Proxy(inner.host, inner.port, listen=(first.host, boxes[1].sshd.port))  # the boxes' port
+    link = first.link  # the first box's link, which the test slows and cuts
+    assert dlbox(project, "up", "--spot").returncode == 0
+    instance = _instance_at(aws, first.host)
+    link.rate_bytes_per_s = 400_000
+    before = link.relayed_bytes
+    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "2",
+                             "--img-size", "32"], cwd=directory, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert dlbox(project, "up", "--spot").returncode == 0
-        instance = _instance_at(aws, first.host)
-        link.rate_bytes_per_s = 400_000
-        before = link.relayed_bytes
-        proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "2",
-                                 "--img-size", "32"], cwd=directory, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _wait("the dataset to be crossing", lambda: link.relayed_bytes - before > 1_000_000,
-                  proc)
-            assert _record(directory) is None  # no run yet: the data is still on its way
-            awsfakes.reclaim(instance)  # first, as EC2 does: dlbox asks once the link fails
-            link.refuse = True
-            link.cut()
-            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        finally:
-            _reap(proc)
+        _wait("the dataset to be crossing", lambda: link.relayed_bytes - before > 1_000_000,
+              proc)
+        assert _record(directory) is None  # no run yet: the data is still on its way
+        awsfakes.reclaim(instance)  # first, as EC2 does: dlbox asks once the link fails
+        link.refuse = True
+        link.cut()
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
-        link.close()
+        _reap(proc)
     assert proc.returncode == 0, out + err
     assert "was lost before the run started" in out and "terminated" in out
     record = _record(directory)
@@ -435,3 +442,41 @@ def test_a_box_ended_on_purpose_is_not_replaced(spot, aws, small_sample):
     assert "Client.UserInitiatedShutdown" in out.split("was lost at", 1)[1]
     assert "launched" not in out.split("was lost at", 1)[1]  # nothing launched after the loss
     assert _tagged(aws) == [] and _record(directory)["status"] == "interrupted"
+
+
+def test_a_replacement_box_is_made_as_the_first_was(spot, aws, tmp_path):
+    """`up --spot --ssh-cidr 10.1.2.3/32`, then the box is reclaimed before a run starts: its
+    replacement opens SSH to the recorded CIDR, never looking the caller's IP up (no lookup
+    service answers here), and so does `up` again after the next loss."""
+    from orchestrator.sample import generate
+
+    project, boxes = spot
+    directory, _ = project
+    nowhere = {"DLBOX_IP_LOOKUP_URL": "http://127.0.0.1:9/"}  # a lookup would fail: none is made
+    data = tmp_path / "tiny"
+    generate(data, 40, test_n=0, seed=3)
+    up = dlbox(project, "up", "--spot", "--ssh-cidr", "10.1.2.3/32", env_set=nowhere)
+    assert up.returncode == 0, up.stdout + up.stderr
+
+    def ssh_rules() -> list:
+        [box] = json.loads((directory / ".dlbox" / "state.json").read_text())["boxes"]
+        [group] = aws.describe_security_groups(GroupIds=[box["security_group_id"]])[
+            "SecurityGroups"]
+        assert box["settings"]["ssh_cidr"] == "10.1.2.3/32" and box["settings"]["spot"]
+        return [r["CidrIp"] for p in group["IpPermissions"] for r in p["IpRanges"]]
+
+    assert ssh_rules() == ["10.1.2.3/32"]
+    awsfakes.reclaim(_instance_at(aws, boxes[0].host))
+    boxes[0].vanish()
+    train = dlbox(project, "train", "scratch", "--data", str(data), "--epochs", "1",
+                  "--img-size", "32", env_set=nowhere)
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "was lost before the run started" in train.stdout
+    assert _instance_at(aws, boxes[1].host) in train.stdout and ssh_rules() == ["10.1.2.3/32"]
+    awsfakes.reclaim(_instance_at(aws, boxes[1].host))
+    boxes[1].vanish()
+    again = dlbox(project, "up", env_set=nowhere)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "is gone; launching a new one" in again.stdout and "spot" in again.stdout
+    assert ssh_rules() == ["10.1.2.3/32"]
+    assert dlbox(project, "down").returncode == 0 and _tagged(aws) == []

@@ -13,6 +13,9 @@ from .status import write_json_atomic
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 # Options that must match for --resume to continue a run's checkpoints.
+# What every state.json has had since version 1.
+REQUIRED = ("options", "completed", "phase", "phases_done", "last", "best", "best_val_loss",
+            "best_epoch", "wait", "history", "finished")
 RESUME_KEYS = ("model", "data", "img_size", "val_split", "limit", "batch_size", "epochs",
                "fine_tune_epochs", "learning_rate", "weights")
 
@@ -32,6 +35,9 @@ class ResumeState:
     wait: int = 0  # epochs since val_loss last improved (early stopping)
     history: tuple[dict, ...] = ()  # history.csv's rows
     finished: bool = False  # every output written; --resume does nothing
+    # A checkpoint taken on a stop request: the epochs of training done then (3.4: 40 % into
+    # epoch 4), which --resume redoes from the start of that epoch. None for an epoch's end.
+    stopped_at: float | None = None
 
     def to_json(self) -> dict:
         """state.json's content: these keys and the format version."""
@@ -40,11 +46,12 @@ class ResumeState:
 
     @classmethod
     def from_json(cls, raw: dict, path: Path) -> ResumeState:
-        missing = [f.name for f in fields(cls) if f.name not in raw]
+        # Fields added since version 1 (they have defaults) may be absent from older files.
+        missing = [f.name for f in fields(cls) if f.name not in raw and f.name in REQUIRED]
         if missing:
             raise UsageError(f"{path} is damaged (no {', '.join(missing)}); choose another --out "
                              "(or delete that folder)")
-        values = {f.name: raw[f.name] for f in fields(cls)}
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
         return cls(**{**values, "phases_done": tuple(values["phases_done"]),
                       "history": tuple(values["history"])})
 

@@ -125,6 +125,7 @@ class Pass:
     loss: float
     accuracy: float
     stopped: bool  # a worker asked to stop: every worker ended this pass at the same step
+    steps: int = 0  # steps this pass ran
 
 
 def run_pass(step: Callable, batches, p: Plan, stop_requested: Callable[[], bool],
@@ -152,7 +153,8 @@ def run_pass(step: Callable, batches, p: Plan, stop_requested: Callable[[], bool
     while in_flight:  # dispatched already: their updates happened, count them
         read_one()
     metrics = _metrics(totals)
-    return Pass(metrics["loss"], metrics["accuracy"], stopped=bool(totals[STOP_VOTES] > 0))
+    return Pass(metrics["loss"], metrics["accuracy"], stopped=bool(totals[STOP_VOTES] > 0),
+                steps=done)
 
 
 def _metrics(totals: np.ndarray) -> dict:

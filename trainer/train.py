@@ -310,7 +310,7 @@ def fit(job: Job, prep: Prepared, peers: workers.Peers, state: ResumeState
             state = _after_epoch(job, model, row, state)
             if job.devices.consensus.anyone(job.stop.requested):  # every worker, the same epoch
                 raise job.stop.interrupted()
-        state = replace(state, phases_done=(*state.phases_done, phase.name))
+        state = replace(state, phases_done=(*state.phases_done, phase.name), stopped_at=None)
         ckpt.commit(state)
     return state, model
 
@@ -328,7 +328,7 @@ def _after_epoch(job: Job, model: keras.Model, row: dict, state: ResumeState) ->
     else:
         state = replace(state, wait=state.wait + 1)
     state = replace(state, history=(*state.history, row), phase=row["phase"], completed=epoch,
-                    last=ckpt.save_model(model, f"last-{epoch:04d}.keras"))
+                    last=ckpt.save_model(model, f"last-{epoch:04d}.keras"), stopped_at=None)
     ckpt.commit(state)
     if job.cluster.chief:
         outputs.write_history(job.out, list(state.history))
@@ -346,10 +346,11 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
     """Train and validate one epoch; on a stop request, checkpoint the weights and raise."""
     hb, stop = job.hb, job.stop
 
-    def stop_here(stopped: bool) -> None:  # the epoch does not count: --resume redoes it
+    def stop_here(stopped: bool, trained: float) -> None:  # --resume redoes this epoch
         if stopped:
             partial = job.ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
-            job.ckpt.commit(replace(state, phase=phase, last=partial))
+            job.ckpt.commit(replace(state, phase=phase, last=partial,
+                                    stopped_at=round(epoch + trained, 4)))
             raise stop.interrupted()
 
     def progress(step: int, metrics: dict) -> None:
@@ -363,10 +364,10 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
     # This worker's own rate, for the cluster's per-node figures (report.html).
     hb.update(shard_images=batches.shard_images,
               images_per_second=round(batches.shard_images / max(trained - started, 1e-9), 1))
-    stop_here(train.stopped)
+    stop_here(train.stopped, train.steps / max(batches.train_plan.steps, 1))
     hb.update(stage="validate")
     val = loop.run_pass(steps.evaluate, batches.val, batches.val_plan, lambda: stop.requested)
-    stop_here(val.stopped)
+    stop_here(val.stopped, 1.0)
     return {
         "epoch": epoch + 1,
         "phase": phase,
