@@ -75,6 +75,7 @@ class Gone:
     reason: str
     reclaimed: bool  # taken back by its owner (spot, a failed host), not ended on purpose
     at: float | None = None  # time.time() when it ended, if its owner says
+    stopped: bool = False  # stopped, not ended: it can start again (its disk kept)
 
 
 def registry_in(workdir: str) -> str:

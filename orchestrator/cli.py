@@ -546,7 +546,7 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
             return EXIT_INTERRUPTED  # detached: the run goes on
         if failed is not None:
             code = runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED
-        if code == 0 or not recover or budget == 0:
+        if code == 0:
             break
         with _errors(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a box "
                      "launched meanwhile is recorded: `dlbox down` ends it)"), \
@@ -557,7 +557,8 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
                 _refresh(nodes, machines, run)
                 continue
             gone = cluster.lost_nodes(_project(), nodes, machines, run)
-            if not (gone and all(g.reclaimed for _, g in gone)):
+            run = cluster.record_losses(_project(), run, nodes, machines, gone)
+            if not recover or budget == 0 or not (gone and all(g.reclaimed for _, g in gone)):
                 break
             budget -= 1
             if failed is not None:
@@ -691,6 +692,7 @@ def _attach_cluster(run_id: str, recover: bool = True) -> int:
             nodes, machines = _cluster_of(run)
             if run.status == "interrupted" and run.finished_at is not None:
                 gone = cluster.lost_nodes(_project(), nodes, machines, run)
+                run = cluster.record_losses(_project(), run, nodes, machines, gone)
                 if gone and not recover:
                     raise RunInterrupted(f"run {run.run_id} lost node(s) "
                                          f"{', '.join(str(k) for k, _ in gone)}; `dlbox attach "
@@ -899,9 +901,17 @@ def attach(
             box = boxes.named(_project(), run.box)
             waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
                 and run.interruptions[-1].get("downtime_s") is None
+            woken = False  # a stopped box started again, where the run died with the stop
             if not waiting and box is not None and run.finished_at is None:
                 gone = box.gone(_project())
-                if gone is not None:  # lost while nobody followed
+                if gone is not None and gone.stopped:  # did the run end before the stop?
+                    box = box.wake(_project(), _say)
+                    machine = box.machine(_project())
+                    try:
+                        woken = runs.exit_status(machine, run)[1] == "gone"
+                    finally:
+                        machine.close()
+                if gone is not None and (woken or not gone.stopped):  # lost, unfollowed
                     lost = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
                     _say(recovery.loss_line(run, box, lost))
                     run, waiting = recovery.record_loss(_project(), run, box, lost), True
@@ -911,7 +921,7 @@ def attach(
             if waiting:
                 run, box, machine = recovery.on_new_box(
                     _project(), run, box, _say, len(run.interruptions) + cfg.max_recoveries,
-                    cfg.pip_args, new_box=lambda: _box_to_resume_on(run))
+                    cfg.pip_args, new_box=lambda: _box_to_resume_on(run), reuse=woken)
         if not waiting:
             box, machine = _box_of(run)
     with _errors(f"run {run_id} goes on: " + _attach_hint(run_id)):

@@ -12,6 +12,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
@@ -348,6 +349,33 @@ def lost_nodes(project_dir: Path, nodes: list[Box], machines: list[Machine],
     return found
 
 
+def record_losses(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+                  lost: list[tuple[int, Gone]]) -> runs.Run:
+    """Each lost node recorded in the run's interruptions, as a single box's loss is: when,
+    the epoch, why, work redone (from the chief's last heartbeat, if it still answers), and
+    the cluster's cost until then (on the first one: every node billed). A loss recorded
+    already (a second look at the same stopped run) is not recorded again."""
+    from . import recovery
+    from .errors import BoxLost
+
+    waiting = {i["box"] for i in run.interruptions if i.get("downtime_s") is None}
+    fresh = [(k, why) for k, why in lost if nodes[k].name not in waiting]
+    if not fresh:
+        return run
+    status = {}
+    with contextlib.suppress(DlboxError):  # the chief may be the one gone
+        status = runs.read_json(machines[0].read(f"{run.remote_dir}/status.json")) or {}
+    status = {k: v for k, v in status.items() if k in ("phase", "epoch", "step", "steps")
+              and (k == "phase" or (isinstance(v, int) and not isinstance(v, bool)))}
+    progress = follow.progress_of(status)
+    for n, (k, why) in enumerate(fresh):
+        loss = BoxLost(why.reason, status.get("epoch"), progress=progress,
+                       reclaimed=why.reclaimed, ended_at=why.at)
+        run = recovery.record_loss(project_dir, run, nodes[k], loss,
+                                   usd_per_hour=(run.usd_per_hour or 0.0) if n == 0 else 0.0)
+    return run
+
+
 def replace_lost(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
                  lost: list[tuple[int, Gone]], say: Say,
                  pip_args: tuple[str, ...] = ()) -> runs.Run:
@@ -408,5 +436,12 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     say(f"resuming run {run.run_id} on {len(nodes)} nodes from epoch {epoch}"
         + ("" if copy is not None else " (no checkpoint yet: from the start)"))
     run = replace(run, status="running", exit_code=None, finished_at=None)
+    if any(i.get("downtime_s") is None for i in run.interruptions):  # back after a loss:
+        now = datetime.now(timezone.utc)  # a new stretch begins, billed at today's nodes
+        run = replace(run, segment_started_at=now.isoformat(timespec="seconds"),
+                      usd_per_hour=_hourly(nodes), interruptions=tuple(
+                          i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
+                              (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)}
+                          for i in run.interruptions))
     # Same folders, same code and data, new endpoints (the old ports may be taken now).
     return launch(project_dir, run, nodes, machines, team, say)

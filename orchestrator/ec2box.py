@@ -20,6 +20,7 @@ TERMINATE_TIMEOUT_S = 600
 START_TIMEOUT_S = 600  # a stopped box started again to hand over its results
 # Instances that are (or can be again) a box; shutting-down and terminated ones are gone.
 KEEPABLE_STATES = ("pending", "running", "stopping", "stopped")
+STOPPED_STATES = ("stopping", "stopped")  # a run there is lost; the box can start again
 BOX_STATE_DIR_ON_BOX = "/var/lib/dlbox"  # made by the user data; the watchdog's state
 RUNS_REGISTRY_ON_BOX = f"{BOX_STATE_DIR_ON_BOX}/active"  # runs announce themselves here
 EC2_UP_FLAGS = frozenset({"region", "profile", "instance_type", "spot", "disk_gb", "idle_minutes",
@@ -225,20 +226,32 @@ class Ec2Box:
         inst = instances.describe(clients(self.region, self.profile), self.instance_id)
         if inst is None:
             return Gone(f"EC2 no longer knows {self.instance_id}", reclaimed=False)
-        if inst.state not in ("shutting-down", "terminated"):
+        if inst.state not in ("shutting-down", "terminated", *STOPPED_STATES):
             return None
         why = inst.state_reason or "no reason given"
         return Gone(f"EC2 says {self.instance_id} is {inst.state} ({why})",
                     reclaimed=why.startswith("Server."),
-                    at=inst.state_changed_at.timestamp() if inst.state_changed_at else None)
+                    at=inst.state_changed_at.timestamp() if inst.state_changed_at else None,
+                    stopped=inst.state in STOPPED_STATES)
 
     def retire(self, project_dir: Path, say: Say) -> None:
+        """Terminated, verified; a stopped one is kept as it is (its disk costs pennies and
+        may hold other runs' results): replacement() starts it again."""
         from infra import instances
 
         if self.instance_id is not None:
-            instances.terminate(clients(self.region, self.profile), [self.instance_id],
-                                TERMINATE_TIMEOUT_S)
+            ec2 = clients(self.region, self.profile)
+            if self._stopped(ec2):
+                say(f"{self.instance_id} is stopped: kept, with its disk")
+                return
+            instances.terminate(ec2, [self.instance_id], TERMINATE_TIMEOUT_S)
             say(f"{self.instance_id} terminated (verified)")
+
+    def _stopped(self, ec2) -> bool:
+        from infra import instances
+
+        inst = instances.describe(ec2, self.instance_id) if self.instance_id else None
+        return inst is not None and inst.state in STOPPED_STATES
 
     def up_flags(self, project_dir: Path) -> UpFlags:
         """`up`'s flags for a box like this one: the same region, account, market (spot, with
@@ -257,11 +270,22 @@ class Ec2Box:
                        instance_type=tuple(types) if isinstance(types, list | tuple) else None)
 
     def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
-        """Terminate this instance (verified) and launch another like it (see up_flags),
-        recorded before it is waited on, as `up` does. A node of a cluster: the new one
-        keeps its index, type, zone and placement group (a new cluster if no node is left)."""
+        """A stopped box started again (its disk, and what it holds, kept); else terminate
+        this instance (verified) and launch another like it (see up_flags), recorded before
+        it is waited on, as `up` does. A node of a cluster: the new one keeps its index,
+        type, zone and placement group (a new cluster if no node is left)."""
+        from infra import instances
+        from infra.errors import CapacityError
+
         from . import ec2up
 
+        ec2 = clients(self.region, self.profile)
+        if self._stopped(ec2):
+            try:
+                return self.wake(project_dir, say)
+            except CapacityError as exc:  # no room to start it now: a new one elsewhere
+                say(f"{self.instance_id} cannot start now ({exc}); replacing it")
+                instances.terminate(ec2, [self.instance_id], TERMINATE_TIMEOUT_S)
         self.retire(project_dir, say)
         if self.nodes > 1:
             return ec2up.replace_node(project_dir, self, say)

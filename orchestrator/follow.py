@@ -332,8 +332,15 @@ class _Asking:
 
 def _progress(status: dict, before: float | None) -> float | None:
     """Epochs trained so far by a status.json, with the fraction of the one going on."""
+    now = progress_of(status)
+    return before if now is None else now
+
+
+def progress_of(status: dict) -> float | None:
+    """Epochs trained by a (checked) status.json, with the fraction of the one going on;
+    None outside training."""
     if status.get("phase") not in ("training", "fine-tuning") or not status.get("epoch"):
-        return before
+        return None
     steps, step = status.get("steps") or 0, status.get("step") or 0
     return status["epoch"] - 1 + (min(step, steps) / steps if steps else 0.0)
 

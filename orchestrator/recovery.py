@@ -23,13 +23,15 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> runs.Run:
+def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
+                usd_per_hour: float | None = None) -> runs.Run:
     """The run's record with the loss added (when, which epoch, why, what the box cost, how
-    much training is redone)."""
+    much training is redone). usd_per_hour: what the run's boxes cost together, if not the
+    lost box's alone (a cluster's nodes; 0: already counted with another node lost)."""
     now = _now()
     ended = lost.ended_at or now.timestamp()  # the bill ran until EC2 ended it, or we do
     segment = datetime.fromisoformat(run.segment_started_at or run.started_at).timestamp()
-    usd = box.hourly_usd
+    usd = box.hourly_usd if usd_per_hour is None else usd_per_hour
     copy = checkpoints.held(project_dir, run.run_id)
     lost_s = lost_epochs = None
     # How far the trainer had got: its last heartbeat seen, or where it stopped by its own
@@ -45,9 +47,9 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost) -> ru
         at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name,
         instance=getattr(box, "instance_id", None), instance_type=getattr(box, "instance_type",
                                                                           None),
-        zone=getattr(box, "zone", None), spot=box.interruptible, usd_per_hour=usd,
+        zone=getattr(box, "zone", None), spot=box.interruptible, usd_per_hour=box.hourly_usd,
         reason=lost.reason, warned=lost.warned,
-        cost_usd=usd * max(0.0, ended - segment) / 3600 if usd else None,
+        cost_usd=usd * max(0.0, ended - segment) / 3600 if usd is not None else None,
         checkpoint_epochs=copy.completed if copy else None,
         work_lost_s=round(lost_s, 1) if lost_s is not None else None,
         work_lost_epochs=round(lost_epochs, 2) if lost_epochs is not None else None,
@@ -172,34 +174,39 @@ def _moved_on(project_dir: Path, run: runs.Run, say: Say) -> tuple[runs.Run, Box
 
 def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                max_losses: int, pip_args: tuple[str, ...] = (),
-               new_box=None) -> tuple[runs.Run, Box, Machine]:
+               new_box=None, reuse: bool = False) -> tuple[runs.Run, Box, Machine]:
     """Replace box (lost; or None: make one with new_box()) and resume run there (the caller
-    holds the run's lock). A new box that never becomes usable (reclaimed while it is set up)
-    or that is lost before the run goes on there is replaced too, until the run has lost
-    more than max_losses boxes."""
+    holds the run's lock); reuse: box is up again (a stopped one, started), resume there
+    first. A new box that never becomes usable (reclaimed while it is set up) or that is
+    lost before the run goes on there is replaced too, until the run has lost more than
+    max_losses boxes."""
     check_resumable(run)
     failed = 0  # new boxes that never became usable
     while True:
-        if len(run.interruptions) + failed > max_losses:
-            if box is not None:
-                box.retire(project_dir, say)
-            raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed} "
-                                 "box(es), more than max_recoveries allows; "
-                                 + resumable_line(project_dir, run))
-        try:
-            with boxlock.held(project_dir, say):
+        if reuse:  # box is up again: the run resumes there, as on a box made now
+            reuse = False
+        else:
+            if len(run.interruptions) + failed > max_losses:
                 if box is not None:
-                    box.retire(project_dir, say)  # its errors are its own: no "nothing left"
-                try:
-                    box = box.replacement(project_dir, say) if box is not None else new_box()
-                except (CapacityError, QuotaError) as exc:  # no retry helps now
-                    raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing of "
-                                         "it is left running; " + resumable_line(project_dir, run)
-                                         ) from exc
-        except NeverUsable as exc:  # ended (verified) by `up` itself
-            failed += 1
-            say(f"the new box did not become usable ({exc}); trying another")
-            continue  # box: still the lost one, whose settings the next replacement takes
+                    box.retire(project_dir, say)
+                raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed} "
+                                     "box(es), more than max_recoveries allows; "
+                                     + resumable_line(project_dir, run))
+            try:
+                with boxlock.held(project_dir, say):
+                    if box is not None:
+                        box.retire(project_dir, say)  # its errors are its own
+                    try:
+                        box = box.replacement(project_dir, say) if box is not None \
+                            else new_box()
+                    except (CapacityError, QuotaError) as exc:  # no retry helps now
+                        raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing "
+                                             "of it is left running; "
+                                             + resumable_line(project_dir, run)) from exc
+            except NeverUsable as exc:  # ended (verified) by `up` itself
+                failed += 1
+                say(f"the new box did not become usable ({exc}); trying another")
+                continue  # box: still the lost one, whose settings the next replacement takes
         run = replace(run, segment_started_at=_now().isoformat(timespec="seconds"))
         try:
             run, machine = resume(project_dir, run, box, say, pip_args)

@@ -63,6 +63,7 @@ def run_trainer(*args: str, env: dict | None = None, timeout: float = TRAINER_TI
 # boxes' run registry) and the loopback addresses 127.0.0.2-5. (xdist's own --dist loadgroup
 # does not group on pytest 9.2: pytest-dev/pytest-xdist#1386.)
 EC2_BOX_TESTS = ("tests/test_cli_ec2.py::", "tests/test_ec2_cluster.py::", "tests/test_spot.py::",
+                 "tests/test_ec2_untrusted.py::",
                  "tests/test_cluster.py::test_an_ec2_", "tests/test_journeys.py::test_a_day_on_an_ec2_")
 
 
