@@ -314,7 +314,7 @@ def _down_unrecorded(region: str | None, profile: str | None, yes: bool) -> None
     ended = ec2box.end_project(_project(), ec2, _say, [])
     if ended:
         _echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
-                   "record: terminated (verified)")
+              "record: terminated (verified)")
     else:
         _echo("no box is up in this project")
 
@@ -592,10 +592,10 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
                 if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
                 f"the run cannot go on as is")
         _echo(f"dlbox: error: {failed}; run {run.run_id} stopped on every node (its "
-                    f"checkpoint: epoch {epoch}); {then}", err=True, fg=typer.colors.RED)
+              f"checkpoint: epoch {epoch}); {then}", err=True, fg=typer.colors.RED)
     elif run.val_accuracy is not None:
         _echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
-                   f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
+              f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
     else:
         _echo(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
     return code
@@ -632,7 +632,7 @@ def _follow_cluster_once(run, nodes, machines):
                 gone=(lambda: chief.gone(_project())) if chief.replaceable else None)
     except KeyboardInterrupt:
         _echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
-                   "it and pulls its results")
+              "it and pulls its results")
         return None, None
     except cluster.NodeFailed as exc:
         return exc, runs.EXIT_RESUMABLE
@@ -851,7 +851,7 @@ def _follow_and_finish(run, box, machine, recover: bool = True,
     lost = f" after {len(run.interruptions)} lost box(es)" if run.interruptions else ""
     if run.val_accuracy is not None:
         _echo(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
-                   f"model, metrics, history and log in {where}")
+              f"model, metrics, history and log in {where}")
     else:
         _echo(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
     return code, box
@@ -1053,7 +1053,7 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
         code = runs.cancel(run, machine, _say)
         run = _finish(run, box, machine, code)
     _echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
-               f"{runs.RUNS_DIR}/{run.run_id}/")
+          f"{runs.RUNS_DIR}/{run.run_id}/")
 
 
 def _cancel_cluster(run) -> None:
@@ -1073,7 +1073,7 @@ def _cancel_cluster(run) -> None:
         for machine in machines:
             machine.close()
     _echo(f"run {run.run_id} {run.status} on {len(nodes)} nodes (exit {code}); what it had "
-               f"is in {runs.RUNS_DIR}/{run.run_id}/")
+          f"is in {runs.RUNS_DIR}/{run.run_id}/")
 
 
 @app.command("runs")

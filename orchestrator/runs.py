@@ -495,7 +495,9 @@ _LEADS_OR_ENDED = ('ps -o pgid=,stat= -p "$pid" | awk -v p="$pid" '
 
 
 def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
-    """Start the folder's run.sh detached from dlbox."""
+    """Start the folder's run.sh detached from dlbox. Ctrl-C and SIGTERM wait for this step
+    (seconds at most): cut in half, it would leave a run going with no run.pid, which is how
+    dlbox tells whether a run lives."""
     # setsid + nohup: the run outlives dlbox, Ctrl-C, a closed terminal and a dropped SSH link.
     # `&` on the simple command alone: on `cd && ... &` bash backgrounds a subshell that keeps
     # our stdout open, and this call would return only when the run ends.
@@ -504,14 +506,15 @@ def start_script(box: Box, machine: Machine, remote_dir: str) -> None:
     # stops a cluster node's worker by, whoever else shares the registry (written whole).
     # run.pid is written once that group exists (setsid has run) or the child has ended
     # (a zombie, or reaped: ps lists nothing): a check in between would find the run "gone".
-    started = machine.run(
-        f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
-        "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & pid=$!; "
-        f"for i in $(seq {SESSION_WAIT_TRIES}); do "
-        # it leads its group, or has ended already (a zombie: setsid could not run)
-        f"{_LEADS_OR_ENDED} && break; "
-        f"sleep {SESSION_WAIT_POLL_S}; done; "
-        'echo "$pid" > run.pid.tmp && mv run.pid.tmp run.pid')
+    with signals.deferred():
+        started = machine.run(
+            f"cd {shlex.quote(remote_dir)} || exit 1; rm -f exit_code run.pid; "
+            "setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null & pid=$!; "
+            f"for i in $(seq {SESSION_WAIT_TRIES}); do "
+            # it leads its group, or has ended already (a zombie: setsid could not run)
+            f"{_LEADS_OR_ENDED} && break; "
+            f"sleep {SESSION_WAIT_POLL_S}; done; "
+            'echo "$pid" > run.pid.tmp && mv run.pid.tmp run.pid')
     if started.exit_code != 0:
         raise DlboxError(f"could not start the run on {box.label}: {started.stderr.strip()}")
 

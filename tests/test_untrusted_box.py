@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
+from tests.disks import needs_root, small_disk
 from tests.journey import quick_python
 
 DLBOX = str(Path(sys.executable).parent / "dlbox")
@@ -539,6 +540,49 @@ def test_an_interrupted_pull_leaves_no_snapshot_on_the_box(local):
     assert pull.returncode == 130 and "Traceback" not in err, out + err
     assert not list(folder.glob(".dlbox-pull-*"))
     _kill_group(local.run_group(run_id))
+
+
+def test_ctrl_c_in_the_final_pull_of_down_after_says_what_was_not_done(local):
+    """SIGINT while `train --down-after` pulls the results: one line says the results were
+    not pulled and the box was not ended, naming `dlbox pull RUN` and `dlbox down`; the box
+    and its results are still there."""
+    local.good(model__keras=b"m" * (256 << 20))
+    train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(local.data),
+                              "--down-after"], cwd=local.project, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _until(lambda: local.box_runs() and list(local.box_runs()[-1].glob(".dlbox-pull-*")),
+           "the final pull", train)
+    train.send_signal(signal.SIGINT)
+    out, err = train.communicate(timeout=WAIT_S)
+    run_id = local.box_runs()[-1].name
+    assert train.returncode == 130 and "Traceback" not in err, out + err
+    [line] = err.strip().splitlines()
+    assert "pulling its results was cut short; the box was not ended" in line, line
+    assert f"`dlbox pull {run_id}`" in line and "`dlbox down`" in line, line
+    assert (local.box_workdir() / "runs" / run_id / "model.keras").exists()
+    pull = dlbox(local.project, "pull", run_id)
+    assert pull.returncode == 0, pull.stderr
+    assert (local.project / "runs" / run_id / "model.keras").stat().st_size == 256 << 20
+
+
+@needs_root
+def test_a_full_disk_here_while_fetching_names_the_local_file(tmp_path, sshd):
+    """This machine's disk fills up mid-copy: the error names the local file and says to free
+    space there, never "lost the SSH connection"."""
+    from orchestrator.sshmachine import LocalWriteFailed, SshMachine
+    from orchestrator.sshtarget import SshTarget
+
+    remote = tmp_path / "remote.bin"
+    remote.write_bytes(os.urandom(4 << 20))
+    machine = SshMachine(SshTarget(sshd.host, sshd.port, sshd.user, str(sshd.client_key),
+                                   str(tmp_path / "known_hosts")), pin_new_host=True)
+    with small_disk(tmp_path / "full", "1m") as full:
+        try:
+            with pytest.raises(LocalWriteFailed) as raised:
+                machine.fetch(str(remote), full / "got", max_bytes=8 << 20)
+        finally:
+            machine.close()
+    assert str(full / "got") in str(raised.value) and "free some space" in str(raised.value)
 
 
 def test_signals_are_deferred_even_when_another_thread_takes_them(tmp_path):

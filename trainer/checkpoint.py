@@ -40,9 +40,13 @@ class ResumeState:
     stopped_at: float | None = None
 
     def to_json(self) -> dict:
-        """state.json's content: these keys and the format version."""
-        return {**asdict(self), "phases_done": list(self.phases_done),
+        """state.json's content: these keys and the format version (stopped_at only when
+        set: the file stays as version 1 wrote it otherwise)."""
+        data = {**asdict(self), "phases_done": list(self.phases_done),
                 "history": list(self.history), "version": STATE_VERSION}
+        if self.stopped_at is None:
+            del data["stopped_at"]
+        return data
 
     @classmethod
     def from_json(cls, raw: dict, path: Path) -> ResumeState:
