@@ -81,7 +81,8 @@ def _warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _errors(interrupted_hint: str | Callable[[], str] | None = None) -> Iterator[None]:
+def _errors(interrupted_hint: str | Callable[[KeyboardInterrupt], str] | None = None
+            ) -> Iterator[None]:
     """The one place where errors become a line and an exit code, by their type.
     interrupted_hint: what Ctrl-C leaves and what to do (a callable: as things are then)."""
     try:
@@ -94,8 +95,8 @@ def _errors(interrupted_hint: str | Callable[[], str] | None = None) -> Iterator
         where = f"{exc.filename}: " if exc.filename else ""
         raise _fail(f"{where}{exc.strerror or exc}; free space or fix the permissions, then run "
                     "the command again", EXIT_INFRA) from None
-    except KeyboardInterrupt:
-        hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+    except KeyboardInterrupt as exc:
+        hint = interrupted_hint(exc) if callable(interrupted_hint) else interrupted_hint
         _echo("dlbox: interrupted" + (f"; {hint}" if hint else ""), err=True,
               fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -449,11 +450,12 @@ def train(
 
     started: list = []  # the run, once it started
 
-    def left() -> str:  # what a Ctrl-C leaves
-        if not started:
+    def left(interrupt: KeyboardInterrupt) -> str:  # what a Ctrl-C leaves
+        run = started[0] if started else getattr(interrupt, "run", None)  # started meanwhile
+        if run is None:
             return ("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
                     "follows it")
-        return f"run {started[0].run_id} goes on: " + _attach_hint(started[0].run_id)
+        return f"run {run.run_id} goes on: " + _attach_hint(run.run_id)
 
     with _errors(left):
         if model not in MODELS:

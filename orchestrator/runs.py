@@ -283,7 +283,8 @@ def cancel_command(remote_dir: str) -> str:
     word when it is not running, or "no-trainer" while run.sh has not started it yet."""
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 3; {LIFE} "
             '[ $life = running ] || { echo $life; exit 0; }; '
-            'trainers=$(ps -e -o pid=,pgid=,args= | awk -v g="$pid" '
+            # -ww: the whole command line, whatever COLUMNS the box's environment sets
+            'trainers=$(ps -ww -e -o pid=,pgid=,args= | awk -v g="$pid" '
             "'$2 == g && / -m trainer( |$)/ {print $1}'); "
             '[ -n "$trainers" ] || { echo no-trainer; exit 0; }; '
             "kill -TERM $trainers 2>/dev/null; echo signalled")
@@ -547,6 +548,9 @@ def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shi
         start_script(box, machine, run.remote_dir)
     except DlboxError as exc:
         exc.run = run  # recorded, maybe not started: the caller knows whether the box is gone
+        raise
+    except KeyboardInterrupt as exc:  # came during the start, acted on once it was done:
+        exc.run = run  # the run goes on, and the caller can say which one
         raise
     return run
 

@@ -434,7 +434,8 @@ def test_cancel_never_signals_a_process_status_json_names(local):
     try:
         (folder / "status.json").write_text(json.dumps({"state": "running",
                                                         "pid": bystander.pid}))
-        cancel = dlbox(local.project, "cancel", run_id)
+        # COLUMNS as a box's shell may set it: ps must still show the whole command line
+        cancel = dlbox(local.project, "cancel", run_id, env={"COLUMNS": "40"})
         _no_traceback(cancel)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         assert "interrupted (exit 75)" in cancel.stdout
