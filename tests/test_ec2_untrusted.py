@@ -12,6 +12,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from tests.test_cli_ec2 import (
     CLI_TIMEOUT_S,
@@ -27,6 +30,13 @@ from tests.test_cli_ec2 import (
 from tests.test_untrusted_box import Scene, _set_python, _trainers, _until
 
 DELAYS_S = (0.02, 0.05, 0.08)  # after "started on": where the review's Ctrl-C landed
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left(tmp_path):
+    """The stand-ins a test started (runs outlive dlbox) end with it, failed or not."""
+    yield
+    Scene.end_runs(SimpleNamespace(root=tmp_path))
 
 
 def _scene(project_, tmp_path: Path, *up_args: str) -> Scene:

@@ -8,6 +8,7 @@ else is real: the dlbox command, run.sh, OpenSSH on loopback, this machine's pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -151,14 +152,33 @@ class Scene:
     def run_group(self, run_id: str) -> int:
         return int((self.box_workdir() / "runs" / run_id / "run.pid").read_text())
 
+    def end_runs(self) -> None:
+        """SIGKILL the groups of the stand-ins this scene started (detached runs outlive dlbox
+        by design; a test that failed midway may leave one waiting)."""
+        mine = str(self.root).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes()
+                pgid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"standin.sh" in argv and mine in argv:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+
 
 @pytest.fixture()
-def local(tmp_path) -> Scene:
+def local(tmp_path):
     scene = Scene(tmp_path)
     up = dlbox(scene.project, "up", "--local", "--python", quick_python())
     assert up.returncode == 0, up.stderr
     _set_python(scene.project, scene.python)
-    return scene
+    try:
+        yield scene
+    finally:
+        scene.end_runs()
 
 
 def _alive(pid: int) -> bool:
