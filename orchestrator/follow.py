@@ -233,7 +233,9 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
         for problem in snap.problems:
             if problem.what not in told:
                 told.add(problem.what)
-                say(f"warning: {problem}; ignoring it")
+                then = ("counting the run as failed" if problem.what.endswith("exit_code")
+                        else "ignoring it")
+                say(f"warning: {problem}; {then}")
         warnings.feed(snap.log)
         status = snap.status or {}
         if status != last_status:  # the trainer's heartbeat (every 2 s): it was alive then

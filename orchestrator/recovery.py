@@ -34,12 +34,15 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
     usd = box.hourly_usd if usd_per_hour is None else usd_per_hour
     copy = checkpoints.held(project_dir, run.run_id)
     lost_s = lost_epochs = None
-    # How far the trainer had got: its last heartbeat seen, or where it stopped by its own
-    # checkpoint (a warned stop); the resume starts at the checkpoint's last whole epoch, so
-    # everything since is done again.
+    # Measured: how far the trainer had got (its last heartbeat seen, or where it stopped by
+    # its own partial checkpoint) against where the resume starts: the step the checkpoint
+    # was saved at (a warned stop's partial one: --resume goes on from that step), else the
+    # end of its last whole epoch.
     reached = [p for p in (lost.progress, copy.stopped_at if copy else None) if p is not None]
     if reached:
-        lost_epochs = max(0.0, max(reached) - (copy.completed if copy else 0))
+        resumes_at = (copy.stopped_at if copy.stopped_at is not None else copy.completed) \
+            if copy else 0
+        lost_epochs = max(0.0, max(reached) - resumes_at)
         per_epoch = checkpoints.epoch_seconds(project_dir, run.run_id)
         lost_s = lost_epochs * per_epoch if per_epoch is not None else None
     flags = box.up_flags(project_dir) if box.replaceable else None

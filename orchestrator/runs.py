@@ -621,7 +621,7 @@ def _listing(lines: list[str], run: Run, say: Say) -> list[Listed]:
         match = LISTED.fullmatch(line)
         name = match["name"] if match else line
         if match is None or name not in RESULT_FILES:
-            say(f"warning: refused {clean(name[:200])!r} from the box's listing of run "
+            say(f"warning: refused '{clean(name[:200])}' from the box's listing of run "
                 f"{run.run_id}: not a result file dlbox asked for")
             continue
         size = int(match["size"])

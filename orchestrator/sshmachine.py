@@ -102,9 +102,20 @@ class SshMachine:
         """One command on a fresh channel of the open connection: bytes in, bytes out.
 
         timeout bounds each wait for the box (silence longer than that is a timeout)."""
+        import paramiko
+
         with self._link(f"running {command.split()[0]}"):
-            channel = self.conn.client.get_transport().open_session(
-                timeout=sshtarget.SSH_CONNECT_TIMEOUT_S)
+            transport = self.conn.client.get_transport()
+            try:  # a box that vanished never answers the channel's opening either
+                channel = transport.open_session(timeout=min(timeout,
+                                                             sshtarget.SSH_CONNECT_TIMEOUT_S))
+            except paramiko.SSHException as exc:
+                # paramiko says a timeout only in words; a closed transport is a lost link
+                if "Timeout opening channel" not in str(exc) or not transport.is_active():
+                    raise
+                raise CommandTimedOut(f"{self.target.host} did not open a channel within "
+                                      f"{min(timeout, sshtarget.SSH_CONNECT_TIMEOUT_S):.0f} s"
+                                      ) from exc
             with contextlib.closing(channel):
                 channel.settimeout(timeout)
                 channel.exec_command(command)

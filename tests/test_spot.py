@@ -263,11 +263,11 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     record = json.loads((run_dir / "run.json").read_text())
     first, second = record["interruptions"]
     assert first["warned"] and first["spot"] and first["zone"] and first["instance"] == first_box
-    # Measured: the resume redoes the epoch the trainer stopped in, up to where it stopped
-    # (its checkpoint says where: steps done over the epoch's steps).
-    assert warned["stopped_at"] is not None and 0 < first["work_lost_epochs"] <= 1
-    assert abs(first["work_lost_epochs"] - (warned["stopped_at"] - warned["completed"])) <= 0.01
-    assert first["downtime_s"] is not None
+    # Measured, not assumed: the trainer's last step seen against the step its partial
+    # checkpoint was saved at, where the resume goes on; at most the batch in flight (40
+    # steps an epoch here).
+    assert warned["completed"] < warned["stopped_at"] <= warned["completed"] + 1, warned
+    assert 0 <= first["work_lost_epochs"] <= 1 / 40 and first["downtime_s"] is not None
     assert not second["warned"] and "Server.SpotInstanceTermination" in second["reason"]
     # the copy it resumed from: taken before the kill, or from what the box had committed
     assert before <= second["checkpoint_epochs"] <= on_box

@@ -213,7 +213,8 @@ def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
 
     def mid_epoch():
         status = _json_or_none(out / "status.json")
-        return status and status["phase"] == "training" and status["step"] > 0
+        return (status and status["state"] == "running" and status["phase"] == "training"
+                and status["step"] > 0)
 
     _wait_for(mid_epoch, proc, "a training step")
     proc.send_signal(signal.SIGTERM)
@@ -223,11 +224,16 @@ def test_sigterm_checkpoints_and_exits_75(sample, tmp_path):
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     model = keras.models.load_model(out / "checkpoints" / state["last"])
     assert model.count_params() > 0 and model.optimizer is not None
+    # Where it stopped: the steps it had trained of its epoch, over the epoch's.
+    done = round((state["stopped_at"] - state["completed"]) * status["steps"])
+    assert state["last"].startswith("partial-") and 0 < done <= status["step"], (state, status)
     resumed = subprocess.Popen(trainer_cmd(*args, "--resume"), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (_json_or_none(out / "status.json") or {}).get("step", 0) > 0
-              and _json_or_none(out / "status.json")["state"] == "running", resumed,
-              "the resumed run to train")
+    _wait_for(mid_epoch, resumed, "the resumed run to train")
+    # It goes on from that step: the steps before are in the weights, not trained again.
+    assert json.loads((out / "status.json").read_text())["step"] >= done
+    assert f"resuming epoch {state['completed'] + 1} at step {done} of" in \
+        (out / "train.log").read_text()
     resumed.send_signal(signal.SIGTERM)
     assert resumed.wait(timeout=120) == 75
 

@@ -129,12 +129,16 @@ class Pass:
 
 
 def run_pass(step: Callable, batches, p: Plan, stop_requested: Callable[[], bool],
-             on_step: Callable[[int, dict], None] | None = None) -> Pass:
-    """Run p.steps steps (fewer if any worker asks to stop); return the reduced metrics."""
+             on_step: Callable[[int, dict], None] | None = None, start: int = 0) -> Pass:
+    """Run p.steps steps (fewer if any worker asks to stop); return the reduced metrics.
+    start: steps a stopped run trained already in this pass (their batches are skipped,
+    not trained again; the metrics are those of the steps run here)."""
     iterator = iter(batches)
+    for _ in range(start):
+        next(iterator)
     totals = np.zeros(4)
     in_flight: list[tf.Tensor] = []
-    done = 0
+    done = start
 
     def read_one() -> None:
         nonlocal totals, done
@@ -143,7 +147,7 @@ def run_pass(step: Callable, batches, p: Plan, stop_requested: Callable[[], bool
         if on_step is not None:
             on_step(done, _metrics(totals))
 
-    for k in range(p.steps):
+    for k in range(start, p.steps):
         in_flight.append(step(iterator, tf.constant(p.denominators[k]),
                               tf.constant(float(stop_requested()))))
         if len(in_flight) > READ_LAG_STEPS:

@@ -306,7 +306,8 @@ def fit(job: Job, prep: Prepared, peers: workers.Peers, state: ResumeState
                 log.info("early stopping: val_loss has not improved for %d epochs", o.patience)
                 break
             hb.update(phase=phase.name, epoch=epoch + 1, epochs=o.total_epochs)
-            row = _one_epoch(job, model, steps, batches, phase.name, epoch, state)
+            start = _steps_done(state, phase.name, epoch, batches.train_plan.steps)
+            row = _one_epoch(job, model, steps, batches, phase.name, epoch, state, start)
             state = _after_epoch(job, model, row, state)
             if job.devices.consensus.anyone(job.stop.requested):  # every worker, the same epoch
                 raise job.stop.interrupted()
@@ -341,12 +342,28 @@ def _after_epoch(job: Job, model: keras.Model, row: dict, state: ResumeState) ->
     return state
 
 
-def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches, phase: str,
-               epoch: int, state: ResumeState) -> dict:
-    """Train and validate one epoch; on a stop request, checkpoint the weights and raise."""
-    hb, stop = job.hb, job.stop
+def _steps_done(state: ResumeState, phase: str, epoch: int, steps: int) -> int:
+    """The training steps of this epoch that the checkpoint's weights hold already: those a
+    run stopped mid-epoch had done (its partial checkpoint says how far it got), which
+    --resume does not train again; 0 for any other epoch. At least one step is left to run:
+    a run stopped while validating trains its epoch's last step again."""
+    if (state.stopped_at is None or state.phase != phase or not state.last
+            or not state.last.startswith("partial-")
+            or not epoch <= state.stopped_at <= epoch + 1):
+        return 0
+    return max(0, min(steps - 1, round((state.stopped_at - epoch) * steps)))
 
-    def stop_here(stopped: bool, trained: float) -> None:  # --resume redoes this epoch
+
+def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches, phase: str,
+               epoch: int, state: ResumeState, start: int = 0) -> dict:
+    """Train (from step start: a resumed stop) and validate one epoch; on a stop request,
+    checkpoint the weights and raise."""
+    hb, stop = job.hb, job.stop
+    if start:
+        log.info("resuming epoch %d at step %d of %d (the steps before are in the weights)",
+                 epoch + 1, start, batches.train_plan.steps)
+
+    def stop_here(stopped: bool, trained: float) -> None:  # --resume goes on from here
         if stopped:
             partial = job.ckpt.save_model(model, f"partial-{epoch + 1:04d}.keras")
             job.ckpt.commit(replace(state, phase=phase, last=partial,
@@ -357,13 +374,14 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
         hb.update(step=step, metrics=_rounded(metrics))
 
     started = time.monotonic()
-    hb.update(stage="train", step=0, steps=batches.train_plan.steps)
+    hb.update(stage="train", step=start, steps=batches.train_plan.steps)
     train = loop.run_pass(steps.train, batches.train, batches.train_plan,
-                          lambda: stop.requested, progress)
+                          lambda: stop.requested, progress, start)
     trained = time.monotonic()
+    ran = (batches.train_plan.steps - start) / max(batches.train_plan.steps, 1)  # of the epoch
     # This worker's own rate, for the cluster's per-node figures (report.html).
-    hb.update(shard_images=batches.shard_images,
-              images_per_second=round(batches.shard_images / max(trained - started, 1e-9), 1))
+    hb.update(shard_images=batches.shard_images, images_per_second=round(
+        batches.shard_images * ran / max(trained - started, 1e-9), 1))
     stop_here(train.stopped, train.steps / max(batches.train_plan.steps, 1))
     hb.update(stage="validate")
     val = loop.run_pass(steps.evaluate, batches.val, batches.val_plan, lambda: stop.requested)
@@ -378,7 +396,8 @@ def _one_epoch(job: Job, model: keras.Model, steps: loop.Steps, batches: Batches
         "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
         "seconds": round(time.monotonic() - started, 3),
         # Every worker's images: the cluster's rate.
-        "images_per_second": round(batches.train_images / max(trained - started, 1e-9), 1),
+        "images_per_second": round(batches.train_images * ran / max(trained - started, 1e-9),
+                                   1),
     }
 
 
