@@ -136,8 +136,8 @@ class Interruption:
     warned: bool  # an interruption notice came first (the trainer checkpointed mid-epoch)
     cost_usd: float | None  # what the box cost while it had the run
     checkpoint_epochs: int | None  # epochs finished in the checkpoint the run resumes from
-    # Training since that checkpoint up to the box's last answer, redone after the resume:
-    # in seconds, and in epochs (0 for a checkpoint taken when the notice came).
+    # Training done after the point the resume starts from (the checkpoint's saved step) up
+    # to where the trainer got, so done again: in seconds, and in epochs.
     work_lost_s: float | None
     work_lost_epochs: float | None
     downtime_s: float | None = None  # from the loss to the run going on (None: not resumed)
