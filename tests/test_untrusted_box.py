@@ -40,6 +40,7 @@ out=; while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 cd "$out" || exit 1
 echo "{\\"state\\": \\"running\\", \\"phase\\": \\"starting\\", \\"pid\\": $$}" > status.json
 cp -a {scene}/. . 2>/dev/null
+[ -f fill.sh ] && exec bash fill.sh  # a scene that fills the disk and exits as it says
 if [ -f .wait ]; then  # a live run: SIGTERM is a checkpoint and 75, as the real trainer
     trap 'echo stopped > stopped-by-signal; exit 75' TERM
     while :; do sleep 0.1; done
@@ -439,6 +440,29 @@ def test_a_run_killed_without_an_exit_status_ends_train_and_logs_in_one_line(loc
     record = json.loads((local.project / "runs" / run_id / "run.json").read_text())
     assert (record["status"], record["exit_code"]) == ("failed", 137)
     assert (local.project / "runs" / run_id / "status.json").exists()
+
+
+@needs_root
+def test_a_full_disk_on_the_box_ends_the_run_in_bounded_time(local):
+    """The box's disk fills up (a real tmpfs): the trainer exits 74 and run.sh cannot write
+    exit_code. `train` ends within seconds with one line saying so and what to free, never
+    following the run forever."""
+    local.scene(status__json=json.dumps({"state": "running", "phase": "training"}),
+                **{"fill__sh": "dd if=/dev/zero of=filler bs=64k 2>/dev/null; exit 74\n"})
+    # the stand-in runs its scene's fill.sh when there is one
+    runs_dir = local.box_workdir() / "runs"
+    with small_disk(runs_dir, "2m"):
+        started = time.monotonic()
+        train = local.train()
+        took = time.monotonic() - started
+        run_id = next(p.name for p in runs_dir.iterdir() if p.is_dir())
+        assert not (runs_dir / run_id / "exit_code").exists()  # run.sh could not write it
+    _no_traceback(train)
+    assert train.returncode != 0 and took < WAIT_S, (took, train.stdout + train.stderr)
+    assert f"run {run_id} ended without an exit status" in train.stderr
+    assert "disk is full" in train.stderr and "free some space" in train.stderr
+    record = json.loads((local.project / "runs" / run_id / "run.json").read_text())
+    assert record["finished_at"] is None  # nothing pulled: `dlbox pull` once there is room
 
 
 # --- item 7: cancel signals only the run's own trainer ------------------------------------------
