@@ -16,6 +16,7 @@ from . import retry
 from .aws import error_code, translated
 from .errors import CapacityError, QuotaError, WaitTimeout
 from .models import (
+    LIVE_STATES,
     TAG_BOX,
     TAG_PROJECT,
     Attempt,
@@ -40,7 +41,6 @@ QUOTA_NAMES = {
     ("p", "on-demand"): "Running On-Demand P instances (L-417A185B)",
     ("p", "spot"): "All P Spot Instance Requests (L-7212CCBC)",
 }
-LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 # Shutdown from inside the instance (the watchdog's poweroff): end the bill, or keep the disk.
 SHUTDOWN_TERMINATES = "terminate"
 SHUTDOWN_STOPS = "stop"
@@ -248,23 +248,6 @@ def find(ec2, *, project: str | None = None, box: str | None = None,
     with translated("list dlbox instances"):
         pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
         return [_instance(i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
-
-
-def using(ec2, *, group_id: str | None = None, key_name: str | None = None,
-          placement_group: str | None = None) -> list[str]:
-    """Ids of the instances not yet terminated that use a security group, a key pair or a
-    placement group."""
-    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-    if group_id is not None:
-        filters.append({"Name": "instance.group-id", "Values": [group_id]})
-    if key_name is not None:
-        filters.append({"Name": "key-name", "Values": [key_name]})
-    if placement_group is not None:
-        filters.append({"Name": "placement-group-name", "Values": [placement_group]})
-    with translated("list the instances using a group or key pair"):
-        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-        return [i["InstanceId"] for page in pages for r in page["Reservations"]
-                for i in r["Instances"]]
 
 
 def set_shutdown_behaviour(ec2, instance_id: str, behaviour: str) -> None:

@@ -8,6 +8,8 @@ from datetime import datetime
 TAG_BOX = "dlbox:box"
 TAG_PROJECT = "dlbox:project"
 TAG_OWNER = "dlbox:owner"
+# Instances not yet terminated: they hold their security group, key pair and placement group.
+LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 from . import retry
 from .aws import error_code, translated
 from .errors import InfraError
-from .models import TAG_PROJECT
+from .models import LIVE_STATES, TAG_PROJECT
 
 SSH_PROTOCOL = "tcp"
 ALL_PROTOCOLS = "-1"  # a cluster's members reach each other on every port
@@ -222,8 +222,6 @@ def release_unused(ec2, project: str | None, also_groups: tuple[str, ...] = (),
     """Delete dlbox's security groups, key pairs and placement groups (one project's, or
     every project's) that no instance uses any more: one still in use stays until its last
     user is gone."""
-    from .instances import using
-
     for group_id in dict.fromkeys([*tagged_security_groups(ec2, project), *also_groups]):
         if not using(ec2, group_id=group_id):
             delete_security_group(ec2, group_id)
@@ -233,3 +231,20 @@ def release_unused(ec2, project: str | None, also_groups: tuple[str, ...] = (),
     for name in dict.fromkeys([*tagged_placement_groups(ec2, project), *also_placement_groups]):
         if not using(ec2, placement_group=name):
             delete_placement_group(ec2, name)
+
+
+def using(ec2, *, group_id: str | None = None, key_name: str | None = None,
+          placement_group: str | None = None) -> list[str]:
+    """Ids of the instances not yet terminated that use a security group, a key pair or a
+    placement group."""
+    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    if group_id is not None:
+        filters.append({"Name": "instance.group-id", "Values": [group_id]})
+    if key_name is not None:
+        filters.append({"Name": "key-name", "Values": [key_name]})
+    if placement_group is not None:
+        filters.append({"Name": "placement-group-name", "Values": [placement_group]})
+    with translated("list the instances using a group or key pair"):
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        return [i["InstanceId"] for page in pages for r in page["Reservations"]
+                for i in r["Instances"]]

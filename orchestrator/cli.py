@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
+from trainer.recipes import MODELS, models_help  # no TensorFlow behind it
 
 from . import __version__
 from .errors import BoxLost, DlboxError, LostContact, UsageError
@@ -276,43 +277,43 @@ def _confirm(question: str, yes: bool, refusal: str) -> None:
 
 def _down_every_project(region: str | None, profile: str | None, yes: bool) -> None:
     """`down --all`: list every dlbox instance in the region, ask, end them."""
-    from . import config, ec2box
+    from . import config, ec2aws
 
     cfg = config.load(_project(), region=region, profile=profile)
-    ec2, found = ec2box.every_instance(cfg.region, cfg.profile)
+    ec2, found = ec2aws.every_instance(cfg.region, cfg.profile)
     if not found:
         _echo(f"no dlbox instance is running in {cfg.region}")
         return
     _echo(f"dlbox instances in {cfg.region}, of every project:")
-    for line in ec2box.describe_for_ending(ec2, found):
+    for line in ec2aws.describe_for_ending(ec2, found):
         _echo(f"  {line}")
     _confirm(f"Terminate these {len(found)} instance(s)?", yes,
              f"{len(found)} instance(s) of every project would be terminated; `dlbox down --all "
              "--yes` ends them (plain `dlbox down` ends only this project's)")
-    ec2box.end_all(ec2, found, cfg.region, _say)
+    ec2aws.end_all(ec2, found, cfg.region, _say)
 
 
 def _down_unrecorded(region: str | None, profile: str | None, yes: bool) -> None:
     """No box recorded: still end this project's EC2 instances, found by their tag."""
     from infra.errors import CredentialsError
 
-    from . import config, ec2box, runs
+    from . import config, ec2aws, runs
 
     cfg = config.load(_project(), region=region, profile=profile)
     try:
-        ec2 = ec2box.clients(cfg.region, cfg.profile)
+        ec2 = ec2aws.clients(cfg.region, cfg.profile)
     except CredentialsError:  # no AWS here: nothing of this project can be running there
         _echo("no box is up in this project")
         return
     waiting = [r.run_id for r in runs.all_runs(_project(), _warn) if r.status == "running"]
-    found = ec2box.project_instances(ec2, _project())
+    found = ec2aws.project_instances(ec2, _project())
     if found and waiting and not yes:
         ids = ", ".join(i.instance_id for i in found)
         raise UsageError(f"{ids} of this project is not recorded, and run(s) "
                          f"{', '.join(waiting)} may have results there: `dlbox up` records it "
                          "again (then `dlbox down` pulls them), `dlbox down --yes` ends it "
                          "without them")
-    ended = ec2box.end_project(_project(), ec2, _say, [])
+    ended = ec2aws.end_project(_project(), ec2, _say, [])
     if ended:
         _echo(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
               "record: terminated (verified)")
@@ -425,13 +426,10 @@ def _recorded_again(box, machine, run_ids: set[str]) -> list:
     return found
 
 
-MODELS = ("scratch", "vgg16")
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="scratch or vgg16.")],
+    model: Annotated[str, typer.Argument(help=models_help() + ".")],
     data: Annotated[str, typer.Option(help="Kaggle train/ folder or zip (or a folder with "
                                            "train/), or `kaggle`: download it on the box.")],
     test: Annotated[str | None, typer.Option(help="Kaggle test1/ folder or zip (or `kaggle`): "
@@ -459,7 +457,7 @@ def train(
 
     with _errors(left):
         if model not in MODELS:
-            raise UsageError(f"unknown model {model!r}; choose scratch or vgg16")
+            raise UsageError(f"unknown model {model!r}; choose {' or '.join(MODELS)}")
         cfg = config.load(_project())
         box = _box(_project()).wake(_project(), _say)
         if box.nodes > 1:

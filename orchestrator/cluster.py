@@ -7,7 +7,6 @@ status is followed, its results pulled. The other nodes only train; each keeps i
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 import time
 from collections.abc import Callable
@@ -16,10 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
+from trainer.cluster import TF_CONFIG_ENV, tf_config  # no TensorFlow behind it
 
 from . import boxlock, checkpoints, follow, parallel, records, runs, signals
 from .atomic import write_atomic
-from .boxes import Box, Gone
+from .boxkind import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine
@@ -90,11 +90,6 @@ def workers(run: runs.Run) -> list[Worker]:
             from exc
 
 
-def _tf_config(addresses: list[str], index: int) -> str:
-    return json.dumps({"cluster": {"worker": addresses},
-                       "task": {"type": "worker", "index": index}})
-
-
 def _endpoint(box: Box, machine: Machine) -> str:
     """host:port for the node's collective endpoint: a port free on it now."""
     host = box.address or "127.0.0.1"
@@ -157,7 +152,7 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
         shipped = runs.Shipped(w.code, w.data, w.test)
         args = runs.trainer_args(box, run, shipped, w.remote_dir)
         runs.write_script(box, machines[w.node], run.run_id, w.remote_dir, w.code, args,
-                          env={"TF_CONFIG": _tf_config(addresses, w.node)})
+                          env={TF_CONFIG_ENV: tf_config(addresses, w.node)})
         if w.node == 0:
             run = replace(run, args=args)
     run = replace(run, nodes=tuple(asdict(w) for w in team))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import environment
-from .boxes import MAX_NODES
+from .boxkind import MAX_NODES
 from .errors import UsageError
 from .machine import printable
 from .render import render

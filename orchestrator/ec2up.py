@@ -34,12 +34,11 @@ from . import (
     watchdog,
     workdir,
 )
-from .boxes import Box, DownFlags, Say, UpFlags, recorded
-from .ec2box import (
+from .boxkind import Box, DownFlags, Say, UpFlags
+from .ec2aws import (
     BOX_STATE_DIR_ON_BOX,
     KEEPABLE_STATES,
     RUNS_REGISTRY_ON_BOX,
-    Ec2Box,
     clients,
     forget,
     forget_node,
@@ -48,6 +47,7 @@ from .ec2box import (
     ssm_client,
 )
 from .errors import DlboxError, NeverUsable, UsageError
+from .nodes import of_kind
 from .render import render
 from .sshmachine import SshMachine, own_address
 
@@ -93,11 +93,12 @@ def user_data(cfg: config.Config) -> str:
                   watchdog=watchdog_script(cfg).rstrip())
 
 
-def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2Box:
+def up(kind: type[Box], project_dir: Path, flags: UpFlags, existing: Box | None, say: Say
+       ) -> Box:
     """Reuse the project's box (running, or stopped: started again) or launch one; return it
     once it can train. The caller holds the project's box lock. A cluster: every node
     reused, a node that is gone made again like the others, or all launched; the chief
-    is returned.
+    is returned. kind: the class of the boxes made (Box).
 
     The project's instances are looked up by their tag first, so an instance the state file
     lost is reused or named, never doubled. Local checks come first (dlbox.toml, region,
@@ -131,7 +132,7 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
                          "all of them, then `dlbox up` starts " + ("one" if nodes == 1 else
                                                                     "the cluster"))
     if others:
-        reused = {0: (_adopt(project_dir, ec2, cfg, others[0], say), others[0])}
+        reused = {0: (_adopt(kind, project_dir, ec2, cfg, others[0], say), others[0])}
     else:
         reused = {b.node: (replace(b, instance_id=mine[b.node].instance_id), mine[b.node])
                   for b in mates if b.node in mine}
@@ -144,7 +145,7 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
                 "gone; launching a new cluster")
         for gone in mates:
             forget(project_dir, ec2, gone)
-        return _chief(_launch(project_dir, cfg, clients(cfg.region, cfg.profile), say,
+        return _chief(_launch(kind, project_dir, cfg, clients(cfg.region, cfg.profile), say,
                               range(nodes), nodes))
     # What this `up` was asked (flags over the recorded settings) is what the box keeps now.
     boxes = [replace(reused[k][0], settings=asdict(cfg)) for k in sorted(reused)]
@@ -170,12 +171,12 @@ def up(project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> Ec2
             f"in {inst.zone}")
         for old in lost:
             old.retire(project_dir, say)
-        ready += _remake(project_dir, cfg, ec2, say, lost, missing, nodes,
+        ready += _remake(kind, project_dir, cfg, ec2, say, lost, missing, nodes,
                          _Like(inst.instance_type, inst.zone, inst.image_id))
     return _chief(ready)
 
 
-def replace_node(project_dir: Path, lost: Ec2Box, say: Say) -> Ec2Box:
+def replace_node(project_dir: Path, lost: Box, say: Say) -> Box:
     """A lost node of a cluster (terminated, verified) made again: the same index, type,
     zone and placement group, recorded in its place, ready. The caller holds the box lock."""
     from infra import instances
@@ -192,7 +193,7 @@ def replace_node(project_dir: Path, lost: Ec2Box, say: Say) -> Ec2Box:
             raise UsageError(f"{lost.label} never launched, and no node of its cluster is left "
                              f"to copy; `dlbox down`, then `dlbox up --nodes {lost.nodes}`")
         like = _Like(found[0].instance_type, found[0].zone, found[0].image_id)
-    return _remake(project_dir, cfg, ec2, say, [lost], [lost.node], lost.nodes, like)[0]
+    return _remake(type(lost), project_dir, cfg, ec2, say, [lost], [lost.node], lost.nodes, like)[0]
 
 
 def _config(project_dir: Path, flags: UpFlags, existing: Box | None = None) -> config.Config:
@@ -213,20 +214,20 @@ def _config(project_dir: Path, flags: UpFlags, existing: Box | None = None) -> c
     return config.with_flags(config.recorded(settings, where), **given)
 
 
-def _nodes_of(project_dir: Path, box: Ec2Box | None) -> list[Ec2Box]:
+def _nodes_of(project_dir: Path, box: Box | None) -> list[Box]:
     """The recorded nodes of box's cluster ([box] for a single box; [] for None)."""
     if box is None:
         return []
     if box.nodes == 1:
         return [box]
-    return sorted((b for b in recorded(project_dir) if b.kind == box.kind), key=lambda b: b.node)
+    return sorted(of_kind(project_dir, type(box)), key=lambda b: b.node)
 
 
-def _chief(boxes: list[Ec2Box]) -> Ec2Box:
+def _chief(boxes: list[Box]) -> Box:
     return next(b for b in boxes if b.node == 0)
 
 
-def _instance_of(ec2, box: Ec2Box):
+def _instance_of(ec2, box: Box):
     """The box's instance unless it is ending or ended: by id, else by its tags."""
     from infra import instances
 
@@ -237,7 +238,7 @@ def _instance_of(ec2, box: Ec2Box):
     return found if found is not None and found.state in KEEPABLE_STATES else None
 
 
-def _adopt(project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Ec2Box:
+def _adopt(kind: type[Box], project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Box:
     """Record an instance of this project that the state file lost (deleted, or a crash
     before it was written), if this project's key logs in to it; else say how to end it."""
     from infra.prices import AwsPrices
@@ -250,7 +251,7 @@ def _adopt(project_dir: Path, ec2, cfg: config.Config, inst, say: Say) -> Ec2Box
         raise UsageError(f"this project has instance {inst.instance_id} ({inst.state}), which "
                          f".dlbox/state.json does not record and {key_path} cannot log in to; "
                          "`dlbox down` terminates it, then `dlbox up` starts a new one")
-    box = Ec2Box(
+    box = kind(
         name=inst.box or inst.instance_id, region=cfg.region, profile=cfg.profile,
         key_name=inst.key_name, key_path=str(key_path.resolve()),
         security_group_id=inst.security_group_ids[0], ssh_user=cfg.ssh_user,
@@ -271,8 +272,8 @@ def _tags(project_dir: Path) -> dict[str, str]:
     return {TAG_PROJECT: project_name(project_dir), TAG_OWNER: getpass.getuser()}
 
 
-def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Sequence[int],
-            nodes: int, like: _Like | None = None) -> list[Ec2Box]:
+def _launch(kind: type[Box], project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Sequence[int],
+            nodes: int, like: _Like | None = None) -> list[Box]:
     """Launch the nodes indexes of a cluster of nodes (range(1), 1: a single box), all in
     one zone (like's, with its type and AMI, for nodes made again), and make them ready."""
     from infra import ami, instances, network
@@ -303,7 +304,7 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Seque
         raise
     say(f"SSH open to {cidr} only (security group {group_id})"
         + ("; every port open between the cluster's nodes" if nodes > 1 else ""))
-    made = [Ec2Box(
+    made = [kind(
         name=names[i], region=cfg.region, profile=cfg.profile, key_name=key_name,
         key_path=str(key_path.resolve()), security_group_id=group_id,
         ssh_user=cfg.ssh_user, ssh_port=cfg.ssh_port,
@@ -361,8 +362,8 @@ def _launch(project_dir: Path, cfg: config.Config, ec2, say: Say, indexes: Seque
     return _ready(project_dir, ec2, made, cfg, say, launched_now=True)
 
 
-def _remake(project_dir: Path, cfg: config.Config, ec2, say: Say, lost: list[Ec2Box],
-            indexes: list[int], nodes: int, like: _Like) -> list[Ec2Box]:
+def _remake(kind: type[Box], project_dir: Path, cfg: config.Config, ec2, say: Say, lost: list[Box],
+            indexes: list[int], nodes: int, like: _Like) -> list[Box]:
     """Nodes of a cluster made again like the others (lost: their old records, whose
     instances are ended already): each new one recorded in its old one's place. One that
     could not be made leaves its old record there: the cluster stays whole in the state
@@ -370,17 +371,17 @@ def _remake(project_dir: Path, cfg: config.Config, ec2, say: Say, lost: list[Ec2
     for old in lost:
         forget_node(project_dir, old)  # the key pair and groups stay: the other nodes use them
     try:
-        return _launch(project_dir, cfg, ec2, say, indexes, nodes, like)
+        return _launch(kind, project_dir, cfg, ec2, say, indexes, nodes, like)
     except BaseException:
-        taken = {b.node for b in recorded(project_dir) if b.kind == Ec2Box.kind}
+        taken = {b.node for b in of_kind(project_dir, kind)}
         for old in lost:
             if old.node not in taken:
                 state.put(project_dir, old)
         raise
 
 
-def _ready(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config, say: Say,
-           launched_now: bool) -> list[Ec2Box]:
+def _ready(project_dir: Path, ec2, boxes: list[Box], cfg: config.Config, say: Say,
+           launched_now: bool) -> list[Box]:
     """Wait for running, an SSH banner and a first login that prepares each box; the
     waits of several nodes at once."""
     from infra import instances
@@ -416,8 +417,8 @@ def _ready(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config, say:
     return boxes
 
 
-def _log_in(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config,
-            say: Say) -> list[Ec2Box]:
+def _log_in(project_dir: Path, ec2, boxes: list[Box], cfg: config.Config,
+            say: Say) -> list[Box]:
     """First SSH login to each box: pin its host key (checked against the console's
     fingerprints when the console shows them), then, every node at once, make dlbox's
     folder, check the Python that will train and (a cluster) find its address."""
@@ -447,7 +448,7 @@ def _log_in(project_dir: Path, ec2, boxes: list[Ec2Box], cfg: config.Config,
     return boxes
 
 
-def _prepare(box: Ec2Box, machine: SshMachine, cfg: config.Config, say: Say) -> Ec2Box:
+def _prepare(box: Box, machine: SshMachine, cfg: config.Config, say: Say) -> Box:
     """One logged-in box ready to train: cloud-init done, its watchdog checked, dlbox's
     folder, a Python with TensorFlow, and (a cluster's node) its address."""
     machine.run(CLOUD_INIT_WAIT, timeout=CLOUD_INIT_TIMEOUT_S)
@@ -462,7 +463,7 @@ def _prepare(box: Ec2Box, machine: SshMachine, cfg: config.Config, say: Say) -> 
     return box
 
 
-def _node_say(say: Say, box: Ec2Box) -> Say:
+def _node_say(say: Say, box: Box) -> Say:
     """say for one node of several made ready at once: its lines named, one at a time."""
     if box.nodes == 1:
         return say
@@ -483,7 +484,7 @@ def _say_watchdog(machine: SshMachine, cfg: config.Config, say: Say) -> None:
     say(("watchdog " if dog.protecting else "warning: the watchdog is ") + dog.line())
 
 
-def _give_up(project_dir: Path, boxes: list[Ec2Box], launched_now: bool, say: Say) -> NoReturn:
+def _give_up(project_dir: Path, boxes: list[Box], launched_now: bool, say: Say) -> NoReturn:
     """Called from an except block after run_instances: end in one of the two states, say which.
 
     Ctrl-C, a closed stdout, or boxes that were already up: they stay recorded. Boxes

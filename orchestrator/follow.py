@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
 from . import boxfiles, runs, spotwatch
-from .boxes import Gone
+from .boxkind import Gone
 from .errors import BoxLost, CommandTimedOut, DlboxError, LostContact
 from .humanize import Say, clean
 from .machine import Machine

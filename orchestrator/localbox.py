@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import environment, registry, state
-from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
+from .boxkind import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
 from .errors import UsageError
 from .localmachine import LocalMachine
 from .machine import Machine
@@ -34,6 +34,7 @@ class LocalBox(Unwatched):
     DESCRIPTION: ClassVar[str] = "the local box"
     INTERRUPTED_UP: ClassVar[str] = "nothing was changed: run `dlbox up --local` again"
     UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"local", "python", "nodes"})
+    CHOSEN_BY: ClassVar[str | None] = "local"
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset()
     hourly_usd: ClassVar[None] = None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from infra.errors import CapacityError, InfraError, QuotaError
 
 from . import boxlock, checkpoints, runs
-from .boxes import Box
+from .boxkind import Box
 from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
 from .machine import Machine

@@ -24,7 +24,7 @@ from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
 from . import boxfiles, boxlock, codeship, kaggle, records, registry, report, signals, state, sync
 from .atomic import write_atomic
-from .boxes import Box
+from .boxkind import Box
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
 from .humanize import Say, clean
 from .machine import Machine

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import boxes, config, environment, registry, sshtarget, state, workdir
-from .boxes import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
+from . import config, environment, registry, sshtarget, state, workdir
+from .boxkind import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
 from .errors import UsageError
 from .machine import Machine
+from .nodes import cluster
 from .sshmachine import SshMachine, own_address
 from .sshtarget import SshTarget
 
@@ -40,6 +41,7 @@ class SshBox(Unwatched):
     DESCRIPTION: ClassVar[str] = "SSH boxes"
     INTERRUPTED_UP: ClassVar[str] = ("the box is as you had it, its key pinned if the login "
                                      "got that far: run `dlbox up --ssh ...` again")
+    CHOSEN_BY: ClassVar[str | None] = "ssh"
     UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"ssh", "key", "python", "workdir",
                                                      "nodes", "node_address"})
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"purge"})
@@ -80,7 +82,7 @@ class SshBox(Unwatched):
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "
                              f"use {names[0]}")
         if existing is not None and existing.nodes > 1:
-            had = [b.name for b in boxes.cluster(project_dir, existing)]
+            had = [b.name for b in cluster(project_dir, existing)]
             if had != names:
                 raise UsageError(f"this project's cluster is {', '.join(had)}; `dlbox down` "
                                  f"first to use {', '.join(names)}")

@@ -58,8 +58,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    """What dlbox sets on each node (the one function that builds it), on 127.0.0.1."""
+    from trainer.cluster import tf_config
+
+    return tf_config([f"127.0.0.1:{p}" for p in ports], index)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def _up(project) -> list[dict]:
 
 
 def test_up_two_nodes_in_one_placement_group_then_status_and_down(cluster, aws):
-    from orchestrator.ec2box import project_name
+    from orchestrator.ec2aws import project_name
 
     project, servers = cluster
     directory = project[0]

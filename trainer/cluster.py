@@ -33,6 +33,13 @@ class Cluster:
         return items[self.index :: self.workers]
 
 
+def tf_config(addresses: list[str], index: int) -> str:
+    """The TF_CONFIG of worker index in a cluster of addresses (host:port, the chief first):
+    what dlbox sets on every node, and what from_env reads."""
+    return json.dumps({"cluster": {WORKER_JOB: list(addresses)},
+                       "task": {"type": WORKER_JOB, "index": index}})
+
+
 def from_env(environ: Mapping[str, str] = os.environ) -> Cluster:
     """The cluster TF_CONFIG describes; one worker without it; UsageError if it is malformed."""
     raw = environ.get(TF_CONFIG_ENV, "").strip()

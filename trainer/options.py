@@ -9,9 +9,7 @@ from pathlib import Path
 
 from . import extract
 from .errors import UsageError
-from .recipes import RECIPES, Recipe
-
-MODELS = tuple(RECIPES)
+from .recipes import MODELS, RECIPES, Recipe, models_help
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m trainer",
         description="Train the article's Dogs vs. Cats CNN (scratch) or VGG16 transfer model.",
     )
-    p.add_argument("model", choices=MODELS, help="which network to train")
+    p.add_argument("model", choices=MODELS, help=models_help())
     p.add_argument("--data", required=True, help="Kaggle train/ folder, train.zip, "
                    "dogs-vs-cats.zip, or a folder with cats/ and dogs/")
     p.add_argument("--out", required=True, help="output folder (model, metrics, checkpoints)")

@@ -45,6 +45,7 @@ class Recipe:
     """How one model is built and trained."""
 
     name: str
+    summary: str  # one line for help texts (the orchestrator's too)
     defaults: Defaults
     build: Callable[[int, str | None], keras.Model]  # (img_size, weights) -> uncompiled model
     optimizer: Callable[[float], keras.optimizers.Optimizer]  # learning rate -> optimizer
@@ -103,6 +104,7 @@ RECIPES = {
     # The article's small CNN: SGD, early stopping with patience 2, up to 50 epochs.
     "scratch": Recipe(
         name="scratch",
+        summary="the article's small CNN trained from scratch, 3 conv blocks at 150x150",
         defaults=Defaults(epochs=50, learning_rate=0.01, patience=2, fine_tune_epochs=0),
         build=_build_scratch,
         optimizer=_sgd,
@@ -112,6 +114,7 @@ RECIPES = {
     # The head on the frozen base, then block5 unfrozen at a tenth of the learning rate.
     "vgg16": Recipe(
         name="vgg16",
+        summary="VGG16 ImageNet transfer learning, then its top block fine-tuned",
         defaults=Defaults(epochs=10, learning_rate=1e-4, patience=3, fine_tune_epochs=10),
         build=_build_vgg16,
         optimizer=_adam,
@@ -122,3 +125,10 @@ RECIPES = {
         takes_weights=True,
     ),
 }
+
+MODELS = tuple(RECIPES)
+
+
+def models_help() -> str:
+    """Every model and its one-line summary: "scratch: ...; vgg16: ..."."""
+    return "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
