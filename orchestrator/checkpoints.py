@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runs
+from . import events, runs
 from .atomic import write_atomic
 from .errors import DlboxError
 from .machine import Machine
@@ -123,7 +123,11 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
     finally:
         with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
             machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
-    return held(project_dir, run.run_id)
+    copy = held(project_dir, run.run_id)
+    if copy is not None:
+        runs.note(project_dir, run.run_id, events.CHECKPOINT, epochs=copy.completed,
+                  partial=copy.partial)
+    return copy
 
 
 def _take(project_dir: Path, run: runs.Run, machine: Machine, snapshot: str,

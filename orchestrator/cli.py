@@ -17,7 +17,7 @@ import typer
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 from trainer.recipes import MODELS, models_help  # no TensorFlow behind it
 
-from . import __version__
+from . import __version__, debuglog, events  # stdlib only: cheap to import
 from .errors import BoxLost, DlboxError, LostContact, UsageError
 from .humanize import clean
 
@@ -52,9 +52,17 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Log every remote command, transfer and AWS call, with its "
+        "duration and outcome, to .dlbox/debug.log (for bug reports; also DLBOX_DEBUG=1).")] = False,
 ) -> None:
     """dlbox: three commands from a laptop to a trained CNN."""
     signal.signal(signal.SIGTERM, _terminated)
+    if debuglog.wanted(verbose):
+        from . import state
+
+        with _errors():
+            debuglog.enable(state.state_dir(_project()))
 
 
 def _terminated(signum: int, _frame) -> None:
@@ -339,7 +347,9 @@ def _record_lost(box) -> None:
     from . import runs
 
     for run in _unpulled(box):
-        runs.save(_project(), replace(run, status=runs.LOST))
+        run = replace(run, status=runs.LOST)
+        runs.save(_project(), run)
+        runs.ended(_project(), run, runs.LOST)
 
 
 def _settle_runs(box, yes: bool, ends_runs: bool):
@@ -481,7 +491,9 @@ def train(
                     raise
                 orphan = getattr(exc, "run", None)  # recorded as it started, with the box
                 if orphan is not None:
-                    runs.save(_project(), replace(orphan, status=runs.LOST))
+                    orphan = replace(orphan, status=runs.LOST)
+                    runs.save(_project(), orphan)
+                    runs.ended(_project(), orphan, runs.LOST)
                 _say(f"{box.label} was lost before the run started ({gone.reason}); "
                      "replacing it")
                 with boxlock.held(_project(), _say):
@@ -577,6 +589,7 @@ def _follow_cluster(run, nodes, machines, recover: bool = True) -> int:
         if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
             run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
             runs.save(_project(), run)
+            runs.ended(_project(), run, "interrupted")
         else:
             run = _finish(run, nodes[0], machines[0], code)
         cluster.release(_project(), run, nodes, machines)
@@ -629,8 +642,10 @@ def _follow_cluster_once(run, nodes, machines):
                 run, machines[0], say, err=last_words.append,
                 on_status=on_status, peers=cluster.watcher(run, nodes, machines),
                 on_checkpoint=_checkpoint_copier(run, machines[0]) if chief.replaceable else None,
-                gone=(lambda: chief.gone(_project())) if chief.replaceable else None)
+                gone=(lambda: chief.gone(_project())) if chief.replaceable else None,
+                on_event=runs.recorder(_project(), run.run_id))
     except KeyboardInterrupt:
+        runs.note(_project(), run.run_id, events.DETACHED)
         _echo(f"detached; run {run.run_id} goes on. `dlbox attach {run.run_id}` follows "
               "it and pulls its results")
         return None, None
@@ -787,11 +802,11 @@ def _not_recorded(run, what: str, pulled: str) -> UsageError:
                       f"more; what was pulled is in {pulled}")
 
 
-def _finish(run, box, machine, code: int):
+def _finish(run, box, machine, code: int, cancelled: bool = False):
     """Pull and record the results of a run that ended; then the box may end on its own."""
     from . import runs
 
-    run = runs.finish(_project(), run, machine, code, _say)
+    run = runs.finish(_project(), run, machine, code, _say, cancelled)
     _release(run, box, machine)
     return run
 
@@ -820,9 +835,11 @@ def _follow_and_finish(run, box, machine, recover: bool = True,
                     run, machine, say, err=lambda line: _echo(line, err=True),
                     on_status=on_status, shown=shown,
                     on_checkpoint=_checkpoint_copier(run, machine) if box.replaceable else None,
-                    gone=(lambda b=box: b.gone(_project())) if box.replaceable else None)
+                    gone=(lambda b=box: b.gone(_project())) if box.replaceable else None,
+                    on_event=runs.recorder(_project(), run.run_id))
             break
         except KeyboardInterrupt:
+            runs.note(_project(), run.run_id, events.DETACHED)
             _echo(f"detached; run {run.run_id} goes on. " + _attach_hint(run.run_id))
             return EXIT_INTERRUPTED, box  # as shells expect of Ctrl-C; the run itself goes on
         except BoxLost as lost:
@@ -893,7 +910,9 @@ def attach(
 
     with _errors(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is "
                  "recorded: `dlbox down` ends it)"):
-        if runs.load(_project(), run_id).nodes:  # one line for a run that does not exist
+        nodes = runs.load(_project(), run_id).nodes  # one line for a run that does not exist
+        runs.note(_project(), run_id, events.ATTACHED)
+        if nodes:
             raise typer.Exit(_attach_cluster(run_id, not no_recover))
         cfg = config.load(_project())
         with boxlock.run_held(_project(), run_id, _say):  # one dlbox carries a run on
@@ -1051,7 +1070,7 @@ def cancel(run_id: Annotated[str, typer.Argument(help="The run's id.")]) -> None
             return
         box, machine = _box_of(run)
         code = runs.cancel(run, machine, _say)
-        run = _finish(run, box, machine, code)
+        run = _finish(run, box, machine, code, cancelled=True)
     _echo(f"run {run.run_id} {run.status} (exit {code}); what it had is in "
           f"{runs.RUNS_DIR}/{run.run_id}/")
 
@@ -1067,7 +1086,7 @@ def _cancel_cluster(run) -> None:
         code = runs.cancel(run, machines[0], _say)
         cluster.wait_for_workers(run, nodes, machines, time.sleep)
         cluster.pull_logs(_project(), run, machines)
-        run = _finish(run, nodes[0], machines[0], code)
+        run = _finish(run, nodes[0], machines[0], code, cancelled=True)
         cluster.release(_project(), run, nodes, machines)
     finally:
         for machine in machines:
@@ -1078,8 +1097,8 @@ def _cancel_cluster(run) -> None:
 
 @app.command("runs")
 def list_runs() -> None:
-    """A table of this project's runs."""
-    from . import runs
+    """A table of this project's runs (boxes lost and epochs so far from each run's event log)."""
+    from . import runs, timeline
     from .humanize import duration
 
     header = ("run", "model", "status", "val acc", "epochs", "duration", "box", "cost", "results")
@@ -1088,11 +1107,13 @@ def list_runs() -> None:
         recorded = runs.all_runs(_project(), _warn)
     for run in recorded:
         metrics = runs.read_local_json(_project() / runs.RUNS_DIR / run.run_id / "metrics.json")
-        lost = f" ({len(run.interruptions)} lost box(es))" if run.interruptions else ""
+        log = runs.events_of(_project(), run.run_id)
+        lost = timeline.boxes_lost(log) if log else len(run.interruptions)  # an older run: no log
+        seen = timeline.last_epoch(log)
         rows.append((
-            run.run_id, run.model, run.status + lost,
+            run.run_id, run.model, run.status + (f" ({lost} lost box(es))" if lost else ""),
             f"{run.val_accuracy:.4f}" if run.val_accuracy is not None else "-",
-            str(metrics.get("epochs_run", "-")),
+            str(metrics.get("epochs_run", "-" if seen is None else f"{seen} so far")),
             duration(run.seconds) if run.seconds is not None else "-",
             run.box + (f" (+{len(run.nodes) - 1} node(s))" if len(run.nodes) > 1 else ""),
             f"${run.cost_usd:.2f}" if run.cost_usd is not None else "-",

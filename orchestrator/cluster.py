@@ -17,7 +17,7 @@ from pathlib import Path
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 from trainer.cluster import TF_CONFIG_ENV, tf_config  # no TensorFlow behind it
 
-from . import boxlock, checkpoints, follow, parallel, records, runs, signals
+from . import boxlock, checkpoints, events, follow, parallel, records, runs, signals
 from .atomic import write_atomic
 from .boxkind import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
@@ -124,6 +124,8 @@ def start(project_dir: Path, nodes: list[Box], machines: list[Machine], model: s
     team = [Worker(k, box.name, dirs[k], "", shipped[k].code, shipped[k].data, shipped[k].test)
             for k, box in enumerate(nodes)]
     run = launch(project_dir, run, nodes, machines, team, say)
+    runs.note(project_dir, run_id, events.STARTED, box=nodes[0].name, nodes=len(nodes),
+              boxes=[b.name for b in nodes], model=model)
     say(f"run {run_id} started on {len(nodes)} nodes ({', '.join(b.label for b in nodes)})")
     return run
 
@@ -166,8 +168,10 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     except BaseException:  # a failure, Ctrl-C, SIGTERM: no worker waits for a missing peer
         with signals.deferred():
             stop(run, nodes, machines, only=tried)
-            runs.save(project_dir, replace(run, status="failed", exit_code=EXIT_NOT_STARTED,
-                                           finished_at=runs.now()))
+            failed = replace(run, status="failed", exit_code=EXIT_NOT_STARTED,
+                             finished_at=runs.now())
+            runs.save(project_dir, failed)
+            runs.ended(project_dir, failed, "failed")
         raise
     return run
 
@@ -367,7 +371,8 @@ def record_losses(project_dir: Path, run: runs.Run, nodes: list[Box], machines: 
         loss = BoxLost(why.reason, status.get("epoch"), progress=progress,
                        reclaimed=why.reclaimed, ended_at=why.at)
         run = recovery.record_loss(project_dir, run, nodes[k], loss,
-                                   usd_per_hour=(run.usd_per_hour or 0.0) if n == 0 else 0.0)
+                                   usd_per_hour=(run.usd_per_hour or 0.0) if n == 0 else 0.0,
+                                   node=k)
     return run
 
 
@@ -386,8 +391,10 @@ def replace_lost(project_dir: Path, run: runs.Run, nodes: list[Box], machines: l
     for k, why in lost:
         say(f"{nodes[k].label} was lost ({why.reason}); replacing it")
         machines[k].close()
+        was = nodes[k].name
         with boxlock.held(project_dir, say):
             nodes[k] = nodes[k].replacement(project_dir, say)
+        runs.note(project_dir, run.run_id, events.REPLACED, k, box=nodes[k].name, was=was)
         machines[k] = nodes[k].machine(project_dir)
         shipped = runs.ship(nodes[k], machines[k], run.data or "", run.test, say, None, pip_args)
         remote = runs.reserve_folder(machines[k], nodes[k].workdir, run.run_id)
@@ -439,4 +446,7 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
                               (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)}
                           for i in run.interruptions))
     # Same folders, same code and data, new endpoints (the old ports may be taken now).
-    return launch(project_dir, run, nodes, machines, team, say)
+    run = launch(project_dir, run, nodes, machines, team, say)
+    runs.note(project_dir, run.run_id, events.RESUMED, box=nodes[0].name, nodes=len(nodes),
+              boxes=[b.name for b in nodes], epochs=epoch)
+    return run

@@ -7,7 +7,7 @@ import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import hostkeys, sshtarget, state
+from . import debuglog, hostkeys, sshtarget, state
 from .boxkind import Box, Say
 from .errors import DlboxError
 from .humanize import duration
@@ -63,15 +63,20 @@ def end_project(project_dir: Path, ec2, say: Say, ids: list[str], box: str | Non
 
 def clients(region: str, profile: str | None):
     """An EC2 client; no credentials or an unknown region fail here, before any network call."""
-    from infra import aws  # boto3 is imported only when a command needs AWS
-
-    return aws.client(aws.session(region, profile), "ec2")
+    return _client(region, profile, "ec2")
 
 
 def ssm_client(region: str, profile: str | None):
-    from infra import aws
+    return _client(region, profile, "ssm")
 
-    return aws.client(aws.session(region, profile), "ssm")
+
+def _client(region: str, profile: str | None, service: str):
+    """A client whose calls the debug log sees (with --verbose)."""
+    from infra import aws  # boto3 is imported only when a command needs AWS
+
+    session = aws.session(region, profile)
+    debuglog.watch_aws(session)
+    return aws.client(session, service)
 
 
 def project_name(project_dir: Path) -> str:

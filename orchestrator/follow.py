@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
-from . import boxfiles, runs, spotwatch
+from . import boxfiles, events, runs, spotwatch
 from .boxkind import Gone
 from .errors import BoxLost, CommandTimedOut, DlboxError, LostContact
 from .humanize import Say, clean
@@ -188,7 +188,8 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
            on_status: Callable[[dict], None] | None = None,
            on_checkpoint: Callable[[], bool] | None = None,
            gone: Callable[[], Gone | None] | None = None, shown: int = 0,
-           peers: Callable[[], None] | None = None) -> int:
+           peers: Callable[[], None] | None = None,
+           on_event: Callable[..., None] | None = None) -> int:
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
     gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
@@ -197,7 +198,9 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
     if its owner cannot be asked, the box counts as there. A lost box, or an interruption
     notice on it, raises BoxLost once the trainer has stopped and its last checkpoint is
     copied (or cannot be). shown: epochs already shown (a run resumed elsewhere). peers()
-    raises when another node of a cluster run has failed (asked every PEER_CHECK_S)."""
+    raises when another node of a cluster run has failed (asked every PEER_CHECK_S).
+    on_event(kind, **details) gets each finished epoch and an interruption notice (for the
+    run's event log)."""
     phase, epochs_shown, epoch, history = None, shown, None, []
     warnings = _Warnings(say)
     started = checked = peers_checked = time.monotonic()
@@ -249,12 +252,17 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             on_status(status)
         for row in history[epochs_shown:]:  # before the phase line: the epochs came first
             say(_epoch_line(row, status.get("epochs") or len(history)))
+            if on_event is not None:
+                on_event(events.EPOCH, epoch=row["epoch"], phase=row["phase"],
+                         val_accuracy=row["val_accuracy"], seconds=row["seconds"])
         epochs_shown = max(epochs_shown, len(history))
         if status.get("phase") not in (None, phase, "training", "fine-tuning"):
             say(f"{status['phase']}...")
         phase = status.get("phase", phase)
         if snap.notice is not None and notice is None:
             notice = snap.notice
+            if on_event is not None:
+                on_event(events.NOTICE, action=notice.get("action"), time=notice.get("time"))
         if (snap.checkpoint is not None and snap.checkpoint != committed and on_checkpoint
                 and on_checkpoint()):
             committed = snap.checkpoint

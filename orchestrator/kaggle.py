@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import debuglog
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
 from .humanize import Say
 from .machine import Machine
@@ -79,6 +80,7 @@ def _one_line(value: str, source: str) -> str:
     if not value or "\n" in value or "\r" in value:
         raise UsageError(f"{source}: not a Kaggle credential (empty or several lines); "
                          f"create a new token at {TOKEN_URL}")
+    debuglog.secret(value)  # travels on stdin, never logged; masked should it show anyway
     return value
 
 

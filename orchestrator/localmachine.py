@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from . import debuglog
 from .atomic import write_atomic
 from .errors import DlboxError
 from .machine import COMMAND_TIMEOUT_S, MAX_READ_BYTES, Result, decode, local_error, too_big
@@ -19,7 +20,9 @@ class LocalMachine:
     """Commands run in their own process group, killed whole if they overrun or we stop."""
 
     same_filesystem = True
+    debug_name = "local"  # how the debug log names it
 
+    @debuglog.traced(debuglog.command)
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
         proc = subprocess.Popen(["bash", "-c", command], start_new_session=True,
@@ -36,6 +39,7 @@ class LocalMachine:
             raise
         return Result(proc.returncode, decode(out), decode(err))
 
+    @debuglog.traced(debuglog.path)
     def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
         try:
             with open(path, "rb") as f:
@@ -53,10 +57,12 @@ class LocalMachine:
             data = data[-max_bytes:]
         return data
 
+    @debuglog.traced(debuglog.written)
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(path), data, mode)
 
+    @debuglog.traced(debuglog.uploaded)
     def upload(self, root: Path, names: list[str], remote_dir: str,
                progress: Callable[[int], None] | None = None,
                sizes: dict[str, int] | None = None) -> None:
@@ -67,6 +73,7 @@ class LocalMachine:
             if progress is not None:
                 progress((root / name).stat().st_size)
 
+    @debuglog.traced(debuglog.tree)
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         Path(remote_dir).mkdir(parents=True, exist_ok=True)
         target = Path(remote_dir) / local.name
@@ -81,6 +88,7 @@ class LocalMachine:
     def discard_prepared(self) -> None:
         pass
 
+    @debuglog.traced(debuglog.fetched)
     def fetch(self, path: str, local: Path, max_bytes: int) -> None:
         with open(path, "rb") as source:
             if os.fstat(source.fileno()).st_size > max_bytes:

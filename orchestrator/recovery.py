@@ -10,7 +10,7 @@ from pathlib import Path
 
 from infra.errors import CapacityError, InfraError, QuotaError
 
-from . import boxlock, checkpoints, runs
+from . import boxlock, checkpoints, events, runs
 from .boxkind import Box
 from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
@@ -24,10 +24,11 @@ def _now() -> datetime:
 
 
 def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
-                usd_per_hour: float | None = None) -> runs.Run:
+                usd_per_hour: float | None = None, node: int | None = None) -> runs.Run:
     """The run's record with the loss added (when, which epoch, why, what the box cost, how
     much training is redone). usd_per_hour: what the run's boxes cost together, if not the
-    lost box's alone (a cluster's nodes; 0: already counted with another node lost)."""
+    lost box's alone (a cluster's nodes; 0: already counted with another node lost); node:
+    which node of a cluster run it was."""
     now = _now()
     ended = lost.ended_at or now.timestamp()  # the bill ran until EC2 ended it, or we do
     segment = datetime.fromisoformat(run.segment_started_at or run.started_at).timestamp()
@@ -59,6 +60,9 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
         up_flags=asdict(flags) if flags is not None else None)
     run = replace(run, status=INTERRUPTED, interruptions=(*run.interruptions, asdict(entry)))
     runs.save(project_dir, run)
+    runs.note(project_dir, run.run_id, events.LOST, node, box=box.name, reason=lost.reason,
+              epoch=lost.epoch, warned=lost.warned, reclaimed=lost.reclaimed,
+              cost_usd=entry.cost_usd, work_lost_s=entry.work_lost_s)
     return run
 
 
@@ -108,6 +112,8 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
     except BaseException:
         machine.close()
         raise
+    runs.note(project_dir, run.run_id, events.RESUMED, box=box.name,
+              epochs=copy.completed if copy else 0)
     say(f"run {run.run_id} resumed on {box.label} "
         + (f"from its checkpoint after {copy.completed} epoch(s)" if copy else "from the start"))
     return run, machine
@@ -197,6 +203,7 @@ def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                                      + resumable_line(project_dir, run))
             try:
                 with boxlock.held(project_dir, say):
+                    was = box.name if box is not None else None
                     if box is not None:
                         box.retire(project_dir, say)  # its errors are its own
                     try:
@@ -206,6 +213,7 @@ def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
                         raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing "
                                              "of it is left running; "
                                              + resumable_line(project_dir, run)) from exc
+                    runs.note(project_dir, run.run_id, events.REPLACED, box=box.name, was=was)
             except NeverUsable as exc:  # ended (verified) by `up` itself
                 failed += 1
                 say(f"the new box did not become usable ({exc}); trying another")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from markupsafe import Markup
 
-from . import boxfiles
+from . import boxfiles, events, timeline
 from .atomic import write_atomic
 from .render import render
 
@@ -82,6 +82,19 @@ def _nodes(run_dir: Path, run) -> list[dict]:
     return found
 
 
+def _timeline(run_dir: Path, run) -> list[dict]:
+    """The rows of the report's timeline: each stretch of the run on its box(es)."""
+    rows = []
+    for n, s in enumerate(timeline.stretches(events.read(run_dir), run.usd_per_hour), 1):
+        ran = (f"{s.epochs[0]}–{s.epochs[-1]} ({len(s.epochs)})" if len(s.epochs) > 1
+               else str(s.epochs[0]) if s.epochs else "none")
+        rows.append({"n": n, "boxes": ", ".join(s.boxes), "replaced": ", ".join(s.replaced),
+                     "from": s.started_at, "to": s.ended_at or "-", "epochs": ran,
+                     "ending": s.ending + (f" (after {s.notices} notice)" if s.notices else ""),
+                     "cost": f"${s.cost_usd:.2f}" if s.cost_usd is not None else "-"})
+    return rows
+
+
 def write(run_dir: Path, run, box: str, duration: str, cost: str,
           metrics: dict | None = None) -> Path:
     """Render the report from what was pulled into run_dir (metrics: metrics.json as
@@ -108,7 +121,7 @@ def write(run_dir: Path, run, box: str, duration: str, cost: str,
         accuracy_chart=svg_chart("Accuracy", epochs, {"training": column("accuracy"),
                                                       "validation": column("val_accuracy")}),
         misclassified=(run_dir / "misclassified.jpg").exists(),
-        nodes=_nodes(run_dir, run),
+        nodes=_nodes(run_dir, run), timeline=_timeline(run_dir, run),
         time_lost=sum((i.get("work_lost_s") or 0) + (i.get("downtime_s") or 0)
                       for i in run.interruptions),
     ))

@@ -22,7 +22,19 @@ from typing import Any
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
-from . import boxfiles, boxlock, codeship, kaggle, records, registry, report, signals, state, sync
+from . import (
+    boxfiles,
+    boxlock,
+    codeship,
+    events,
+    kaggle,
+    records,
+    registry,
+    report,
+    signals,
+    state,
+    sync,
+)
 from .atomic import write_atomic
 from .boxkind import Box
 from .errors import DISK_FULL_FIX, DlboxError, UsageError
@@ -208,6 +220,37 @@ def save(project_dir: Path, run: Run) -> None:
     directory = project_dir / RUNS_DIR / run.run_id
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / RUN_FILE, json.dumps(asdict(run), indent=2) + "\n")
+
+
+def note(project_dir: Path, run_id: str, kind: str, node: int | None = None,
+         **details: Any) -> None:
+    """An event in the run's log, runs/<id>/events.jsonl (see events.py). A log that cannot
+    be written (a full disk) is said and the run goes on: the record and results come first."""
+    try:
+        events.append(project_dir / RUNS_DIR / run_id, kind, node, **details)
+    except OSError as exc:
+        _warn(f"could not add to run {run_id}'s event log ({exc.strerror or exc})")
+
+
+def events_of(project_dir: Path, run_id: str) -> list[events.Event]:
+    """The run's event log, oldest first ([] for a run recorded before there was one)."""
+    return events.read(project_dir / RUNS_DIR / run_id)
+
+
+def recorder(project_dir: Path, run_id: str) -> Callable[..., None]:
+    """on_event for follow: each event into the run's log, an epoch logged already (since
+    the run last started or resumed) only once."""
+    seen = events.epochs_seen(events_of(project_dir, run_id))
+
+    def on_event(kind: str, node: int | None = None, **details: Any) -> None:
+        if kind == events.EPOCH:
+            key = (details.get("phase"), details.get("epoch"))
+            if key in seen:
+                return
+            seen.add(key)
+        note(project_dir, run_id, kind, node, **details)
+
+    return on_event
 
 
 def _decode(path: Path) -> Run:
@@ -433,6 +476,7 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
               started_at=now(), usd_per_hour=box.hourly_usd, data=data, test=test,
               trainer_args=tuple(trainer_args), rented=box.rented)
     run = launch(project_dir, box, machine, run, shipped, say)
+    note(project_dir, run_id, events.STARTED, box=box.name, nodes=1, model=model)
     say(f"run {run_id} started on {box.label}")
     return run
 
@@ -672,6 +716,8 @@ def pull(project_dir: Path, run: Run, machine: Machine, say: Say = print,
         for f in wanted:
             fetch_verified(machine, f"{snapshot}/{f.name}", local / f.name, f.digest, run.run_id,
                            partial, f.size)
+        note(project_dir, run.run_id, events.PULLED, files=len(wanted),
+             bytes=sum(f.size for f in wanted), final=lines[0] == "ended" or ended)
     finally:
         with signals.deferred(), contextlib.suppress(DlboxError):  # lost contact: the next
             machine.run(f"rm -rf -- {shlex.quote(snapshot)}")      # pull removes it
@@ -743,8 +789,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finish(project_dir: Path, run: Run, machine: Machine, code: int, say: Say = print) -> Run:
-    """Pull the results and record how the run ended (warnings go to say)."""
+def finish(project_dir: Path, run: Run, machine: Machine, code: int, say: Say = print,
+           cancelled: bool = False) -> Run:
+    """Pull the results and record how the run ended (warnings go to say); cancelled: it
+    ended because `dlbox cancel` stopped it."""
     local = pull(project_dir, run, machine, say, ended=True)
     metrics = boxfiles.pulled_metrics(local, f"run {run.run_id}'s metrics.json",
                                       lambda line: say(f"warning: {line}"))
@@ -757,9 +805,16 @@ def finish(project_dir: Path, run: Run, machine: Machine, code: int, say: Say = 
     run = replace(run, status=status, exit_code=code, val_accuracy=metrics.get("val_accuracy"),
                   finished_at=now())
     save(project_dir, run)
+    ended(project_dir, run, "cancelled" if cancelled else status)
     report.write(local, run, box=run.box, duration=f"{run.seconds / 60:.1f} min",
                  cost=cost_line(run), metrics=metrics)
     return run
+
+
+def ended(project_dir: Path, run: Run, how: str) -> None:
+    """The run's end in its event log (how: one of events.ENDS), with what it reached."""
+    note(project_dir, run.run_id, how, exit_code=run.exit_code, val_accuracy=run.val_accuracy,
+         cost_usd=run.cost_usd)
 
 
 def cost_line(run: Run) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import hostkeys, sshtarget, tarstream
+from . import debuglog, hostkeys, sshtarget, tarstream
 from .errors import CommandTimedOut, DlboxError, LostContact, UsageError
 from .machine import (
     COMMAND_TIMEOUT_S,
@@ -50,6 +50,10 @@ class SshMachine:
 
     same_filesystem = False
 
+    @property
+    def debug_name(self) -> str:
+        return f"ssh {self.target.host}"
+
     def __init__(self, target: SshTarget, pin_new_host: bool = False,
                  expected_fingerprints: set[str] | None = None,
                  connect_deadline_s: float = SSH_CONNECT_DEADLINE_S) -> None:
@@ -64,8 +68,10 @@ class SshMachine:
     def conn(self):
         """The fabric connection, opened on first use and watched by a heartbeat."""
         if self._conn is None:
-            self._conn = _connect(self.target, self._pin_new_host, self._expected,
-                                  self._connect_deadline_s)
+            with debuglog.timed(f"{self.debug_name} connect", f"as {self.target.user} port "
+                                f"{self.target.port}"):
+                self._conn = _connect(self.target, self._pin_new_host, self._expected,
+                                      self._connect_deadline_s)
             self._heartbeat = _Heartbeat(self._conn.transport, sshtarget.server_alive_interval_s(),
                                          sshtarget.alive_bound_s())
         return self._conn
@@ -97,6 +103,7 @@ class SshMachine:
                                   f"{doing} ({type(exc).__name__}: {exc or 'no answer'})") from exc
             raise
 
+    @debuglog.traced(debuglog.command)
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S,
             stdin: bytes | None = None) -> Result:
         """One command on a fresh channel of the open connection: bytes in, bytes out.
@@ -136,6 +143,7 @@ class SshMachine:
         sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
         return sftp
 
+    @debuglog.traced(debuglog.path)
     def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
         with self._link(f"reading {path}"):
             try:
@@ -154,6 +162,7 @@ class SshMachine:
             data = data[-max_bytes:]
         return data
 
+    @debuglog.traced(debuglog.written)
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write path in one rename, so a reader on the box never sees half of it."""
         self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
@@ -165,6 +174,7 @@ class SshMachine:
                 f.write(data)
             sftp.posix_rename(tmp, path)
 
+    @debuglog.traced(debuglog.uploaded)
     def upload(self, root: Path, names: list[str], remote_dir: str,
                progress: Callable[[int], None] | None = None,
                sizes: dict[str, int] | None = None) -> None:
@@ -220,6 +230,7 @@ class SshMachine:
             sftp.stat(".")
             return time.monotonic() - started
 
+    @debuglog.traced(debuglog.tree)
     def upload_tree(self, local: Path, remote_dir: str) -> None:
         self.upload(local.parent, [local.name], remote_dir)
 
@@ -236,6 +247,7 @@ class SshMachine:
             self._ready = None
             tarstream.close_unused(remote)
 
+    @debuglog.traced(debuglog.fetched)
     def fetch(self, path: str, local: Path, max_bytes: int) -> None:
         _quiet_prefetch_deaths()
         with open(local, "wb") as out, self._link(f"copying {path}"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -92,7 +93,7 @@ def _one_line_error(result, code: int, *needles: str) -> None:
 
 def test_up_status_down(project, aws, sshd):
     directory, _ = project
-    up = dlbox(project, "up")
+    up = dlbox(project, "--verbose", "up")
     assert up.returncode == 0, up.stderr
     box = _state(directory)
     assert f"launched {box['instance_id']}: on-demand g4dn.xlarge" in up.stdout
@@ -121,6 +122,16 @@ def test_up_status_down(project, aws, sshd):
     assert aws.describe_key_pairs()["KeyPairs"] == []
     assert [g["GroupName"] for g in aws.describe_security_groups()["SecurityGroups"]] == ["default"]
     assert Path(box["key_path"]).exists()  # kept for the next `up`, never overwritten
+    # --verbose: every AWS call and remote command, timed, with its outcome; never the key.
+    log = (directory / ".dlbox" / "debug.log").read_text()
+    assert re.search(r" aws \d+\.\d{3}s ec2\.RunInstances -> HTTP 200$", log, re.M)
+    assert re.search(r" ssh 127\.0\.0\.1 connect \d+\.\d{3}s as \S+ port \d+ -> ok$", log,
+                     re.M)
+    assert re.search(r" ssh 127\.0\.0\.1 run \d+\.\d{3}s .* -> exit 0$", log, re.M)
+    private = [line for line in Path(box["key_path"]).read_text().splitlines()
+               if line and not line.startswith("-----")]
+    assert private and not [line for line in private if line in log]
+    assert "TerminateInstances" not in log  # `down` ran without --verbose: not logged
 
     again = dlbox(project, "down")
     assert again.returncode == 0 and "no box is up" in again.stdout

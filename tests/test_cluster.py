@@ -337,6 +337,13 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
     assert "Server.SpotInstanceTermination" in lost["reason"]
     assert 0 < lost["work_lost_epochs"] <= 1 and lost["checkpoint_epochs"] >= 1
     assert lost["cost_usd"] is not None and lost["downtime_s"] is not None
+    log = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    changes = [(e["kind"], e["node"], e.get("box")) for e in log
+               if e["kind"] in ("started", "box-lost", "replaced", "resumed", "done")]
+    assert changes == [("started", None, record["box"]), ("box-lost", 1, lost["box"]),
+                       ("replaced", 1, final["nodes"][1]["box"]),
+                       ("resumed", None, record["box"]), ("done", None, None)], changes
+    assert "Timeline" in (run_dir / "report.html").read_text()
     assert final["nodes"][1]["address"].startswith("127.0.0.4:")
     assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
     groups = aws.describe_placement_groups()["PlacementGroups"]

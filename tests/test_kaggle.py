@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -192,7 +193,7 @@ def test_ssh_box_gets_the_credentials_over_the_channel_and_keeps_them_off_its_di
     try:
         project, remote = tmp_path / "proj", tmp_path / "remote"
         project.mkdir()
-        env = {"HOME": str(home)}
+        env = {"HOME": str(home), "DLBOX_DEBUG": "1"}  # the debug log on: it must hold no secret
         up = dlbox(project, "up", "--ssh", f"{server.user}@{server.host}:{server.port}", "--key",
                    str(server.client_key), "--python", quick_python(), "--workdir", str(remote),
                    env=env)
@@ -204,5 +205,16 @@ def test_ssh_box_gets_the_credentials_over_the_channel_and_keeps_them_off_its_di
         assert seen["environ"] and seen["cmdline"] == []  # over the channel, into the env
         assert _files_holding_the_key(box_tmp, remote) == []
         assert (remote / "data" / f"kaggle-{kaggle.COMPETITION}" / kaggle.MARKER).exists()
+        # Every remote command and transfer, timed, with its outcome; no secret among them.
+        log = (project / ".dlbox" / "debug.log").read_text()
+        assert re.search(r" ssh 127\.0\.0\.1 run \d+\.\d{3}s .*kaggle_fetch\.sh.* -> exit 0", log)
+        assert re.search(r" ssh 127\.0\.0\.1 upload \d+\.\d{3}s \d+ file\(s\) from ", log)
+        assert re.search(r" ssh 127\.0\.0\.1 fetch \d+\.\d{3}s .*model\.keras to ", log)
+        assert "command train scratch --data kaggle" in log
+        private = [line for line in server.client_key.read_text().splitlines()
+                   if line and not line.startswith("-----")]
+        assert KEY not in log and USER not in log.replace(str(tmp_path), "")
+        assert not [line for line in private if line in log]
+        assert _files_holding_the_key(project) == []
     finally:
         sshd_mod.stop(server)

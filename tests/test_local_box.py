@@ -40,6 +40,11 @@ def dlbox(cwd: Path, *args: str):
                           timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+def _events(run: Path) -> list[dict]:
+    """runs/<id>/events.jsonl, each line parsed (a torn one would fail the test)."""
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
 def _run_dirs(project: Path) -> list[Path]:
     return sorted(p for p in (project / "runs").iterdir() if p.is_dir())
 
@@ -72,6 +77,11 @@ def test_up_local_train_down(local_run):
 
     again = dlbox(project, "pull", run.name)
     assert again.returncode == 0 and "pulled into" in again.stdout
+    log = _events(run)
+    assert [e["kind"] for e in log] == ["started", "epoch", "epoch", "pulled", "done", "pulled"]
+    assert [e["epoch"] for e in log if e["kind"] == "epoch"] == [1, 2]
+    assert log[4]["val_accuracy"] == metrics["val_accuracy"] and log[3]["final"] is True
+    assert "Timeline" in (run / "report.html").read_text()
     down = dlbox(project, "down")
     assert down.returncode == 0
     assert not (project / ".dlbox" / "local-box").exists()
@@ -125,6 +135,9 @@ def test_killed_dlbox_leaves_the_run_going_and_attach_gets_the_results(tmp_path,
     assert attach.returncode == 0, attach.stdout + attach.stderr
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
     assert json.loads((run / "run.json").read_text())["status"] == "done"
+    log = [e["kind"] for e in _events(run)]  # kept through the kill, then added to by attach
+    assert log[0] == "started" and "attached" in log and log[-2:] == ["pulled", "done"]
+    assert log.count("epoch") == 3  # an epoch shown again by attach is logged once
     assert dlbox(tmp_path, "down").returncode == 0
 
 
@@ -228,6 +241,7 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     assert "interrupted (exit 75)" in cancel.stdout
     assert term.wait() == 75  # `dlbox train` hands on the trainer's status
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert [e["kind"] for e in _events(run)][-2:] == ["pulled", "cancelled"]
 
     logs = dlbox(tmp_path, "logs", run.name)
     assert logs.returncode == 0 and "stopped by SIGTERM" in logs.stdout

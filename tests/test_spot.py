@@ -279,6 +279,17 @@ def test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss(spot, aws, sma
     assert _history(run_dir) == [("training", e) for e in range(1, 15)]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 14
     assert "Interruptions" in (run_dir / "report.html").read_text()
+    # The event log tells the same story, and the report's timeline and `dlbox runs` read it.
+    log = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in log]
+    assert kinds[0] == "started" and kinds[-2:] == ["pulled", "done"]
+    assert [k for k in kinds if k in ("notice", "box-lost", "replaced", "resumed")] == [
+        "notice", "box-lost", "replaced", "resumed", "box-lost", "replaced", "resumed"]
+    assert [e["box"] for e in log if e["kind"] == "box-lost"] == [first["box"], second["box"]]
+    report = (run_dir / "report.html").read_text()
+    assert "Timeline" in report and report.count("lost dlbox-") == 2
+    listing = dlbox(project, "runs")
+    assert listing.returncode == 0 and "done (2 lost box(es))" in listing.stdout
     # The first box's stretch of the log, kept while it still answered after its warning.
     assert "EC2 spot interruption notice" in (run_dir / "train.1.log").read_text()
     assert not (run_dir / "train.2.log").exists()  # the second box went without a word
