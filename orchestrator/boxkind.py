@@ -12,6 +12,7 @@ from .errors import UsageError
 from .humanize import Say
 from .machine import Machine
 from .sshtarget import SshTarget
+from .ui import Ui
 
 MAX_NODES = 64  # boxes in one cluster: a typo (--nodes 200) must not launch a fleet
 
@@ -168,6 +169,18 @@ class Box(Protocol):
         """End this lost box (verified) and make a new one like it, ready to train, recorded
         in its place. The caller holds the box lock."""
 
+    @classmethod
+    def down_unrecorded(cls, project_dir: Path, region: str | None, profile: str | None,
+                        yes: bool, ui: Ui) -> bool:
+        """`down` with no box recorded: end what of the project this kind still finds (EC2:
+        instances by their tag). True once it said what it found."""
+
+    @classmethod
+    def down_every_project(cls, project_dir: Path, region: str | None, profile: str | None,
+                           yes: bool, ui: Ui) -> bool:
+        """`down --all`: list this kind's boxes of every project, ask, end them. True if
+        the kind has such a place to look (it said what it found)."""
+
 
 class Unwatched:
     """What boxes with no watchdog share (this machine, one reached over SSH): nothing ends
@@ -195,3 +208,13 @@ class Unwatched:
 
     def replacement(self, project_dir: Path, say: Say) -> Box:
         raise UsageError(f"{self.label} cannot be replaced by dlbox")  # never gone, never asked
+
+    @classmethod
+    def down_unrecorded(cls, project_dir: Path, region: str | None, profile: str | None,
+                        yes: bool, ui: Ui) -> bool:
+        return False  # nothing of it exists that the project does not record
+
+    @classmethod
+    def down_every_project(cls, project_dir: Path, region: str | None, profile: str | None,
+                           yes: bool, ui: Ui) -> bool:
+        return False  # no fleet of them to look through

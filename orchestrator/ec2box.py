@@ -14,8 +14,12 @@ from .ec2aws import (
     TERMINATE_TIMEOUT_S,
     clients,
     cost_so_far,
+    describe_for_ending,
+    end_all,
     end_project,
+    every_instance,
     forget,
+    project_instances,
 )
 from .errors import DlboxError, UsageError
 from .humanize import duration
@@ -23,6 +27,7 @@ from .machine import Machine
 from .nodes import of_kind
 from .sshmachine import SshMachine
 from .sshtarget import SshTarget
+from .ui import Ui
 
 START_TIMEOUT_S = 600  # a stopped box started again to hand over its results
 STOPPED_STATES = ("stopping", "stopped")  # a run there is lost; the box can start again
@@ -294,6 +299,54 @@ class Ec2Box:
         if self.nodes > 1:
             return ec2up.replace_node(project_dir, self, say)
         return ec2up.up(type(self), project_dir, self.up_flags(project_dir), self, say)
+
+    @classmethod
+    def down_unrecorded(cls, project_dir: Path, region: str | None, profile: str | None,
+                        yes: bool, ui: Ui) -> bool:
+        """No box recorded: still end this project's EC2 instances, found by their tag."""
+        from infra.errors import CredentialsError
+
+        from . import config, runs
+
+        cfg = config.load(project_dir, region=region, profile=profile)
+        try:
+            ec2 = clients(cfg.region, cfg.profile)
+        except CredentialsError:  # no AWS here: nothing of this project can be running there
+            return False
+        waiting = [r.run_id for r in runs.all_runs(project_dir, ui.warn) if r.status == "running"]
+        found = project_instances(ec2, project_dir)
+        if found and waiting and not yes:
+            ids = ", ".join(i.instance_id for i in found)
+            raise UsageError(f"{ids} of this project is not recorded, and run(s) "
+                             f"{', '.join(waiting)} may have results there: `dlbox up` records it "
+                             "again (then `dlbox down` pulls them), `dlbox down --yes` ends it "
+                             "without them")
+        ended = end_project(project_dir, ec2, ui.say, [])
+        if not ended:
+            return False
+        ui.say(f"{len(ended)} instance(s) of this project that .dlbox/state.json did not "
+               "record: terminated (verified)")
+        return True
+
+    @classmethod
+    def down_every_project(cls, project_dir: Path, region: str | None, profile: str | None,
+                           yes: bool, ui: Ui) -> bool:
+        """Every dlbox instance in the region, of every project: listed, asked, ended."""
+        from . import config
+
+        cfg = config.load(project_dir, region=region, profile=profile)
+        ec2, found = every_instance(cfg.region, cfg.profile)
+        if not found:
+            ui.say(f"no dlbox instance is running in {cfg.region}")
+            return True
+        ui.say(f"dlbox instances in {cfg.region}, of every project:")
+        for line in describe_for_ending(ec2, found):
+            ui.say(f"  {line}")
+        ui.confirm(f"Terminate these {len(found)} instance(s)?", yes,
+                   f"{len(found)} instance(s) of every project would be terminated; `dlbox down "
+                   "--all --yes` ends them (plain `dlbox down` ends only this project's)")
+        end_all(ec2, found, cfg.region, ui.say)
+        return True
 
     def hold_results(self, project_dir: Path) -> None:
         """On-demand: a power-off (the watchdog's) stops the box, its disk kept, instead of

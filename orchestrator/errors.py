@@ -54,5 +54,11 @@ class RunInterrupted(DlboxError):
     exit_code = 75  # EX_TEMPFAIL, as the trainer's own "interrupted, resumable"
 
 
+class Interrupted(DlboxError):
+    """Ctrl-C (or SIGTERM) cut a step short: the message says what it leaves and what to do."""
+
+    exit_code = 130  # as shells expect of Ctrl-C
+
+
 class NeverUsable(DlboxError):
     """A box just launched never became usable; it was terminated (verified)."""

@@ -32,7 +32,8 @@ RESUMED = "resumed"  # the run started again from its checkpoint: box, epochs
 DETACHED = "detached"  # the user left it running (Ctrl-C while following)
 ATTACHED = "attached"  # a dlbox follows it again
 PULLED = "pulled"  # results copied into runs/<id>/: files, bytes, final
-ENDS = ("done", "failed", "cancelled", "interrupted", "lost")
+CANCELLED = "cancelled"  # the end of a run `dlbox cancel` stopped (logged as it asks)
+ENDS = ("done", "failed", CANCELLED, "interrupted", "lost")
 KINDS = (STARTED, EPOCH, CHECKPOINT, NOTICE, LOST, REPLACED, RESUMED, DETACHED, ATTACHED,
          PULLED, *ENDS)
 
@@ -100,6 +101,18 @@ def epochs_seen(found: list[Event]) -> set[tuple[Any, Any]]:
         elif event.kind == EPOCH:
             seen.add((event.details.get("phase"), event.details.get("epoch")))
     return seen
+
+
+def has_ended(found: list[Event]) -> bool:
+    """Whether the run's end is logged since it last started or resumed (two dlbox that
+    both saw it end, `train` following it and `cancel` stopping it, log it once)."""
+    ended = False
+    for event in found:
+        if event.kind in (STARTED, RESUMED):
+            ended = False
+        elif event.kind in ENDS:
+            ended = True
+    return ended
 
 
 def read(run_dir: Path) -> list[Event]:

@@ -812,9 +812,11 @@ def finish(project_dir: Path, run: Run, machine: Machine, code: int, say: Say = 
 
 
 def ended(project_dir: Path, run: Run, how: str) -> None:
-    """The run's end in its event log (how: one of events.ENDS), with what it reached."""
-    note(project_dir, run.run_id, how, exit_code=run.exit_code, val_accuracy=run.val_accuracy,
-         cost_usd=run.cost_usd)
+    """The run's end in its event log (how: one of events.ENDS), with what it reached;
+    once, whoever else saw it end."""
+    if not events.has_ended(events_of(project_dir, run.run_id)):
+        note(project_dir, run.run_id, how, exit_code=run.exit_code,
+             val_accuracy=run.val_accuracy, cost_usd=run.cost_usd)
 
 
 def cost_line(run: Run) -> str:

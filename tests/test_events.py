@@ -124,3 +124,10 @@ def test_a_cluster_stretch_names_every_node_and_adds_up_the_losses():
     assert only.boxes == ["n0", "n1"] and only.cost_usd == 0.5
     assert only.ending == "lost n1: gone; lost n0: gone too"
     assert only.seconds == 60
+
+
+def test_a_run_ends_once_per_stretch_whoever_else_saw_it_end(tmp_path):
+    log = [_event("started", "10:00:00"), _event("cancelled", "10:01:00")]
+    assert events.has_ended(log)
+    assert not events.has_ended([*log, _event("resumed", "10:02:00")])
+    assert not events.has_ended(log[:1])

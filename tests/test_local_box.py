@@ -241,7 +241,9 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     assert "interrupted (exit 75)" in cancel.stdout
     assert term.wait() == 75  # `dlbox train` hands on the trainer's status
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
-    assert [e["kind"] for e in _events(run)][-2:] == ["pulled", "cancelled"]
+    ends = [e["kind"] for e in _events(run) if e["kind"] in ("done", "failed", "cancelled",
+                                                              "interrupted", "lost")]
+    assert ends == ["cancelled"]  # once, though `train` following it saw it end too
 
     logs = dlbox(tmp_path, "logs", run.name)
     assert logs.returncode == 0 and "stopped by SIGTERM" in logs.stdout

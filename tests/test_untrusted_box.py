@@ -279,7 +279,7 @@ def test_a_hostile_box_listing_paths_cannot_write_outside_the_run(tmp_path):
         assert not (run / "val_predictions.csv").exists()
         assert sorted(p.name for p in run.iterdir()) == sorted(
             ["model.keras", "history.csv", "metrics.json", "train.log", "status.json",
-             "stdout.log", "run.json", "report.html"])
+             "stdout.log", "run.json", "report.html", "events.jsonl"])
         pull = dlbox(scene.project, "pull", run.name)  # `dlbox pull` goes the same way
         assert pull.returncode == 0 and keys.read_text().endswith("mine\n"), pull.stderr
         assert not (scene.project / "evil.txt").exists()

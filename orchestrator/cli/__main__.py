@@ -1,0 +1,5 @@
+"""`python -m orchestrator.cli`: the dlbox command line."""
+
+from . import app
+
+app()

@@ -1,0 +1,749 @@
+"""A run's life, outside the CLI: start it, follow it, copy its checkpoints off the box,
+notice a lost box, replace it, resume, pull the results and let the box go; and settle a
+box's runs before `down` ends it.
+
+Every function here names a step the CLI's commands call; it speaks through a Ui and
+raises the orchestrator's errors (the CLI turns them into exit codes). Each change of a
+run's state is an event in its log (events.py), written by the step that makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
+
+from . import events
+from .errors import BoxLost, DlboxError, Interrupted, LostContact, UsageError
+from .ui import Ui
+
+EXIT_INTERRUPTED = 130  # detached by Ctrl-C: the run goes on (as shells expect of Ctrl-C)
+EXIT_FAILED = 1  # a cluster run a worker's own error stopped
+COPY_LOCK_TIMEOUT_S = 5  # a checkpoint copy waits this long for another dlbox's (then skips)
+
+
+@contextlib.contextmanager
+def on_interrupt(hint: str) -> Iterator[None]:
+    """Ctrl-C in the block becomes Interrupted(hint): what it leaves, and what to do."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(hint) from None
+
+
+def attach_hint(run_id: str) -> str:
+    return f"`dlbox attach {run_id}` follows it and pulls its results"
+
+
+# --- the boxes a run is on ----------------------------------------------------------------
+
+
+def current_box(project: Path):
+    """The project's box, or a UsageError that says how to get one."""
+    from . import boxes
+
+    box = boxes.current(project)
+    if box is None:
+        raise boxes.no_box()
+    return box
+
+
+def not_recorded(project: Path, run, what: str, pulled: str) -> UsageError:
+    """The error for a run whose box this project no longer records. With the state file
+    itself gone (`.dlbox/` lost, not `down`) the box may still be there: `up` records it again."""
+    from . import state
+
+    if not state.state_file(project).exists():
+        nodes = f" (a cluster: `--nodes {len(run.nodes)}`)" if len(run.nodes) > 1 else ""
+        return UsageError(f"run {run.run_id} ran on {what}, and this project's record of its box "
+                          f"is gone (.dlbox/{state.STATE_FILE}); if the box is still there, "
+                          f"`dlbox up` with the flags it was made with{nodes} records it again, "
+                          f"then run this command again; what was pulled is in {pulled}")
+    return UsageError(f"run {run.run_id} ran on {what}, which is not this project's box any "
+                      f"more; what was pulled is in {pulled}")
+
+
+def crew_of(project: Path, run, ui: Ui):
+    """(nodes, machines) the run is on, chief first, woken ([box], [machine] for a single
+    box): they must still be this project's boxes."""
+    from . import boxes, cluster
+
+    chief = boxes.named(project, run.box)
+    if chief is None:
+        raise not_recorded(project, run, f"box {run.box}", f"runs/{run.run_id}/")
+    chief = chief.wake(project, ui.say)
+    nodes = boxes.cluster(project, chief) if len(run.nodes) > 1 else [chief]
+    names = [w.box for w in cluster.workers(run)]
+    if len(names) > 1 and [n.name for n in nodes] != names:
+        raise UsageError(f"run {run.run_id} ran on nodes {', '.join(names)}, which are not this "
+                         f"project's cluster any more; its results are in runs/{run.run_id}/")
+    nodes = [chief] + [n.wake(project, ui.say) for n in nodes[1:]]
+    return nodes, [n.machine(project) for n in nodes]
+
+
+def _close(machines) -> None:
+    for machine in machines:
+        machine.close()
+
+
+def node_of(project: Path, run, node: int, ui: Ui):
+    """(run as node K sees it: its folder there, the machine of node K)."""
+    from . import boxes, cluster
+
+    team = cluster.workers(run)
+    if node and not 0 <= node < len(team):
+        what = f"{len(team)} nodes (0 to {len(team) - 1})" if len(team) > 1 else \
+            "one box (no --node)"
+        raise UsageError(f"--node {node}: run {run.run_id} ran on {what}")
+    if not node:
+        box = boxes.named(project, run.box)
+        if box is None:
+            raise not_recorded(project, run, f"box {run.box}", f"runs/{run.run_id}/")
+        return run, box.wake(project, ui.say).machine(project)
+    box = boxes.named(project, team[node].box)
+    if box is None:
+        raise not_recorded(project, run, f"node {node} ({team[node].box})",
+                           f"runs/{run.run_id}/nodes/{node}/")
+    box = box.wake(project, ui.say)
+    return replace(run, remote_dir=team[node].remote_dir), box.machine(project)
+
+
+# --- start --------------------------------------------------------------------------------
+
+
+def train(project: Path, model: str, data: str, test: str | None, trainer_args: list[str],
+          ui: Ui, recover: bool = True, down_after: bool = False,
+          on_started: Callable = lambda run: None) -> int:
+    """Start a run on the project's box (a worker on every node of a cluster), follow it to
+    its end, pull its results; with down_after, end the box once they are here. A box lost
+    before the run starts is replaced first. Returns the run's exit status."""
+    from . import boxes, boxlock, config, runs
+
+    cfg = config.load(project)
+    box = current_box(project).wake(project, ui.say)
+    if box.nodes > 1:
+        nodes = [box] + [n.wake(project, ui.say) for n in boxes.cluster(project, box)[1:]]
+        return _train_on_cluster(project, nodes, model, data, test, trainer_args, ui, recover,
+                                 down_after, on_started, cfg)
+    for attempt in range(cfg.max_recoveries + 1):
+        machine = box.machine(project)
+        try:
+            with ui.transfer() as progress:
+                run = runs.start(project, box, machine, model, data, test, trainer_args,
+                                 ui.say, progress, cfg.pip_args)
+            on_started(run)
+            break
+        except (DlboxError, InfraError) as exc:
+            machine.close()
+            gone = None if isinstance(exc, UsageError) else box.gone(project)
+            if gone is None or not gone.reclaimed or not recover or \
+                    attempt == cfg.max_recoveries:
+                raise
+            orphan = getattr(exc, "run", None)  # recorded as it started, with the box
+            if orphan is not None:
+                orphan = replace(orphan, status=runs.LOST)
+                runs.save(project, orphan)
+                runs.ended(project, orphan, runs.LOST)
+            ui.say(f"{box.label} was lost before the run started ({gone.reason}); replacing it")
+            with boxlock.held(project, ui.say):
+                box = box.replacement(project, ui.say)
+    code, box = follow_and_finish(project, run, box, machine, ui, recover, down_after)
+    if down_after and runs.load(project, run.run_id).finished_at:  # pulled and verified
+        # As `down` does it: other runs of the box are pulled first, or asked about.
+        with on_interrupt(f"its results are in {runs.RUNS_DIR}/{run.run_id}/; the box may "
+                          "still be running: run `dlbox down`"), boxlock.held(project, ui.say):
+            from .boxkind import DownFlags
+
+            end_box(project, box, DownFlags(), False, ui)
+    return code
+
+
+def _train_on_cluster(project: Path, nodes, model: str, data: str, test: str | None,
+                      trainer_args: list[str], ui: Ui, recover: bool, down_after: bool,
+                      on_started: Callable, cfg) -> int:
+    """`train` on a cluster: a worker on every node, followed together."""
+    from . import boxlock, cluster, runs
+
+    machines = [n.machine(project) for n in nodes]
+    try:
+        with ui.transfer() as progress:
+            run = cluster.start(project, nodes, machines, model, data, test, trainer_args,
+                                ui.say, progress, cfg.pip_args)
+        on_started(run)
+        code = _follow_cluster(project, run, nodes, machines, ui, recover)
+    finally:
+        _close(machines)
+    if down_after and runs.load(project, run.run_id).status == "done":
+        with on_interrupt("the cluster may still be running: run `dlbox down`"), \
+                boxlock.held(project, ui.say):
+            from .boxkind import DownFlags
+
+            for node in nodes:
+                end_box(project, node, DownFlags(), False, ui)
+    return code
+
+
+# --- follow, recover, finish --------------------------------------------------------------
+
+
+def follow_and_finish(project: Path, run, box, machine, ui: Ui, recover: bool = True,
+                      down_after: bool = False) -> tuple[int, object]:
+    """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
+    resumed there (at most max_recoveries more boxes in this command); pull and record the
+    results (Ctrl-C then says what was not done). Returns (exit status, the last box)."""
+    from . import checkpoints, config, follow, recovery, runs
+
+    shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
+    budget = len(run.interruptions)  # boxes the run had lost before this command
+    while True:
+        try:
+            with ui.status() as (say, on_status):
+                code = follow.follow(
+                    run, machine, say, err=ui.err, on_status=on_status, shown=shown,
+                    on_checkpoint=checkpoint_copier(project, run, machine, ui)
+                    if box.replaceable else None,
+                    gone=(lambda b=box: b.gone(project)) if box.replaceable else None,
+                    on_event=runs.recorder(project, run.run_id))
+            break
+        except KeyboardInterrupt:
+            return _detached(project, run, ui), box
+        except BoxLost as lost:
+            with on_interrupt(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it "
+                              "(a box launched meanwhile is recorded: `dlbox down` ends it)"):
+                cfg = config.load(project)
+                run, box, machine = recovery.carry_on(
+                    project, run, box, machine, lost, ui.say, recover,
+                    budget + cfg.max_recoveries, cfg.pip_args)
+                copy = checkpoints.held(project, run.run_id)
+                shown = copy.completed if copy else 0
+        except LostContact as exc:  # the run itself is detached and goes on
+            raise _goes_on(run, exc) from None
+    with on_interrupt(f"run {run.run_id} ended, and pulling its results was cut short"
+                      + ("; the box was not ended" if down_after else "")
+                      + f": `dlbox pull {run.run_id}` fetches them"
+                      + (", then `dlbox down` ends the box" if down_after else "")):
+        run = finish(project, run, box, machine, code, ui)
+    machine.close()
+    where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    lost = f" after {len(run.interruptions)} lost box(es)" if run.interruptions else ""
+    if run.val_accuracy is not None:
+        ui.say(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
+               f"model, metrics, history and log in {where}")
+    else:
+        ui.say(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
+    return code, box
+
+
+def _detached(project: Path, run, ui: Ui) -> int:
+    from . import runs
+
+    runs.note(project, run.run_id, events.DETACHED)
+    ui.say(f"detached; run {run.run_id} goes on. " + attach_hint(run.run_id))
+    return EXIT_INTERRUPTED
+
+
+def _goes_on(run, exc: LostContact) -> LostContact:
+    """Contact lost while following: the run goes on there, and attach follows it again."""
+    again = LostContact(exc.reason, f"run {run.run_id} goes on there: `dlbox attach "
+                                    f"{run.run_id}` follows it again")
+    again.exit_code = exc.exit_code
+    return again
+
+
+def checkpoint_copier(project: Path, run, machine, ui: Ui):
+    """on_checkpoint for follow: copy the checkpoint off the box (one dlbox at a time per
+    run); a failure is said once and tried again at the next poll (a box that is going is
+    noticed by follow itself)."""
+    from . import boxlock, checkpoints
+
+    failed = []
+
+    def copy() -> bool:
+        try:
+            with boxlock.run_held(project, run.run_id, timeout_s=COPY_LOCK_TIMEOUT_S):
+                checkpoints.pull(project, run, machine)
+        except (DlboxError, InfraError) as exc:
+            if not failed:
+                ui.warn(f"could not copy the checkpoint of run {run.run_id} off the box ({exc}); "
+                        "trying again")
+            failed.append(exc)
+            return False
+        return True
+
+    return copy
+
+
+def finish(project: Path, run, box, machine, code: int, ui: Ui, cancelled: bool = False):
+    """Pull and record the results of a run that ended; then the box may end on its own."""
+    from . import runs
+
+    run = runs.finish(project, run, machine, code, ui.say, cancelled)
+    release(project, run, box, machine, ui)
+    return run
+
+
+def release(project: Path, run, box, machine, ui: Ui) -> None:
+    """run's results are here, verified: the box need not keep them (idempotent)."""
+    from . import boxlock
+
+    with boxlock.held(project, ui.say):
+        box.release_results(project, machine, run.run_id)
+
+
+def _follow_cluster(project: Path, run, nodes, machines, ui: Ui, recover: bool = True) -> int:
+    """Stream a cluster run from its chief, watching the other nodes. A node its owner took
+    back (spot) is replaced and the run resumed on every node (at most max_recoveries times
+    per command); any other failed node stops the run on every node (resumable by `dlbox
+    attach` unless a worker failed of its own error). Pull, record; return the exit status.
+    nodes and machines are updated in place."""
+    from . import boxlock, checkpoints, cluster, config, runs
+
+    budget = config.load(project).max_recoveries
+    while True:
+        failed, code = _follow_cluster_once(project, run, nodes, machines, ui)
+        if code is None:
+            return EXIT_INTERRUPTED  # detached: the run goes on
+        if failed is not None:
+            code = runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED
+        if code == 0:
+            break
+        with on_interrupt(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a "
+                          "box launched meanwhile is recorded: `dlbox down` ends it)"), \
+                boxlock.run_held(project, run.run_id, ui.say):  # one dlbox carries a run on
+            now = runs.load(project, run.run_id)
+            if now.nodes != run.nodes:  # another dlbox carried it on meanwhile: follow that
+                run = now
+                _refresh(project, nodes, machines, run)
+                continue
+            gone = cluster.lost_nodes(project, nodes, machines, run)
+            run = cluster.record_losses(project, run, nodes, machines, gone)
+            if not recover or budget == 0 or not (gone and all(g.reclaimed for _, g in gone)):
+                break
+            budget -= 1
+            if failed is not None:
+                ui.say(str(failed))
+            cluster.stop(run, nodes, machines)
+            run = cluster.replace_lost(project, run, nodes, machines, gone, ui.say,
+                                       config.load(project).pip_args)
+            run = cluster.resume(project, run, nodes, machines, ui.say)
+            failed = None
+    with on_interrupt(f"`dlbox attach {run.run_id}` pulls the results"):
+        if failed is not None:
+            cluster.stop(run, nodes, machines)
+        else:
+            cluster.wait_for_workers(run, nodes, machines, time.sleep)
+        cluster.pull_logs(project, run, machines)
+        if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
+            run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
+            runs.save(project, run)
+            runs.ended(project, run, "interrupted")
+        else:
+            run = finish(project, run, nodes[0], machines[0], code, ui)
+        cluster.release(project, run, nodes, machines)
+    where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    if failed is not None:
+        copy = checkpoints.held(project, run.run_id)
+        epoch = copy.completed if copy else 0
+        if not (failed.node == 0 and failed.box_gone):
+            with contextlib.suppress(DlboxError):
+                epoch = (runs.read_json(machines[0].read(
+                    f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
+        then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
+                if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
+                f"the run cannot go on as is")
+        ui.fail(f"{failed}; run {run.run_id} stopped on every node (its checkpoint: epoch "
+                f"{epoch}); {then}")
+    elif run.val_accuracy is not None:
+        ui.say(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
+               f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
+    else:
+        ui.say(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
+    return code
+
+
+def _refresh(project: Path, nodes, machines, run) -> None:
+    """nodes and machines (in place) as the run's record names them now."""
+    from . import boxes, cluster
+
+    for w in cluster.workers(run):
+        if nodes[w.node].name != w.box:
+            box = boxes.named(project, w.box)
+            if box is None:
+                raise UsageError(f"node {w.node} of run {run.run_id} ({w.box}) is not recorded; "
+                                 f"`dlbox up` makes the cluster whole, then `dlbox attach "
+                                 f"{run.run_id}`")
+            machines[w.node].close()
+            nodes[w.node], machines[w.node] = box, box.machine(project)
+
+
+def _follow_cluster_once(project: Path, run, nodes, machines, ui: Ui):
+    """One follow of a cluster run: (the failed node or None, the chief's exit status; None
+    when Ctrl-C detached)."""
+    from . import cluster, follow, runs
+
+    chief = nodes[0]
+    last_words: list[str] = []  # the chief's error line: said unless a node took it down
+    try:
+        with ui.status() as (say, on_status):
+            code = follow.follow(
+                run, machines[0], say, err=last_words.append,
+                on_status=on_status, peers=cluster.watcher(run, nodes, machines),
+                on_checkpoint=checkpoint_copier(project, run, machines[0], ui)
+                if chief.replaceable else None,
+                gone=(lambda: chief.gone(project)) if chief.replaceable else None,
+                on_event=runs.recorder(project, run.run_id))
+    except KeyboardInterrupt:
+        _detached(project, run, ui)
+        return None, None
+    except cluster.NodeFailed as exc:
+        return exc, runs.EXIT_RESUMABLE
+    except BoxLost as exc:
+        return cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})",
+                                  box_gone=True), runs.EXIT_RESUMABLE
+    except LostContact as exc:
+        raise _goes_on(run, exc) from None
+    failed = None
+    if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
+        with contextlib.suppress(DlboxError):
+            failed = cluster.check(run, nodes, machines)
+        if code != runs.EXIT_PEER_LOST and (failed is None
+                                            or failed.code == runs.EXIT_PEER_LOST):
+            # The chief went first (the others lost it): the chief is the node to name.
+            words = f": {last_words[-1]}" if last_words else ""
+            failed = cluster.NodeFailed(0, chief.label, f"had its worker end with exit status "
+                                        f"{code}{words}", code=code,
+                                        resumable=code in cluster.RESUMABLE_EXITS)
+    if failed is None:
+        for line in last_words:
+            ui.err(line)
+    return failed, code
+
+
+# --- attach -------------------------------------------------------------------------------
+
+
+def attach(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
+    """Follow a run again and pull its results when it ends. A run whose box was lost
+    resumes on a new box (or the project's box) from its checkpoint. Returns its exit
+    status."""
+    from . import runs
+
+    hint = (f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is recorded: "
+            "`dlbox down` ends it)")
+    with on_interrupt(hint):
+        nodes = runs.load(project, run_id).nodes  # one line for a run that does not exist
+        runs.note(project, run_id, events.ATTACHED)
+        if len(nodes) > 1:
+            return _attach_cluster(project, run_id, ui, recover)
+        run, box, machine = _take_back(project, run_id, ui, recover)
+    with on_interrupt(f"run {run_id} goes on: " + attach_hint(run_id)):
+        return follow_and_finish(project, run, box, machine, ui, recover)[0]
+
+
+def _take_back(project: Path, run_id: str, ui: Ui, recover: bool):
+    """(run, box, machine) to follow: a run whose box is lost (noticed now, or before) is
+    resumed on another, or on its stopped box started again."""
+    from . import boxes, boxlock, config, recovery, runs
+    from .errors import RunInterrupted
+
+    cfg = config.load(project)
+    with boxlock.run_held(project, run_id, ui.say):  # one dlbox carries a run on
+        run = runs.load(project, run_id)  # as the last holder left it
+        box = boxes.named(project, run.box)
+        waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
+            and run.interruptions[-1].get("downtime_s") is None
+        woken = False  # a stopped box started again, where the run died with the stop
+        if not waiting and box is not None and run.finished_at is None:
+            gone = box.gone(project)
+            if gone is not None and gone.stopped:  # did the run end before the stop?
+                box = box.wake(project, ui.say)
+                machine = box.machine(project)
+                try:
+                    woken = runs.exit_status(machine, run)[1] == "gone"
+                finally:
+                    machine.close()
+            if gone is not None and (woken or not gone.stopped):  # lost, unfollowed
+                lost = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
+                ui.say(recovery.loss_line(run, box, lost))
+                run, waiting = recovery.record_loss(project, run, box, lost), True
+        if waiting and not recover:
+            raise RunInterrupted(f"run {run.run_id} lost its box; "
+                                 + recovery.resumable_line(project, run))
+        if waiting:
+            return recovery.on_new_box(
+                project, run, box, ui.say, len(run.interruptions) + cfg.max_recoveries,
+                cfg.pip_args, new_box=lambda: _box_to_resume_on(project, run, ui), reuse=woken)
+    box, machine = _box_of(project, run, ui)
+    return run, box, machine
+
+
+def _box_of(project: Path, run, ui: Ui):
+    """(box, machine) of the box a recorded single-box run ran on, started again if it was
+    stopped to keep results."""
+    nodes, machines = crew_of(project, run, ui)
+    return nodes[0], machines[0]
+
+
+def _box_to_resume_on(project: Path, run, ui: Ui):
+    """For a run whose box is no longer recorded: the project's box, or a new one like its
+    last (the flags recorded with the loss; dlbox.toml's if they are damaged). The caller
+    holds the box lock."""
+    from . import boxes, records
+    from .boxkind import UpFlags
+
+    current = boxes.current(project)
+    if current is not None:
+        return current.wake(project, ui.say)
+    try:
+        flags = records.build(UpFlags, run.interruptions[-1].get("up_flags") or {})
+    except ValueError:
+        flags = UpFlags()
+    return boxes.kind_for_up(flags).up(project, flags, None, ui.say)
+
+
+def _attach_cluster(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
+    """attach for a cluster run: follow it, or resume it on every node if it was stopped
+    (a node its owner took back replaced first)."""
+    from . import boxlock, cluster, config, runs
+    from .errors import RunInterrupted
+
+    nodes, machines = [], []
+    try:
+        with on_interrupt(f"`dlbox attach {run_id}` again resumes it"), \
+                boxlock.run_held(project, run_id, ui.say):  # one dlbox carries a run on
+            run = runs.load(project, run_id)  # as the last holder left it
+            nodes, machines = crew_of(project, run, ui)
+            if run.status == "interrupted" and run.finished_at is not None:
+                gone = cluster.lost_nodes(project, nodes, machines, run)
+                run = cluster.record_losses(project, run, nodes, machines, gone)
+                if gone and not recover:
+                    raise RunInterrupted(f"run {run.run_id} lost node(s) "
+                                         f"{', '.join(str(k) for k, _ in gone)}; `dlbox attach "
+                                         f"{run.run_id}` without --no-recover replaces them")
+                if gone:
+                    run = cluster.replace_lost(project, run, nodes, machines, gone, ui.say,
+                                               config.load(project).pip_args)
+                run = cluster.resume(project, run, nodes, machines, ui.say)
+        return _follow_cluster(project, run, nodes, machines, ui, recover)
+    finally:
+        _close(machines)
+
+
+# --- pull, cancel, logs -------------------------------------------------------------------
+
+
+def pull(project: Path, run_id: str, ui: Ui) -> Path:
+    """Copy a run's results from its box into runs/<id>/ again (verified): a snapshot while
+    it goes on; once it ended, recorded, and its boxes let it go. Returns the folder."""
+    from . import cluster, runs
+
+    run = runs.load(project, run_id)
+    nodes, machines = crew_of(project, run, ui)
+    try:
+        code, _ = runs.exit_status(machines[0], run, ui.warn)
+        if code is None:  # still going: a snapshot of what it has
+            local = runs.pull(project, run, machines[0], ui.say)
+        elif run.finished_at:  # recorded already: copy again (and let the box go, if it waits)
+            local = runs.pull(project, run, machines[0], ui.say, ended=True)
+            release(project, run, nodes[0], machines[0], ui)
+        else:  # ended: its results are final, and once here the box need not keep them
+            finish(project, run, nodes[0], machines[0], code, ui)
+            local = project / runs.RUNS_DIR / run.run_id
+        # The other nodes' logs (a cluster's); once the run ended, they may let it go.
+        cluster.pull_logs(project, run, machines)
+        if code is not None:
+            cluster.release(project, run, nodes, machines)
+    finally:
+        _close(machines)
+    return local
+
+
+def cancel(project: Path, run_id: str, ui: Ui):
+    """Stop a run with SIGTERM on every node (they stop at the same step, checkpoint and
+    exit 75), wait for the chief, pull and record what it had. Returns (run, exit status)."""
+    from . import cluster, runs
+
+    run = runs.load(project, run_id)
+    nodes, machines = crew_of(project, run, ui)
+    try:
+        if runs.exit_status(machines[0], run)[0] is None:  # going: this is how it ends
+            # Logged now: a `train` following it sees the trainer exit too, and would log
+            # the end as merely interrupted.
+            runs.note(project, run.run_id, events.CANCELLED)
+        cluster.signal_workers(run, machines)
+        code = runs.cancel(run, machines[0], ui.say)
+        cluster.wait_for_workers(run, nodes, machines, time.sleep)
+        cluster.pull_logs(project, run, machines)
+        run = finish(project, run, nodes[0], machines[0], code, ui, cancelled=True)
+        cluster.release(project, run, nodes, machines)
+    finally:
+        _close(machines)
+    return run, code
+
+
+# --- what `status` shows, and `down` ------------------------------------------------------
+
+
+def status(project: Path, ui: Ui) -> list[tuple[str, str]] | None:
+    """`dlbox status`'s rows for every node of the project's box and its unpulled runs;
+    None when no box is up."""
+    from . import boxes
+
+    box = boxes.current(project)
+    if box is None:
+        return None
+    rows = [row for node in boxes.cluster(project, box) for row in node.status(project)]
+    unpulled = [r.run_id for r in unpulled_runs(project, box, ui)]
+    if unpulled:
+        rows.append(("results", f"run(s) {', '.join(unpulled)} not pulled yet: they are on "
+                                f"the box; `dlbox pull {unpulled[0]}` fetches them"))
+    return rows
+
+
+def unpulled_runs(project: Path, box, ui: Ui) -> list:
+    """This box's runs whose results were never pulled (still going, or ended unpulled)."""
+    from . import runs
+
+    return [r for r in runs.all_runs(project, ui.warn)
+            if r.box == box.name and r.status == "running"]
+
+
+def down(project: Path, flags, yes: bool, ui: Ui, region: str | None = None) -> None:
+    """End every box the project records (a cluster's chief first: its runs are settled
+    first), each after its runs are settled; with none recorded, what its kinds still find
+    of it (EC2 instances by their tag, in region)."""
+    from . import boxes, boxlock
+
+    with boxlock.held(project, ui.say):
+        found = boxes.recorded(project)
+        if not found:
+            if not any(kind.down_unrecorded(project, region, flags.profile, yes, ui)
+                       for kind in boxes.KINDS):
+                ui.say("no box is up in this project")
+            return
+        found.sort(key=lambda b: b.node)
+        for box in found:
+            boxes.check_down_flags(box, flags)
+        for box in found:
+            end_box(project, box, flags, yes, ui)
+
+
+def down_all(project: Path, region: str | None, profile: str | None, yes: bool,
+             ui: Ui) -> None:
+    """`down --all`: each kind's boxes of every project (EC2's in region), listed, asked
+    about, ended."""
+    from . import boxes
+
+    if not any(kind.down_every_project(project, region, profile, yes, ui)
+               for kind in boxes.KINDS):
+        ui.say("no kind of box has boxes of other projects to end")
+
+
+def end_box(project: Path, box, flags, yes: bool, ui: Ui) -> None:
+    """What `down` does to one box (the caller holds the box lock): pull the results of its
+    runs that ended, ask before ending runs still going, end the box."""
+    ends_runs = box.ends_runs(flags)
+    box = settle_runs(project, box, yes, ends_runs, ui)
+    box.down(project, flags, ui.say)
+    if ends_runs:
+        _record_lost(project, box, ui)
+
+
+def _record_lost(project: Path, box, ui: Ui) -> None:
+    """Runs of a box that ended with their results still there (stopped with --yes, or never
+    pulled): recorded as lost, so nothing claims they wait to be pulled."""
+    from . import runs
+
+    for run in unpulled_runs(project, box, ui):
+        run = replace(run, status=runs.LOST)
+        runs.save(project, run)
+        runs.ended(project, run, runs.LOST)
+
+
+def settle_runs(project: Path, box, yes: bool, ends_runs: bool, ui: Ui):
+    """Before a box ends: every run the box knows of (its registry: runs alive, runs holding
+    unpulled results) or this project records as unpulled on it. Those that ended (or were
+    killed) are pulled; one the box holds with no record here, or a damaged one, is recorded
+    again from the box first. Runs still going, and results that could not be pulled, are
+    given up only with --yes (or a yes at the prompt) when ending the box would end them.
+    Returns the box (maybe woken)."""
+    from . import registry, runs
+
+    pending = unpulled_runs(project, box, ui)
+    if not pending and not (ends_runs and box.python):
+        return box  # nothing recorded, and ending the box ends nothing it holds (or it never
+        # became ready to run anything)
+    names = ", ".join(r.run_id for r in pending)
+    try:
+        box = box.wake(project, ui.say)
+        machine = box.machine(project)
+        going = set(registry.live_runs(machine, box.runs_registry()))
+        held = set(registry.held_runs(machine, box.runs_registry()))
+    except (DlboxError, InfraError) as exc:
+        if ends_runs and pending:
+            ui.confirm(f"Cannot reach {box.label} ({exc}); end it without the results of run(s) "
+                       f"{names}?", yes, f"cannot reach {box.label} to pull run(s) {names} "
+                       f"({exc}); `dlbox down --yes` ends it without them")
+        elif ends_runs:  # nothing recorded here says it holds results: it is not kept for a maybe
+            ui.warn(f"could not look for runs on {box.label} ({exc}); ending it all the same")
+        return box
+    failed = []
+    try:
+        if not box.shared_workdir:  # every run there is this project's
+            pending += _recorded_again(project, box, machine,
+                                       (going | held) - _recorded_ids(project), ui)
+        for run in pending:
+            if run.run_id in going:
+                continue
+            try:
+                code, life = runs.exit_status(machine, run, ui.warn)
+                run = runs.finish(project, run, machine,
+                                  code if code is not None else runs.EXIT_KILLED, ui.say)
+                box.release_results(project, machine, run.run_id)  # the caller holds the lock
+            except (DlboxError, InfraError) as exc:
+                failed.append(run.run_id)
+                ui.warn(f"could not pull run {run.run_id}: {exc}")
+                continue
+            how = "was killed before it ended" if life in ("gone", "starting") else "had ended"
+            ui.say(f"run {run.run_id} {how} ({run.status}); its results are pulled into "
+                   f"{runs.RUNS_DIR}/{run.run_id}/")
+    finally:
+        machine.close()
+    still = [r.run_id for r in pending if r.run_id in going]
+    if ends_runs and still:
+        listed = ", ".join(still)
+        ui.confirm(f"Run(s) {listed} still going on {box.label}; end them with the box?", yes,
+                   f"run(s) {listed} still going on {box.label}: `dlbox attach {still[0]}` "
+                   "waits for the results, `dlbox down --yes` ends the box anyway")
+    if ends_runs and failed:
+        listed = ", ".join(failed)
+        ui.confirm(f"End {box.label} without the results of run(s) {listed}?", yes,
+                   f"could not pull run(s) {listed} from {box.label}: `dlbox pull {failed[0]}` "
+                   "tries again, `dlbox down --yes` ends the box without them")
+    return box
+
+
+def _recorded_ids(project: Path) -> set[str]:
+    """The runs this project has a readable record of."""
+    from . import runs
+
+    return {r.run_id for r in runs.all_runs(project, lambda _: None)}
+
+
+def _recorded_again(project: Path, box, machine, run_ids: set[str], ui: Ui) -> list:
+    """Runs the box holds that this project has no (readable) record of: recorded again
+    from their folders there, so that their results can be pulled or waited for."""
+    from . import boxfiles, runs
+
+    found = []
+    for run_id in sorted(boxfiles.run_ids(list(run_ids))):
+        run = runs.adopt(project, box, machine, run_id)
+        if run is not None:
+            ui.say(f"run {run_id} is on {box.label} but had no readable record in "
+                   f"{runs.RUNS_DIR}/{run_id}/; recorded it again from the box")
+            found.append(run)
+    return found
