@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
@@ -115,31 +116,85 @@ def node_of(project: Path, run, node: int, ui: Ui):
 # --- start --------------------------------------------------------------------------------
 
 
+@dataclass
+class Crew:
+    """A run and the boxes it is on, chief first: a single box is a crew of one. The
+    lifecycle's steps replace a lost box in place."""
+
+    run: Any
+    nodes: list
+    machines: list
+
+    @property
+    def many(self) -> bool:
+        return len(self.nodes) > 1
+
+    def close(self) -> None:
+        _close(self.machines)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """How a follow ended: the chief's exit status, or what took the run down."""
+
+    code: int
+    failed: Any = None  # cluster.NodeFailed: a node failed or its box stopped answering
+    lost: BoxLost | None = None  # the chief's box is gone (or going: an interruption notice)
+
+
 def train(project: Path, model: str, data: str, test: str | None, trainer_args: list[str],
           ui: Ui, recover: bool = True, down_after: bool = False,
           on_started: Callable = lambda run: None) -> int:
     """Start a run on the project's box (a worker on every node of a cluster), follow it to
-    its end, pull its results; with down_after, end the box once they are here. A box lost
-    before the run starts is replaced first. Returns the run's exit status."""
-    from . import boxes, boxlock, config, runs
+    its end, pull its results; with down_after, end the box once they are here. Returns the
+    run's exit status."""
+    from . import boxlock, runs
+
+    crew = start(project, model, data, test, trainer_args, ui, recover)
+    on_started(crew.run)
+    try:
+        code = follow(project, crew, ui, recover, down_after)
+    finally:
+        crew.close()
+    now = runs.load(project, crew.run.run_id)
+    # A box's results are here and verified; a cluster's run must have ended well (a stopped
+    # one resumes on its nodes).
+    if down_after and (now.status == "done" if crew.many else now.finished_at):
+        # As `down` does it: other runs of the boxes are pulled first, or asked about.
+        with on_interrupt(f"its results are in {runs.RUNS_DIR}/{crew.run.run_id}/; the box may "
+                          "still be running: run `dlbox down`"), boxlock.held(project, ui.say):
+            from .boxkind import DownFlags
+
+            for node in crew.nodes:
+                end_box(project, node, DownFlags(), False, ui)
+    return code
+
+
+def start(project: Path, model: str, data: str, test: str | None, trainer_args: list[str],
+          ui: Ui, recover: bool = True) -> Crew:
+    """Ship code and data to every node of the project's box and start a worker on each;
+    a box its owner took back before the run started is replaced and the start tried again
+    (at most max_recoveries times)."""
+    from . import boxes, boxlock, cluster, config, runs
 
     cfg = config.load(project)
-    box = current_box(project).wake(project, ui.say)
-    if box.nodes > 1:
-        nodes = [box] + [n.wake(project, ui.say) for n in boxes.cluster(project, box)[1:]]
-        return _train_on_cluster(project, nodes, model, data, test, trainer_args, ui, recover,
-                                 down_after, on_started, cfg)
+    chief = current_box(project).wake(project, ui.say)
+    nodes = [chief] + [n.wake(project, ui.say) for n in boxes.cluster(project, chief)[1:]]
     for attempt in range(cfg.max_recoveries + 1):
-        machine = box.machine(project)
+        machines = [n.machine(project) for n in nodes]
         try:
             with ui.transfer() as progress:
-                run = runs.start(project, box, machine, model, data, test, trainer_args,
-                                 ui.say, progress, cfg.pip_args)
-            on_started(run)
-            break
+                if len(nodes) > 1:
+                    run = cluster.start(project, nodes, machines, model, data, test,
+                                        trainer_args, ui.say, progress, cfg.pip_args)
+                else:
+                    run = runs.start(project, nodes[0], machines[0], model, data, test,
+                                     trainer_args, ui.say, progress, cfg.pip_args)
+            return Crew(run, nodes, machines)
         except (DlboxError, InfraError) as exc:
-            machine.close()
-            gone = None if isinstance(exc, UsageError) else box.gone(project)
+            _close(machines)
+            box = nodes[0]
+            gone = None if isinstance(exc, UsageError) or len(nodes) > 1 else box.gone(project)
             if gone is None or not gone.reclaimed or not recover or \
                     attempt == cfg.max_recoveries:
                 raise
@@ -150,100 +205,181 @@ def train(project: Path, model: str, data: str, test: str | None, trainer_args: 
                 runs.ended(project, orphan, runs.LOST)
             ui.say(f"{box.label} was lost before the run started ({gone.reason}); replacing it")
             with boxlock.held(project, ui.say):
-                box = box.replacement(project, ui.say)
-    code, box = follow_and_finish(project, run, box, machine, ui, recover, down_after)
-    if down_after and runs.load(project, run.run_id).finished_at:  # pulled and verified
-        # As `down` does it: other runs of the box are pulled first, or asked about.
-        with on_interrupt(f"its results are in {runs.RUNS_DIR}/{run.run_id}/; the box may "
-                          "still be running: run `dlbox down`"), boxlock.held(project, ui.say):
-            from .boxkind import DownFlags
-
-            end_box(project, box, DownFlags(), False, ui)
-    return code
+                nodes = [box.replacement(project, ui.say)]
+    raise AssertionError("unreachable: the last attempt raises")
 
 
-def _train_on_cluster(project: Path, nodes, model: str, data: str, test: str | None,
-                      trainer_args: list[str], ui: Ui, recover: bool, down_after: bool,
-                      on_started: Callable, cfg) -> int:
-    """`train` on a cluster: a worker on every node, followed together."""
-    from . import boxlock, cluster, runs
+def follow(project: Path, crew: Crew, ui: Ui, recover: bool = True,
+           down_after: bool = False) -> int:
+    """Stream the run from its chief, watching the other nodes; Ctrl-C detaches (the run
+    goes on). A box its owner took back is replaced and the run resumed (on every node)
+    from its checkpoint; any other failed node stops the run on every node. Then pull and
+    record the results (Ctrl-C then says what was not done). Returns the exit status;
+    crew is updated in place."""
+    from . import checkpoints, config
 
-    machines = [n.machine(project) for n in nodes]
-    try:
-        with ui.transfer() as progress:
-            run = cluster.start(project, nodes, machines, model, data, test, trainer_args,
-                                ui.say, progress, cfg.pip_args)
-        on_started(run)
-        code = _follow_cluster(project, run, nodes, machines, ui, recover)
-    finally:
-        _close(machines)
-    if down_after and runs.load(project, run.run_id).status == "done":
-        with on_interrupt("the cluster may still be running: run `dlbox down`"), \
-                boxlock.held(project, ui.say):
-            from .boxkind import DownFlags
-
-            for node in nodes:
-                end_box(project, node, DownFlags(), False, ui)
-    return code
-
-
-# --- follow, recover, finish --------------------------------------------------------------
-
-
-def follow_and_finish(project: Path, run, box, machine, ui: Ui, recover: bool = True,
-                      down_after: bool = False) -> tuple[int, object]:
-    """Stream the run; Ctrl-C detaches (the run goes on); a lost box is replaced and the run
-    resumed there (at most max_recoveries more boxes in this command); pull and record the
-    results (Ctrl-C then says what was not done). Returns (exit status, the last box)."""
-    from . import checkpoints, config, follow, recovery, runs
-
+    cfg = config.load(project)
+    max_losses = len(crew.run.interruptions) + cfg.max_recoveries  # boxes, by the end of it
+    recoveries = cfg.max_recoveries  # a cluster's: times every node starts again
     shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
-    budget = len(run.interruptions)  # boxes the run had lost before this command
     while True:
-        try:
-            with ui.status() as (say, on_status):
-                code = follow.follow(
-                    run, machine, say, err=ui.err, on_status=on_status, shown=shown,
-                    on_checkpoint=checkpoint_copier(project, run, machine, ui)
-                    if box.replaceable else None,
-                    gone=(lambda b=box: b.gone(project)) if box.replaceable else None,
-                    on_event=runs.recorder(project, run.run_id))
+        stop = _watch(project, crew, ui, shown)
+        if stop is None:
+            return EXIT_INTERRUPTED  # detached: the run goes on
+        if stop.code == 0 or not (crew.many or stop.lost):
             break
-        except KeyboardInterrupt:
-            return _detached(project, run, ui), box
-        except BoxLost as lost:
-            with on_interrupt(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it "
-                              "(a box launched meanwhile is recorded: `dlbox down` ends it)"):
-                cfg = config.load(project)
-                run, box, machine = recovery.carry_on(
-                    project, run, box, machine, lost, ui.say, recover,
-                    budget + cfg.max_recoveries, cfg.pip_args)
-                copy = checkpoints.held(project, run.run_id)
-                shown = copy.completed if copy else 0
-        except LostContact as exc:  # the run itself is detached and goes on
-            raise _goes_on(run, exc) from None
-    with on_interrupt(f"run {run.run_id} ended, and pulling its results was cut short"
+        with on_interrupt(f"run {crew.run.run_id} waits: `dlbox attach {crew.run.run_id}` "
+                          "resumes it (a box launched meanwhile is recorded: `dlbox down` "
+                          "ends it)"):
+            if crew.many:
+                carried = _carry_on_cluster(project, crew, stop, ui, recover, recoveries)
+                if carried is None:
+                    break
+                recoveries -= carried
+            else:
+                _carry_on(project, crew, stop.lost, ui, recover, max_losses, cfg.pip_args)
+        copy = checkpoints.held(project, crew.run.run_id)
+        shown = copy.completed if copy else 0
+    with on_interrupt(f"run {crew.run.run_id} ended, and pulling its results was cut short"
                       + ("; the box was not ended" if down_after else "")
-                      + f": `dlbox pull {run.run_id}` fetches them"
+                      + f": `dlbox pull {crew.run.run_id}` fetches them"
                       + (", then `dlbox down` ends the box" if down_after else "")):
-        run = finish(project, run, box, machine, code, ui)
-    machine.close()
+        return _finish(project, crew, stop, ui)
+
+
+def _watch(project: Path, crew: Crew, ui: Ui, shown: int) -> _Stop | None:
+    """One follow of the run until it ends or a box takes it down; None when Ctrl-C
+    detached."""
+    from . import cluster, runs
+    from . import follow as following
+
+    run, chief = crew.run, crew.nodes[0]
+    last_words: list[str] = []  # a cluster chief's error: said unless a node took it down
+    try:
+        with ui.status() as (say, on_status):
+            code = following.follow(
+                run, crew.machines[0], say, err=last_words.append if crew.many else ui.err,
+                on_status=on_status, shown=shown,
+                peers=cluster.watcher(run, crew.nodes, crew.machines) if crew.many else None,
+                on_checkpoint=checkpoint_copier(project, run, crew.machines[0], ui)
+                if chief.replaceable else None,
+                gone=(lambda: chief.gone(project)) if chief.replaceable else None,
+                on_event=runs.recorder(project, run.run_id))
+    except KeyboardInterrupt:
+        _detached(project, run, ui)
+        return None
+    except cluster.NodeFailed as exc:
+        return _Stop(runs.EXIT_RESUMABLE, failed=exc)
+    except BoxLost as exc:
+        failed = cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})", box_gone=True)
+        return _Stop(runs.EXIT_RESUMABLE, failed=failed if crew.many else None, lost=exc)
+    except LostContact as exc:  # the run itself is detached and goes on
+        raise _goes_on(run, exc) from None
+    failed = None
+    if crew.many and code not in (0, runs.EXIT_RESUMABLE):  # a node may have taken it down
+        with contextlib.suppress(DlboxError):
+            failed = cluster.check(run, crew.nodes, crew.machines)
+        if code != runs.EXIT_PEER_LOST and (failed is None
+                                            or failed.code == runs.EXIT_PEER_LOST):
+            # The chief went first (the others lost it): the chief is the node to name.
+            words = f": {last_words[-1]}" if last_words else ""
+            failed = cluster.NodeFailed(0, chief.label, f"had its worker end with exit status "
+                                        f"{code}{words}", code=code,
+                                        resumable=code in cluster.RESUMABLE_EXITS)
+    if failed is None:
+        for line in last_words:
+            ui.err(line)
+        return _Stop(code)
+    return _Stop(runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED, failed=failed)
+
+
+def _carry_on(project: Path, crew: Crew, lost: BoxLost, ui: Ui, recover: bool,
+              max_losses: int, pip_args: tuple[str, ...]) -> None:
+    """A single box lost: recorded, replaced and the run resumed there (crew updated), or
+    RunInterrupted saying how `dlbox attach` resumes it."""
+    from . import recovery
+
+    run, box, machine = recovery.carry_on(project, crew.run, crew.nodes[0], crew.machines[0],
+                                          lost, ui.say, recover, max_losses, pip_args)
+    crew.run, crew.nodes[0], crew.machines[0] = run, box, machine
+
+
+def _carry_on_cluster(project: Path, crew: Crew, stop: _Stop, ui: Ui, recover: bool,
+                      recoveries: int) -> int | None:
+    """A cluster run stopped by a node: the lost nodes recorded; if each was taken back by
+    its owner, replaced and the run resumed on every node. Returns the recoveries used (0:
+    another dlbox carried it on, follow it), or None: the run stays stopped."""
+    from . import boxlock, cluster, config, runs
+
+    run = crew.run
+    with boxlock.run_held(project, run.run_id, ui.say):  # one dlbox carries a run on
+        now = runs.load(project, run.run_id)
+        if now.nodes != run.nodes:  # another dlbox carried it on meanwhile: follow that
+            crew.run = now
+            _refresh(project, crew.nodes, crew.machines, now)
+            return 0
+        gone = cluster.lost_nodes(project, crew.nodes, crew.machines, run)
+        crew.run = cluster.record_losses(project, run, crew.nodes, crew.machines, gone)
+        if not recover or recoveries <= 0 or not (gone and all(g.reclaimed for _, g in gone)):
+            return None
+        if stop.failed is not None:
+            ui.say(str(stop.failed))
+        cluster.stop(crew.run, crew.nodes, crew.machines)
+        crew.run = cluster.replace_lost(project, crew.run, crew.nodes, crew.machines, gone,
+                                        ui.say, config.load(project).pip_args)
+        crew.run = cluster.resume(project, crew.run, crew.nodes, crew.machines, ui.say)
+        return 1
+
+
+def _finish(project: Path, crew: Crew, stop: _Stop, ui: Ui) -> int:
+    """The run ended (or stopped on every node): the other nodes' workers ended or stopped,
+    their logs and the chief's results pulled and recorded, every box let go of them; one
+    line says how it went. Returns the exit status."""
+    from . import checkpoints, cluster, runs
+
+    run, failed, code = crew.run, stop.failed, stop.code
+    if failed is not None:
+        cluster.stop(run, crew.nodes, crew.machines)
+    else:
+        cluster.wait_for_workers(run, crew.nodes, crew.machines, time.sleep)
+    cluster.pull_logs(project, run, crew.machines)
+    if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
+        run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
+        runs.save(project, run)
+        runs.ended(project, run, "interrupted")
+    else:
+        run = finish(project, run, crew.nodes[0], crew.machines[0], code, ui)
+    cluster.release(project, run, crew.nodes, crew.machines)
+    crew.run = run
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
+    if failed is not None:
+        copy = checkpoints.held(project, run.run_id)
+        epoch = copy.completed if copy else 0
+        if not (failed.node == 0 and failed.box_gone):
+            with contextlib.suppress(DlboxError):
+                epoch = (runs.read_json(crew.machines[0].read(
+                    f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
+        then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
+                if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
+                f"the run cannot go on as is")
+        ui.fail(f"{failed}; run {run.run_id} stopped on every node (its checkpoint: epoch "
+                f"{epoch}); {then}")
+        return code
+    on = f" on {len(crew.nodes)} nodes" if crew.many else ""
     lost = f" after {len(run.interruptions)} lost box(es)" if run.interruptions else ""
     if run.val_accuracy is not None:
-        ui.say(f"run {run.run_id} {run.status}{lost}: val_accuracy {run.val_accuracy:.4f}; "
-               f"model, metrics, history and log in {where}")
+        ui.say(f"run {run.run_id} {run.status}{on}{lost}: val_accuracy {run.val_accuracy:.4f}; "
+               f"model, metrics, history and log{'s' if crew.many else ''} in {where}")
     else:
-        ui.say(f"run {run.run_id} {run.status}{lost} (exit {code}); logs in {where}")
-    return code, box
+        ui.say(f"run {run.run_id} {run.status}{on}{lost} (exit {code}); logs in {where}")
+    return code
 
 
-def _detached(project: Path, run, ui: Ui) -> int:
+def _detached(project: Path, run, ui: Ui) -> None:
     from . import runs
 
     runs.note(project, run.run_id, events.DETACHED)
     ui.say(f"detached; run {run.run_id} goes on. " + attach_hint(run.run_id))
-    return EXIT_INTERRUPTED
 
 
 def _goes_on(run, exc: LostContact) -> LostContact:
@@ -294,77 +430,6 @@ def release(project: Path, run, box, machine, ui: Ui) -> None:
         box.release_results(project, machine, run.run_id)
 
 
-def _follow_cluster(project: Path, run, nodes, machines, ui: Ui, recover: bool = True) -> int:
-    """Stream a cluster run from its chief, watching the other nodes. A node its owner took
-    back (spot) is replaced and the run resumed on every node (at most max_recoveries times
-    per command); any other failed node stops the run on every node (resumable by `dlbox
-    attach` unless a worker failed of its own error). Pull, record; return the exit status.
-    nodes and machines are updated in place."""
-    from . import boxlock, checkpoints, cluster, config, runs
-
-    budget = config.load(project).max_recoveries
-    while True:
-        failed, code = _follow_cluster_once(project, run, nodes, machines, ui)
-        if code is None:
-            return EXIT_INTERRUPTED  # detached: the run goes on
-        if failed is not None:
-            code = runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED
-        if code == 0:
-            break
-        with on_interrupt(f"run {run.run_id} waits: `dlbox attach {run.run_id}` resumes it (a "
-                          "box launched meanwhile is recorded: `dlbox down` ends it)"), \
-                boxlock.run_held(project, run.run_id, ui.say):  # one dlbox carries a run on
-            now = runs.load(project, run.run_id)
-            if now.nodes != run.nodes:  # another dlbox carried it on meanwhile: follow that
-                run = now
-                _refresh(project, nodes, machines, run)
-                continue
-            gone = cluster.lost_nodes(project, nodes, machines, run)
-            run = cluster.record_losses(project, run, nodes, machines, gone)
-            if not recover or budget == 0 or not (gone and all(g.reclaimed for _, g in gone)):
-                break
-            budget -= 1
-            if failed is not None:
-                ui.say(str(failed))
-            cluster.stop(run, nodes, machines)
-            run = cluster.replace_lost(project, run, nodes, machines, gone, ui.say,
-                                       config.load(project).pip_args)
-            run = cluster.resume(project, run, nodes, machines, ui.say)
-            failed = None
-    with on_interrupt(f"`dlbox attach {run.run_id}` pulls the results"):
-        if failed is not None:
-            cluster.stop(run, nodes, machines)
-        else:
-            cluster.wait_for_workers(run, nodes, machines, time.sleep)
-        cluster.pull_logs(project, run, machines)
-        if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
-            run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
-            runs.save(project, run)
-            runs.ended(project, run, "interrupted")
-        else:
-            run = finish(project, run, nodes[0], machines[0], code, ui)
-        cluster.release(project, run, nodes, machines)
-    where = f"{runs.RUNS_DIR}/{run.run_id}/"
-    if failed is not None:
-        copy = checkpoints.held(project, run.run_id)
-        epoch = copy.completed if copy else 0
-        if not (failed.node == 0 and failed.box_gone):
-            with contextlib.suppress(DlboxError):
-                epoch = (runs.read_json(machines[0].read(
-                    f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
-        then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
-                if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
-                f"the run cannot go on as is")
-        ui.fail(f"{failed}; run {run.run_id} stopped on every node (its checkpoint: epoch "
-                f"{epoch}); {then}")
-    elif run.val_accuracy is not None:
-        ui.say(f"run {run.run_id} {run.status} on {len(nodes)} nodes: val_accuracy "
-               f"{run.val_accuracy:.4f}; model, metrics, history and logs in {where}")
-    else:
-        ui.say(f"run {run.run_id} {run.status} (exit {code}); logs in {where}")
-    return code
-
-
 def _refresh(project: Path, nodes, machines, run) -> None:
     """nodes and machines (in place) as the run's record names them now."""
     from . import boxes, cluster
@@ -380,79 +445,56 @@ def _refresh(project: Path, nodes, machines, run) -> None:
             nodes[w.node], machines[w.node] = box, box.machine(project)
 
 
-def _follow_cluster_once(project: Path, run, nodes, machines, ui: Ui):
-    """One follow of a cluster run: (the failed node or None, the chief's exit status; None
-    when Ctrl-C detached)."""
-    from . import cluster, follow, runs
-
-    chief = nodes[0]
-    last_words: list[str] = []  # the chief's error line: said unless a node took it down
-    try:
-        with ui.status() as (say, on_status):
-            code = follow.follow(
-                run, machines[0], say, err=last_words.append,
-                on_status=on_status, peers=cluster.watcher(run, nodes, machines),
-                on_checkpoint=checkpoint_copier(project, run, machines[0], ui)
-                if chief.replaceable else None,
-                gone=(lambda: chief.gone(project)) if chief.replaceable else None,
-                on_event=runs.recorder(project, run.run_id))
-    except KeyboardInterrupt:
-        _detached(project, run, ui)
-        return None, None
-    except cluster.NodeFailed as exc:
-        return exc, runs.EXIT_RESUMABLE
-    except BoxLost as exc:
-        return cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})",
-                                  box_gone=True), runs.EXIT_RESUMABLE
-    except LostContact as exc:
-        raise _goes_on(run, exc) from None
-    failed = None
-    if code not in (0, runs.EXIT_RESUMABLE):  # the chief failed: a node may have taken it down
-        with contextlib.suppress(DlboxError):
-            failed = cluster.check(run, nodes, machines)
-        if code != runs.EXIT_PEER_LOST and (failed is None
-                                            or failed.code == runs.EXIT_PEER_LOST):
-            # The chief went first (the others lost it): the chief is the node to name.
-            words = f": {last_words[-1]}" if last_words else ""
-            failed = cluster.NodeFailed(0, chief.label, f"had its worker end with exit status "
-                                        f"{code}{words}", code=code,
-                                        resumable=code in cluster.RESUMABLE_EXITS)
-    if failed is None:
-        for line in last_words:
-            ui.err(line)
-    return failed, code
-
-
 # --- attach -------------------------------------------------------------------------------
 
 
 def attach(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
-    """Follow a run again and pull its results when it ends. A run whose box was lost
-    resumes on a new box (or the project's box) from its checkpoint. Returns its exit
-    status."""
+    """Follow a run again and pull its results when it ends. A run whose box was lost (or
+    a cluster run stopped by a lost node) resumes on a new box, or its stopped box started
+    again, from its checkpoint. Returns its exit status."""
     from . import runs
 
-    hint = (f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile is recorded: "
-            "`dlbox down` ends it)")
-    with on_interrupt(hint):
-        nodes = runs.load(project, run_id).nodes  # one line for a run that does not exist
+    with on_interrupt(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile "
+                      "is recorded: `dlbox down` ends it)"):
+        runs.load(project, run_id)  # one line for a run that does not exist
         runs.note(project, run_id, events.ATTACHED)
-        if len(nodes) > 1:
-            return _attach_cluster(project, run_id, ui, recover)
-        run, box, machine = _take_back(project, run_id, ui, recover)
-    with on_interrupt(f"run {run_id} goes on: " + attach_hint(run_id)):
-        return follow_and_finish(project, run, box, machine, ui, recover)[0]
+        crew = _take_back(project, run_id, ui, recover)
+    try:
+        with on_interrupt(f"run {run_id} goes on: " + attach_hint(run_id)):
+            return follow(project, crew, ui, recover)
+    finally:
+        crew.close()
 
 
-def _take_back(project: Path, run_id: str, ui: Ui, recover: bool):
-    """(run, box, machine) to follow: a run whose box is lost (noticed now, or before) is
-    resumed on another, or on its stopped box started again."""
-    from . import boxes, boxlock, config, recovery, runs
+def _take_back(project: Path, run_id: str, ui: Ui, recover: bool) -> Crew:
+    """The crew to follow the run on: a run whose box is lost (noticed now, or before) is
+    resumed on another box, or on its stopped box started again; a cluster run stopped by
+    a lost node, on every node once it is replaced."""
+    from . import boxes, boxlock, cluster, config, recovery, runs
     from .errors import RunInterrupted
 
     cfg = config.load(project)
     with boxlock.run_held(project, run_id, ui.say):  # one dlbox carries a run on
         run = runs.load(project, run_id)  # as the last holder left it
+        if len(run.nodes) > 1:
+            crew = Crew(run, *crew_of(project, run, ui))
+            if run.status == "interrupted" and run.finished_at is not None:
+                try:
+                    gone = cluster.lost_nodes(project, crew.nodes, crew.machines, run)
+                    run = cluster.record_losses(project, run, crew.nodes, crew.machines, gone)
+                    if gone and not recover:
+                        raise RunInterrupted(f"run {run.run_id} lost node(s) "
+                                             f"{', '.join(str(k) for k, _ in gone)}; `dlbox "
+                                             f"attach {run.run_id}` without --no-recover "
+                                             "replaces them")
+                    if gone:
+                        run = cluster.replace_lost(project, run, crew.nodes, crew.machines,
+                                                   gone, ui.say, cfg.pip_args)
+                    crew.run = cluster.resume(project, run, crew.nodes, crew.machines, ui.say)
+                except BaseException:
+                    crew.close()
+                    raise
+            return crew
         box = boxes.named(project, run.box)
         waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
             and run.interruptions[-1].get("downtime_s") is None
@@ -474,18 +516,11 @@ def _take_back(project: Path, run_id: str, ui: Ui, recover: bool):
             raise RunInterrupted(f"run {run.run_id} lost its box; "
                                  + recovery.resumable_line(project, run))
         if waiting:
-            return recovery.on_new_box(
+            run, box, machine = recovery.on_new_box(
                 project, run, box, ui.say, len(run.interruptions) + cfg.max_recoveries,
                 cfg.pip_args, new_box=lambda: _box_to_resume_on(project, run, ui), reuse=woken)
-    box, machine = _box_of(project, run, ui)
-    return run, box, machine
-
-
-def _box_of(project: Path, run, ui: Ui):
-    """(box, machine) of the box a recorded single-box run ran on, started again if it was
-    stopped to keep results."""
-    nodes, machines = crew_of(project, run, ui)
-    return nodes[0], machines[0]
+            return Crew(run, [box], [machine])
+    return Crew(run, *crew_of(project, run, ui))
 
 
 def _box_to_resume_on(project: Path, run, ui: Ui):
@@ -503,34 +538,6 @@ def _box_to_resume_on(project: Path, run, ui: Ui):
     except ValueError:
         flags = UpFlags()
     return boxes.kind_for_up(flags).up(project, flags, None, ui.say)
-
-
-def _attach_cluster(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
-    """attach for a cluster run: follow it, or resume it on every node if it was stopped
-    (a node its owner took back replaced first)."""
-    from . import boxlock, cluster, config, runs
-    from .errors import RunInterrupted
-
-    nodes, machines = [], []
-    try:
-        with on_interrupt(f"`dlbox attach {run_id}` again resumes it"), \
-                boxlock.run_held(project, run_id, ui.say):  # one dlbox carries a run on
-            run = runs.load(project, run_id)  # as the last holder left it
-            nodes, machines = crew_of(project, run, ui)
-            if run.status == "interrupted" and run.finished_at is not None:
-                gone = cluster.lost_nodes(project, nodes, machines, run)
-                run = cluster.record_losses(project, run, nodes, machines, gone)
-                if gone and not recover:
-                    raise RunInterrupted(f"run {run.run_id} lost node(s) "
-                                         f"{', '.join(str(k) for k, _ in gone)}; `dlbox attach "
-                                         f"{run.run_id}` without --no-recover replaces them")
-                if gone:
-                    run = cluster.replace_lost(project, run, nodes, machines, gone, ui.say,
-                                               config.load(project).pip_args)
-                run = cluster.resume(project, run, nodes, machines, ui.say)
-        return _follow_cluster(project, run, nodes, machines, ui, recover)
-    finally:
-        _close(machines)
 
 
 # --- pull, cancel, logs -------------------------------------------------------------------
