@@ -13,7 +13,7 @@ GOAL := make $(or $(MAKECMDGOALS),venv)
 # keeps about one core busy per worker.
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo test test-fast test-deps lint bench clean
+.PHONY: venv demo test test-fast journey test-deps lint bench clean
 .NOTPARALLEL:  # prerequisites in order: system packages are checked before anything runs
 
 $(STAMP): pyproject.toml
@@ -39,6 +39,16 @@ test: test-deps $(STAMP) lint
 ## test-fast: skip the slow end-to-end tests while iterating
 test-fast: test-deps $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
+
+## journey: one user journey by name, e.g. `make journey J=ssh` (ssh, ec2, machine, spot, cluster)
+JOURNEY_ssh := tests/test_journeys.py::test_a_day_on_an_ssh_box
+JOURNEY_ec2 := tests/test_journeys.py::test_a_day_on_an_ec2_box
+JOURNEY_machine := tests/test_journey_machine.py
+JOURNEY_spot := tests/test_spot.py::test_a_spot_run_goes_on_through_a_warned_and_an_unwarned_loss
+JOURNEY_cluster := tests/test_cluster.py::test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
+journey: test-deps $(STAMP)
+	@test -n "$(JOURNEY_$(J))" || { echo "make journey J=NAME: NAME is one of ssh, ec2, machine, spot, cluster" >&2; exit 2; }
+	$(PY) -m pytest -v $(JOURNEY_$(J))
 
 # what the suite drives: sshd and ssh on loopback, rsync, chromium and chromedriver
 test-deps:

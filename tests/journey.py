@@ -24,9 +24,9 @@ from pathlib import Path
 from orchestrator.runs import RESULT_FILES
 from tests import fakewheels
 from tests import sshd as sshd_mod
+from tests.cli import DLBOX
 from tests.tcpproxy import Proxy
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
 COMMAND_TIMEOUT_S = 300
 POLL_S = 0.05
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
@@ -115,6 +115,21 @@ class Day:
         self.proxy = Proxy(server.host, server.port) if server else None
         self.ec2 = ec2
         self.seen: list[Outcome] = []
+        self.steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """A named step of the journey: a failure in it says which step, and the commands
+        the step ran, so that a red journey points at the step."""
+        self.steps.append(name)
+        first = len(self.seen)
+        try:
+            yield
+        except BaseException as exc:
+            ran = "; ".join("dlbox " + " ".join(o.args) for o in self.seen[first:])
+            exc.add_note(f"journey step {len(self.steps)} failed: {name}"
+                         + (f" (it ran: {ran})" if ran else ""))
+            raise
 
     # --- commands -------------------------------------------------------------------------
 

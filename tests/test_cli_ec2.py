@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests import awsfakes
+from tests import awsfakes, cli
 from tests import sshd as sshd_mod
+from tests.cli import CLI_TIMEOUT_S, DLBOX
 from tests.conftest import CALLER_IP
 from tests.sshd import free_port
 from tests.tcpproxy import Proxy
 
-CLI_TIMEOUT_S = 300  # a bound against a hang: training on the loaded machine takes far less
 POLL_S = 0.05
-DLBOX = str(Path(sys.executable).parent / "dlbox")
 
 
 @pytest.fixture()
@@ -65,10 +64,10 @@ def cli_env(home: Path, moto_url: str, ip_lookup_url: str) -> dict[str, str]:
 
 
 def dlbox(project, *args: str, env_drop: tuple = (), env_set: dict | None = None):
+    """`dlbox ARGS` in a project of (folder, its whole environment: moto's AWS, nothing else)."""
     directory, env = project
     env = {k: v for k, v in env.items() if k not in env_drop} | (env_set or {})
-    return subprocess.run([DLBOX, *args], cwd=directory, env=env, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S)
+    return cli.dlbox(directory, *args, whole_env=env)
 
 
 def _state(directory: Path) -> dict | None:

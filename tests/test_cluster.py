@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
 from tests.journey import at_once, quick_python
 from tests.test_spot import spot  # noqa: F401 (a fixture: EC2 instances as loopback sshds)
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 400  # a command that trains on the loaded 2-core machine
 POLL_S = 0.1
 KILL_WAIT_TIMEOUT_S = 300  # until the run is mid-epoch with a checkpoint
 # From the kill to dlbox's exit: a node check (3 s), SIGTERM's grace (10 s), the pulls.
@@ -29,11 +28,6 @@ STOPPED_WITHIN_S = 45
 FLAGS = ("--img-size", "32", "--patience", "0")
 LEARN = ("--epochs", "12")  # on the learnable sample: well above chance (tests/test_distributed.py)
 RESUMED_RUN_EPOCHS = 5  # the cancelled run: stopped after its first, resumed to the end
-
-
-def dlbox(cwd: Path, *args: str, timeout: float = CLI_TIMEOUT_S):
-    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 def _only_run(project: Path) -> Path:

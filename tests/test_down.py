@@ -7,23 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
 from tests.journey import quick_python
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 300
 POLL_S = 0.1
-
-
-def dlbox(cwd: Path, *args: str):
-    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                          stdin=subprocess.DEVNULL)
 
 
 def _one_line_error(result, *needles: str) -> None:

@@ -126,46 +126,48 @@ def test_a_day_on_an_ssh_box(tmp_path, tiny, big):
     data = copy_dataset(tiny, tmp_path / "data")
     train = ("train", "scratch", "--data", str(data), *ONE_EPOCH)
     try:
-        day.up_ssh()
-        first = day.dlbox(*train)
-        assert _sent(first.stdout, "data") == (82, 82)
-        assert "data: already on the box (82 files, verified)" in day.dlbox(*train).stdout
-        (data / "train" / "cat.0.jpg").unlink()
-        shutil.copy(data / "train" / "dog.1.jpg", data / "train" / "dog.1000.jpg")
-        assert _sent(day.dlbox(*train).stdout, "data") == (1, 82)
-        zipped = _zip_folder(data, tmp_path / "zipped")
-        day.dlbox("train", "scratch", "--data", str(zipped), *ONE_EPOCH)
-        day.check_invariants()
-
-        run = _detach_then_cancel(day, data)
-        day.check_invariants()
-
-        day.new_host_key()
-        refused = day.dlbox("pull", run.name, ok=False)
-        assert "CHANGED" in refused.stderr and "known_hosts" in refused.stderr
-        day.forget_host_key()  # what the message says to do, once the user trusts the box
-        day.up_ssh()
-        day.dlbox("pull", run.name)
-
-        _drop_mid_sync(day, copy_dataset(big, tmp_path / "big"))
-        _drop_mid_pull(day, day.runs()[-1])
-
-        shutil.rmtree(day.project / ".dlbox")  # the state is lost; the box and its runs are not
-        assert "no box is up" in day.dlbox("status").stdout
-        assert "no box is up" in day.dlbox(*train, ok=False).stderr
-        day.up_ssh()
-        day.dlbox("attach", run.name, ok=None)
-        day.check_invariants()
-
-        _kill_midway(day, *train)
-        _kill_midway(day, "pull", day.runs()[-1].name)
-
-        day.dlbox("down", "--purge")
-        assert not day.remote.exists()
-        day.dlbox("up", "--local", "--python", quick_python())  # the real check: test_local_box
-        day.dlbox(*train)
-        day.dlbox("down")
-        day.check_invariants()
+        with day.step("up on an SSH box"):
+            day.up_ssh()
+        with day.step("train: new data, the same again, changed, a zip"):
+            first = day.dlbox(*train)
+            assert _sent(first.stdout, "data") == (82, 82)
+            assert "data: already on the box (82 files, verified)" in day.dlbox(*train).stdout
+            (data / "train" / "cat.0.jpg").unlink()
+            shutil.copy(data / "train" / "dog.1.jpg", data / "train" / "dog.1000.jpg")
+            assert _sent(day.dlbox(*train).stdout, "data") == (1, 82)
+            zipped = _zip_folder(data, tmp_path / "zipped")
+            day.dlbox("train", "scratch", "--data", str(zipped), *ONE_EPOCH)
+            day.check_invariants()
+        with day.step("Ctrl-C detaches, cancel, attach"):
+            run = _detach_then_cancel(day, data)
+            day.check_invariants()
+        with day.step("the box's host key changes"):
+            day.new_host_key()
+            refused = day.dlbox("pull", run.name, ok=False)
+            assert "CHANGED" in refused.stderr and "known_hosts" in refused.stderr
+            day.forget_host_key()  # what the message says to do, once the user trusts the box
+            day.up_ssh()
+            day.dlbox("pull", run.name)
+        with day.step("the link drops mid-sync, then mid-pull"):
+            _drop_mid_sync(day, copy_dataset(big, tmp_path / "big"))
+            _drop_mid_pull(day, day.runs()[-1])
+        with day.step(".dlbox/ is lost while the box and its runs are not"):
+            shutil.rmtree(day.project / ".dlbox")
+            assert "no box is up" in day.dlbox("status").stdout
+            assert "no box is up" in day.dlbox(*train, ok=False).stderr
+            day.up_ssh()
+            day.dlbox("attach", run.name, ok=None)
+            day.check_invariants()
+        with day.step("dlbox SIGKILLed all through train and pull"):
+            _kill_midway(day, *train)
+            _kill_midway(day, "pull", day.runs()[-1].name)
+        with day.step("down --purge, then the local box"):
+            day.dlbox("down", "--purge")
+            assert not day.remote.exists()
+            day.dlbox("up", "--local", "--python", quick_python())  # the real check: test_local_box
+            day.dlbox(*train)
+            day.dlbox("down")
+            day.check_invariants()
     finally:
         day.close()
         day.kill_runs()
@@ -189,43 +191,55 @@ def test_a_day_on_an_ec2_box(tmp_path, aws, moto_url, ip_lookup_url, tiny):
     train = ("train", "scratch", "--data", str(data), *ONE_EPOCH)
     try:
         with awsfakes.public_ip("127.0.0.1"):
-            day.dlbox("up")
-            day.check_invariants()
-            day.dlbox(*train)
-            assert "already on the box" in day.dlbox(*train).stdout
-            assert "reusing box" in day.dlbox("up").stdout
-            run = _detach_then_cancel(day, data)
-            day.check_invariants()
-
-            day.new_host_key()
-            assert "CHANGED" in day.dlbox("pull", run.name, ok=False).stderr
-            day.forget_host_key()
-            day.dlbox("up")  # reuses the box and pins its new key
-            day.dlbox("pull", run.name)
-
-            _kill_midway(day, "up")
-            [instance] = day.live_instances()
-            (day.project / ".dlbox" / "state.json").unlink()  # lost while the box runs
-            day.check_invariants()  # still found by its tags
-            assert "no box is up" in day.dlbox("status").stdout
-            assert "found" in day.dlbox("up").stdout  # the project's instance, by its tag
-            assert day.live_instances() == [instance]
-            (day.project / ".dlbox" / "state.json").unlink()
-            assert "did not record: terminated" in day.dlbox("down").stdout
-            assert day.live_instances() == []
-
-            for delay in (0.5, 1.5, 3.0):  # killed during the launch, the wait, the login
-                day.dlbox("up", kill_after_s=delay)
+            with day.step("up on EC2, train, the same data again, up again"):
+                day.dlbox("up")
                 day.check_invariants()
-                day.dlbox("down")  # recorded or not (killed before the id was): found by its tag
+                day.dlbox(*train)
+                assert "already on the box" in day.dlbox(*train).stdout
+                assert "reusing box" in day.dlbox("up").stdout
+            with day.step("Ctrl-C detaches, cancel, attach"):
+                run = _detach_then_cancel(day, data)
+                day.check_invariants()
+            with day.step("the box's host key changes"):
+                day.new_host_key()
+                assert "CHANGED" in day.dlbox("pull", run.name, ok=False).stderr
+                day.forget_host_key()
+                day.dlbox("up")  # reuses the box and pins its new key
+                day.dlbox("pull", run.name)
+            with day.step("up SIGKILLed, then .dlbox/state.json lost while the box runs"):
+                _kill_midway(day, "up")
+                [instance] = day.live_instances()
+                (day.project / ".dlbox" / "state.json").unlink()  # lost while the box runs
+                day.check_invariants()  # still found by its tags
+                assert "no box is up" in day.dlbox("status").stdout
+                assert "found" in day.dlbox("up").stdout  # the project's instance, by its tag
+                assert day.live_instances() == [instance]
+                (day.project / ".dlbox" / "state.json").unlink()
+                assert "did not record: terminated" in day.dlbox("down").stdout
                 assert day.live_instances() == []
-
-            day.dlbox("up", "--local", "--python", quick_python())
-            day.dlbox(*train)
-            day.dlbox("down")
-            day.check_invariants()
-            assert day.live_instances() == []
+            with day.step("up SIGKILLed during the launch, the wait, the login; then down"):
+                for delay in (0.5, 1.5, 3.0):
+                    day.dlbox("up", kill_after_s=delay)
+                    day.check_invariants()
+                    day.dlbox("down")  # recorded or not (killed before the id was): by its tag
+                    assert day.live_instances() == []
+            with day.step("the local box after EC2"):
+                day.dlbox("up", "--local", "--python", quick_python())
+                day.dlbox(*train)
+                day.dlbox("down")
+                day.check_invariants()
+                assert day.live_instances() == []
     finally:
         day.close()
         day.kill_runs()
         sshd_mod.stop(day.server)
+
+
+def test_a_failed_journey_step_names_itself_and_what_it_ran(tmp_path):
+    day = Day(tmp_path)
+    with day.step("first"):
+        pass
+    with pytest.raises(AssertionError) as caught, day.step("second"):
+        day.dlbox("--version")
+        raise AssertionError("the box said no")
+    assert caught.value.__notes__ == ["journey step 2 failed: second (it ran: dlbox --version)"]

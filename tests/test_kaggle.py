@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,11 +13,10 @@ import pytest
 from orchestrator import kaggle
 from orchestrator.errors import UsageError
 from tests import sshd as sshd_mod
+from tests.cli import dlbox
 from tests.journey import quick_python
 from tests.kagglefake import FakeKaggle
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 300
 USER, KEY = "alice", "0123456789abcdef"
 
 
@@ -56,11 +52,6 @@ def home(tmp_path, fake):
     fake.rules_accepted, fake.on_download = True, None
     fake.downloads.clear()
     return home
-
-
-def dlbox(cwd: Path, *args: str, env: dict[str, str]):
-    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, env={**os.environ, **env})
 
 
 def _where_the_key_is(fake: FakeKaggle) -> dict[str, list[str]]:

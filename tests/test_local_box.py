@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
 from tests.journey import quick_python
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 300
 POLL_S = 0.1
 ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; .ci/run installs
@@ -33,11 +32,6 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 
 # `up` checks the real TensorFlow in the two tests of --python below; the others check it
 # with a stand-in (quick_python, ~3 s sooner), and their runs train with the real one.
-
-
-def dlbox(cwd: Path, *args: str):
-    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 def _events(run: Path) -> list[dict]:

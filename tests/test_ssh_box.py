@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
 from tests.disks import needs_root
 from tests.journey import quick_python
 from tests.sshd import free_port
-
-DLBOX = str(Path(sys.executable).parent / "dlbox")
-CLI_TIMEOUT_S = 300
-
-
-def dlbox(cwd: Path, *args: str):
-    return subprocess.run([DLBOX, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 def _target(sshd, known_hosts: Path):

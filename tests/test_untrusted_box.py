@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
+from tests.cli import DLBOX, dlbox
 from tests.disks import needs_root, small_disk
 from tests.journey import quick_python
 
-DLBOX = str(Path(sys.executable).parent / "dlbox")
 WAIT_S = 120  # for anything that should happen much sooner
 POLL_S = 0.05
 ESC, BEL = "\x1b", "\x07"
@@ -47,12 +47,6 @@ if [ -f .wait ]; then  # a live run: SIGTERM is a checkpoint and 75, as the real
 fi
 exit "$(cat .code 2>/dev/null || echo 0)"
 """
-
-
-def dlbox(project: Path, *args: str, env: dict | None = None,
-          stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run([DLBOX, *args], cwd=project, capture_output=True, text=True,
-                          timeout=WAIT_S * 2, env={**os.environ, **(env or {})}, stdin=stdin)
 
 
 def _until(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
