@@ -158,6 +158,14 @@ class Box(Protocol):
         """Why the box can no longer run anything (terminated, reclaimed); None while it can
         (a stopped box can be started again: see wake)."""
 
+    def watcher(self) -> str | None:
+        """The script run beside each trainer that turns its owner's warning into a
+        checkpoint (EC2 spot: spotwatch.sh); None when nobody takes the box back."""
+
+    def loss_fields(self) -> dict[str, str | None]:
+        """What a run's record of this box's loss names it by: instance, instance_type,
+        zone (those it has)."""
+
     def retire(self, project_dir: Path, say: Say) -> None:
         """End a lost box's machine (verified) so that nothing bills, keeping its record: a
         replacement later takes the same settings."""
@@ -202,6 +210,12 @@ class Unwatched:
 
     def gone(self, project_dir: Path) -> Gone | None:
         return None  # unreachable is not gone: it is the user's machine
+
+    def watcher(self) -> str | None:
+        return None  # nobody takes it back
+
+    def loss_fields(self) -> dict[str, str | None]:
+        return {}  # never lost
 
     def retire(self, project_dir: Path, say: Say) -> None:
         pass  # never lost

@@ -300,6 +300,16 @@ class Ec2Box:
             return ec2up.replace_node(project_dir, self, say)
         return ec2up.up(type(self), project_dir, self.up_flags(project_dir), self, say)
 
+    def watcher(self) -> str | None:
+        """A spot box's two-minute warning becomes a checkpoint (see spotwatch.py)."""
+        from . import spotwatch
+
+        return spotwatch.script() if self.interruptible else None
+
+    def loss_fields(self) -> dict[str, str | None]:
+        return {"instance": self.instance_id, "instance_type": self.instance_type,
+                "zone": self.zone}
+
     @classmethod
     def down_unrecorded(cls, project_dir: Path, region: str | None, profile: str | None,
                         yes: bool, ui: Ui) -> bool:

@@ -47,11 +47,10 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
         per_epoch = checkpoints.epoch_seconds(project_dir, run.run_id)
         lost_s = lost_epochs * per_epoch if per_epoch is not None else None
     flags = box.up_flags(project_dir) if box.replaceable else None
+    named = {"instance": None, "instance_type": None, "zone": None, **box.loss_fields()}
     entry = runs.Interruption(
-        at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name,
-        instance=getattr(box, "instance_id", None), instance_type=getattr(box, "instance_type",
-                                                                          None),
-        zone=getattr(box, "zone", None), spot=box.interruptible, usd_per_hour=box.hourly_usd,
+        at=now.isoformat(timespec="seconds"), epoch=lost.epoch, box=box.name, **named,
+        spot=box.interruptible, usd_per_hour=box.hourly_usd,
         reason=lost.reason, warned=lost.warned,
         cost_usd=usd * max(0.0, ended - segment) / 3600 if usd is not None else None,
         checkpoint_epochs=copy.completed if copy else None,

@@ -509,16 +509,16 @@ def trainer_args(box: Box, run: Run, shipped: Shipped, remote_dir: str) -> list[
 
 def write_script(box: Box, machine: Machine, run_id: str, remote_dir: str, code: str,
                  args: list[str], env: dict[str, str] | None = None) -> None:
-    """run.sh (and the spot watcher, on a spot box) into the run's folder on the box."""
+    """run.sh (and the box kind's watcher, if it has one) into the run's folder on the box."""
     from . import spotwatch
 
+    watcher = box.watcher()
     script = render("run.sh.j2", run_id=run_id, out=remote_dir, code_dir=code,
                     python=box.python, args=args, registry=box.runs_registry(),
-                    spot_watch=box.interruptible, env=env or {})
+                    spot_watch=watcher is not None, env=env or {})
     machine.write(f"{remote_dir}/run.sh", script.encode(), 0o755)
-    if box.interruptible:  # EC2 spot: heed the two-minute warning (see spotwatch.py)
-        machine.write(f"{remote_dir}/{spotwatch.SCRIPT_FILE}", spotwatch.script().encode(),
-                      0o755)
+    if watcher is not None:  # run.sh starts it beside the trainer
+        machine.write(f"{remote_dir}/{spotwatch.SCRIPT_FILE}", watcher.encode(), 0o755)
 
 
 # run.pid's number, if it is one above 1 (kill -0 -- -1 would mean every process).

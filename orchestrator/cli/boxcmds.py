@@ -85,10 +85,10 @@ def up(
 @app.command()
 def status() -> None:
     """Show this project's box: state, address, uptime, cost, watchdog."""
-    from .. import lifecycle
+    from .. import settle
 
     with errors():
-        rows = lifecycle.status(project(), UI)
+        rows = settle.status(project(), UI)
     if rows is None:
         echo("no box is up in this project (`dlbox up` starts one)")
         return
@@ -111,14 +111,14 @@ def down(
     """End the project's box (EC2: terminate, verified), so nobody keeps paying.
 
     Results of runs that ended but were never pulled are pulled first."""
-    from .. import lifecycle
+    from .. import settle
     from ..boxkind import DownFlags
 
     with errors("the box may still be running: run `dlbox down` again"):
         if all_boxes:
-            lifecycle.down_all(project(), region, profile, yes, UI)
+            settle.down_all(project(), region, profile, yes, UI)
             return
-        lifecycle.down(project(), DownFlags(purge=purge, profile=profile), yes, UI,
+        settle.down(project(), DownFlags(purge=purge, profile=profile), yes, UI,
                        region=region)
 
 
