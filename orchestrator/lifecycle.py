@@ -577,12 +577,11 @@ def cancel(project: Path, run_id: str, ui: Ui):
     run = runs.load(project, run_id)
     nodes, machines = crew_of(project, run, ui)
     try:
-        if runs.exit_status(machines[0], run)[0] is None:  # going: this is how it ends
-            # Logged now: a `train` following it sees the trainer exit too, and would log
-            # the end as merely interrupted.
-            runs.note(project, run.run_id, events.CANCELLED)
         cluster.signal_workers(run, machines)
-        code = runs.cancel(run, machines[0], ui.say)
+        # The end is logged as the signal leaves: a `train` following the run sees the
+        # trainer exit too, and would log it as merely interrupted.
+        code = runs.cancel(run, machines[0], ui.say, on_signalled=lambda: runs.note(
+            project, run.run_id, events.CANCELLED))
         cluster.wait_for_workers(run, nodes, machines, time.sleep)
         cluster.pull_logs(project, run, machines)
         run = finish(project, run, nodes[0], machines[0], code, ui, cancelled=True)

@@ -333,9 +333,11 @@ def cancel_command(remote_dir: str) -> str:
             "kill -TERM $trainers 2>/dev/null; echo signalled")
 
 
-def cancel(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
+def cancel(run: Run, machine: Machine, say: Say, sleep=time.sleep,
+           on_signalled: Callable[[], None] = lambda: None) -> int:
     """SIGTERM the trainer (it checkpoints and exits 75); wait for it; return its exit status
-    (EXIT_KILLED if its processes end without one)."""
+    (EXIT_KILLED if its processes end without one). on_signalled: called once the signal
+    is sent (before the trainer can have ended of it)."""
     done = machine.run(cancel_command(run.remote_dir))
     answer = done.stdout.strip()
     if done.exit_code == 3:
@@ -353,6 +355,7 @@ def cancel(run: Run, machine: Machine, say: Say, sleep=time.sleep) -> int:
     if answer != "signalled":
         raise DlboxError(f"could not signal run {run.run_id}: {_last_line(done.stderr) or answer}; "
                          f"run `dlbox cancel {run.run_id}` again")
+    on_signalled()
     say(f"asked run {run.run_id} to stop; waiting for its checkpoint...")
     deadline = time.monotonic() + CANCEL_TIMEOUT_S
     while True:

@@ -131,3 +131,23 @@ def test_a_run_ends_once_per_stretch_whoever_else_saw_it_end(tmp_path):
     assert events.has_ended(log)
     assert not events.has_ended([*log, _event("resumed", "10:02:00")])
     assert not events.has_ended(log[:1])
+
+
+@pytest.mark.parametrize("left", [{}, {"exit_code": "0\n"}], ids=["starting", "ended"])
+def test_a_cancel_that_signals_nothing_logs_no_end(tmp_path, left):
+    """`dlbox cancel` logs the run's end as its signal leaves, and only then: a run not yet
+    started (or ended already) is refused, and its real end is still logged later."""
+    from orchestrator import runs
+    from orchestrator.errors import UsageError
+    from orchestrator.localmachine import LocalMachine
+
+    folder = tmp_path / "box" / "runs" / "r"
+    folder.mkdir(parents=True)
+    for name, text in left.items():
+        (folder / name).write_text(text)
+    run = runs.Run(run_id="r", model="scratch", box="local", remote_dir=str(folder), args=[],
+                   started_at=runs.now())
+    signalled = []
+    with pytest.raises(UsageError, match=r"not running|not started"):
+        runs.cancel(run, LocalMachine(), print, on_signalled=lambda: signalled.append(1))
+    assert signalled == []
