@@ -112,6 +112,7 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
         raise DlboxError(f"could not copy the checkpoint of run {run.run_id} off the box "
                          f"({why[0]})")
     snapshot = f"{run.remote_dir}/{lines[0]}"
+    before = held(project_dir, run.run_id)
     try:
         pairs = [line.split(maxsplit=1) for line in lines[1:-1]]
         sums = {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
@@ -124,7 +125,7 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
         with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
             machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
     copy = held(project_dir, run.run_id)
-    if copy is not None:
+    if copy is not None and copy != before:  # a new one (two copiers may take the same)
         runs.note(project_dir, run.run_id, events.CHECKPOINT, epochs=copy.completed,
                   partial=copy.partial)
     return copy

@@ -46,7 +46,10 @@ def enable(state_dir: Path) -> Path:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     _logger = logger
-    log("command", " ".join(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if "ssh" in argv:  # what follows is the user's own command for the box: not ours to keep
+        argv = [*argv[: argv.index("ssh") + 1], "..."]
+    log("command", " ".join(argv))
     return path
 
 
@@ -68,7 +71,7 @@ def secret(value: str | None) -> None:
 
 def _mask(record) -> bool:
     text = record.getMessage()
-    for value in _secrets:
+    for value in tuple(_secrets):  # a thread may register one meanwhile
         text = text.replace(value, MASK)
     record.msg, record.args = text, None
     return True

@@ -91,28 +91,28 @@ def _ends_torn(fd: int) -> bool:
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
+def since_start(found: list[Event]) -> list[Event]:
+    """The events since the run last started or resumed (its current stretch)."""
+    starts = [i for i, event in enumerate(found) if event.kind in (STARTED, RESUMED)]
+    return found[starts[-1] + 1:] if starts else found
+
+
 def epochs_seen(found: list[Event]) -> set[tuple[Any, Any]]:
-    """(phase, epoch) of the epochs logged since the run last started or resumed: a follow
-    that shows them again (`dlbox attach`) does not log them twice."""
-    seen: set[tuple[Any, Any]] = set()
-    for event in found:
-        if event.kind in (STARTED, RESUMED):
-            seen = set()
-        elif event.kind == EPOCH:
-            seen.add((event.details.get("phase"), event.details.get("epoch")))
-    return seen
+    """(phase, epoch) of the epochs logged in the current stretch: a follow that shows them
+    again (`dlbox attach`, or two dlbox following at once) does not log them twice."""
+    return {(e.details.get("phase"), e.details.get("epoch")) for e in since_start(found)
+            if e.kind == EPOCH}
+
+
+def has(found: list[Event], kind: str) -> bool:
+    """Whether an event of kind is logged in the current stretch."""
+    return any(e.kind == kind for e in since_start(found))
 
 
 def has_ended(found: list[Event]) -> bool:
-    """Whether the run's end is logged since it last started or resumed (two dlbox that
-    both saw it end, `train` following it and `cancel` stopping it, log it once)."""
-    ended = False
-    for event in found:
-        if event.kind in (STARTED, RESUMED):
-            ended = False
-        elif event.kind in ENDS:
-            ended = True
-    return ended
+    """Whether the run's end is logged in the current stretch (two dlbox that both saw it
+    end, `train` following it and `cancel` stopping it, log it once)."""
+    return any(e.kind in ENDS for e in since_start(found))
 
 
 def read(run_dir: Path) -> list[Event]:
@@ -128,7 +128,7 @@ def read(run_dir: Path) -> list[Event]:
     for line in raw.split(b"\n"):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             continue
         if not (isinstance(record, dict) and isinstance(record.get("at"), str)
                 and record.get("kind") in KINDS):

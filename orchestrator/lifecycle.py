@@ -191,8 +191,10 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
                     run = runs.start(project, nodes[0], machines[0], model, data, test,
                                      trainer_args, ui.say, progress, cfg.pip_args)
             return Crew(run, nodes, machines)
-        except (DlboxError, InfraError) as exc:
+        except BaseException as exc:
             _close(machines)
+            if not isinstance(exc, (DlboxError, InfraError)):
+                raise  # Ctrl-C, SIGTERM: what it leaves is said by the command
             box = nodes[0]
             gone = None if isinstance(exc, UsageError) or len(nodes) > 1 else box.gone(project)
             if gone is None or not gone.reclaimed or not recover or \
@@ -269,7 +271,7 @@ def _watch(project: Path, crew: Crew, ui: Ui, shown: int) -> _Stop | None:
         _detached(project, run, ui)
         return None
     except cluster.NodeFailed as exc:
-        return _Stop(runs.EXIT_RESUMABLE, failed=exc)
+        return _Stop(runs.EXIT_RESUMABLE if exc.resumable else EXIT_FAILED, failed=exc)
     except BoxLost as exc:
         failed = cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})", box_gone=True)
         return _Stop(runs.EXIT_RESUMABLE, failed=failed if crew.many else None, lost=exc)
@@ -457,8 +459,8 @@ def attach(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
     with on_interrupt(f"`dlbox attach {run_id}` again resumes it (a box launched meanwhile "
                       "is recorded: `dlbox down` ends it)"):
         runs.load(project, run_id)  # one line for a run that does not exist
-        runs.note(project, run_id, events.ATTACHED)
         crew = _take_back(project, run_id, ui, recover)
+    runs.note(project, run_id, events.ATTACHED)
     try:
         with on_interrupt(f"run {run_id} goes on: " + attach_hint(run_id)):
             return follow(project, crew, ui, recover)
@@ -545,27 +547,37 @@ def _box_to_resume_on(project: Path, run, ui: Ui):
 
 def pull(project: Path, run_id: str, ui: Ui) -> Path:
     """Copy a run's results from its box into runs/<id>/ again (verified): a snapshot while
-    it goes on; once it ended, recorded, and its boxes let it go. Returns the folder."""
-    from . import cluster, runs
+    it goes on; once it ended, recorded, and its boxes let it go. A cluster's other nodes
+    give their logs after the chief's results are here. Returns the folder."""
+    from . import boxes, cluster, runs
 
     run = runs.load(project, run_id)
-    nodes, machines = crew_of(project, run, ui)
+    chief = boxes.named(project, run.box)
+    if chief is None:
+        raise not_recorded(project, run, f"box {run.box}", f"runs/{run.run_id}/")
+    chief = chief.wake(project, ui.say)
+    machine = chief.machine(project)
     try:
-        code, _ = runs.exit_status(machines[0], run, ui.warn)
+        code, _ = runs.exit_status(machine, run, ui.warn)
         if code is None:  # still going: a snapshot of what it has
-            local = runs.pull(project, run, machines[0], ui.say)
+            local = runs.pull(project, run, machine, ui.say)
         elif run.finished_at:  # recorded already: copy again (and let the box go, if it waits)
-            local = runs.pull(project, run, machines[0], ui.say, ended=True)
-            release(project, run, nodes[0], machines[0], ui)
+            local = runs.pull(project, run, machine, ui.say, ended=True)
+            release(project, run, chief, machine, ui)
         else:  # ended: its results are final, and once here the box need not keep them
-            finish(project, run, nodes[0], machines[0], code, ui)
+            finish(project, run, chief, machine, code, ui)
             local = project / runs.RUNS_DIR / run.run_id
-        # The other nodes' logs (a cluster's); once the run ended, they may let it go.
-        cluster.pull_logs(project, run, machines)
-        if code is not None:
-            cluster.release(project, run, nodes, machines)
     finally:
-        _close(machines)
+        machine.close()
+    if len(run.nodes) > 1:  # the other nodes' logs; once the run ended, they may let it go
+        run = runs.load(project, run_id)
+        nodes, machines = crew_of(project, run, ui)
+        try:
+            cluster.pull_logs(project, run, machines)
+            if code is not None:
+                cluster.release(project, run, nodes, machines)
+        finally:
+            _close(machines)
     return local
 
 

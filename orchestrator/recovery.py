@@ -107,12 +107,11 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
                       rented=box.rented,
                       usd_per_hour=box.hourly_usd, segment_started_at=now.isoformat(
                           timespec="seconds"), interruptions=tuple(done))
-        run = runs.launch(project_dir, box, machine, run, shipped, say)
+        run = runs.launch(project_dir, box, machine, run, shipped, say, events.RESUMED,
+                          epochs=copy.completed if copy else 0)
     except BaseException:
         machine.close()
         raise
-    runs.note(project_dir, run.run_id, events.RESUMED, box=box.name,
-              epochs=copy.completed if copy else 0)
     say(f"run {run.run_id} resumed on {box.label} "
         + (f"from its checkpoint after {copy.completed} epoch(s)" if copy else "from the start"))
     return run, machine

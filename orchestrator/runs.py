@@ -238,16 +238,17 @@ def events_of(project_dir: Path, run_id: str) -> list[events.Event]:
 
 
 def recorder(project_dir: Path, run_id: str) -> Callable[..., None]:
-    """on_event for follow: each event into the run's log, an epoch logged already (since
-    the run last started or resumed) only once."""
-    seen = events.epochs_seen(events_of(project_dir, run_id))
+    """on_event for follow: each event into the run's log; an epoch or a notice logged
+    already in the run's current stretch (by an earlier follow, or another dlbox following
+    it now) only once."""
 
     def on_event(kind: str, node: int | None = None, **details: Any) -> None:
-        if kind == events.EPOCH:
-            key = (details.get("phase"), details.get("epoch"))
-            if key in seen:
-                return
-            seen.add(key)
+        found = events_of(project_dir, run_id)  # read again: another dlbox may follow it
+        if kind == events.EPOCH and \
+                (details.get("phase"), details.get("epoch")) in events.epochs_seen(found):
+            return
+        if kind == events.NOTICE and events.has(found, events.NOTICE):
+            return
         note(project_dir, run_id, kind, node, **details)
 
     return on_event
@@ -478,8 +479,7 @@ def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, 
     run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=[],
               started_at=now(), usd_per_hour=box.hourly_usd, data=data, test=test,
               trainer_args=tuple(trainer_args), rented=box.rented)
-    run = launch(project_dir, box, machine, run, shipped, say)
-    note(project_dir, run_id, events.STARTED, box=box.name, nodes=1, model=model)
+    run = launch(project_dir, box, machine, run, shipped, say, nodes=1, model=model)
     say(f"run {run_id} started on {box.label}")
     return run
 
@@ -583,9 +583,10 @@ def hold(project_dir: Path, pairs: list[tuple[Box, Machine]], run_id: str, say: 
 
 
 def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped,
-           say: Say = print) -> Run:
+           say: Say = print, how: str = events.STARTED, **details: Any) -> Run:
     """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box, hold
-    its results there and start it detached; record the run as started there."""
+    its results there and start it detached; record the run as started there, and log it
+    (how: events.STARTED or RESUMED, with details) once it goes, Ctrl-C or not."""
     args = trainer_args(box, run, shipped, run.remote_dir)
     write_script(box, machine, run.run_id, run.remote_dir, shipped.code, args)
     run = replace(run, args=args)
@@ -598,7 +599,9 @@ def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shi
         raise
     except KeyboardInterrupt as exc:  # came during the start, acted on once it was done:
         exc.run = run  # the run goes on, and the caller can say which one
+        note(project_dir, run.run_id, how, box=box.name, **details)
         raise
+    note(project_dir, run.run_id, how, box=box.name, **details)
     return run
 
 

@@ -86,7 +86,8 @@ def test_a_detail_too_long_is_cut_and_an_event_stays_one_bounded_line(tmp_path):
 
 def test_a_log_that_is_not_there_or_not_json_reads_as_no_events(tmp_path):
     assert events.read(tmp_path / "nowhere") == []
-    (tmp_path / events.EVENTS_FILE).write_bytes(b"\xff\xfe\n[1, 2]\n{\"kind\": \"done\"}\n")
+    (tmp_path / events.EVENTS_FILE).write_bytes(b"\xff\xfe\n[1, 2]\n{\"kind\": \"done\"}\n"
+                                                + b"[" * 100_000 + b"\n")  # past json's depth
     assert events.read(tmp_path) == []
 
 
@@ -151,3 +152,18 @@ def test_a_cancel_that_signals_nothing_logs_no_end(tmp_path, left):
     with pytest.raises(UsageError, match=r"not running|not started"):
         runs.cancel(run, LocalMachine(), print, on_signalled=lambda: signalled.append(1))
     assert signalled == []
+
+
+def test_a_second_follower_logs_no_epoch_or_notice_twice(tmp_path):
+    """Two dlbox following one run (`train` and `attach`), each with its own recorder."""
+    from orchestrator import runs
+
+    runs.note(tmp_path, "r", events.STARTED, box="b")
+    first, second = runs.recorder(tmp_path, "r"), runs.recorder(tmp_path, "r")
+    for record in (first, second):
+        record(events.EPOCH, epoch=1, phase="training")
+        record(events.NOTICE, action="terminate")
+    runs.note(tmp_path, "r", events.RESUMED, box="b2")
+    second(events.EPOCH, epoch=1, phase="training")  # redone on the new box: a new stretch
+    kinds = [e.kind for e in events.read(tmp_path / runs.RUNS_DIR / "r")]
+    assert kinds == ["started", "epoch", "notice", "resumed", "epoch"]
