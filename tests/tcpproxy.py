@@ -9,6 +9,7 @@ import threading
 import time
 
 CHUNK_BYTES = 65536
+CONNECT_TIMEOUT_S = 10  # to the real server behind the proxy
 
 
 class Proxy:
@@ -54,10 +55,13 @@ class Proxy:
         if self.silent or self.stalled:
             return  # held open, never answered, until cut() or close()
         try:
-            upstream = socket.create_connection(self.target, timeout=10)
+            upstream = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT_S)
         except OSError:
             client.close()
             return
+        # The bound was for connecting only: a relay waits as long as the link is quiet (a
+        # box importing TensorFlow on a loaded machine says nothing for 10 s and more).
+        upstream.settimeout(None)
         with self._lock:
             self._open.append(upstream)
         if cut_early:
