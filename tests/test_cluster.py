@@ -125,6 +125,38 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     assert not list((project / ".dlbox").glob("local-box*"))
 
 
+@pytest.mark.slow
+def test_a_worker_that_fails_of_its_own_error_fails_the_run_on_every_node(tmp_path, small_sample):
+    """Not a lost node: a worker that ends with an error of its own (exit 1) stops the run
+    on every node, which is recorded failed (not resumable) and exits 1 with one line."""
+    project = tmp_path / "cluster"
+    project.mkdir()
+    assert dlbox(project, "up", "--local", "--nodes", "2", "--python",
+                 quick_python()).returncode == 0
+    train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
+                              "--epochs", "6", *FLAGS, "--img-size", "96",
+                              "--batch-size", "2"], cwd=project,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
+        (worker_dir / "exit_code.tmp").write_text("1\n")  # as run.sh writes a failure
+        (worker_dir / "exit_code.tmp").rename(worker_dir / "exit_code")
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        out, err = train.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        train.kill()
+    assert train.returncode == 1, out + err
+    [line] = err.strip().splitlines()
+    assert "node 1 (local node 1) had its worker fail (exit status 1)" in line, line
+    assert "cannot go on as is" in line and "--node 1" in line, line
+    run_dir = _only_run(project)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    ends = [json.loads(e)["kind"] for e in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert ends[-1] == "failed", ends
+    assert not _trainers_alive(project), "a worker outlived the failed run"
+    assert dlbox(project, "down").returncode == 0
+
+
 def _mid_epoch_with_a_checkpoint(project: Path, after: int = 0) -> tuple[Path, Path, int]:
     """(node 1's run folder, its run.sh's pid file, the chief trainer's pid) once the chief
     has committed an epoch (more than after) and trains the next one."""
