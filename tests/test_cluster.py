@@ -64,10 +64,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     status = dlbox(project, "status")
     assert "local node 0 of 2" in status.stdout and "local node 1 of 2" in status.stdout
 
-    train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
-                              "--epochs", "6", *FLAGS, "--img-size", "96",
-                              "--batch-size", "2"], cwd=project,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = _train_six_epochs(project, small_sample)
     try:
         worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
         os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # node 1's run.sh and trainer
@@ -133,10 +130,7 @@ def test_a_worker_that_fails_of_its_own_error_fails_the_run_on_every_node(tmp_pa
     project.mkdir()
     assert dlbox(project, "up", "--local", "--nodes", "2", "--python",
                  quick_python()).returncode == 0
-    train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
-                              "--epochs", "6", *FLAGS, "--img-size", "96",
-                              "--batch-size", "2"], cwd=project,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = _train_six_epochs(project, small_sample)
     try:
         worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
         (worker_dir / "exit_code.tmp").write_text("1\n")  # as run.sh writes a failure
@@ -155,6 +149,13 @@ def test_a_worker_that_fails_of_its_own_error_fails_the_run_on_every_node(tmp_pa
     assert ends[-1] == "failed", ends
     assert not _trainers_alive(project), "a worker outlived the failed run"
     assert dlbox(project, "down").returncode == 0
+
+
+def _train_six_epochs(project: Path, data: Path) -> subprocess.Popen:
+    """`dlbox train` on the project's cluster, long enough to be caught mid-epoch."""
+    return subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "6",
+                             *FLAGS, "--img-size", "96", "--batch-size", "2"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _mid_epoch_with_a_checkpoint(project: Path, after: int = 0) -> tuple[Path, Path, int]:
