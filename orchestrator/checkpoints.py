@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import events, runs
 from .atomic import write_atomic
-from .errors import DlboxError
-from .machine import Machine
+from .errors import CommandTimedOut, DlboxError, LostContact
+from .machine import COMMAND_TIMEOUT_S, Machine
 
 LOCAL_DIR = "checkpoint"  # under runs/<id>/
 REMOTE_DIR = "checkpoints"  # under the run's folder on the box (the trainer's)
@@ -98,9 +98,11 @@ def epoch_seconds(project_dir: Path, run_id: str) -> float | None:
     return sum(seconds) / len(seconds) if seconds else None
 
 
-def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
-    """Copy the run's latest committed checkpoint off the box (None: it has none yet)."""
-    listing = machine.run(snapshot_command(run.remote_dir))
+def pull(project_dir: Path, run: runs.Run, machine: Machine,
+         wait_s: float = COMMAND_TIMEOUT_S) -> Copy | None:
+    """Copy the run's latest committed checkpoint off the box (None: it has none yet). The box
+    silent for wait_s at any point is CommandTimedOut (the copy then stands as it was)."""
+    listing = machine.run(snapshot_command(run.remote_dir), timeout=wait_s)
     if listing.exit_code == 4:
         return None
     if listing.exit_code == 5:  # committing faster than we can look: this copy stands for now
@@ -120,10 +122,13 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
                                              if n != STATE_FILE):
             raise DlboxError(f"the checkpoint of run {run.run_id} on the box lists unexpected "
                              f"files ({', '.join(sorted(sums))})")
-        _take(project_dir, run, machine, snapshot, sums)
-    finally:
-        with contextlib.suppress(DlboxError):  # lost contact: the next pull removes it
-            machine.run(f"rm -rf -- {shlex.quote(snapshot)}")
+        _take(project_dir, run, machine, snapshot, sums, wait_s)
+    except (CommandTimedOut, LostContact):
+        raise  # a silent box is not asked again: the next pull removes the snapshot
+    except BaseException:
+        _remove(machine, snapshot, wait_s)
+        raise
+    _remove(machine, snapshot, wait_s)
     copy = held(project_dir, run.run_id)
     if copy is not None and copy != before:  # a new one (two copiers may take the same)
         runs.note(project_dir, run.run_id, events.CHECKPOINT, epochs=copy.completed,
@@ -131,8 +136,15 @@ def pull(project_dir: Path, run: runs.Run, machine: Machine) -> Copy | None:
     return copy
 
 
+def _remove(machine: Machine, snapshot: str, wait_s: float) -> None:
+    """The snapshot's folder gone from the box (or left to the next pull's clean-up); a box
+    silent meanwhile is still said (CommandTimedOut)."""
+    with contextlib.suppress(LostContact):
+        machine.run(f"rm -rf -- {shlex.quote(snapshot)}", timeout=wait_s)
+
+
 def _take(project_dir: Path, run: runs.Run, machine: Machine, snapshot: str,
-          sums: dict[str, str]) -> None:
+          sums: dict[str, str], wait_s: float) -> None:
     """Fetch the snapshot's files that differ, verified; commit with state.json; tidy."""
     here = local_dir(project_dir, run.run_id)
     here.mkdir(parents=True, exist_ok=True)
@@ -141,10 +153,10 @@ def _take(project_dir: Path, run: runs.Run, machine: Machine, snapshot: str,
     for name, digest in sums.items():
         if name != STATE_FILE and not (have.get(name) == digest and (here / name).exists()):
             runs.fetch_verified(machine, f"{snapshot}/{name}", here / name, digest, run.run_id,
-                                partial)
+                                partial, timeout=wait_s)
     # The commit point: from here on the new checkpoint is the one a resume uses.
     runs.fetch_verified(machine, f"{snapshot}/{STATE_FILE}", here / STATE_FILE,
-                        sums[STATE_FILE], run.run_id, partial)
+                        sums[STATE_FILE], run.run_id, partial, timeout=wait_s)
     write_atomic(here / SUMS_FILE, json.dumps(sums, indent=2) + "\n")
     for old in here.glob("*.keras"):
         if old.name not in sums:

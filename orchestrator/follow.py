@@ -193,7 +193,8 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
     """Print each phase, each finished epoch and each warning until the run ends; return its
     exit status. A failed run's last words (the trainer's one-line error) go to err; on_status
     gets every status.json read (for a live bar); on_checkpoint runs each time the trainer
-    commits a checkpoint (and again at the next poll if it returns False). gone() says why
+    commits a checkpoint (and again at the next poll if it returns False or raises
+    CommandTimedOut: the box's owner is asked about it first). gone() says why
     the box is gone (or None): asked when the box stops answering and every LOSS_CHECK_S;
     if its owner cannot be asked, the box counts as there. A lost box, or an interruption
     notice on it, raises BoxLost once the trainer has stopped and its last checkpoint is
@@ -263,9 +264,14 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
             notice = snap.notice
             if on_event is not None:
                 on_event(events.NOTICE, action=notice.get("action"), time=notice.get("time"))
-        if (snap.checkpoint is not None and snap.checkpoint != committed and on_checkpoint
-                and on_checkpoint()):
-            committed = snap.checkpoint
+        if snap.checkpoint is not None and snap.checkpoint != committed and on_checkpoint:
+            try:
+                if on_checkpoint():
+                    committed = snap.checkpoint
+            except CommandTimedOut as exc:  # silent while copying: gone, or only slow?
+                if (why := asking()) is not None:
+                    raise lost(why) from exc
+                checked = time.monotonic()
         code = snap.exit_code
         if code is None and snap.life == "gone" and (why := asking()) is not None:
             raise lost(why)  # its processes went with the box

@@ -19,7 +19,8 @@ from typing import Any
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
 
 from . import events
-from .errors import BoxLost, DlboxError, Interrupted, LostContact, UsageError
+from .errors import BoxLost, CommandTimedOut, DlboxError, Interrupted, LostContact, UsageError
+from .machine import COMMAND_TIMEOUT_S
 from .ui import Ui
 
 EXIT_INTERRUPTED = 130  # detached by Ctrl-C: the run goes on (as shells expect of Ctrl-C)
@@ -395,15 +396,24 @@ def _goes_on(run, exc: LostContact) -> LostContact:
 def checkpoint_copier(project: Path, run, machine, ui: Ui):
     """on_checkpoint for follow: copy the checkpoint off the box (one dlbox at a time per
     run); a failure is said once and tried again at the next poll (a box that is going is
-    noticed by follow itself)."""
+    noticed by follow itself); a box silent too long is CommandTimedOut, for follow to ask
+    its owner about."""
     from . import boxlock, checkpoints
+    from . import follow as following
 
     failed = []
+    # Every wait for the box is bounded by this silence, so that a box that vanished during a
+    # copy is noticed as soon as by a poll (follow asks its owner). A box merely slow (a big
+    # checkpoint hashed) is given twice as long at each next copy.
+    wait_s = [following.ANSWER_WAIT_S]
 
     def copy() -> bool:
         try:
             with boxlock.run_held(project, run.run_id, timeout_s=COPY_LOCK_TIMEOUT_S):
-                checkpoints.pull(project, run, machine)
+                checkpoints.pull(project, run, machine, wait_s=wait_s[0])
+        except CommandTimedOut:
+            wait_s[0] = min(2 * wait_s[0], COMMAND_TIMEOUT_S)
+            raise
         except (DlboxError, InfraError) as exc:
             if not failed:
                 ui.warn(f"could not copy the checkpoint of run {run.run_id} off the box ({exc}); "

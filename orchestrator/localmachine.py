@@ -89,7 +89,8 @@ class LocalMachine:
         pass
 
     @debuglog.traced(debuglog.fetched)
-    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
+    def fetch(self, path: str, local: Path, max_bytes: int,
+              timeout: float | None = None) -> None:
         with open(path, "rb") as source:
             if os.fstat(source.fileno()).st_size > max_bytes:
                 raise too_big(path, max_bytes)

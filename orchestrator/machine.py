@@ -89,8 +89,10 @@ class Machine(Protocol):
 
     def discard_prepared(self) -> None: ...
 
-    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
+    def fetch(self, path: str, local: Path, max_bytes: int,
+              timeout: float | None = None) -> None:
         """Copy the file to local (which this call creates or truncates); TooBig once more
-        than max_bytes arrive. Errors writing local are OSErrors naming local."""
+        than max_bytes arrive. Errors writing local are OSErrors naming local. timeout: the
+        silence that is CommandTimedOut (None: the machine's own bound)."""
 
     def close(self) -> None: ...

@@ -762,16 +762,18 @@ def _alive(pid: int) -> bool:
 
 
 def fetch_verified(machine: Machine, remote: str, local: Path, digest: str, run_id: str,
-                   partial_dir: Path, max_bytes: int = MAX_RESULT_BYTES) -> None:
+                   partial_dir: Path, max_bytes: int = MAX_RESULT_BYTES,
+                   timeout: float | None = None) -> None:
     """remote copied to local whole and verified, or not at all (max_bytes at most). local is
-    replaced by a rename, so a link there is replaced, never followed."""
+    replaced by a rename, so a link there is replaced, never followed. timeout: the silence
+    that is CommandTimedOut (None: the machine's own)."""
     # A name of its own: two pulls of one run at once (two terminals) never share a part file.
     fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}.{run_id}.{local.name}.", suffix=".part",
                                 dir=partial_dir)
     os.close(fd)
     tmp = Path(name)
     try:
-        machine.fetch(remote, tmp, max_bytes)
+        machine.fetch(remote, tmp, max_bytes, timeout)
         if _sha256(tmp) != digest:
             raise DlboxError(f"copy of {local.name} does not match the box's; run `dlbox pull "
                              f"{run_id}`")

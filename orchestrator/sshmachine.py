@@ -62,6 +62,7 @@ class SshMachine:
         self._connect_deadline_s = connect_deadline_s
         self._conn = None
         self._heartbeat: _Heartbeat | None = None
+        self._sftp_client = None
         self._ready: tuple[str, subprocess.Popen] | None = None  # a stream opened ahead
 
     @property
@@ -109,27 +110,16 @@ class SshMachine:
         """One command on a fresh channel of the open connection: bytes in, bytes out.
 
         timeout bounds each wait for the box (silence longer than that is a timeout)."""
-        import paramiko
 
         with self._link(f"running {command.split()[0]}"):
-            transport = self.conn.client.get_transport()
-            try:  # a box that vanished never answers the channel's opening either
-                channel = transport.open_session(timeout=min(timeout,
-                                                             sshtarget.SSH_CONNECT_TIMEOUT_S))
-            except paramiko.SSHException as exc:
-                # paramiko says a timeout only in words; a closed transport is a lost link
-                if "Timeout opening channel" not in str(exc) or not transport.is_active():
-                    raise
-                raise CommandTimedOut(f"{self.target.host} did not open a channel within "
-                                      f"{min(timeout, sshtarget.SSH_CONNECT_TIMEOUT_S):.0f} s"
-                                      ) from exc
+            channel = self._channel(timeout)
             with contextlib.closing(channel):
                 channel.settimeout(timeout)
-                channel.exec_command(command)
-                if stdin:
-                    channel.sendall(stdin)
-                channel.shutdown_write()
                 try:
+                    _bounded(channel, lambda: channel.exec_command(command), timeout)
+                    if stdin:
+                        channel.sendall(stdin)
+                    channel.shutdown_write()
                     out, err = _collect(channel, timeout)
                 except TimeoutError:
                     raise CommandTimedOut(f"a command on {self.target.host} took over "
@@ -138,10 +128,33 @@ class SshMachine:
                     raise EOFError("the connection closed before the command's exit status")
                 return Result(channel.exit_status, decode(out), decode(err))
 
-    def _sftp(self):
-        sftp = self.conn.sftp()
-        sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
-        return sftp
+    def _channel(self, timeout: float):
+        """A new channel of the connection, opened within timeout (CommandTimedOut)."""
+        import paramiko
+
+        transport = self.conn.client.get_transport()
+        bound_s = min(timeout, sshtarget.SSH_CONNECT_TIMEOUT_S)
+        try:  # a box that vanished never answers the channel's opening either
+            return transport.open_session(timeout=bound_s)
+        except paramiko.SSHException as exc:
+            # paramiko says a timeout only in words; a closed transport is a lost link
+            if "Timeout opening channel" not in str(exc) or not transport.is_active():
+                raise
+            raise CommandTimedOut(f"{self.target.host} did not open a channel within "
+                                  f"{bound_s:.0f} s") from exc
+
+    def _sftp(self, timeout: float = SFTP_TIMEOUT_S):
+        """The connection's SFTP session (its own: one cut short by a timeout is dropped),
+        opened within timeout."""
+        import paramiko
+
+        if self._sftp_client is None:
+            channel = self._channel(timeout)
+            channel.settimeout(timeout)
+            _bounded(channel, lambda: channel.invoke_subsystem("sftp"), timeout)
+            self._sftp_client = paramiko.SFTPClient(channel)  # its version: read within timeout
+            channel.settimeout(SFTP_TIMEOUT_S)
+        return self._sftp_client
 
     @debuglog.traced(debuglog.path)
     def read(self, path: str, max_bytes: int = MAX_READ_BYTES, tail: bool = False) -> bytes | None:
@@ -248,16 +261,37 @@ class SshMachine:
             tarstream.close_unused(remote)
 
     @debuglog.traced(debuglog.fetched)
-    def fetch(self, path: str, local: Path, max_bytes: int) -> None:
+    def fetch(self, path: str, local: Path, max_bytes: int,
+              timeout: float | None = None) -> None:
         _quiet_prefetch_deaths()
         with open(local, "wb") as out, self._link(f"copying {path}"):
-            sftp = self._sftp()
-            if sftp.stat(path).st_size > max_bytes:
-                raise too_big(path, max_bytes)
-            sftp.getfo(path, _Bounded(out, local, path, max_bytes))
+            try:
+                sftp = self._sftp(SFTP_TIMEOUT_S if timeout is None else timeout)
+                if timeout is not None:
+                    sftp.get_channel().settimeout(timeout)
+                if sftp.stat(path).st_size > max_bytes:
+                    raise too_big(path, max_bytes)
+                sftp.getfo(path, _Bounded(out, local, path, max_bytes))
+            except TimeoutError:
+                if timeout is None:
+                    raise
+                # Its answer may still come and would be read as the next one's: a new session.
+                self._drop_sftp()
+                raise CommandTimedOut(f"{self.target.host} sent nothing for {timeout:.0f} s "
+                                      f"while {path} was copied") from None
+            finally:
+                if self._sftp_client is not None:
+                    self._sftp_client.get_channel().settimeout(SFTP_TIMEOUT_S)
+
+    def _drop_sftp(self) -> None:
+        if self._sftp_client is not None:
+            with contextlib.suppress(Exception):  # a session cut short: any error is moot
+                self._sftp_client.close()
+            self._sftp_client = None
 
     def close(self) -> None:
         self.discard_prepared()
+        self._drop_sftp()
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
@@ -351,6 +385,30 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+def _bounded(channel, request: Callable[[], None], timeout: float) -> None:
+    """request() (a channel request: exec, subsystem) within timeout, or TimeoutError with
+    the channel closed: paramiko waits for the box's reply without a bound."""
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        channel.close()  # wakes the wait, which then raises
+
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        request()
+    except Exception as exc:
+        if fired.is_set():
+            raise TimeoutError(f"no reply within {timeout:.0f} s") from exc
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():  # it came as the bound was reached: the channel is closed all the same
+        raise TimeoutError(f"no reply within {timeout:.0f} s")
 
 
 def _collect(channel, timeout: float) -> tuple[bytes, bytes]:

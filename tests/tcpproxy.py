@@ -59,11 +59,7 @@ class Proxy:
         except OSError:
             client.close()
             return
-        # Known flaw, kept for now (see BENCHMARKS.md, spot recovery): the bound stays on the
-        # relay, so a connection quiet for CONNECT_TIMEOUT_S is closed. It flakes a box that
-        # is silent that long (TensorFlow's import on a loaded machine), and it closes a
-        # stalled link that a vanished box would leave open: without it, dlbox noticed such
-        # a box after 48 s in one run, not within 15 s.
+        upstream.settimeout(None)  # the bound was the connect's: a relay may be quiet for long
         with self._lock:
             self._open.append(upstream)
         if cut_early:

@@ -394,6 +394,42 @@ def test_a_link_dropped_during_a_command_is_lost_contact(tmp_path, sshd):
         proxy.close()
 
 
+def test_a_link_gone_silent_ends_each_wait_within_its_bound(tmp_path, sshd):
+    """A box that vanished without a word (its link relays nothing and never closes): a
+    command, a bounded fetch on the open SFTP session and one on a new session each end as
+    CommandTimedOut within their bound, not when the heartbeat gives up (paramiko waits for
+    a channel's reply without end)."""
+    from orchestrator.errors import CommandTimedOut
+    from orchestrator.sshmachine import SshMachine
+    from tests.tcpproxy import Proxy
+
+    bound_s = 2
+    proxy = Proxy(sshd.host, sshd.port)
+    target = _target(sshd, tmp_path / "known_hosts")
+    machine = SshMachine(type(target)(target.host, proxy.port, target.user, target.key_path,
+                                      target.known_hosts), pin_new_host=True)
+    remote = tmp_path / "remote.bin"
+    remote.write_bytes(os.urandom(1 << 20))
+    try:
+        machine.fetch(str(remote), tmp_path / "got", 2 << 20)  # the SFTP session is open
+        assert (tmp_path / "got").read_bytes() == remote.read_bytes()
+        proxy.stalled = True
+        for what, call in (
+                ("a command", lambda: machine.run("true", timeout=bound_s)),
+                ("a fetch", lambda: machine.fetch(str(remote), tmp_path / "a", 2 << 20,
+                                                  timeout=bound_s)),
+                ("a fetch on a new session", lambda: machine.fetch(
+                    str(remote), tmp_path / "b", 2 << 20, timeout=bound_s))):
+            started = time.monotonic()
+            with pytest.raises(CommandTimedOut):
+                call()
+            took = time.monotonic() - started
+            assert bound_s <= took < bound_s + 1.5, (what, took)
+    finally:
+        machine.close()
+        proxy.close()
+
+
 def test_a_missing_key_is_one_line_at_once(ssh_up, sshd, tmp_path):
     project, _ = ssh_up
     [box] = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
