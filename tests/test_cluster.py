@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox, up_local, up_ssh
 from tests.journey import at_once, quick_python
 from tests.test_spot import spot  # noqa: F401 (a fixture: EC2 instances as loopback sshds)
 
@@ -48,7 +48,7 @@ def _weights_of(status_path: Path) -> str:
 def _single_box_accuracy(tmp_path: Path, data: Path, *args: str) -> float:
     project = tmp_path / "single"
     project.mkdir()
-    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(project).returncode == 0
     train = dlbox(project, "train", "scratch", "--data", str(data), *args, *FLAGS)
     assert train.returncode == 0, train.stdout + train.stderr
     return json.loads((_only_run(project) / "metrics.json").read_text())["val_accuracy"]
@@ -59,7 +59,7 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
         tmp_path, small_sample):
     project = tmp_path / "cluster"
     project.mkdir()
-    up = dlbox(project, "up", "--local", "--nodes", "2", "--python", quick_python())
+    up = up_local(project, "--nodes", "2")
     assert up.returncode == 0, up.stderr
     status = dlbox(project, "status")
     assert "local node 0 of 2" in status.stdout and "local node 1 of 2" in status.stdout
@@ -128,8 +128,7 @@ def test_a_worker_that_fails_of_its_own_error_fails_the_run_on_every_node(tmp_pa
     on every node, which is recorded failed (not resumable) and exits 1 with one line."""
     project = tmp_path / "cluster"
     project.mkdir()
-    assert dlbox(project, "up", "--local", "--nodes", "2", "--python",
-                 quick_python()).returncode == 0
+    assert up_local(project, "--nodes", "2").returncode == 0
     train = _train_six_epochs(project, small_sample)
     try:
         worker_dir, pid_file, _ = _mid_epoch_with_a_checkpoint(project)
@@ -214,9 +213,7 @@ def test_an_ssh_cluster_trains_like_one_box_and_its_workers_agree(tmp_path, samp
     project = tmp_path / "ssh-cluster"
     project.mkdir()
     a, b = two_sshds
-    up = dlbox(project, "up", "--ssh", f"{a.user}@{a.host}:{a.port}", "--ssh",
-               f"{b.user}@{b.host}:{b.port}", "--key", str(a.client_key), "--key",
-               str(b.client_key), "--python", quick_python())
+    up = up_ssh(project, a, b)
     assert up.returncode == 0, up.stderr
     nodes = json.loads((project / ".dlbox" / "state.json").read_text())["boxes"]
     assert [(n["node"], n["nodes"], n["address"]) for n in nodes] == [
@@ -278,10 +275,7 @@ def test_cluster_flags_that_cannot_work_are_one_line(tmp_path):
 def test_ssh_nodes_reach_each_other_at_the_addresses_given(tmp_path, two_sshds):
     """--node-address: a private network the nodes share, not the address dlbox logs in by."""
     a, b = two_sshds
-    up = dlbox(tmp_path, "up", "--ssh", f"{a.user}@{a.host}:{a.port}", "--ssh",
-               f"{b.user}@{b.host}:{b.port}", "--key", str(a.client_key), "--key",
-               str(b.client_key), "--python", quick_python(), "--node-address", "10.1.0.7",
-               "--node-address", "fd00::8")
+    up = up_ssh(tmp_path, a, b, more=("--node-address", "10.1.0.7", "--node-address", "fd00::8"))
     assert up.returncode == 0, up.stderr
     nodes = json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"]
     assert [n["address"] for n in nodes] == ["10.1.0.7", "fd00::8"]
@@ -293,10 +287,10 @@ def test_ssh_nodes_reach_each_other_at_the_addresses_given(tmp_path, two_sshds):
 
 def test_a_local_cluster_is_taken_up_again_as_is_and_not_resized_silently(tmp_path):
     python = quick_python()
-    assert dlbox(tmp_path, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
-    again = dlbox(tmp_path, "up", "--local", "--python", python)
+    assert up_local(tmp_path, "--nodes", "2", python=python).returncode == 0
+    again = up_local(tmp_path, python=python)
     assert again.returncode == 0 and "2 nodes" in again.stdout
-    resized = dlbox(tmp_path, "up", "--local", "--nodes", "3", "--python", python)
+    resized = up_local(tmp_path, "--nodes", "3", python=python)
     assert resized.returncode == 2 and "`dlbox down` first" in resized.stderr
     records = json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"]
     assert sorted(r["name"] for r in records) == ["local", "local-1"]
@@ -489,7 +483,7 @@ def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resu
     project = tmp_path / "cluster"
     project.mkdir()
     python = quick_python()
-    assert dlbox(project, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
+    assert up_local(project, "--nodes", "2", python=python).returncode == 0
     scratch = ("train", "scratch", "--data", str(small_sample), *FLAGS)
     # Epochs of ~2 s (one image per replica and step): mid-epoch is seen between heartbeats.
     train = subprocess.Popen([DLBOX, *scratch, "--epochs", str(RESUMED_RUN_EPOCHS), "--batch-size", "1"],
@@ -522,7 +516,7 @@ def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resu
     lost = dlbox(project, "attach", run_dir.name)
     assert lost.returncode != 0 and len(lost.stderr.strip().splitlines()) == 1, lost.stderr
     assert "`dlbox up`" in lost.stderr and "Traceback" not in lost.stderr
-    assert dlbox(project, "up", "--local", "--nodes", "2", "--python", python).returncode == 0
+    assert up_local(project, "--nodes", "2", python=python).returncode == 0
 
     both = at_once(["attach", run_dir.name], project, timeout_s=CLI_TIMEOUT_S)
     assert [p.returncode for p in both] == [0, 0], both

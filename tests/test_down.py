@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
-from tests.journey import quick_python
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox, up_local, up_ssh
 
 POLL_S = 0.1
 
@@ -65,7 +64,7 @@ def test_down_pulls_ended_runs_and_ends_runs_going_only_when_asked(tmp_path, sma
     `train --down-after` asks the same; `down --yes` ends it."""
     project = tmp_path / "proj"
     project.mkdir()
-    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(project).returncode == 0
     box = project / ".dlbox" / "local-box"
     ended = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "1")
     killed = _started_then_dlbox_killed(project, box / "runs", small_sample, "--epochs", "500",
@@ -110,8 +109,7 @@ def test_purge_deletes_only_what_dlbox_made_in_the_workdir(tmp_path, sshd, small
     (remote / "data").mkdir(parents=True)
     (remote / "notes.txt").write_text("mine\n")
     (remote / "data" / "mine.csv").write_text("also mine\n")
-    up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+    up = up_ssh(project, sshd, workdir=remote)
     assert up.returncode == 0, up.stderr
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--epochs", "1",
                   "--img-size", "32")
@@ -135,8 +133,7 @@ def test_purge_deletes_only_what_dlbox_made_in_the_workdir(tmp_path, sshd, small
 def test_purge_of_a_folder_dlbox_made_leaves_nothing(tmp_path, sshd):
     project, remote = tmp_path / "proj", tmp_path / "fresh" / "dlbox"
     project.mkdir()
-    up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+    up = up_ssh(project, sshd, workdir=remote)
     assert up.returncode == 0, up.stderr
     down = dlbox(project, "down", "--purge")
     assert down.returncode == 0, down.stderr

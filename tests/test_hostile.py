@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.journey import quick_python
-from tests.test_ssh_box import DLBOX, _target, dlbox
+from tests.cli import DLBOX, dlbox, up_ssh
+from tests.test_ssh_box import _target
 
 ALIVE_INTERVAL_S = 1  # the tests' keepalive interval: a frozen box is lost within ~4 s
 POLL_S = 0.05
@@ -65,11 +65,7 @@ def _comm(pid: int) -> str:
 
 
 def _up(project: Path, server, remote: Path, port: int | None = None, env=None):
-    project.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [DLBOX, "up", "--ssh", f"{server.user}@{server.host}:{port or server.port}", "--key",
-         str(server.client_key), "--python", quick_python(), "--workdir", str(remote)],
-        cwd=project, capture_output=True, text=True, timeout=WAIT_S, env=env)
+    return up_ssh(project, server, workdir=remote, port=port, whole_env=env, timeout=WAIT_S)
 
 
 @pytest.mark.slow

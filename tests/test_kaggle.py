@@ -13,8 +13,7 @@ import pytest
 from orchestrator import kaggle
 from orchestrator.errors import UsageError
 from tests import sshd as sshd_mod
-from tests.cli import dlbox
-from tests.journey import quick_python
+from tests.cli import dlbox, up_local, up_ssh
 from tests.kagglefake import FakeKaggle
 
 USER, KEY = "alice", "0123456789abcdef"
@@ -123,7 +122,7 @@ def test_missing_or_broken_credentials_say_what_to_do(tmp_path):
 def test_local_box_downloads_once_trains_and_never_writes_the_credentials(tmp_path, fake, home):
     box_tmp = tmp_path / "boxtmp"
     env = {**fake.env(), "HOME": str(home), "TMPDIR": str(box_tmp)}
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python(), env=env).returncode == 0
+    assert up_local(tmp_path, env=env).returncode == 0
     seen = _where_the_key_is(fake)
     train = dlbox(tmp_path, "train", "scratch", "--data", "kaggle", "--test", "kaggle",
                   "--epochs", "1", "--img-size", "32", env=env)
@@ -155,7 +154,7 @@ def test_local_box_downloads_once_trains_and_never_writes_the_credentials(tmp_pa
 def test_refused_downloads_are_one_clear_line_and_leave_nothing(tmp_path, fake, home, problem, says):
     box_tmp = tmp_path / "boxtmp"
     env = {**fake.env(), "HOME": str(home), "TMPDIR": str(box_tmp)}
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python(), env=env).returncode == 0
+    assert up_local(tmp_path, env=env).returncode == 0
     fake.rules_accepted = problem != "rules"
     if problem == "key":
         (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": USER, "key": "no"}))
@@ -185,9 +184,7 @@ def test_ssh_box_gets_the_credentials_over_the_channel_and_keeps_them_off_its_di
         project, remote = tmp_path / "proj", tmp_path / "remote"
         project.mkdir()
         env = {"HOME": str(home), "DLBOX_DEBUG": "1"}  # the debug log on: it must hold no secret
-        up = dlbox(project, "up", "--ssh", f"{server.user}@{server.host}:{server.port}", "--key",
-                   str(server.client_key), "--python", quick_python(), "--workdir", str(remote),
-                   env=env)
+        up = up_ssh(project, server, workdir=remote, env=env)
         assert up.returncode == 0, up.stderr
         seen = _where_the_key_is(fake)
         train = dlbox(project, "train", "scratch", "--data", "kaggle", "--epochs", "1",

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
-from tests.journey import quick_python
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox, up_local
 
 POLL_S = 0.1
 ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -47,7 +46,7 @@ def _run_dirs(project: Path) -> list[Path]:
 def local_run(tmp_path_factory, small_sample):
     """up --local, train scratch with a test set, pull; (project dir, run dir, train output)."""
     project = tmp_path_factory.mktemp("local")
-    up = dlbox(project, "up", "--local", "--python", quick_python())
+    up = up_local(project)
     assert up.returncode == 0, up.stderr
     train = dlbox(project, "train", "scratch", "--data", str(small_sample), "--test",
                   str(small_sample), "--epochs", "2", "--img-size", "32")
@@ -114,7 +113,7 @@ def test_report_loads_in_a_real_browser_with_its_images_and_charts(local_run):
 
 @pytest.mark.slow
 def test_killed_dlbox_leaves_the_run_going_and_attach_gets_the_results(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(tmp_path).returncode == 0
     proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
                              "3", "--img-size", "32"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -148,7 +147,7 @@ def test_train_user_errors(tmp_path, small_sample):
 
 @pytest.mark.slow
 def test_trainer_user_error_comes_back_as_exit_2(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(tmp_path).returncode == 0
     missing = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
     bad_flag = dlbox(tmp_path, "train", "scratch", "--data", str(small_sample), "--epochs", "0")
@@ -211,7 +210,7 @@ class Terminal:
 
 @pytest.mark.slow
 def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(tmp_path).returncode == 0
     term = Terminal([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs", "200",
                      "--patience", "0", "--img-size", "64"], cwd=tmp_path)
     deadline = time.monotonic() + CLI_TIMEOUT_S
@@ -251,7 +250,7 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
 
 @pytest.mark.slow
 def test_corrupt_zip_comes_back_as_one_clear_line(tmp_path):
-    assert dlbox(tmp_path, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(tmp_path).returncode == 0
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04 this is not a whole zip")
     result = dlbox(tmp_path, "train", "scratch", "--data", str(tmp_path / "train.zip"))
     assert result.returncode == 2
@@ -272,7 +271,7 @@ def test_warnings_live_then_ctrl_c_detaches_then_logs_follow_and_attach(tmp_path
         os.link(image, data / "train" / image.name)
     project = tmp_path / "proj"
     project.mkdir()
-    assert dlbox(project, "up", "--local", "--python", quick_python()).returncode == 0
+    assert up_local(project).returncode == 0
     term = Terminal([DLBOX, "train", "scratch", "--data", str(data), "--epochs", "8",
                      "--patience", "0", "--img-size", "32"], cwd=project)
     term.wait_for(r"training epoch 1/8: loss")

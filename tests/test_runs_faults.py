@@ -20,8 +20,7 @@ import pytest
 
 from orchestrator.runs import OWNED_FLAGS, SNAPSHOT_PREFIX
 from orchestrator.sample import generate
-from tests.journey import quick_python
-from tests.test_ssh_box import CLI_TIMEOUT_S, DLBOX, dlbox
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox, up_ssh
 
 POLL_S = 0.1
 TAKEN_WINDOW_S = 300  # ids pre-taken on the box: well past when the runs reserve theirs
@@ -31,9 +30,7 @@ TRAIN_OPTIONS = ("--data", "--test")  # `dlbox train`'s own: never reach the tra
 
 
 def _up_ssh(project: Path, sshd, remote: Path) -> None:
-    project.mkdir()
-    up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+    up = up_ssh(project, sshd, workdir=remote)
     assert up.returncode == 0, up.stdout + up.stderr
 
 

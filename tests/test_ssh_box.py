@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox
+from tests.cli import CLI_TIMEOUT_S, DLBOX, dlbox, up_ssh
 from tests.disks import needs_root
-from tests.journey import quick_python
 from tests.sshd import free_port
 
 
@@ -31,8 +30,7 @@ def ssh_up(tmp_path, sshd):
     (tests/test_journeys.py) and the EC2 tests that set python (tests/test_cli_ec2.py)."""
     project, remote = tmp_path / "proj", tmp_path / "remote"
     project.mkdir()
-    up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-               str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+    up = up_ssh(project, sshd, workdir=remote)
     assert up.returncode == 0, up.stderr
     return project, remote
 
@@ -130,8 +128,7 @@ def test_a_dropped_link_while_following_is_one_line_and_attach_finishes(tmp_path
     project, remote = tmp_path / "proj", tmp_path / "remote"
     project.mkdir()
     try:
-        up = dlbox(project, "up", "--ssh", f"{sshd.user}@127.0.0.1:{proxy.port}", "--key",
-                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+        up = up_ssh(project, sshd, workdir=remote, port=proxy.port)
         assert up.returncode == 0, up.stderr
         train = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample),
                                   "--epochs", "6", "--patience", "0", "--img-size", "32"],
@@ -284,8 +281,7 @@ def test_a_full_disk_on_the_box_is_one_clear_line(tmp_path, sshd, small_sample):
     project = tmp_path / "proj"
     project.mkdir()
     with small_disk(tmp_path / "remote", "1m") as remote:  # the sample is ~4 MB
-        up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+        up = up_ssh(project, sshd, workdir=remote)
         assert up.returncode == 0, up.stderr
         result = dlbox(project, "train", "scratch", "--data", str(small_sample))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -303,8 +299,7 @@ def test_a_disk_that_fills_while_training_is_exit_74_and_one_line(tmp_path, sshd
     project.mkdir()
     # Room for the ~4 MB sample and the run's files, not for a 13.5 MB image cache.
     with small_disk(tmp_path / "remote", "8m") as remote:
-        up = dlbox(project, "up", "--ssh", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key",
-                   str(sshd.client_key), "--python", quick_python(), "--workdir", str(remote))
+        up = up_ssh(project, sshd, workdir=remote)
         assert up.returncode == 0, up.stderr
         result = dlbox(project, "train", "scratch", "--data", str(small_sample), "--cache", "disk",
                        "--img-size", "150", "--epochs", "1")

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests import sshd as sshd_mod
-from tests.cli import DLBOX, dlbox
+from tests.cli import DLBOX, dlbox, up_local, up_ssh
 from tests.disks import needs_root, small_disk
-from tests.journey import quick_python
 
 WAIT_S = 120  # for anything that should happen much sooner
 POLL_S = 0.05
@@ -167,7 +166,7 @@ class Scene:
 @pytest.fixture()
 def local(tmp_path):
     scene = Scene(tmp_path)
-    up = dlbox(scene.project, "up", "--local", "--python", quick_python())
+    up = up_local(scene.project)
     assert up.returncode == 0, up.stderr
     _set_python(scene.project, scene.python)
     try:
@@ -249,9 +248,7 @@ def test_a_hostile_box_listing_paths_cannot_write_outside_the_run(tmp_path):
                             env={"PATH": f"{tools}:/usr/local/bin:/usr/bin:/bin"})
     try:
         scene = Scene(tmp_path / "s", workdir=tmp_path / "remote")
-        up = dlbox(scene.project, "up", "--ssh", f"{server.user}@{server.host}:{server.port}",
-                   "--key", str(server.client_key), "--python", quick_python(), "--workdir",
-                   str(scene.workdir))
+        up = up_ssh(scene.project, server, workdir=scene.workdir)
         assert up.returncode == 0, up.stderr
         _set_python(scene.project, scene.python)
         secret_on_box = tmp_path / "box-secret"
