@@ -1,49 +1,32 @@
-"""The store of the project's boxes: the kinds dlbox knows (their registration), and the
-boxes .dlbox/state.json records, decoded into their kinds.
+"""The store of the project's boxes: those .dlbox/state.json records, decoded into their
+kinds (registered in kinds.py).
 
 Commands look a box's kind up here, once, and never test what kind a box is. A new kind
-is one module implementing boxkind.Box, added to KINDS.
+is one module implementing boxkind.Box (its part of `down --all`, its watcher, its loss
+record), registered in kinds.py with its `up` flags.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import nodes, state
-from .boxkind import MAX_NODES, Box, DownFlags, UpFlags
-from .ec2box import Ec2Box
+from . import kinds, nodes, state
+from .boxkind import Box, DownFlags
 from .errors import UsageError
-from .localbox import LocalBox
+from .kinds import UpFlags
 from .nodes import cluster
-from .sshbox import SshBox
 
-KINDS: tuple[type[Box], ...] = (LocalBox, SshBox, Ec2Box)  # the registration of each kind
-
-__all__ = ["KINDS", "cluster", "current", "decode", "kind_for_up", "named", "no_box", "recorded"]
+__all__ = ["classes", "cluster", "current", "decode", "kind_for_up", "named", "no_box", "recorded"]
 
 
-def _registry() -> dict[str, type[Box]]:
-    return {cls.kind: cls for cls in KINDS}
+def classes() -> list[type[Box]]:
+    """Every registered kind's class."""
+    return [kind.load() for kind in kinds.KINDS]
 
 
 def kind_for_up(flags: UpFlags) -> type[Box]:
-    """The kind `up` makes: the one whose flag is given (--local, --ssh), else the default
-    (EC2); a flag of another kind is refused."""
-    registry = _registry()
-    asked = [c for c in KINDS if c.CHOSEN_BY and getattr(flags, c.CHOSEN_BY)]
-    if len(asked) > 1:
-        listed = " and ".join(flags.flag(c.CHOSEN_BY) for c in asked)
-        raise UsageError(f"{listed} exclude each other; pick one")
-    cls = asked[0] if asked else next(c for c in KINDS if c.CHOSEN_BY is None)
-    if flags.nodes is not None and not 1 <= flags.nodes <= MAX_NODES:
-        raise UsageError(f"--nodes {flags.nodes}: expected 1 to {MAX_NODES}")
-    foreign = [name for name in flags.given() if name not in cls.UP_FLAGS]
-    if foreign:
-        owners = [c for c in registry.values() if foreign[0] in c.UP_FLAGS]
-        which = " or ".join(c.DESCRIPTION for c in owners)
-        raise UsageError(f"{flags.flag(foreign[0])} is for {which}, not {cls.DESCRIPTION}; "
-                         f"drop {flags.flag(foreign[0])}")
-    return cls
+    """The class of the kind `up` makes (kinds.for_up)."""
+    return kinds.for_up(flags).load()
 
 
 def check_down_flags(box: Box, flags: DownFlags) -> None:
@@ -54,11 +37,11 @@ def check_down_flags(box: Box, flags: DownFlags) -> None:
 
 def decode(record: dict, project_dir: Path) -> Box:
     """The box a record of project_dir's state describes."""
-    cls = _registry().get(record["kind"])
-    if cls is None:
+    kind = kinds.named(record["kind"])
+    if kind is None:
         raise UsageError(f"this project records a box of kind {record['kind']!r}, which this "
                          "dlbox does not know; upgrade dlbox (pip install -U dlbox)")
-    return nodes.build(cls, record, project_dir)
+    return nodes.build(kind.load(), record, project_dir)
 
 
 def recorded(project_dir: Path) -> list[Box]:

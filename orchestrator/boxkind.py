@@ -1,5 +1,5 @@
-"""The contract of a box kind: the protocol each kind implements, the flags it takes, and
-what the kinds without a watchdog share. Nothing here knows which kinds there are."""
+"""The contract of a box kind: the protocol each kind implements and what the kinds without a
+watchdog share. Nothing here knows which kinds there are (kinds.py registers them)."""
 
 from __future__ import annotations
 
@@ -10,44 +10,10 @@ from typing import ClassVar, Protocol
 from . import registry
 from .errors import UsageError
 from .humanize import Say
+from .kinds import UpFlags
 from .machine import Machine
 from .sshtarget import SshTarget
 from .ui import Ui
-
-MAX_NODES = 64  # boxes in one cluster: a typo (--nodes 200) must not launch a fleet
-
-
-@dataclass(frozen=True)
-class UpFlags:
-    """`dlbox up`'s flags as given (None: not given). Each kind takes only its own."""
-
-    local: bool = False
-    ssh: tuple[str, ...] | None = None  # one USER@HOST[:PORT] per node
-    key: tuple[str, ...] | None = None  # one for every node, or one per --ssh
-    nodes: int | None = None  # boxes in the cluster (--ssh: as many as given)
-    node_address: tuple[str, ...] | None = None  # --ssh: where the others reach each node
-    workdir: str | None = None
-    python: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    instance_type: tuple[str, ...] | None = None
-    spot: bool | None = None
-    disk_gb: int | None = None
-    idle_minutes: int | None = None
-    max_lifetime_minutes: int | None = None
-    ssh_cidr: str | None = None
-    ssh_user: str | None = None
-    ssh_key: str | None = None
-    ami: str | None = None
-
-    def given(self) -> list[str]:
-        return _given(self)
-
-    def flag(self, name: str) -> str:
-        """The name on the command line, for messages."""
-        if name == "spot":
-            return "--spot" if self.spot else "--on-demand"
-        return f"--{name.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -99,10 +65,7 @@ class Box(Protocol):
     # Its folder may hold other projects' runs (an SSH box's ~/dlbox): a run there that this
     # project has no record of is not taken for one of its own.
     shared_workdir: ClassVar[bool]
-    DESCRIPTION: ClassVar[str]  # "EC2 boxes", "the local box"...
     INTERRUPTED_UP: ClassVar[str]  # what Ctrl-C during `up` leaves, and what to do
-    UP_FLAGS: ClassVar[frozenset[str]]  # the `up` flags this kind takes
-    CHOSEN_BY: ClassVar[str | None]  # the `up` flag that asks for this kind (None: the default)
     DOWN_FLAGS: ClassVar[frozenset[str]]
 
     @classmethod

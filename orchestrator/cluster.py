@@ -1,4 +1,5 @@
-"""Runs on a cluster: one worker per node with its TF_CONFIG, started, watched and stopped together.
+"""Runs on a cluster: the workers of every node watched, stopped, resumed and let go together
+(launch.py starts them, as it starts every run).
 
 The chief (node 0) is the run as a single box has it: its folder holds the outputs, its
 status is followed, its results pulled. The other nodes only train; each keeps its own log.
@@ -10,29 +11,21 @@ import contextlib
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.errors import InfraError  # no AWS library behind it: cheap to import
-from trainer.cluster import TF_CONFIG_ENV, tf_config  # no TensorFlow behind it
 
-from . import boxlock, checkpoints, events, follow, parallel, records, runs, signals
+from . import boxlock, checkpoints, events, follow, runs
 from .atomic import write_atomic
 from .boxkind import Box, Gone
 from .errors import DlboxError, RunInterrupted, UsageError
 from .humanize import Say
+from .launch import NODE_ANSWER_TIMEOUT_S, Worker, hourly, launch, one_line, stop, workers
 from .machine import Machine
 
-# Asks the box's Python for a free TCP port: the worker's collective endpoint binds it.
-FREE_PORT = ("import socket, sys; s = socket.socket(socket.AF_INET6 if sys.argv[1] == '6' "
-             "else socket.AF_INET); s.bind(('', 0)); print(s.getsockname()[1])")
 NODE_CHECK_S = 3.0  # how often the other nodes are asked whether their worker still runs
-NODE_ANSWER_TIMEOUT_S = 30  # a node silent this long has failed the run
-# SIGTERM -> checkpoint -> exit, then SIGKILL: a worker blocked in a collective whose peer
-# died never gets to its signal handler, so the wait is short.
-STOP_GRACE_S = 10
-STOP_POLL_S = 0.2
 WORKER_START_TIMEOUT_S = 120  # from the first check until its run.sh has begun
 WORKERS_END_TIMEOUT_S = 120  # after the chief ended: the others end with it
 # A worker that stopped with a checkpoint (exit 75): every worker stops at the same step, so
@@ -45,22 +38,6 @@ NODE_FILE_BYTES = 64 << 20  # of each, at most (the end of a longer log)
 # A worker's exit statuses that leave the run resumable: stopped (75), a peer lost (69),
 # killed (137, 143).
 RESUMABLE_EXITS = (runs.EXIT_RESUMABLE, runs.EXIT_PEER_LOST, 137, 143)
-EXIT_NOT_STARTED = 1  # a cluster run whose workers could not all be started
-MESSAGE_CHARS = 400  # of a node's failure line (remote stderr can run to pages)
-PORT_TRIES = 5  # probes of a node that answered a port another node of its host got
-
-
-@dataclass(frozen=True)
-class Worker:
-    """One node's part of a run, as run.json records it."""
-
-    node: int
-    box: str
-    remote_dir: str
-    address: str  # host:port its collective endpoint listens on
-    code: str  # the trainer's code on that node
-    data: str
-    test: str | None
 
 
 class NodeFailed(DlboxError):
@@ -69,111 +46,10 @@ class NodeFailed(DlboxError):
 
     def __init__(self, node: int, label: str, why: str, resumable: bool = True,
                  code: int | None = None, box_gone: bool = False) -> None:
-        super().__init__(_one_line(f"node {node} ({label}) {why}"))
+        super().__init__(one_line(f"node {node} ({label}) {why}"))
         self.node, self.label, self.why, self.resumable = node, label, why, resumable
         self.code = code  # its worker's exit status, if it ended with one
         self.box_gone = box_gone  # the node's box itself is gone (nothing to pull from it)
-
-
-def _one_line(text: str) -> str:
-    """Remote text (stderr, a log's last line) as one printable line of bounded length."""
-    line = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
-    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 1] + "…"
-
-
-def workers(run: runs.Run) -> list[Worker]:
-    """The run's workers, chief first ([] on a single box)."""
-    try:
-        return [records.build(Worker, w) for w in run.nodes]
-    except ValueError as exc:
-        raise UsageError(f"runs/{run.run_id}/{runs.RUN_FILE}: its nodes are damaged ({exc})") \
-            from exc
-
-
-def _endpoint(box: Box, machine: Machine) -> str:
-    """host:port for the node's collective endpoint: a port free on it now."""
-    host = box.address or "127.0.0.1"
-    family = "6" if ":" in host else "4"
-    done = machine.run(f"{shlex.quote(box.python)} -c {shlex.quote(FREE_PORT)} {family}")
-    port = done.stdout.strip()
-    if done.exit_code != 0 or not port.isdigit():
-        raise DlboxError(f"{box.label}: could not find a free port for the workers to talk "
-                         f"on ({_one_line(done.stderr or done.stdout)})")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def start(project_dir: Path, nodes: list[Box], machines: list[Machine], model: str, data: str,
-          test: str | None, trainer_args: list[str], say: Say,
-          progress: Callable[[int, int], None] | None = None,
-          pip_args: tuple[str, ...] = ()) -> runs.Run:
-    """Ship code and data to every node at once, start a worker on each; return the run."""
-    runs.check_trainer_args(trainer_args)
-
-    def ship(k: int, box: Box) -> runs.Shipped:
-        tell = say if k == 0 else (lambda line: say(f"node {k}: {line}"))
-        return runs.ship(box, machines[k], data, test, tell, progress if k == 0 else None,
-                         pip_args)
-
-    shipped = parallel.each(lambda k: ship(k, nodes[k]), range(len(nodes)))
-    run_id, chief_dir = runs.reserve_on_box(project_dir, machines[0], nodes[0].workdir, model)
-    dirs = [chief_dir] + [runs.reserve_folder(machines[k], nodes[k].workdir, run_id)
-                          for k in range(1, len(nodes))]
-    run = runs.Run(run_id=run_id, model=model, box=nodes[0].name, remote_dir=chief_dir, args=[],
-                   started_at=runs.now(), usd_per_hour=_hourly(nodes), data=data, test=test,
-                   trainer_args=tuple(trainer_args), rented=nodes[0].rented)
-    team = [Worker(k, box.name, dirs[k], "", shipped[k].code, shipped[k].data, shipped[k].test)
-            for k, box in enumerate(nodes)]
-    run = launch(project_dir, run, nodes, machines, team, say)
-    runs.note(project_dir, run_id, events.STARTED, box=nodes[0].name, nodes=len(nodes),
-              boxes=[b.name for b in nodes], model=model)
-    say(f"run {run_id} started on {len(nodes)} nodes ({', '.join(b.label for b in nodes)})")
-    return run
-
-
-def _hourly(nodes: list[Box]) -> float | None:
-    prices = [b.hourly_usd for b in nodes]
-    return None if any(p is None for p in prices) else sum(prices)
-
-
-def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
-           team: list[Worker], say: Say) -> runs.Run:
-    """Pick each node's endpoint, write every run.sh with its TF_CONFIG, record the run, hold
-    its results on every node and start every worker; a worker that cannot start stops those
-    that did."""
-    addresses: list[str] = []
-    for k, box in enumerate(nodes):  # one at a time: nodes on one host must differ in port
-        for _ in range(PORT_TRIES):
-            address = _endpoint(box, machines[k])
-            if address not in addresses:
-                break
-        else:
-            raise DlboxError(f"{box.label}: no free port that no other node took; try again")
-        addresses.append(address)
-    team = [replace(w, address=addresses[w.node]) for w in team]
-    for w, box in zip(team, nodes, strict=True):
-        shipped = runs.Shipped(w.code, w.data, w.test)
-        args = runs.trainer_args(box, run, shipped, w.remote_dir)
-        runs.write_script(box, machines[w.node], run.run_id, w.remote_dir, w.code, args,
-                          env={TF_CONFIG_ENV: tf_config(addresses, w.node)})
-        if w.node == 0:
-            run = replace(run, args=args)
-    run = replace(run, nodes=tuple(asdict(w) for w in team))
-    runs.save(project_dir, run)
-    runs.hold(project_dir, list(zip(nodes, machines, strict=True)), run.run_id, say)
-    tried = []
-    try:
-        for w, box in zip(team, nodes, strict=True):
-            tried.append(w.node)  # before: an interrupt mid-start may leave it started
-            runs.start_script(box, machines[w.node], w.remote_dir)
-    except BaseException:  # a failure, Ctrl-C, SIGTERM: no worker waits for a missing peer
-        with signals.deferred():
-            stop(run, nodes, machines, only=tried)
-            failed = replace(run, status="failed", exit_code=EXIT_NOT_STARTED,
-                             finished_at=runs.now())
-            runs.save(project_dir, failed)
-            runs.ended(project_dir, failed, "failed")
-        raise
-    return run
 
 
 def _state_command(remote_dir: str) -> str:
@@ -182,20 +58,6 @@ def _state_command(remote_dir: str) -> str:
     return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || {{ echo missing; exit 0; }}; "
             f'{runs.LIFE} if [ $life = ended ]; then echo "ended $(head -c 16 exit_code)"; '
             'else echo $life; fi')
-
-
-def _stop_command(remote_dir: str) -> str:
-    """SIGTERM the worker's process group, SIGKILL what is left of it after STOP_GRACE_S;
-    once the group is gone, a worker killed so gets exit status 137 (run.sh, killed too,
-    cannot write it)."""
-    polls = int(STOP_GRACE_S / STOP_POLL_S)
-    alive = runs.GROUP_ALIVE
-    return (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {runs.READ_PID} "
-            f'if [ -n "$pid" ] && {alive}; then kill -TERM -- "-$pid" 2>/dev/null; '
-            f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; "
-            f'if {alive}; then kill -KILL -- "-$pid" 2>/dev/null; '
-            f"for i in $(seq {polls}); do {alive} || break; sleep {STOP_POLL_S}; done; fi; fi; "
-            "[ -e exit_code ] || { echo 137 > exit_code.tmp && mv exit_code.tmp exit_code; }")
 
 
 def check(run: runs.Run, nodes: list[Box], machines: list[Machine],
@@ -257,20 +119,6 @@ def watcher(run: runs.Run, nodes: list[Box], machines: list[Machine]) -> Callabl
             raise failed
 
     return peers
-
-
-def stop(run: runs.Run, nodes: list[Box], machines: list[Machine],
-         only: list[int] | None = None) -> None:
-    """End the run's worker on every node (or those listed) that still answers, all at once."""
-
-    team = workers(run)
-
-    def end(k: int) -> None:
-        with contextlib.suppress(DlboxError):  # a node that does not answer runs nothing we reach
-            machines[k].run(_stop_command(team[k].remote_dir),
-                            timeout=2 * STOP_GRACE_S + NODE_ANSWER_TIMEOUT_S)
-
-    parallel.each(end, [k for k in range(len(team)) if only is None or k in only])
 
 
 def signal_workers(run: runs.Run, machines: list[Machine]) -> None:
@@ -441,12 +289,10 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     if any(i.get("downtime_s") is None for i in run.interruptions):  # back after a loss:
         now = datetime.now(timezone.utc)  # a new stretch begins, billed at today's nodes
         run = replace(run, segment_started_at=now.isoformat(timespec="seconds"),
-                      usd_per_hour=_hourly(nodes), interruptions=tuple(
+                      usd_per_hour=hourly(nodes), interruptions=tuple(
                           i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
                               (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)}
                           for i in run.interruptions))
     # Same folders, same code and data, new endpoints (the old ports may be taken now).
-    run = launch(project_dir, run, nodes, machines, team, say)
-    runs.note(project_dir, run.run_id, events.RESUMED, box=nodes[0].name, nodes=len(nodes),
-              boxes=[b.name for b in nodes], epochs=epoch)
-    return run
+    return launch(project_dir, run, nodes, machines, team, say, events.RESUMED,
+                  {"nodes": len(nodes), "boxes": [b.name for b in nodes], "epochs": epoch})

@@ -8,15 +8,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import environment
-from .boxkind import MAX_NODES
 from .errors import UsageError
+from .kinds import MAX_NODES
 from .machine import printable
 from .render import render
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 CONFIG_FILE = "dlbox.toml"
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
@@ -138,6 +133,11 @@ def with_flags(cfg: Config, **flags) -> Config:
 
 def load(project_dir: Path, **flags) -> Config:
     """Defaults, then dlbox.toml if present, then the flags that were given (not None)."""
+    if sys.version_info >= (3, 11):  # on first use: not at CLI start-up
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
     cfg = Config()
     path = project_dir / CONFIG_FILE
     if path.exists():

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import hostkeys, registry, state
-from .boxkind import Box, DownFlags, Gone, Say, UpFlags
+from .boxkind import (
+    Box,
+    DownFlags,
+    Gone,
+    Say,
+)
 from .ec2aws import (
     RUNS_REGISTRY_ON_BOX,
     TERMINATE_TIMEOUT_S,
@@ -23,17 +28,14 @@ from .ec2aws import (
 )
 from .errors import DlboxError, UsageError
 from .humanize import duration
+from .kinds import UpFlags
 from .machine import Machine
 from .nodes import of_kind
-from .sshmachine import SshMachine
 from .sshtarget import SshTarget
 from .ui import Ui
 
 START_TIMEOUT_S = 600  # a stopped box started again to hand over its results
 STOPPED_STATES = ("stopping", "stopped")  # a run there is lost; the box can start again
-EC2_UP_FLAGS = frozenset({"region", "profile", "instance_type", "spot", "disk_gb", "idle_minutes",
-                          "max_lifetime_minutes", "ssh_cidr", "ssh_user", "ssh_key", "ami",
-                          "python", "workdir", "nodes"})
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,9 @@ class Ec2Box:
 
     rented: ClassVar[bool] = True
     shared_workdir: ClassVar[bool] = False  # one project's
-    DESCRIPTION: ClassVar[str] = "EC2 boxes"
     INTERRUPTED_UP: ClassVar[str] = ("a box launched before the interrupt is recorded in "
                                      ".dlbox/state.json: `dlbox up` keeps waiting for it, "
                                      "`dlbox down` terminates it")
-    UP_FLAGS: ClassVar[frozenset[str]] = EC2_UP_FLAGS
-    CHOSEN_BY: ClassVar[str | None] = None  # the kind `up` makes when no other is asked for
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset({"profile"})
 
     @classmethod
@@ -102,6 +101,8 @@ class Ec2Box:
         if self.python is None or self.workdir is None:
             raise UsageError(f"{self.label} is not ready to train yet; `dlbox up` finishes "
                              "preparing it")
+        from .sshmachine import SshMachine  # paramiko's side: not at CLI start-up
+
         return SshMachine(self.ssh_target(project_dir))
 
     def runs_registry(self) -> str:
@@ -269,14 +270,14 @@ class Ec2Box:
         own_key = Path(self.key_path).parent != state.state_dir(project_dir) / "keys"
         made = self.settings or {}
         types = made.get("instance_types")
-        return UpFlags(region=self.region, profile=self.profile,
-                       spot=True if self.spot else None, idle_minutes=self.idle_minutes,
-                       max_lifetime_minutes=self.max_lifetime_minutes, ssh_user=self.ssh_user,
-                       ssh_key=self.key_path if own_key else None,
-                       nodes=self.nodes if self.nodes > 1 else None,
-                       ssh_cidr=made.get("ssh_cidr"), ami=made.get("ami"),
-                       disk_gb=made.get("disk_gb"),
-                       instance_type=tuple(types) if isinstance(types, list | tuple) else None)
+        return UpFlags.of(region=self.region, profile=self.profile,
+                          spot=True if self.spot else None, idle_minutes=self.idle_minutes,
+                          max_lifetime_minutes=self.max_lifetime_minutes, ssh_user=self.ssh_user,
+                          ssh_key=self.key_path if own_key else None,
+                          nodes=self.nodes if self.nodes > 1 else None,
+                          ssh_cidr=made.get("ssh_cidr"), ami=made.get("ami"),
+                          disk_gb=made.get("disk_gb"),
+                          instance_type=tuple(types) if isinstance(types, list | tuple) else None)
 
     def replacement(self, project_dir: Path, say: Say) -> Ec2Box:
         """A stopped box started again (its disk, and what it holds, kept); else terminate

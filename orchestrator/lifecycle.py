@@ -72,14 +72,14 @@ def not_recorded(project: Path, run, what: str, pulled: str) -> UsageError:
 def crew_of(project: Path, run, ui: Ui):
     """(nodes, machines) the run is on, chief first, woken ([box], [machine] for a single
     box): they must still be this project's boxes."""
-    from . import boxes, cluster
+    from . import boxes, launch
 
     chief = boxes.named(project, run.box)
     if chief is None:
         raise not_recorded(project, run, f"box {run.box}", f"runs/{run.run_id}/")
     chief = chief.wake(project, ui.say)
     nodes = boxes.cluster(project, chief) if len(run.nodes) > 1 else [chief]
-    names = [w.box for w in cluster.workers(run)]
+    names = [w.box for w in launch.workers(run)]
     if len(names) > 1 and [n.name for n in nodes] != names:
         raise UsageError(f"run {run.run_id} ran on nodes {', '.join(names)}, which are not this "
                          f"project's cluster any more; its results are in runs/{run.run_id}/")
@@ -94,9 +94,9 @@ def _close(machines) -> None:
 
 def node_of(project: Path, run, node: int, ui: Ui):
     """(run as node K sees it: its folder there, the machine of node K)."""
-    from . import boxes, cluster
+    from . import boxes, launch
 
-    team = cluster.workers(run)
+    team = launch.workers(run)
     if node and not 0 <= node < len(team):
         what = f"{len(team)} nodes (0 to {len(team) - 1})" if len(team) > 1 else \
             "one box (no --node)"
@@ -176,7 +176,7 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
     """Ship code and data to every node of the project's box and start a worker on each;
     a box its owner took back before the run started is replaced and the start tried again
     (at most max_recoveries times)."""
-    from . import boxes, boxlock, cluster, config, runs
+    from . import boxes, boxlock, config, launch, runs
 
     cfg = config.load(project)
     chief = current_box(project).wake(project, ui.say)
@@ -185,12 +185,8 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
         machines = [n.machine(project) for n in nodes]
         try:
             with ui.transfer() as progress:
-                if len(nodes) > 1:
-                    run = cluster.start(project, nodes, machines, model, data, test,
-                                        trainer_args, ui.say, progress, cfg.pip_args)
-                else:
-                    run = runs.start(project, nodes[0], machines[0], model, data, test,
-                                     trainer_args, ui.say, progress, cfg.pip_args)
+                run = launch.start(project, nodes, machines, model, data, test, trainer_args,
+                                   ui.say, progress, cfg.pip_args)
             return Crew(run, nodes, machines)
         except BaseException as exc:
             _close(machines)
@@ -312,7 +308,7 @@ def _carry_on_cluster(project: Path, crew: Crew, stop: _Stop, ui: Ui, recover: b
     """A cluster run stopped by a node: the lost nodes recorded; if each was taken back by
     its owner, replaced and the run resumed on every node. Returns the recoveries used (0:
     another dlbox carried it on, follow it), or None: the run stays stopped."""
-    from . import boxlock, cluster, config, runs
+    from . import boxlock, cluster, config, launch, runs
 
     run = crew.run
     with boxlock.run_held(project, run.run_id, ui.say):  # one dlbox carries a run on
@@ -327,7 +323,7 @@ def _carry_on_cluster(project: Path, crew: Crew, stop: _Stop, ui: Ui, recover: b
             return None
         if stop.failed is not None:
             ui.say(str(stop.failed))
-        cluster.stop(crew.run, crew.nodes, crew.machines)
+        launch.stop(crew.run, crew.nodes, crew.machines)
         crew.run = cluster.replace_lost(project, crew.run, crew.nodes, crew.machines, gone,
                                         ui.say, config.load(project).pip_args)
         crew.run = cluster.resume(project, crew.run, crew.nodes, crew.machines, ui.say)
@@ -338,11 +334,11 @@ def _finish(project: Path, crew: Crew, stop: _Stop, ui: Ui) -> int:
     """The run ended (or stopped on every node): the other nodes' workers ended or stopped,
     their logs and the chief's results pulled and recorded, every box let go of them; one
     line says how it went. Returns the exit status."""
-    from . import checkpoints, cluster, runs
+    from . import checkpoints, cluster, launch, runs
 
     run, failed, code = crew.run, stop.failed, stop.code
     if failed is not None:
-        cluster.stop(run, crew.nodes, crew.machines)
+        launch.stop(run, crew.nodes, crew.machines)
     else:
         cluster.wait_for_workers(run, crew.nodes, crew.machines, time.sleep)
     cluster.pull_logs(project, run, crew.machines)
@@ -444,9 +440,9 @@ def release(project: Path, run, box, machine, ui: Ui) -> None:
 
 def _refresh(project: Path, nodes, machines, run) -> None:
     """nodes and machines (in place) as the run's record names them now."""
-    from . import boxes, cluster
+    from . import boxes, launch
 
-    for w in cluster.workers(run):
+    for w in launch.workers(run):
         if nodes[w.node].name != w.box:
             box = boxes.named(project, w.box)
             if box is None:
@@ -539,16 +535,13 @@ def _box_to_resume_on(project: Path, run, ui: Ui):
     """For a run whose box is no longer recorded: the project's box, or a new one like its
     last (the flags recorded with the loss; dlbox.toml's if they are damaged). The caller
     holds the box lock."""
-    from . import boxes, records
-    from .boxkind import UpFlags
+    from . import boxes, kinds
 
     current = boxes.current(project)
     if current is not None:
         return current.wake(project, ui.say)
-    try:
-        flags = records.build(UpFlags, run.interruptions[-1].get("up_flags") or {})
-    except ValueError:
-        flags = UpFlags()
+    recorded = run.interruptions[-1].get("up_flags")
+    flags = kinds.flags_from(recorded if isinstance(recorded, dict) else {})
     return boxes.kind_for_up(flags).up(project, flags, None, ui.say)
 
 

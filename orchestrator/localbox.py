@@ -8,9 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import environment, registry, state
-from .boxkind import Box, DownFlags, Say, Unwatched, UpFlags, registry_in
+from . import registry, state
+from .boxkind import (
+    Box,
+    DownFlags,
+    Say,
+    Unwatched,
+    registry_in,
+)
 from .errors import UsageError
+from .kinds import UpFlags
 from .localmachine import LocalMachine
 from .machine import Machine
 from .sshtarget import SshTarget
@@ -31,10 +38,7 @@ class LocalBox(Unwatched):
     nodes: int = 1
     address: str | None = None  # the nodes of a local cluster reach each other on loopback
 
-    DESCRIPTION: ClassVar[str] = "the local box"
     INTERRUPTED_UP: ClassVar[str] = "nothing was changed: run `dlbox up --local` again"
-    UP_FLAGS: ClassVar[frozenset[str]] = frozenset({"local", "python", "nodes"})
-    CHOSEN_BY: ClassVar[str | None] = "local"
     DOWN_FLAGS: ClassVar[frozenset[str]] = frozenset()
     hourly_usd: ClassVar[None] = None
 
@@ -42,6 +46,8 @@ class LocalBox(Unwatched):
     def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> LocalBox:
         """Use this machine as the box (or as every node of a cluster, each with its own
         folder); check its Python can train."""
+        from . import environment  # its templates: not at CLI start-up
+
         nodes = flags.nodes or (existing.nodes if existing else 1)
         if existing is not None and existing.nodes != nodes:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "

@@ -14,6 +14,7 @@ from . import boxlock, checkpoints, events, runs
 from .boxkind import Box
 from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
+from .launch import Worker, launch
 from .machine import Machine
 
 INTERRUPTED = "interrupted"
@@ -56,7 +57,7 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
         checkpoint_epochs=copy.completed if copy else None,
         work_lost_s=round(lost_s, 1) if lost_s is not None else None,
         work_lost_epochs=round(lost_epochs, 2) if lost_epochs is not None else None,
-        up_flags=asdict(flags) if flags is not None else None)
+        up_flags=flags.as_dict() if flags is not None else None)
     run = replace(run, status=INTERRUPTED, interruptions=(*run.interruptions, asdict(entry)))
     runs.save(project_dir, run)
     runs.note(project_dir, run.run_id, events.LOST, node, box=box.name, reason=lost.reason,
@@ -107,8 +108,9 @@ def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
                       rented=box.rented,
                       usd_per_hour=box.hourly_usd, segment_started_at=now.isoformat(
                           timespec="seconds"), interruptions=tuple(done))
-        run = runs.launch(project_dir, box, machine, run, shipped, say, events.RESUMED,
-                          epochs=copy.completed if copy else 0)
+        team = [Worker(0, box.name, remote, "", shipped.code, shipped.data, shipped.test)]
+        run = launch(project_dir, run, [box], [machine], team, say, events.RESUMED,
+                     {"epochs": copy.completed if copy else 0})
     except BaseException:
         machine.close()
         raise
@@ -223,6 +225,7 @@ def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
         except (DlboxError, InfraError) as exc:
             gone = box.gone(project_dir)
             if gone is None:
+                runs.save(project_dir, run)  # waiting for a box, as before this try
                 raise DlboxError(f"{exc}; {box.label} stays up and recorded: `dlbox attach "
                                  f"{run.run_id}` tries again, `dlbox down` ends it") from exc
             say(f"{box.label} was lost before the run went on there ({gone.reason})")

@@ -66,7 +66,10 @@ def _plottable(row: dict) -> bool:
 
 
 def _nodes(run_dir: Path, run) -> list[dict]:
-    """Each node of a cluster run with what its last status says it trained, and how fast."""
+    """Each node of a cluster run with what its last status says it trained, and how fast
+    (none for a single box: a cluster of one)."""
+    if len(run.nodes) < 2:
+        return []
     found = []
     for node in run.nodes:
         k = node.get("node")

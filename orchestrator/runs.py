@@ -100,8 +100,8 @@ class Run:
     segment_started_at: str | None = None  # when the current box took the run over
     # One per box lost under the run (see Interruption), oldest first.
     interruptions: tuple[dict[str, Any], ...] = ()
-    # A run on a cluster: every node's worker (see cluster.Worker), the chief (box,
-    # remote_dir above) first; () on a single box.
+    # Every node's worker (see launch.Worker), the chief (box, remote_dir above) first: one
+    # on a single box; () in a record of an older dlbox.
     nodes: tuple[dict[str, Any], ...] = ()
     rented: bool = False  # its box is rented by the hour (its cost is unknown if unpriced)
 
@@ -469,21 +469,6 @@ def ship(box: Box, machine: Machine, data: str, test: str | None, say: Say,
     return Shipped(code, data_on_box, on_box(local_test) if test is not None else None)
 
 
-def start(project_dir: Path, box: Box, machine: Machine, model: str, data: str, test: str | None,
-          trainer_args: list[str], say: Say, progress: Callable[[int, int], None] | None = None,
-          pip_args: tuple[str, ...] = ()) -> Run:
-    """Ship code and data, start `python -m trainer` detached on the box; return the run."""
-    check_trainer_args(trainer_args)
-    shipped = ship(box, machine, data, test, say, progress, pip_args)
-    run_id, remote = reserve_on_box(project_dir, machine, box.workdir, model)
-    run = Run(run_id=run_id, model=model, box=box.name, remote_dir=remote, args=[],
-              started_at=now(), usd_per_hour=box.hourly_usd, data=data, test=test,
-              trainer_args=tuple(trainer_args), rented=box.rented)
-    run = launch(project_dir, box, machine, run, shipped, say, nodes=1, model=model)
-    say(f"run {run_id} started on {box.label}")
-    return run
-
-
 def reserve_folder(machine: Machine, workdir: str, run_id: str) -> str:
     """A new folder on the box for run_id taken over from a lost box: runs/<id>, or
     runs/<id>.N when that name is taken (a box that shares the old one's disk)."""
@@ -580,29 +565,6 @@ def hold(project_dir: Path, pairs: list[tuple[Box, Machine]], run_id: str, say: 
     except (DlboxError, InfraError) as exc:
         say(f"warning: could not keep the watchdog from destroying run {run_id}'s unpulled "
             f"results ({exc}); pull them before the box goes idle")
-
-
-def launch(project_dir: Path, box: Box, machine: Machine, run: Run, shipped: Shipped,
-           say: Say = print, how: str = events.STARTED, **details: Any) -> Run:
-    """Write run.sh into the run's (new, empty but for a checkpoint) folder on the box, hold
-    its results there and start it detached; record the run as started there, and log it
-    (how: events.STARTED or RESUMED, with details) once it goes, Ctrl-C or not."""
-    args = trainer_args(box, run, shipped, run.remote_dir)
-    write_script(box, machine, run.run_id, run.remote_dir, shipped.code, args)
-    run = replace(run, args=args)
-    save(project_dir, run)
-    hold(project_dir, [(box, machine)], run.run_id, say)
-    try:
-        start_script(box, machine, run.remote_dir)
-    except DlboxError as exc:
-        exc.run = run  # recorded, maybe not started: the caller knows whether the box is gone
-        raise
-    except KeyboardInterrupt as exc:  # came during the start, acted on once it was done:
-        exc.run = run  # the run goes on, and the caller can say which one
-        note(project_dir, run.run_id, how, box=box.name, **details)
-        raise
-    note(project_dir, run.run_id, how, box=box.name, **details)
-    return run
 
 
 def read_json(raw: bytes | None) -> dict | None:

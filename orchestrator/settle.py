@@ -46,7 +46,7 @@ def down(project: Path, flags, yes: bool, ui: Ui, region: str | None = None) -> 
         found = boxes.recorded(project)
         if not found:
             if not any(kind.down_unrecorded(project, region, flags.profile, yes, ui)
-                       for kind in boxes.KINDS):
+                       for kind in boxes.classes()):
                 ui.say("no box is up in this project")
             return
         found.sort(key=lambda b: b.node)
@@ -63,7 +63,7 @@ def down_all(project: Path, region: str | None, profile: str | None, yes: bool,
     from . import boxes
 
     if not any(kind.down_every_project(project, region, profile, yes, ui)
-               for kind in boxes.KINDS):
+               for kind in boxes.classes()):
         ui.say("no kind of box has boxes of other projects to end")
 
 

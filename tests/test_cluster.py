@@ -400,11 +400,11 @@ def _state(machine, folder: Path) -> str:
 def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, monkeypatch):
     """run.sh dies at the first SIGTERM; a trainer blocked in an all-reduce does not: stop
     waits for the whole group, SIGKILLs what is left, and only then writes exit status 137."""
-    from orchestrator import cluster, runs
+    from orchestrator import launch, runs
     from orchestrator.localbox import LocalBox
     from orchestrator.localmachine import LocalMachine
 
-    monkeypatch.setattr(cluster, "STOP_GRACE_S", 1)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 1)
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "run.sh").write_text(
@@ -419,7 +419,7 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, 
         time.sleep(POLL_S)
     pgid = int((folder / "run.pid").read_text())
     assert _state(machine, folder) == "running"
-    cluster.stop(_bare_run(folder), [box], [machine])
+    launch.stop(_bare_run(folder), [box], [machine])
     assert (folder / "exit_code").read_text().strip() == "137"
     assert _state(machine, folder) == "ended 137"
     listed = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True, text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,74 @@ def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycle(graph) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_new_box_kind_brings_its_own_up_flags(monkeypatch, tmp_path):
+    """A new kind is one module and its entry in kinds.KINDS: its flags appear on `up` (help
+    and parsing) and reach its up(); the other kinds refuse them in one line, and it refuses
+    theirs."""
+    import typer
+    from typer.testing import CliRunner
+
+    from orchestrator import kinds
+    from orchestrator.cli import boxcmds
+    from tests import fakekind
+
+    fake = kinds.Kind("fake", "tests.fakekind", "FakeBox", "fake boxes", "fake", (
+        kinds.UpOption("fake", "Use a fake box.", "switch"),
+        kinds.UpOption("fake_size", "How big the fake box is.", "int"),
+        kinds.UpOption("fake_tag", "A tag (repeat).", "texts", ("--fake-tag", "-F"))))
+    monkeypatch.setattr(kinds, "KINDS", (*kinds.KINDS, fake))
+    monkeypatch.setattr(fakekind, "MADE", [])
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer(add_completion=False, rich_markup_mode=None)
+    app.command("up")(boxcmds.up_command())
+    app.command("other")(lambda: None)  # a group: `up` is a subcommand, as in dlbox
+    runner = CliRunner()
+
+    shown = runner.invoke(app, ["up", "--help"])
+    assert shown.exit_code == 0 and "--fake-size" in shown.output and "--spot" in shown.output
+    made = runner.invoke(app, ["up", "--fake", "--fake-size", "3", "-F", "a", "-F", "b"])
+    assert made.exit_code == 0, made.output
+    [flags] = fakekind.MADE
+    assert (flags.fake, flags.fake_size, flags.fake_tag, flags.region) == (True, 3, ("a", "b"),
+                                                                          None)
+    assert flags.given() == ["fake", "fake_size", "fake_tag"]
+    theirs = runner.invoke(app, ["up", "--fake", "--spot"])
+    assert theirs.exit_code == 2 and "--spot is for EC2 boxes, not fake boxes" in theirs.output
+    ours = runner.invoke(app, ["up", "--local", "--fake-size", "3"])
+    assert ours.exit_code == 2 and "--fake-size is for fake boxes, not the local box" in \
+        ours.output
+    assert len(fakekind.MADE) == 1
+
+
+def test_a_flag_several_kinds_take_is_declared_once():
+    """`up`'s flags are the union of the kinds' own: one name, one declaration."""
+    from orchestrator import kinds
+
+    for name, option in kinds.up_options().items():
+        assert all(o == option for k in kinds.KINDS for o in k.up_options if o.name == name)
+
+
+def test_up_flags_read_back_from_a_record_keep_only_what_is_valid():
+    """A loss record's flags (run.json: the box to make again) round-trip; a damaged value,
+    a name no kind takes and a switch left off are not flags given; --on-demand is."""
+    from orchestrator import kinds
+
+    flags = kinds.flags_from({"region": "eu-west-1", "spot": False, "nodes": "two",
+                              "local": False, "bogus": 1, "instance_type": ["g5.xlarge"]})
+    assert flags.given() == ["instance_type", "region", "spot"]
+    assert (flags.spot, flags.nodes, flags.instance_type) == (False, None, ("g5.xlarge",))
+    assert kinds.flags_from(flags.as_dict()) == flags
+    assert kinds.for_up(flags).name == "ec2"
+
+
+def test_the_cli_starts_without_importing_any_box_kind():
+    """`up`'s flags come from the kinds' registration, not their modules (start-up time)."""
+    done = subprocess.run([sys.executable, "-c", "import json, sys, orchestrator.cli; print("
+                           "json.dumps([m for m in sys.modules if m.startswith('orchestrator.')]))"],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    loaded = json.loads(done.stdout)
+    assert "orchestrator.kinds" in loaded
+    assert not {"orchestrator.boxes", "orchestrator.boxkind", "orchestrator.localbox",
+                "orchestrator.sshbox", "orchestrator.ec2box"} & set(loaded), loaded

@@ -242,7 +242,7 @@ def test_a_metadata_service_that_never_answers_does_not_hang_the_watcher(box, si
 
 
 def _run_sh(tmp_path: Path, box: Box, spot_watch: bool) -> subprocess.Popen:
-    """run.sh as runs.start() renders and starts it, its trainer package the stand-in above."""
+    """run.sh as launch.start() renders and starts it, its trainer package the stand-in above."""
     code = tmp_path / "code"
     (code / "trainer").mkdir(parents=True)
     (code / "trainer" / "__main__.py").write_text(TRAINER)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import UsageError
 from .app import app, project
 from .output import UI, echo, errors, say, table
-
-RegionOpt = Annotated[str | None, typer.Option("--region", help="AWS region [dlbox.toml or us-east-1].")]
-ProfileOpt = Annotated[str | None, typer.Option("--profile", help="AWS credentials profile.")]
 
 
 @app.command()
@@ -27,59 +26,37 @@ def init(force: Annotated[bool, typer.Option("--force", help="Overwrite dlbox.to
     echo(f"wrote {path}")
 
 
-@app.command()
-def up(
-    region: RegionOpt = None,
-    profile: ProfileOpt = None,
-    instance_type: Annotated[list[str] | None, typer.Option(
-        "--instance-type", "-t", help="Instance type to try (repeat for a fallback list).")] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Spot or on-demand.")] = None,
-    disk_gb: Annotated[int | None, typer.Option(help="Root volume size in GiB.")] = None,
-    idle_minutes: Annotated[int | None, typer.Option(
-        help="Power off after N idle minutes (0: never).")] = None,
-    max_lifetime_minutes: Annotated[int | None, typer.Option(
-        help="Power off N minutes after launch at the latest (0: never).")] = None,
-    ssh_cidr: Annotated[str | None, typer.Option(help="Allow SSH from this CIDR, not your IP/32.")] = None,
-    ssh_user: Annotated[str | None, typer.Option(help="The AMI's SSH user [ubuntu].")] = None,
-    ssh_key: Annotated[str | None, typer.Option(
-        help="Your own private key (.pub beside it) instead of dlbox's.")] = None,
-    ami: Annotated[str | None, typer.Option(help="ami-..., an SSM path or a name pattern.")] = None,
-    local: Annotated[bool, typer.Option("--local", help="Use this machine as the box.")] = False,
-    ssh_target: Annotated[list[str] | None, typer.Option(
-        "--ssh", help="Use a machine you have: USER@HOST[:PORT] (repeat: a cluster).")] = None,
-    key: Annotated[list[str] | None, typer.Option(
-        help="--ssh: the private key that logs you in (repeat: one per --ssh).")] = None,
-    nodes: Annotated[int | None, typer.Option(
-        help="Boxes in the cluster (data-parallel training, one worker per box) [1].")] = None,
-    node_address: Annotated[list[str] | None, typer.Option(
-        help="--ssh cluster: the address the other nodes reach this one at (repeat: one per "
-             "--ssh) [the one its sshd sees].")] = None,
-    python: Annotated[str | None, typer.Option(
-        help="An interpreter on the box that has TensorFlow [--local: this one].")] = None,
-    workdir: Annotated[str | None, typer.Option(
-        help="SSH and EC2 boxes: dlbox's folder on the box [~/dlbox].")] = None,
-) -> None:
-    """Get a box: EC2 by default (or reuse this project's), this machine, or one over SSH."""
-    from .. import boxes, boxlock
-    from ..boxkind import UpFlags
+def up_command() -> Callable[..., None]:
+    """`dlbox up`, with the flags every registered box kind takes (kinds.py): a new kind
+    brings its own."""
+    from ..kinds import up_options  # its registration alone: no kind is imported
 
-    def given(values: list[str] | None) -> tuple[str, ...] | None:
-        return tuple(values) if values else None
+    def up(**values: Any) -> None:
+        """Get a box: EC2 by default (or reuse this project's), this machine, or one over SSH."""
+        from .. import boxes, boxlock, kinds
 
-    flags = UpFlags(
-        local=local, ssh=given(ssh_target), key=given(key), nodes=nodes,
-        node_address=given(node_address), workdir=workdir, python=python, region=region,
-        profile=profile, instance_type=given(instance_type), spot=spot, disk_gb=disk_gb,
-        idle_minutes=idle_minutes, max_lifetime_minutes=max_lifetime_minutes,
-        ssh_cidr=ssh_cidr, ssh_user=ssh_user, ssh_key=ssh_key, ami=ami)
-    with errors():
-        kind = boxes.kind_for_up(flags)
-    with errors(kind.INTERRUPTED_UP), boxlock.held(project(), say):  # two `up` never race
-        existing = boxes.current(project())
-        if existing is not None and existing.kind != kind.kind:
-            raise UsageError(f"this project's box is {existing.label}; `dlbox down` first, then "
-                             "`dlbox up` again")
-        kind.up(project(), flags, existing, say)
+        with errors():
+            flags = kinds.flags_from(values)
+            kind = boxes.kind_for_up(flags)
+        with errors(kind.INTERRUPTED_UP), boxlock.held(project(), say):  # two `up` never race
+            existing = boxes.current(project())
+            if existing is not None and existing.kind != kind.kind:
+                raise UsageError(f"this project's box is {existing.label}; `dlbox down` first, "
+                                 "then `dlbox up` again")
+            kind.up(project(), flags, existing, say)
+
+    up.__signature__ = inspect.Signature([inspect.Parameter(
+        option.name, inspect.Parameter.KEYWORD_ONLY,
+        default=False if option.type == "switch" else None,
+        annotation=Annotated[_ANNOTATION[option.type], typer.Option(*option.names,
+                                                                    help=option.help)])
+        for option in up_options().values()], return_annotation=None)
+    return up
+
+
+_ANNOTATION = {"text": str | None, "texts": list[str] | None, "int": int | None, "switch": bool,
+               "toggle": bool | None}
+app.command("up")(up_command())
 
 
 @app.command()
