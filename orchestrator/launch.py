@@ -131,9 +131,9 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
     """Write each node's run.sh (with a TF_CONFIG when there are several), record the run
     with its workers, hold its results on every node and start every worker; log how it
     went (how: events.STARTED or RESUMED, with details) once all go. Ctrl-C once every
-    worker was started leaves the run going (the KeyboardInterrupt carries it as .run);
-    anything else before stops the workers that were started and records the run failed,
-    or, for a resume, interrupted again (an error, not Ctrl-C, carries that record as .run)."""
+    worker was started leaves the run going; Ctrl-C or anything else before that stops the
+    workers that were started and records the run failed, or, for a resume, interrupted
+    again. The exception carries the run as recorded (.run)."""
     many = len(team) > 1
     addresses = _endpoints(nodes, machines) if many else [""]
     team = [replace(w, address=addresses[w.node]) for w in team]
@@ -146,9 +146,9 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
             run = replace(run, args=args)
     run = replace(run, nodes=tuple(asdict(w) for w in team))
     runs.save(project_dir, run)
-    runs.hold(project_dir, list(zip(nodes, machines, strict=True)), run.run_id, say)
     begun = 0  # workers whose start is done (a Ctrl-C waits for the one in progress)
     try:
+        runs.hold(project_dir, list(zip(nodes, machines, strict=True)), run.run_id, say)
         for w, box in zip(team, nodes, strict=True):
             try:
                 runs.start_script(box, machines[w.node], w.remote_dir)
@@ -161,11 +161,14 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
             exc.run = run  # every worker goes: the run goes on, and the caller can say which
             runs.note(project_dir, run.run_id, how, box=nodes[0].name, **(details or {}))
             raise
-        # No worker waits for a missing peer, and no record says a run goes that does not.
-        # The node whose start was cut short is stopped too, unless it stopped answering.
-        tried = begun + (begun < len(team) and not isinstance(exc, CommandTimedOut | LostContact))
+        # No worker waits for a missing peer, and no record says a run goes that does not;
+        # nothing of it need be kept on the boxes. A node that stopped answering is left be.
+        silent = isinstance(exc, CommandTimedOut | LostContact)
+        tried = begun + (begun < len(team) and not silent)
         with signals.deferred():
             stop(run, nodes, machines, only=list(range(tried)))
+            if not silent:
+                _release(project_dir, run, nodes, machines)
             if how == events.RESUMED:  # it waits again, as before this resume: attach tries
                 left = replace(run, status="interrupted", finished_at=runs.now())
                 runs.save(project_dir, left)
@@ -174,11 +177,19 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
                                finished_at=runs.now())
                 runs.save(project_dir, left)
                 runs.ended(project_dir, left, "failed")
-        if isinstance(exc, Exception):  # not Ctrl-C: that run does not go on
-            exc.run = left
+        exc.run = left  # recorded as not going on
         raise
     runs.note(project_dir, run.run_id, how, box=nodes[0].name, **(details or {}))
     return run
+
+
+def _release(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine]) -> None:
+    """A run that did not start holds no results: every box may end on its own again."""
+    from infra.errors import InfraError  # no AWS library behind it
+
+    for box, machine in zip(nodes, machines, strict=True):
+        with contextlib.suppress(DlboxError, InfraError):  # best effort: it said so already
+            box.release_results(project_dir, machine, run.run_id)
 
 
 def _stop_command(remote_dir: str) -> str:

@@ -222,6 +222,11 @@ def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
         try:
             run, machine = resume(project_dir, run, box, say, pip_args)
             return run, box, machine
+        except KeyboardInterrupt as exc:
+            going = getattr(exc, "run", None)
+            if going is None or going.status != "running":  # it did not go on: it waits again
+                runs.save(project_dir, run)  # for a box, as before this try
+            raise
         except (DlboxError, InfraError) as exc:
             gone = box.gone(project_dir)
             if gone is None:

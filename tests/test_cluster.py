@@ -530,3 +530,41 @@ def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resu
     assert again.returncode == 0, again.stdout + again.stderr
     assert len([p for p in (project / "runs").iterdir() if p.is_dir()]) == 2
     assert dlbox(project, "down").returncode == 0 and not _trainers_alive(project)
+
+
+def test_ctrl_c_before_every_worker_started_stops_the_run_and_lets_its_boxes_go(tmp_path,
+                                                                                monkeypatch):
+    """Ctrl-C while the run's results are being held, before any worker starts: the run is
+    recorded failed (not "running" with nothing behind it), the boxes hold nothing of it,
+    no worker is started, and the interrupt says which run it was."""
+    from orchestrator import launch, registry, runs
+    from orchestrator.localbox import LocalBox
+    from orchestrator.localmachine import LocalMachine
+
+    real_hold = runs.hold
+
+    def hold_then_ctrl_c(*args, **kwargs):
+        real_hold(*args, **kwargs)
+        raise KeyboardInterrupt  # as a Ctrl-C held back through the step is acted on
+
+    def never(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(runs, "hold", hold_then_ctrl_c)
+    monkeypatch.setattr(runs, "start_script", never)
+    project, folder = tmp_path / "proj", tmp_path / "box" / "runs" / "r"
+    project.mkdir()
+    folder.mkdir(parents=True)
+    box = LocalBox(name="local", workdir=str(tmp_path / "box"), python=sys.executable)
+    machine = LocalMachine()
+    run = runs.Run(run_id="r", model="scratch", box="local", remote_dir=str(folder), args=[],
+                   started_at=runs.now())
+    team = [launch.Worker(0, "local", str(folder), "", str(tmp_path), str(tmp_path), None)]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        launch.launch(project, run, [box], [machine], team, lambda line: None)
+    assert caught.value.run.status == "failed"
+    recorded = runs.load(project, "r")
+    assert (recorded.status, recorded.exit_code, len(recorded.nodes)) == ("failed", 1, 1)
+    assert registry.held_runs(machine, box.runs_registry()) == []
+    assert [e.kind for e in runs.events_of(project, "r")] == ["failed"]
+    assert not (folder / "run.pid").exists()

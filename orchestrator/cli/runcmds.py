@@ -43,6 +43,9 @@ def train(
         if run is None:
             return ("a run that had started goes on: `dlbox runs` lists it, `dlbox attach RUN` "
                     "follows it")
+        if run.status == "failed":  # cut short as it started: stopped and recorded so
+            return (f"run {run.run_id} was stopped before it had started on every node; "
+                    "`dlbox train` starts it again")
         return f"run {run.run_id} goes on: " + lifecycle.attach_hint(run.run_id)
 
     with errors(left):
