@@ -13,6 +13,11 @@ from .kinds import MAX_NODES
 from .machine import printable
 from .render import render
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 CONFIG_FILE = "dlbox.toml"
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
@@ -133,11 +138,6 @@ def with_flags(cfg: Config, **flags) -> Config:
 
 def load(project_dir: Path, **flags) -> Config:
     """Defaults, then dlbox.toml if present, then the flags that were given (not None)."""
-    if sys.version_info >= (3, 11):  # on first use: not at CLI start-up
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-
     cfg = Config()
     path = project_dir / CONFIG_FILE
     if path.exists():

@@ -8,12 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import hostkeys, registry, state
-from .boxkind import (
-    Box,
-    DownFlags,
-    Gone,
-    Say,
-)
+from .boxkind import Box, DownFlags, Gone, Say
 from .ec2aws import (
     RUNS_REGISTRY_ON_BOX,
     TERMINATE_TIMEOUT_S,
@@ -31,6 +26,7 @@ from .humanize import duration
 from .kinds import UpFlags
 from .machine import Machine
 from .nodes import of_kind
+from .sshmachine import SshMachine
 from .sshtarget import SshTarget
 from .ui import Ui
 
@@ -101,8 +97,6 @@ class Ec2Box:
         if self.python is None or self.workdir is None:
             raise UsageError(f"{self.label} is not ready to train yet; `dlbox up` finishes "
                              "preparing it")
-        from .sshmachine import SshMachine  # paramiko's side: not at CLI start-up
-
         return SshMachine(self.ssh_target(project_dir))
 
     def runs_registry(self) -> str:

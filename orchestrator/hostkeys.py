@@ -6,6 +6,7 @@ The first key is checked against the EC2 console's fingerprints when it has prin
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 from .atomic import write_atomic
@@ -17,8 +18,6 @@ class HostKeyMismatch(Exception):
 
 def fingerprint(key) -> str:
     """OpenSSH's SHA256:... fingerprint of a paramiko key."""
-    import hashlib  # OpenSSL behind it: not at CLI start-up
-
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 

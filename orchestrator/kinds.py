@@ -150,7 +150,7 @@ def flags_from(values: dict[str, Any]) -> UpFlags:
     of their flag's type (a damaged record) and a switch left off are not flags given."""
     known = up_options()
     return UpFlags.of(**{name: value for name, value in values.items() if name in known
-                         and value is not None and known[name].accepts(value)
+                         and known[name].accepts(value)
                          and not (known[name].type == "switch" and value is False)})
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from infra.errors import InfraError  # no AWS library behind it: cheap to import
 from trainer.cluster import TF_CONFIG_ENV, tf_config  # no TensorFlow behind it
 
 from . import events, parallel, records, runs, signals
@@ -185,8 +186,6 @@ def launch(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
 
 def _release(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine]) -> None:
     """A run that did not start holds no results: every box may end on its own again."""
-    from infra.errors import InfraError  # no AWS library behind it
-
     for box, machine in zip(nodes, machines, strict=True):
         with contextlib.suppress(DlboxError, InfraError):  # best effort: it said so already
             box.release_results(project_dir, machine, run.run_id)

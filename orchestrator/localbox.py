@@ -8,14 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import registry, state
-from .boxkind import (
-    Box,
-    DownFlags,
-    Say,
-    Unwatched,
-    registry_in,
-)
+from . import environment, registry, state
+from .boxkind import Box, DownFlags, Say, Unwatched, registry_in
 from .errors import UsageError
 from .kinds import UpFlags
 from .localmachine import LocalMachine
@@ -46,8 +40,6 @@ class LocalBox(Unwatched):
     def up(cls, project_dir: Path, flags: UpFlags, existing: Box | None, say: Say) -> LocalBox:
         """Use this machine as the box (or as every node of a cluster, each with its own
         folder); check its Python can train."""
-        from . import environment  # its templates: not at CLI start-up
-
         nodes = flags.nodes or (existing.nodes if existing else 1)
         if existing is not None and existing.nodes != nodes:
             raise UsageError(f"this project's box is {existing.label}; `dlbox down` first to "

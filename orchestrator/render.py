@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import shlex
 from functools import cache
-from typing import TYPE_CHECKING
+from importlib import resources
 
-if TYPE_CHECKING:
-    import jinja2
+import jinja2
 
 
 @cache
 def _environment() -> jinja2.Environment:
-    from importlib import resources
-
-    import jinja2  # on first use: the CLI starts without it
-
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.files("templates"))),
         undefined=jinja2.StrictUndefined,

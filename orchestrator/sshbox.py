@@ -7,18 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import config, registry, sshtarget, state, workdir
-from .boxkind import (
-    Box,
-    DownFlags,
-    Say,
-    Unwatched,
-    registry_in,
-)
+from . import config, environment, registry, sshtarget, state, workdir
+from .boxkind import Box, DownFlags, Say, Unwatched, registry_in
 from .errors import UsageError
 from .kinds import UpFlags
 from .machine import Machine
 from .nodes import cluster
+from .sshmachine import SshMachine, own_address
 from .sshtarget import SshTarget
 
 # user@host[:port]; neither may start with "-" (it would reach ssh as an option).
@@ -108,8 +103,6 @@ class SshBox(Unwatched):
                          state.known_hosts(project_dir))
 
     def machine(self, project_dir: Path) -> Machine:
-        from .sshmachine import SshMachine  # paramiko's side: not at CLI start-up
-
         return SshMachine(self.ssh_target(project_dir))
 
     def runs_registry(self) -> str:
@@ -192,9 +185,6 @@ def _prepare(cls, project_dir: Path, cfg, flags: UpFlags, host: str, port: int, 
     """One machine ready to train: its host key pinned, dlbox's folder, a Python with
     TensorFlow, and (in a cluster) the address the other nodes reach it on: the one given,
     else the one its sshd sees for dlbox's login."""
-    from . import environment  # its templates: not at CLI start-up
-    from .sshmachine import SshMachine, own_address  # paramiko's side: not at CLI start-up
-
     name = f"{user}@{host}:{port}"
     target = SshTarget(host, port, user, str(key_path), state.known_hosts(project_dir))
     sshtarget.check_paths(target.key_path, target.known_hosts)

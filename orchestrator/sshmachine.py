@@ -110,7 +110,6 @@ class SshMachine:
         """One command on a fresh channel of the open connection: bytes in, bytes out.
 
         timeout bounds each wait for the box (silence longer than that is a timeout)."""
-
         with self._link(f"running {command.split()[0]}"):
             channel = self._channel(timeout)
             with contextlib.closing(channel):
@@ -150,9 +149,13 @@ class SshMachine:
 
         if self._sftp_client is None:
             channel = self._channel(timeout)
-            channel.settimeout(timeout)
-            _bounded(channel, lambda: channel.invoke_subsystem("sftp"), timeout)
-            self._sftp_client = paramiko.SFTPClient(channel)  # its version: read within timeout
+            try:
+                channel.settimeout(timeout)
+                _bounded(channel, lambda: channel.invoke_subsystem("sftp"), timeout)
+                self._sftp_client = paramiko.SFTPClient(channel)  # its version: within timeout
+            except BaseException:
+                channel.close()
+                raise
             channel.settimeout(SFTP_TIMEOUT_S)
         return self._sftp_client
 
@@ -280,7 +283,7 @@ class SshMachine:
                 raise CommandTimedOut(f"{self.target.host} sent nothing for {timeout:.0f} s "
                                       f"while {path} was copied") from None
             finally:
-                if self._sftp_client is not None:
+                if timeout is not None and self._sftp_client is not None:
                     self._sftp_client.get_channel().settimeout(SFTP_TIMEOUT_S)
 
     def _drop_sftp(self) -> None:

@@ -26,6 +26,11 @@ def init(force: Annotated[bool, typer.Option("--force", help="Overwrite dlbox.to
     echo(f"wrote {path}")
 
 
+# The type each kind of flag (kinds.UpOption.type) has on `up`.
+_ANNOTATION = {"text": str | None, "texts": list[str] | None, "int": int | None, "switch": bool,
+               "toggle": bool | None}
+
+
 def up_command() -> Callable[..., None]:
     """`dlbox up`, with the flags every registered box kind takes (kinds.py): a new kind
     brings its own."""
@@ -54,8 +59,6 @@ def up_command() -> Callable[..., None]:
     return up
 
 
-_ANNOTATION = {"text": str | None, "texts": list[str] | None, "int": int | None, "switch": bool,
-               "toggle": bool | None}
 app.command("up")(up_command())
 
 
