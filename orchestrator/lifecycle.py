@@ -74,16 +74,14 @@ def crew_of(project: Path, run, ui: Ui):
     box): they must still be this project's boxes."""
     from . import boxes, launch
 
-    chief = boxes.named(project, run.box)
-    if chief is None:
-        raise not_recorded(project, run, f"box {run.box}", f"runs/{run.run_id}/")
-    chief = chief.wake(project, ui.say)
-    nodes = boxes.cluster(project, chief) if len(run.nodes) > 1 else [chief]
-    names = [w.box for w in launch.workers(run)]
-    if len(names) > 1 and [n.name for n in nodes] != names:
-        raise UsageError(f"run {run.run_id} ran on nodes {', '.join(names)}, which are not this "
-                         f"project's cluster any more; its results are in runs/{run.run_id}/")
-    nodes = [chief] + [n.wake(project, ui.say) for n in nodes[1:]]
+    nodes = []
+    for w in launch.workers(run):
+        box = boxes.named(project, w.box)
+        if box is None:
+            what, pulled = (f"box {w.box}", f"runs/{run.run_id}/") if w.node == 0 else \
+                (f"node {w.node} ({w.box})", f"runs/{run.run_id}/ and its nodes/ folder")
+            raise not_recorded(project, run, what, pulled)
+        nodes.append(box.wake(project, ui.say))
     return nodes, [n.machine(project) for n in nodes]
 
 
@@ -149,7 +147,7 @@ def train(project: Path, model: str, data: str, test: str | None, trainer_args: 
     """Start a run on the project's box (a worker on every node of a cluster), follow it to
     its end, pull its results; with down_after, end the box once they are here. Returns the
     run's exit status."""
-    from . import boxlock, runs, settle
+    from . import boxlock, recovery, runs, settle
 
     crew = start(project, model, data, test, trainer_args, ui, recover)
     on_started(crew.run)
@@ -158,9 +156,9 @@ def train(project: Path, model: str, data: str, test: str | None, trainer_args: 
     finally:
         crew.close()
     now = runs.load(project, crew.run.run_id)
-    # A box's results are here and verified; a cluster's run must have ended well (a stopped
-    # one resumes on its nodes).
-    if down_after and (now.status == "done" if crew.many else now.finished_at):
+    # The results are here and verified, and the run ended for good: a stopped one resumes
+    # where it is (`dlbox attach`), so its boxes are kept.
+    if down_after and now.finished_at and not recovery.stopped(now):
         # As `down` does it: other runs of the boxes are pulled first, or asked about.
         with on_interrupt(f"its results are in {runs.RUNS_DIR}/{crew.run.run_id}/; the box may "
                           "still be running: run `dlbox down`"), boxlock.held(project, ui.say):
@@ -192,20 +190,33 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
             _close(machines)
             if not isinstance(exc, (DlboxError, InfraError)):
                 raise  # Ctrl-C, SIGTERM: what it leaves is said by the command
-            box = nodes[0]
-            gone = None if isinstance(exc, UsageError) or len(nodes) > 1 else box.gone(project)
-            if gone is None or not gone.reclaimed or not recover or \
+            lost = {} if isinstance(exc, UsageError) else _gone(project, nodes)
+            if not lost or not all(g.reclaimed for g in lost.values()) or not recover or \
                     attempt == cfg.max_recoveries:
                 raise
-            orphan = getattr(exc, "run", None)  # recorded as it started, with the box
+            orphan = getattr(exc, "run", None)  # recorded as it started, with the boxes
             if orphan is not None:
                 orphan = replace(orphan, status=runs.LOST)
                 runs.save(project, orphan)
                 runs.ended(project, orphan, runs.LOST)
-            ui.say(f"{box.label} was lost before the run started ({gone.reason}); replacing it")
-            with boxlock.held(project, ui.say):
-                nodes = [box.replacement(project, ui.say)]
+            for k, gone in lost.items():
+                ui.say(f"{nodes[k].label} was lost before the run started ({gone.reason}); "
+                       "replacing it")
+                with boxlock.held(project, ui.say):
+                    nodes[k] = nodes[k].replacement(project, ui.say)
     raise AssertionError("unreachable: the last attempt raises")
+
+
+def _gone(project: Path, nodes) -> dict:
+    """{node: Gone} for each box its owner says can no longer run anything (an owner that
+    cannot be asked: the box counts as there)."""
+    found = {}
+    for k, box in enumerate(nodes):
+        with contextlib.suppress(DlboxError, InfraError):
+            gone = box.gone(project)
+            if gone is not None:
+                found[k] = gone
+    return found
 
 
 def follow(project: Path, crew: Crew, ui: Ui, recover: bool = True,
@@ -215,28 +226,26 @@ def follow(project: Path, crew: Crew, ui: Ui, recover: bool = True,
     from its checkpoint; any other failed node stops the run on every node. Then pull and
     record the results (Ctrl-C then says what was not done). Returns the exit status;
     crew is updated in place."""
-    from . import checkpoints, config
+    from . import checkpoints, config, recovery
 
     cfg = config.load(project)
     max_losses = len(crew.run.interruptions) + cfg.max_recoveries  # boxes, by the end of it
-    recoveries = cfg.max_recoveries  # a cluster's: times every node starts again
     shown = 0  # epochs shown already: a run resumed elsewhere brings its history along
     while True:
         stop = _watch(project, crew, ui, shown)
         if stop is None:
             return EXIT_INTERRUPTED  # detached: the run goes on
-        if stop.code == 0 or not (crew.many or stop.lost):
+        if stop.code == 0 or not (stop.lost or stop.failed):
             break
         with on_interrupt(f"run {crew.run.run_id} waits: `dlbox attach {crew.run.run_id}` "
                           "resumes it (a box launched meanwhile is recorded: `dlbox down` "
                           "ends it)"):
-            if crew.many:
-                carried = _carry_on_cluster(project, crew, stop, ui, recover, recoveries)
-                if carried is None:
-                    break
-                recoveries -= carried
-            else:
-                _carry_on(project, crew, stop.lost, ui, recover, max_losses, cfg.pip_args)
+            lost = recovery.lost_nodes(project, crew.run, crew.nodes, crew.machines,
+                                       {0: stop.lost} if stop.lost else None)
+            if not lost:
+                break  # a worker stopped on a box that is still there: stopped on every node
+            crew.run = recovery.carry_on(project, crew.run, crew.nodes, crew.machines, lost,
+                                         ui.say, recover, max_losses, cfg.pip_args)
         copy = checkpoints.held(project, crew.run.run_id)
         shown = copy.completed if copy else 0
     with on_interrupt(f"run {crew.run.run_id} ended, and pulling its results was cut short"
@@ -270,8 +279,7 @@ def _watch(project: Path, crew: Crew, ui: Ui, shown: int) -> _Stop | None:
     except cluster.NodeFailed as exc:
         return _Stop(runs.EXIT_RESUMABLE if exc.resumable else EXIT_FAILED, failed=exc)
     except BoxLost as exc:
-        failed = cluster.NodeFailed(0, chief.label, f"was lost ({exc.reason})", box_gone=True)
-        return _Stop(runs.EXIT_RESUMABLE, failed=failed if crew.many else None, lost=exc)
+        return _Stop(runs.EXIT_RESUMABLE, lost=exc)
     except LostContact as exc:  # the run itself is detached and goes on
         raise _goes_on(run, exc) from None
     failed = None
@@ -292,44 +300,6 @@ def _watch(project: Path, crew: Crew, ui: Ui, shown: int) -> _Stop | None:
     return _Stop(runs.EXIT_RESUMABLE if failed.resumable else EXIT_FAILED, failed=failed)
 
 
-def _carry_on(project: Path, crew: Crew, lost: BoxLost, ui: Ui, recover: bool,
-              max_losses: int, pip_args: tuple[str, ...]) -> None:
-    """A single box lost: recorded, replaced and the run resumed there (crew updated), or
-    RunInterrupted saying how `dlbox attach` resumes it."""
-    from . import recovery
-
-    run, box, machine = recovery.carry_on(project, crew.run, crew.nodes[0], crew.machines[0],
-                                          lost, ui.say, recover, max_losses, pip_args)
-    crew.run, crew.nodes[0], crew.machines[0] = run, box, machine
-
-
-def _carry_on_cluster(project: Path, crew: Crew, stop: _Stop, ui: Ui, recover: bool,
-                      recoveries: int) -> int | None:
-    """A cluster run stopped by a node: the lost nodes recorded; if each was taken back by
-    its owner, replaced and the run resumed on every node. Returns the recoveries used (0:
-    another dlbox carried it on, follow it), or None: the run stays stopped."""
-    from . import boxlock, cluster, config, launch, runs
-
-    run = crew.run
-    with boxlock.run_held(project, run.run_id, ui.say):  # one dlbox carries a run on
-        now = runs.load(project, run.run_id)
-        if now.nodes != run.nodes:  # another dlbox carried it on meanwhile: follow that
-            crew.run = now
-            _refresh(project, crew.nodes, crew.machines, now)
-            return 0
-        gone = cluster.lost_nodes(project, crew.nodes, crew.machines, run)
-        crew.run = cluster.record_losses(project, run, crew.nodes, crew.machines, gone)
-        if not recover or recoveries <= 0 or not (gone and all(g.reclaimed for _, g in gone)):
-            return None
-        if stop.failed is not None:
-            ui.say(str(stop.failed))
-        launch.stop(crew.run, crew.nodes, crew.machines)
-        crew.run = cluster.replace_lost(project, crew.run, crew.nodes, crew.machines, gone,
-                                        ui.say, config.load(project).pip_args)
-        crew.run = cluster.resume(project, crew.run, crew.nodes, crew.machines, ui.say)
-        return 1
-
-
 def _finish(project: Path, crew: Crew, stop: _Stop, ui: Ui) -> int:
     """The run ended (or stopped on every node): the other nodes' workers ended or stopped,
     their logs and the chief's results pulled and recorded, every box let go of them; one
@@ -342,22 +312,16 @@ def _finish(project: Path, crew: Crew, stop: _Stop, ui: Ui) -> int:
     else:
         cluster.wait_for_workers(run, crew.nodes, crew.machines, time.sleep)
     cluster.pull_logs(project, run, crew.machines)
-    if failed is not None and failed.node == 0 and failed.box_gone:  # its copy is here
-        run = replace(run, status="interrupted", exit_code=code, finished_at=runs.now())
-        runs.save(project, run)
-        runs.ended(project, run, "interrupted")
-    else:
-        run = finish(project, run, crew.nodes[0], crew.machines[0], code, ui)
+    run = finish(project, run, crew.nodes[0], crew.machines[0], code, ui)
     cluster.release(project, run, crew.nodes, crew.machines)
     crew.run = run
     where = f"{runs.RUNS_DIR}/{run.run_id}/"
     if failed is not None:
         copy = checkpoints.held(project, run.run_id)
         epoch = copy.completed if copy else 0
-        if not (failed.node == 0 and failed.box_gone):
-            with contextlib.suppress(DlboxError):
-                epoch = (runs.read_json(crew.machines[0].read(
-                    f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
+        with contextlib.suppress(DlboxError):
+            epoch = (runs.read_json(crew.machines[0].read(
+                f"{run.remote_dir}/checkpoints/state.json")) or {}).get("completed", epoch)
         then = (f"`dlbox attach {run.run_id}` resumes it from there once the node is back"
                 if failed.resumable else f"see `dlbox logs {run.run_id} --node {failed.node}`; "
                 f"the run cannot go on as is")
@@ -438,21 +402,6 @@ def release(project: Path, run, box, machine, ui: Ui) -> None:
         box.release_results(project, machine, run.run_id)
 
 
-def _refresh(project: Path, nodes, machines, run) -> None:
-    """nodes and machines (in place) as the run's record names them now."""
-    from . import boxes, launch
-
-    for w in launch.workers(run):
-        if nodes[w.node].name != w.box:
-            box = boxes.named(project, w.box)
-            if box is None:
-                raise UsageError(f"node {w.node} of run {run.run_id} ({w.box}) is not recorded; "
-                                 f"`dlbox up` makes the cluster whole, then `dlbox attach "
-                                 f"{run.run_id}`")
-            machines[w.node].close()
-            nodes[w.node], machines[w.node] = box, box.machine(project)
-
-
 # --- attach -------------------------------------------------------------------------------
 
 
@@ -475,60 +424,81 @@ def attach(project: Path, run_id: str, ui: Ui, recover: bool = True) -> int:
 
 
 def _take_back(project: Path, run_id: str, ui: Ui, recover: bool) -> Crew:
-    """The crew to follow the run on: a run whose box is lost (noticed now, or before) is
-    resumed on another box, or on its stopped box started again; a cluster run stopped by
-    a lost node, on every node once it is replaced."""
-    from . import boxes, boxlock, cluster, config, recovery, runs
+    """The crew to follow the run on. Its lost boxes (noticed now, or before) are made
+    again, a stopped one started again, and the run resumed on every node from its
+    checkpoint; a run stopped on boxes that are still there (a node's worker killed,
+    `dlbox cancel`) resumes where it is."""
+    from . import boxes, boxlock, config, launch, recovery, runs
     from .errors import RunInterrupted
 
     cfg = config.load(project)
     with boxlock.run_held(project, run_id, ui.say):  # one dlbox carries a run on
         run = runs.load(project, run_id)  # as the last holder left it
-        if len(run.nodes) > 1:
-            crew = Crew(run, *crew_of(project, run, ui))
-            if run.status == "interrupted" and run.finished_at is not None:
-                try:
-                    gone = cluster.lost_nodes(project, crew.nodes, crew.machines, run)
-                    run = cluster.record_losses(project, run, crew.nodes, crew.machines, gone)
-                    if gone and not recover:
-                        raise RunInterrupted(f"run {run.run_id} lost node(s) "
-                                             f"{', '.join(str(k) for k, _ in gone)}; `dlbox "
-                                             f"attach {run.run_id}` without --no-recover "
-                                             "replaces them")
-                    if gone:
-                        run = cluster.replace_lost(project, run, crew.nodes, crew.machines,
-                                                   gone, ui.say, cfg.pip_args)
-                    crew.run = cluster.resume(project, run, crew.nodes, crew.machines, ui.say)
-                except BaseException:
-                    crew.close()
-                    raise
-            return crew
-        box = boxes.named(project, run.box)
-        waiting = run.status == recovery.INTERRUPTED and bool(run.interruptions) \
-            and run.interruptions[-1].get("downtime_s") is None
-        woken = False  # a stopped box started again, where the run died with the stop
-        if not waiting and box is not None and run.finished_at is None:
-            gone = box.gone(project)
-            if gone is not None and gone.stopped:  # did the run end before the stop?
-                box = box.wake(project, ui.say)
-                machine = box.machine(project)
-                try:
-                    woken = runs.exit_status(machine, run)[1] == "gone"
-                finally:
-                    machine.close()
-            if gone is not None and (woken or not gone.stopped):  # lost, unfollowed
-                lost = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
-                ui.say(recovery.loss_line(run, box, lost))
-                run, waiting = recovery.record_loss(project, run, box, lost), True
-        if waiting and not recover:
+        nodes = [boxes.named(project, w.box) for w in launch.workers(run)]
+        need: list[int] | None = None  # the nodes to make again, once known
+        if not recovery.waiting(run) and (run.finished_at is None or recovery.stopped(run)) \
+                and None not in nodes:
+            lost, up_again = _notice_losses(project, run, nodes, ui)
+            for k, why in lost.items():
+                ui.say(recovery.loss_line(run, nodes[k], why))
+            run = recovery.record_losses(project, run, nodes, lost)
+            need = [k for k in lost if k not in up_again]
+        if not (recovery.waiting(run) or recovery.stopped(run)):
+            return Crew(run, *crew_of(project, run, ui))
+        if recovery.waiting(run) and not recover:
             raise RunInterrupted(f"run {run.run_id} lost its box; "
                                  + recovery.resumable_line(project, run))
-        if waiting:
-            run, box, machine = recovery.on_new_box(
-                project, run, box, ui.say, len(run.interruptions) + cfg.max_recoveries,
-                cfg.pip_args, new_box=lambda: _box_to_resume_on(project, run, ui), reuse=woken)
-            return Crew(run, [box], [machine])
-    return Crew(run, *crew_of(project, run, ui))
+        if need is None:  # lost before: each node whose box is gone or forgotten
+            need = [k for k, n in enumerate(nodes) if n is None or n.gone(project) is not None]
+        if len(nodes) > 1 and any(nodes[k] is None for k in need):
+            k = next(k for k in need if nodes[k] is None)
+            raise UsageError(f"node {k} of run {run.run_id} ({launch.workers(run)[k].box}) is not "
+                             f"recorded; `dlbox up` makes the cluster whole, then `dlbox attach "
+                             f"{run.run_id}`")
+        nodes = [n if k in need else n.wake(project, ui.say) for k, n in enumerate(nodes)]
+        machines = [n.machine(project) if n is not None else None for n in nodes]
+        try:
+            run = recovery.replace_and_resume(
+                project, run, nodes, machines, need, ui.say,
+                len(run.interruptions) + cfg.max_recoveries, cfg.pip_args,
+                new_box=lambda: _box_to_resume_on(project, run, ui))
+        except BaseException:
+            _close(m for m in machines if m is not None)
+            raise
+        return Crew(run, nodes, machines)
+
+
+def _notice_losses(project: Path, run, nodes, ui: Ui):
+    """({node: BoxLost} for the boxes lost while nobody followed, {nodes up again}). A
+    stopped box is started again (nodes updated); it counts as lost only if the run died
+    with the stop, and the run then resumes there."""
+    from . import launch, recovery, runs
+
+    known, up_again = {}, set()
+    for w in launch.workers(run):
+        try:
+            gone = nodes[w.node].gone(project)
+        except (DlboxError, InfraError):
+            gone = None  # an owner that cannot be asked: the box counts as there
+        if gone is None:
+            continue
+        if gone.stopped:  # did the run end before the stop?
+            nodes[w.node] = nodes[w.node].wake(project, ui.say)
+            machine = nodes[w.node].machine(project)
+            try:
+                died = runs.exit_status(machine, replace(run, remote_dir=w.remote_dir))[1] \
+                    == "gone"
+            finally:
+                machine.close()
+            if not died:
+                continue
+            up_again.add(w.node)
+        known[w.node] = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
+    machines = [n.machine(project) for n in nodes]
+    try:
+        return recovery.lost_nodes(project, run, nodes, machines, known), up_again
+    finally:
+        _close(machines)
 
 
 def _box_to_resume_on(project: Path, run, ui: Ui):

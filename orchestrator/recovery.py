@@ -1,20 +1,24 @@
-"""Runs that outlive their box: a lost box is recorded, replaced, and the run resumed there
-from the checkpoint copied off the old one (see checkpoints.py)."""
+"""Runs that outlive their boxes: the one recovery step of every run, a single box being a
+cluster of one node. Each lost node is recorded, made again (or started again, if it was
+stopped), and the run resumed on every node from the checkpoint copied off the box (see
+checkpoints.py); a run that cannot go on waits for `dlbox attach`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.errors import CapacityError, InfraError, QuotaError
 
-from . import boxlock, checkpoints, events, runs
+from . import boxlock, checkpoints, cluster, events, follow, runs
 from .boxkind import Box
 from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
-from .launch import Worker, launch
+from .launch import Worker, hourly, launch, stop, workers
 from .machine import Machine
 
 INTERRUPTED = "interrupted"
@@ -22,6 +26,66 @@ INTERRUPTED = "interrupted"
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _node(nodes: list, k: int) -> int | None:
+    """The node an event names: none for a single box (it is the run's only one)."""
+    return k if len(nodes) > 1 else None
+
+
+def waiting(run: runs.Run) -> bool:
+    """The run lost a box and has not gone on since: it waits for `dlbox attach`."""
+    return run.status == INTERRUPTED and any(i.get("downtime_s") is None
+                                              for i in run.interruptions)
+
+
+def stopped(run: runs.Run) -> bool:
+    """The run stopped on boxes that are still there (a node's worker killed, `dlbox cancel`):
+    it can resume from its checkpoint where it was."""
+    return run.status == INTERRUPTED and run.finished_at is not None and not waiting(run)
+
+
+# --- a loss noticed and recorded ----------------------------------------------------------
+
+
+def lost_nodes(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+               known: dict[int, BoxLost] | None = None) -> dict[int, BoxLost]:
+    """Every node whose box is gone (terminated, reclaimed, stopped) or got an interruption
+    notice (spot: it goes within two minutes), with where the run had got to (the chief's
+    status, if it still answers); known: the losses follow saw itself. An owner that cannot
+    be asked counts the box as there."""
+    from . import spotwatch
+    from .boxkind import Gone
+
+    found: dict[int, Gone] = {}
+    for w in workers(run):
+        if known and w.node in known:
+            continue
+        box = nodes[w.node]
+        try:
+            why = box.gone(project_dir)
+        except (DlboxError, InfraError):
+            why = None
+        if why is None and box.interruptible:
+            with contextlib.suppress(DlboxError):
+                notice = runs.read_json(machines[w.node].read(
+                    f"{w.remote_dir}/{spotwatch.NOTICE_FILE}"))
+                if isinstance(notice, dict):
+                    why = Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
+                               f"{notice.get('time', '?')}", reclaimed=True)
+        if why is not None:
+            found[w.node] = why
+    lost = dict(known or {})
+    if found:
+        status = {}
+        with contextlib.suppress(DlboxError):  # the chief may be the one gone
+            status = runs.read_json(machines[0].read(f"{run.remote_dir}/status.json")) or {}
+        status = {k: v for k, v in status.items() if k in ("phase", "epoch", "step", "steps")
+                  and (k == "phase" or (isinstance(v, int) and not isinstance(v, bool)))}
+        for k, why in found.items():
+            lost[k] = BoxLost(why.reason, status.get("epoch"), progress=follow.progress_of(status),
+                              reclaimed=why.reclaimed, ended_at=why.at)
+    return dict(sorted(lost.items()))
 
 
 def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
@@ -66,6 +130,20 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
     return run
 
 
+def record_losses(project_dir: Path, run: runs.Run, nodes: list[Box],
+                  lost: dict[int, BoxLost]) -> runs.Run:
+    """Each lost node recorded in the run's interruptions, with the run's cost until then
+    counted once (with the first: every node billed). A loss recorded already (the run
+    waits for a box) is not recorded again."""
+    waits = {i["box"] for i in run.interruptions if i.get("downtime_s") is None}
+    fresh = [(k, why) for k, why in lost.items() if nodes[k].name not in waits]
+    for n, (k, why) in enumerate(fresh):
+        run = record_loss(project_dir, run, nodes[k], why,
+                          usd_per_hour=run.usd_per_hour if n == 0 else 0.0,
+                          node=_node(nodes, k))
+    return run
+
+
 def loss_line(run: runs.Run, box: Box, lost: BoxLost) -> str:
     """One line: which box, when, at which epoch, why (in its owner's words)."""
     at = f" during epoch {lost.epoch}" if lost.epoch else ""
@@ -78,7 +156,8 @@ def resumable_line(project_dir: Path, run: runs.Run) -> str:
             + (", taken mid-epoch" if copy.partial else "") + f") is in "
             f"{runs.RUNS_DIR}/{run.run_id}/{checkpoints.LOCAL_DIR}/"
             if copy else "it had no checkpoint yet (it starts over)")
-    return f"{kept}; `dlbox attach {run.run_id}` resumes it on a new box"
+    where = "on a new box" if len(run.nodes) <= 1 else "once its nodes are there again"
+    return f"{kept}; `dlbox attach {run.run_id}` resumes it {where}"
 
 
 def check_resumable(run: runs.Run) -> None:
@@ -89,40 +168,10 @@ def check_resumable(run: runs.Run) -> None:
     runs.check_datasets(run.data, run.test)
 
 
-def resume(project_dir: Path, run: runs.Run, box: Box, say: Say,
-           pip_args: tuple[str, ...] = ()) -> tuple[runs.Run, Machine]:
-    """Start run again on box, from its off-box checkpoint: data and code synced (only what
-    the box lacks), the checkpoint pushed, the trainer started with --resume."""
-    check_resumable(run)
-    machine = box.machine(project_dir)
-    try:
-        shipped = runs.ship(box, machine, run.data, run.test, say, pip_args=pip_args)
-        remote = runs.reserve_folder(machine, box.workdir, run.run_id)
-        copy = None
-        if checkpoints.held(project_dir, run.run_id) is not None:
-            copy = checkpoints.push(project_dir, run, machine, remote, shipped.data)
-        now = _now()
-        done = [i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
-            (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)} for i in run.interruptions]
-        run = replace(run, box=box.name, remote_dir=remote, status="running", exit_code=None,
-                      rented=box.rented,
-                      usd_per_hour=box.hourly_usd, segment_started_at=now.isoformat(
-                          timespec="seconds"), interruptions=tuple(done))
-        team = [Worker(0, box.name, remote, "", shipped.code, shipped.data, shipped.test)]
-        run = launch(project_dir, run, [box], [machine], team, say, events.RESUMED,
-                     {"epochs": copy.completed if copy else 0})
-    except BaseException:
-        machine.close()
-        raise
-    say(f"run {run.run_id} resumed on {box.label} "
-        + (f"from its checkpoint after {copy.completed} epoch(s)" if copy else "from the start"))
-    return run, machine
-
-
 def keep_log(project_dir: Path, run: runs.Run, machine: Machine) -> None:
-    """A box that warned before going still answers: its train.log (the run's stretch there)
-    is kept as runs/<id>/train.<n>.log, since the next box's log starts afresh. Best effort:
-    the box may go any moment."""
+    """A chief that warned before going still answers: its train.log (the run's stretch
+    there) is kept as runs/<id>/train.<n>.log, since the next chief's log starts afresh.
+    Best effort: the box may go any moment."""
     n = len(run.interruptions) + 1
     target = project_dir / runs.RUNS_DIR / run.run_id / f"train.{n}.log"
     part = runs.partial_dir(project_dir) / f"{os.getpid()}.{run.run_id}.{target.name}.part"
@@ -135,107 +184,236 @@ def keep_log(project_dir: Path, run: runs.Run, machine: Machine) -> None:
         part.unlink(missing_ok=True)
 
 
-def carry_on(project_dir: Path, run: runs.Run, box: Box, machine: Machine, lost: BoxLost,
-             say: Say, recover: bool, max_losses: int,
-             pip_args: tuple[str, ...] = ()) -> tuple[runs.Run, Box, Machine]:
-    """After a loss: record it; unless told not to, the box was ended on purpose, or the run
-    has lost more than max_losses boxes, replace the box and resume the run there. Returns
-    (run, box, machine) to follow; raises RunInterrupted with what to do when the run waits
-    for `dlbox attach`. machine (the lost box's) is closed."""
-    say(loss_line(run, box, lost))
+# --- the one recovery step ----------------------------------------------------------------
+
+
+def carry_on(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+             lost: dict[int, BoxLost], say: Say, recover: bool, max_losses: int,
+             pip_args: tuple[str, ...] = ()) -> runs.Run:
+    """After follow saw nodes lost: each recorded; unless told not to, one was ended on
+    purpose, or the run has lost more than max_losses boxes, each made again and the run
+    resumed on every node. Returns the run to follow (nodes and machines updated in place);
+    raises RunInterrupted, the other nodes' workers stopped, when the run waits for
+    `dlbox attach`."""
+    for k, why in lost.items():
+        say(loss_line(run, nodes[k], why))
     try:
-        if lost.warned:
-            keep_log(project_dir, run, machine)
+        if 0 in lost and lost[0].warned:
+            keep_log(project_dir, run, machines[0])
     finally:
-        machine.close()
-    with boxlock.run_held(project_dir, run.run_id, say):
+        for k in lost:
+            machines[k].close()
+    with boxlock.run_held(project_dir, run.run_id, say):  # one dlbox carries a run on
         now = runs.load(project_dir, run.run_id)
-        if (now.box, now.remote_dir) != (run.box, run.remote_dir):
-            return _moved_on(project_dir, now, say)  # another dlbox carried it on meanwhile
-        run = record_loss(project_dir, now, box, lost)
-        if not lost.reclaimed:
-            raise RunInterrupted(f"{box.label} was ended on purpose, not taken back by AWS; run "
-                                 f"{run.run_id} stopped with it; " + resumable_line(project_dir,
-                                                                                     run))
-        if not recover:
-            box.retire(project_dir, say)
-            raise RunInterrupted(f"run {run.run_id} stopped with its box (--no-recover); "
-                                 + resumable_line(project_dir, run))
-        from . import boxes
-
-        if boxes.named(project_dir, box.name) is None:  # `dlbox down` forgot it meanwhile
-            raise RunInterrupted(f"{box.label} is no longer this project's box; "
-                                 + resumable_line(project_dir, run))
-        return on_new_box(project_dir, run, box, say, max_losses, pip_args)
+        if workers(now) != workers(run):  # another dlbox carried it on meanwhile
+            return _moved_on(project_dir, now, nodes, machines, say)
+        run = record_losses(project_dir, now, nodes, lost)
+        try:
+            _check_goes_on(project_dir, run, nodes, lost, say, recover)
+            stop(run, nodes, machines, only=[k for k in range(len(nodes)) if k not in lost])
+            return replace_and_resume(project_dir, run, nodes, machines, list(lost), say,
+                                      max_losses, pip_args)
+        except RunInterrupted:
+            _stop_the_others(project_dir, runs.load(project_dir, run.run_id), nodes, machines,
+                             lost)
+            raise
 
 
-def _moved_on(project_dir: Path, run: runs.Run, say: Say) -> tuple[runs.Run, Box, Machine]:
-    """The run as another dlbox left it: going on on another box (follow it there)."""
+def _check_goes_on(project_dir: Path, run: runs.Run, nodes: list[Box],
+                   lost: dict[int, BoxLost], say: Say, recover: bool) -> None:
+    """RunInterrupted, saying what to do, unless every lost box may be replaced now."""
     from . import boxes
 
-    box = boxes.named(project_dir, run.box)
-    if run.status != "running" or box is None:
+    for k, why in lost.items():
+        if not why.reclaimed:
+            raise RunInterrupted(f"{nodes[k].label} was ended on purpose, not taken back by "
+                                 f"AWS; run {run.run_id} stopped with it; "
+                                 + resumable_line(project_dir, run))
+    if not recover:
+        for k in lost:
+            nodes[k].retire(project_dir, say)
+        raise RunInterrupted(f"run {run.run_id} stopped with its box (--no-recover); "
+                             + resumable_line(project_dir, run))
+    for k in lost:
+        if boxes.named(project_dir, nodes[k].name) is None:  # `dlbox down` forgot it meanwhile
+            raise RunInterrupted(f"{nodes[k].label} is no longer this project's box; "
+                                 + resumable_line(project_dir, run))
+
+
+def _stop_the_others(project_dir: Path, run: runs.Run, nodes: list[Box],
+                     machines: list[Machine], lost: dict[int, BoxLost]) -> None:
+    """The run waits for a box: no worker of it goes on waiting for its lost peers, and
+    their logs come here (their results stay held on the boxes until the run ends)."""
+    alive = [k for k in range(len(nodes)) if k not in lost]
+    if alive:
+        stop(run, nodes, machines, only=alive)
+        cluster.pull_logs(project_dir, run, machines, only=alive)
+
+
+def _moved_on(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+              say: Say) -> runs.Run:
+    """The run as another dlbox left it: going on on other boxes (follow it there)."""
+    from . import boxes
+
+    team = [boxes.named(project_dir, w.box) for w in workers(run)]
+    if run.status != "running" or None in team:
         raise RunInterrupted(f"run {run.run_id} is {run.status}; " + resumable_line(project_dir,
                                                                                    run))
-    say(f"run {run.run_id} goes on on {box.label} already; following it there")
-    return run, box, box.machine(project_dir)
+    where = team[0].label if len(team) == 1 else f"{len(team)} nodes"
+    say(f"run {run.run_id} goes on on {where} already; following it there")
+    for k, box in enumerate(team):  # the same number of nodes: a cluster keeps its size
+        machines[k].close()
+        nodes[k], machines[k] = box, box.machine(project_dir)
+    return run
 
 
-def on_new_box(project_dir: Path, run: runs.Run, box: Box | None, say: Say,
-               max_losses: int, pip_args: tuple[str, ...] = (),
-               new_box=None, reuse: bool = False) -> tuple[runs.Run, Box, Machine]:
-    """Replace box (lost; or None: make one with new_box()) and resume run there (the caller
-    holds the run's lock); reuse: box is up again (a stopped one, started), resume there
-    first. A new box that never becomes usable (reclaimed while it is set up) or that is
-    lost before the run goes on there is replaced too, until the run has lost more than
-    max_losses boxes."""
+def replace_and_resume(project_dir: Path, run: runs.Run, nodes: list, machines: list,
+                       lost: list[int], say: Say, max_losses: int,
+                       pip_args: tuple[str, ...] = (), new_box=None) -> runs.Run:
+    """Make each lost node again (nodes[k] None: new_box() makes one), then resume the run on
+    every node (the caller holds the run's lock). A new box that never becomes usable
+    (reclaimed while it is set up) or that is lost before the run goes on there is replaced
+    too, until the run has lost more than max_losses boxes. Returns the run as resumed."""
     check_resumable(run)
-    failed = 0  # new boxes that never became usable
+    failed = [0]  # new boxes that never became usable
+    pending = list(lost)  # made again one by one: what is made stays made on a failure
     while True:
-        if reuse:  # box is up again: the run resumes there, as on a box made now
-            reuse = False
-        else:
-            if len(run.interruptions) + failed > max_losses:
-                if box is not None:
-                    box.retire(project_dir, say)
-                raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed} "
-                                     "box(es), more than max_recoveries allows; "
-                                     + resumable_line(project_dir, run))
-            try:
-                with boxlock.held(project_dir, say):
-                    was = box.name if box is not None else None
-                    if box is not None:
-                        box.retire(project_dir, say)  # its errors are its own
-                    try:
-                        box = box.replacement(project_dir, say) if box is not None \
-                            else new_box()
-                    except (CapacityError, QuotaError) as exc:  # no retry helps now
-                        raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing "
-                                             "of it is left running; "
-                                             + resumable_line(project_dir, run)) from exc
-                    runs.note(project_dir, run.run_id, events.REPLACED, box=box.name, was=was)
-            except NeverUsable as exc:  # ended (verified) by `up` itself
-                failed += 1
-                say(f"the new box did not become usable ({exc}); trying another")
-                continue  # box: still the lost one, whose settings the next replacement takes
+        # A new stretch of the run's bill: a box lost before the run goes on there cost this.
         run = replace(run, segment_started_at=_now().isoformat(timespec="seconds"))
+        runs.save(project_dir, run)
+        made = None  # the run with its nodes made again, before it resumed
         try:
-            run, machine = resume(project_dir, run, box, say, pip_args)
-            return run, box, machine
+            made = _make_pending(project_dir, run, nodes, machines, pending, failed, say,
+                                 max_losses, pip_args, new_box)
+            return resume(project_dir, made, nodes, machines, say, pip_args)
         except KeyboardInterrupt as exc:
             going = getattr(exc, "run", None)
             if going is None or going.status != "running":  # it did not go on: it waits again
-                runs.save(project_dir, run)  # for a box, as before this try
+                runs.save(project_dir, made or runs.load(project_dir, run.run_id))
+            raise
+        except (RunInterrupted, UsageError):
             raise
         except (DlboxError, InfraError) as exc:
-            gone = box.gone(project_dir)
-            if gone is None:
-                runs.save(project_dir, run)  # waiting for a box, as before this try
-                raise DlboxError(f"{exc}; {box.label} stays up and recorded: `dlbox attach "
-                                 f"{run.run_id}` tries again, `dlbox down` ends it") from exc
-            say(f"{box.label} was lost before the run went on there ({gone.reason})")
-            run = record_loss(project_dir, run, box, BoxLost(gone.reason, reclaimed=gone.reclaimed,
-                                                             ended_at=gone.at))
-            if not gone.reclaimed:
-                raise RunInterrupted(f"{box.label} was ended on purpose; "
-                                     + resumable_line(project_dir, run)) from exc
+            run = made or runs.load(project_dir, run.run_id)  # as before this try
+            runs.save(project_dir, run)
+            gone = lost_nodes(project_dir, run, nodes, machines)
+            if not gone:  # it waits for a box, as before this try
+                raise DlboxError(f"{exc}; {nodes[0].label} stays up and recorded: `dlbox "
+                                 f"attach {run.run_id}` tries again, `dlbox down` ends it") \
+                    from exc
+            for k, why in gone.items():
+                say(f"{nodes[k].label} was lost before the run went on there ({why.reason})")
+            run = record_losses(project_dir, run, nodes, gone)
+            for k, why in gone.items():
+                if not why.reclaimed:
+                    raise RunInterrupted(f"{nodes[k].label} was ended on purpose; "
+                                         + resumable_line(project_dir, run)) from exc
+            pending[:] = sorted(set(pending) | set(gone))
+
+
+def _make_pending(project_dir: Path, run: runs.Run, nodes: list, machines: list,
+                  pending: list[int], failed: list[int], say: Say, max_losses: int,
+                  pip_args: tuple[str, ...], new_box) -> runs.Run:
+    """Each node in pending made again (taken off it once made); failed counts the new
+    boxes that never became usable."""
+    while pending:
+        if len(run.interruptions) + failed[0] > max_losses:
+            for k in pending:
+                if nodes[k] is not None:
+                    nodes[k].retire(project_dir, say)
+            raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed[0]} "
+                                 "box(es), more than max_recoveries allows; "
+                                 + resumable_line(project_dir, run))
+        try:
+            run = _make_again(project_dir, run, nodes, machines, pending[0], say, pip_args,
+                              new_box)
+        except NeverUsable as exc:  # ended (verified) by `up` itself
+            failed[0] += 1
+            say(f"the new box did not become usable ({exc}); trying another")
+            continue  # nodes[k]: still the lost one, whose settings the next one takes
+        pending.pop(0)
+    return run
+
+
+def _make_again(project_dir: Path, run: runs.Run, nodes: list, machines: list, k: int,
+                say: Say, pip_args: tuple[str, ...], new_box) -> runs.Run:
+    """Node k made again: its box replaced (a stopped one started again), its code and data
+    synced, a folder for the run; the run records where its worker now is (so that a
+    replacement cut short is not made twice)."""
+    with boxlock.held(project_dir, say):
+        was = nodes[k].name if nodes[k] is not None else None
+        if nodes[k] is not None and len(nodes) > 1:
+            say(f"replacing {nodes[k].label}")
+        try:
+            box = nodes[k].replacement(project_dir, say) if nodes[k] is not None else new_box()
+        except (CapacityError, QuotaError) as exc:  # no retry helps now
+            raise RunInterrupted(f"no new box for run {run.run_id} ({exc}); nothing of it is "
+                                 "left running; " + resumable_line(project_dir, run)) from exc
+        nodes[k] = box
+        runs.note(project_dir, run.run_id, events.REPLACED, _node(nodes, k), box=box.name,
+                  was=was)
+    if machines[k] is not None:
+        machines[k].close()
+    machines[k] = box.machine(project_dir)
+    shipped = runs.ship(box, machines[k], run.data or "", run.test, say, None, pip_args)
+    remote = runs.reserve_folder(machines[k], box.workdir, run.run_id)
+    team = workers(run)
+    team[k] = Worker(k, box.name, remote, "", shipped.code, shipped.data, shipped.test)
+    if k == 0:
+        run = replace(run, box=box.name, remote_dir=remote)
+    run = replace(run, nodes=tuple(asdict(w) for w in team))
+    runs.save(project_dir, run)
+    return run
+
+
+def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
+           say: Say, pip_args: tuple[str, ...] = ()) -> runs.Run:
+    """Start a stopped run again on every node, from the chief's checkpoint (or the copy
+    taken off it, for a new chief): every worker gets it (they must all resume from the same
+    step)."""
+    check_resumable(run)
+    team = workers(run)
+    if [w.box for w in team] != [b.name for b in nodes]:
+        raise UsageError(f"run {run.run_id} ran on nodes {', '.join(w.box for w in team)}; "
+                         "this project's cluster is not those any more, so it cannot resume")
+    stop(run, nodes, machines)  # nothing of the run may still hold a port or a file
+    for w in team:  # a node wiped since: code, data and a folder first
+        if machines[w.node].run(cluster.state_command(w.remote_dir)).stdout.split()[:1] \
+                == ["missing"]:
+            shipped = runs.ship(nodes[w.node], machines[w.node], run.data or "", run.test, say,
+                                None, pip_args)
+            remote = runs.reserve_folder(machines[w.node], nodes[w.node].workdir, run.run_id)
+            team[w.node] = Worker(w.node, w.box, remote, "", shipped.code, shipped.data,
+                                  shipped.test)
+            if w.node == 0:
+                run = replace(run, remote_dir=remote)
+    copy = checkpoints.pull(project_dir, run, machines[0]) or \
+        checkpoints.held(project_dir, run.run_id)
+    for w in team:
+        on_box = runs.read_json(machines[w.node].read(
+            f"{w.remote_dir}/{checkpoints.REMOTE_DIR}/{checkpoints.STATE_FILE}"))
+        if w.node == 0 and on_box is not None:
+            continue  # the chief's own: what the copy was taken from
+        machines[w.node].run(
+            f"rm -rf -- {shlex.quote(f'{w.remote_dir}/{checkpoints.REMOTE_DIR}')}")
+        if copy is not None:
+            checkpoints.push(project_dir, run, machines[w.node], w.remote_dir, w.data)
+    back = waiting(run)
+    run = replace(run, box=nodes[0].name, status="running", exit_code=None, finished_at=None,
+                  rented=nodes[0].rented)
+    if back:  # back after a loss: a new stretch begins, billed at today's boxes
+        now = _now()
+        run = replace(run, segment_started_at=now.isoformat(timespec="seconds"),
+                      usd_per_hour=hourly(nodes), interruptions=tuple(
+                          i if i.get("downtime_s") is not None else {**i, "downtime_s": round(
+                              (now - datetime.fromisoformat(i["at"])).total_seconds(), 1)}
+                          for i in run.interruptions))
+    epochs = copy.completed if copy is not None else 0
+    # Same folders, same code and data, new endpoints (the old ports may be taken now).
+    run = launch(project_dir, run, nodes, machines, team, say, events.RESUMED,
+                 {"nodes": len(nodes), "boxes": [b.name for b in nodes], "epochs": epochs})
+    where = nodes[0].label if len(nodes) == 1 else f"{len(nodes)} nodes"
+    say(f"run {run.run_id} resumed on {where} "
+        + (f"from its checkpoint after {epochs} epoch(s)" if copy is not None
+           else "from the start (no checkpoint yet)"))
+    return run

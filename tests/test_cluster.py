@@ -94,14 +94,15 @@ def test_a_local_cluster_trains_survives_a_killed_node_and_resumes_on_every_node
     finally:
         attach.kill()
     assert attach.returncode == 75, out + err
-    assert f"resuming run {run_dir.name} on 2 nodes from epoch {done_before}" in out
+    assert f"run {run_dir.name} resumed on 2 nodes from its checkpoint after {done_before} " \
+        "epoch(s)" in out
     [line] = err.strip().splitlines()
     assert "node 0 (local node 0)" in line and "exit status 137" in line, line
     assert not _trainers_alive(project), "a worker outlived the stopped run"
 
     attach = dlbox(project, "attach", run_dir.name)
     assert attach.returncode == 0, attach.stdout + attach.stderr
-    assert f"resuming run {run_dir.name} on 2 nodes from epoch" in attach.stdout
+    assert f"run {run_dir.name} resumed on 2 nodes from its checkpoint after" in attach.stdout
     assert _history_epochs(run_dir) == [1, 2, 3, 4, 5, 6]  # the same epochs, each once
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 6 and metrics["workers"] == 2
@@ -298,6 +299,49 @@ def test_a_local_cluster_is_taken_up_again_as_is_and_not_resized_silently(tmp_pa
     assert json.loads((tmp_path / ".dlbox" / "state.json").read_text())["boxes"] == []
 
 
+def _ec2_cluster_training(directory: Path, env: dict, data: Path, epochs: int):
+    """`up --spot --nodes 2`, then `train` (running, its output piped)."""
+    up = subprocess.run([DLBOX, "up", "--spot", "--nodes", "2"], cwd=directory, env=env,
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert up.returncode == 0, up.stdout + up.stderr
+    return subprocess.Popen([DLBOX, "train", "scratch", "--data", str(data), "--epochs",
+                             str(epochs), "--img-size", "64", "--batch-size", "2", "--patience",
+                             "0"], cwd=directory, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _node_1_reclaimed_mid_epoch(aws, boxes, directory: Path, proc) -> dict:
+    """Once node 1 is mid-epoch after a checkpoint, EC2 takes it back without a word: the
+    instance terminated first (dlbox, seeing the node fail, asks which nodes are gone and
+    must hear this one), then its worker and sshd die. Returns the run's record then."""
+    from tests import awsfakes
+    from tests.test_spot import _instance_at, _wait
+
+    record = _wait("node 1 to be mid-epoch after a checkpoint",
+                   lambda: _ec2_mid_epoch(directory), proc)
+    worker = Path(record["nodes"][1]["remote_dir"])
+    awsfakes.reclaim(_instance_at(aws, boxes[1].host))
+    os.killpg(int((worker / "run.pid").read_text()), signal.SIGKILL)
+    sshd_mod.stop(boxes[1].sshd)
+    return record
+
+
+def _ec2_mid_epoch(directory: Path) -> dict | None:
+    """The run's record once its chief is mid-epoch after a first checkpoint (else None)."""
+    found = list((directory / "runs").glob("*/run.json"))
+    if not found:
+        return None
+    record = json.loads(found[0].read_text())
+    chief = Path(record["remote_dir"])
+    try:
+        state = json.loads((chief / "checkpoints" / "state.json").read_text())
+        status = json.loads((chief / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    going = status.get("epoch", 0) > state.get("completed", 0) >= 1 and status.get("step")
+    return record if going and record.get("nodes") else None
+
+
 @pytest.mark.slow
 def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_node(
         spot, aws, small_sample):  # noqa: F811 (the fixture imported above)
@@ -305,46 +349,18 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
     the replacement): node 1 dies without a word mid-epoch; dlbox replaces it in the same
     zone and placement group, resumes every node from the chief's checkpoint, and the run
     ends with every epoch once and the workers' weights equal. `down` leaves nothing."""
-    from tests.test_spot import _instance_at, _reap, _wait
+    from tests.test_spot import _reap
 
     project, boxes = spot
     directory, env = project
-    up = subprocess.run([DLBOX, "up", "--spot", "--nodes", "2"], cwd=directory, env=env,
-                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-    assert up.returncode == 0, up.stdout + up.stderr
-    proc = subprocess.Popen([DLBOX, "train", "scratch", "--data", str(small_sample), "--epochs",
-                             "6", "--img-size", "64", "--batch-size", "2", "--patience", "0"],
-                            cwd=directory, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _ec2_cluster_training(directory, env, small_sample, 6)
     try:
-        def mid_epoch():
-            found = list((directory / "runs").glob("*/run.json"))
-            if not found:
-                return None
-            record = json.loads(found[0].read_text())
-            chief = Path(record["remote_dir"])
-            try:
-                state = json.loads((chief / "checkpoints" / "state.json").read_text())
-                status = json.loads((chief / "status.json").read_text())
-            except (OSError, ValueError):
-                return None
-            going = status.get("epoch", 0) > state.get("completed", 0) >= 1 and status.get("step")
-            return record if going and record.get("nodes") else None
-
-        record = _wait("node 1 to be mid-epoch after a checkpoint", mid_epoch, proc)
-        worker = Path(record["nodes"][1]["remote_dir"])
-        from tests import awsfakes
-
-        # EC2 says the instance is going before its processes die: dlbox, seeing the node
-        # fail, asks which nodes are gone and must hear this one
-        awsfakes.reclaim(_instance_at(aws, boxes[1].host))
-        os.killpg(int((worker / "run.pid").read_text()), signal.SIGKILL)
-        sshd_mod.stop(boxes[1].sshd)
+        record = _node_1_reclaimed_mid_epoch(aws, boxes, directory, proc)
         out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     finally:
         _reap(proc)
     assert proc.returncode == 0, out + err
-    assert "replacing it" in out and "resuming run" in out, out
+    assert "was lost at" in out and "replacing" in out and "resumed on 2 nodes" in out, out
     run_dir = _only_run(directory)
     for name in ("model.keras", "report.html", "metrics.json", "nodes/1/train.log"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -381,6 +397,58 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
     assert aws.describe_placement_groups()["PlacementGroups"] == []
 
 
+@pytest.mark.slow
+def test_a_cluster_node_that_cannot_be_replaced_now_waits_for_attach_which_makes_it_again(
+        spot, aws, small_sample):  # noqa: F811 (the fixture imported above)
+    """Node 1 is reclaimed mid-epoch and EC2 has no capacity for another: one line, exit 75,
+    the chief's worker stopped, the loss recorded and the run waiting. `attach`: the next new
+    node is taken back while it is set up and replaced again (the same recovery step as a
+    single box's), every node resumes, and the run ends with every epoch once."""
+    from tests import awsfakes
+    from tests.test_spot import _reap
+
+    project, boxes = spot
+    directory, env = project
+    proc = _ec2_cluster_training(directory, env, small_sample, 5)
+    try:
+        with awsfakes.ec2_errors(lambda kw: "InsufficientInstanceCapacity"):  # at replacement
+            record = _node_1_reclaimed_mid_epoch(aws, boxes, directory, proc)
+            out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 75, out + err
+    assert "was lost at" in out and "Server.SpotInstanceTermination" in out, out
+    [line] = err.strip().splitlines()
+    assert "no new box for run" in line and f"`dlbox attach {record['run_id']}` resumes" in line
+    assert not _trainers_alive(directory.parent), "the chief's worker outlived the stopped run"
+    run_dir = directory / "runs" / record["run_id"]
+    waiting = json.loads((run_dir / "run.json").read_text())
+    assert waiting["status"] == "interrupted" and len(waiting["interruptions"]) == 1
+    assert waiting["interruptions"][0]["downtime_s"] is None  # it waits for a box
+    chief_state = Path(record["remote_dir"]) / "checkpoints" / "state.json"
+    done_before = json.loads(chief_state.read_text())["completed"]  # the chief keeps its own
+
+    with awsfakes.reclaimed_at_launch(1):  # 127.0.0.4 is taken back as it is set up
+        attach = subprocess.run([DLBOX, "attach", record["run_id"]], cwd=directory, env=env,
+                                capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert attach.returncode == 0, attach.stdout + attach.stderr
+    assert "did not become usable" in attach.stdout and "trying another" in attach.stdout
+    assert f"resumed on 2 nodes from its checkpoint after {done_before} epoch(s)" \
+        in attach.stdout, attach.stdout
+    assert _history_epochs(run_dir) == [1, 2, 3, 4, 5]  # each epoch once
+    final = json.loads((run_dir / "run.json").read_text())
+    assert final["status"] == "done" and final["nodes"][1]["address"].startswith("127.0.0.5:")
+    [lost] = final["interruptions"]
+    assert lost["box"] == record["nodes"][1]["box"] and lost["downtime_s"] is not None
+    assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")
+
+    down = subprocess.run([DLBOX, "down"], cwd=directory, env=env, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [i for r in aws.describe_instances()["Reservations"] for i in r["Instances"]
+                if i["State"]["Name"] not in ("terminated", "shutting-down")]
+
+
 def _bare_run(folder: Path):
     """A cluster run of one node whose folder is folder (for the worker commands alone)."""
     from orchestrator import runs
@@ -394,7 +462,7 @@ def _bare_run(folder: Path):
 def _state(machine, folder: Path) -> str:
     from orchestrator import cluster
 
-    return machine.run(cluster._state_command(str(folder))).stdout.strip()
+    return machine.run(cluster.state_command(str(folder))).stdout.strip()
 
 
 def test_a_worker_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path, monkeypatch):
@@ -521,7 +589,7 @@ def test_a_cancelled_cluster_run_outlives_lost_state_and_two_attach_at_once_resu
     both = at_once(["attach", run_dir.name], project, timeout_s=CLI_TIMEOUT_S)
     assert [p.returncode for p in both] == [0, 0], both
     said = "".join(p.stdout for p in both)
-    assert said.count(f"resuming run {run_dir.name} on 2 nodes") == 1, said
+    assert said.count(f"run {run_dir.name} resumed on 2 nodes") == 1, said
     assert _history_epochs(run_dir) == list(range(1, RESUMED_RUN_EPOCHS + 1))  # each epoch once
     assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
     assert _weights_of(run_dir / "status.json") == _weights_of(run_dir / "nodes/1/status.json")

@@ -48,7 +48,8 @@ def _zip_folder(source: Path, target: Path) -> Path:
 
 
 def _detach_then_cancel(day: Day, data: Path) -> Path:
-    """A long run: Ctrl-C detaches; cancel stops it (checkpointed); attach and pull twice."""
+    """A long run: Ctrl-C detaches; cancel stops it (checkpointed); attach resumes it and a
+    second cancel stops it again; pull twice."""
     proc = day.start("train", "scratch", "--data", str(data), "--epochs", "200", "--patience", "0",
                      "--img-size", "32")
     before = len(day.runs())
@@ -64,8 +65,14 @@ def _detach_then_cancel(day: Day, data: Path) -> Path:
     assert detached.code == 130 and f"detached; run {run.name} goes on" in detached.stdout
     cancel = day.dlbox("cancel", run.name)
     assert "interrupted (exit 75)" in cancel.stdout
-    again = day.dlbox("attach", run.name, ok=False)  # it ended: attach pulls, hands on 75
-    assert again.code == 75 and "SIGTERM" in again.stderr
+    # A cancelled run stopped resumable: attach resumes it where it is, cancel stops it again.
+    resumes = day.start("attach", run.name)
+    log = Path(day.record(run)["remote_dir"]) / "train.log"  # the same folder: resumed in place
+    day.until(lambda: "resuming after epoch" in log.read_text(), resumes, "the run to resume")
+    assert "interrupted (exit 75)" in day.dlbox("cancel", run.name).stdout
+    again = day.finish(resumes, ("attach", "..."))
+    assert again.code == 75 and f"run {run.name} resumed on" in again.stdout, again
+    assert "from its checkpoint after" in again.stdout and "SIGTERM" in again.stderr, again
     for _ in range(2):
         assert "pulled into" in day.dlbox("pull", run.name).stdout
     assert day.record(run)["status"] == "interrupted"
