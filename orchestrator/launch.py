@@ -56,7 +56,10 @@ def one_line(text: str) -> str:
 
 
 def workers(run: runs.Run) -> list[Worker]:
-    """The run's workers, chief first ([] for a single box's run recorded by an older dlbox)."""
+    """The run's workers, chief first (a single box's run recorded by an older dlbox: its
+    one node, where its code and data are not known)."""
+    if not run.nodes:
+        return [Worker(0, run.box, run.remote_dir, "", "", "", None)]
     try:
         return [records.build(Worker, w) for w in run.nodes]
     except ValueError as exc:

@@ -448,6 +448,8 @@ def _take_back(project: Path, run_id: str, ui: Ui, recover: bool) -> Crew:
         if recovery.waiting(run) and not recover:
             raise RunInterrupted(f"run {run.run_id} lost its box; "
                                  + recovery.resumable_line(project, run))
+        if need is None and not recovery.waiting(run):  # stopped, a box no longer recorded:
+            return Crew(run, *crew_of(project, run, ui))  # one line says what to do
         if need is None:  # lost before: each node whose box is gone or forgotten
             need = [k for k, n in enumerate(nodes) if n is None or n.gone(project) is not None]
         if len(nodes) > 1 and any(nodes[k] is None for k in need):

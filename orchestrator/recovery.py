@@ -377,12 +377,15 @@ def resume(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Ma
         raise UsageError(f"run {run.run_id} ran on nodes {', '.join(w.box for w in team)}; "
                          "this project's cluster is not those any more, so it cannot resume")
     stop(run, nodes, machines)  # nothing of the run may still hold a port or a file
-    for w in team:  # a node wiped since: code, data and a folder first
-        if machines[w.node].run(cluster.state_command(w.remote_dir)).stdout.split()[:1] \
-                == ["missing"]:
+    for w in team:  # a node wiped since: code, data and a folder first (code and data
+        # only, where an older dlbox did not record them)
+        wiped = machines[w.node].run(cluster.state_command(w.remote_dir)).stdout.split()[:1] \
+            == ["missing"]
+        if wiped or not w.data:
             shipped = runs.ship(nodes[w.node], machines[w.node], run.data or "", run.test, say,
                                 None, pip_args)
-            remote = runs.reserve_folder(machines[w.node], nodes[w.node].workdir, run.run_id)
+            remote = runs.reserve_folder(machines[w.node], nodes[w.node].workdir, run.run_id) \
+                if wiped else w.remote_dir
             team[w.node] = Worker(w.node, w.box, remote, "", shipped.code, shipped.data,
                                   shipped.test)
             if w.node == 0:

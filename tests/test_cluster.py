@@ -398,7 +398,7 @@ def test_an_ec2_spot_cluster_replaces_a_reclaimed_node_and_finishes_on_every_nod
 
 
 @pytest.mark.slow
-def test_a_cluster_node_that_cannot_be_replaced_now_waits_for_attach_which_makes_it_again(
+def test_an_ec2_cluster_node_that_cannot_be_replaced_now_waits_for_attach(
         spot, aws, small_sample):  # noqa: F811 (the fixture imported above)
     """Node 1 is reclaimed mid-epoch and EC2 has no capacity for another: one line, exit 75,
     the chief's worker stopped, the loss recorded and the run waiting. `attach`: the next new

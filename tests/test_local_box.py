@@ -246,6 +246,11 @@ def test_cancel_checkpoints_then_logs_and_runs_show_it(tmp_path, small_sample):
     again = dlbox(tmp_path, "cancel", run.name)
     assert again.returncode == 2 and "not running" in again.stderr
     assert dlbox(tmp_path, "down").returncode == 0
+    # Stopped resumable, but its box is gone: attach cannot resume it there, and says so.
+    orphan = dlbox(tmp_path, "attach", run.name)
+    assert orphan.returncode == 2 and "not this project's box any more" in orphan.stderr, \
+        orphan.stdout + orphan.stderr
+    assert len(orphan.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
