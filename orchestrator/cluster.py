@@ -1,5 +1,5 @@
-"""Runs on a cluster: the workers of every node watched, stopped, resumed and let go together
-(launch.py starts them, as it starts every run).
+"""Runs on a cluster: the workers of the other nodes watched, stopped, their logs pulled and
+let go together (launch.py starts every run; recovery.py resumes every run).
 
 The chief (node 0) is the run as a single box has it: its folder holds the outputs, its
 status is followed, its results pulled. The other nodes only train; each keeps its own log.
