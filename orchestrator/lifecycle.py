@@ -498,7 +498,10 @@ def _notice_losses(project: Path, run, nodes, ui: Ui):
         known[w.node] = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
     machines = [n.machine(project) for n in nodes]
     try:
-        return recovery.lost_nodes(project, run, nodes, machines, known), up_again
+        # A running run's spot notice is follow's to act on (it copies the checkpoint the
+        # trainer saves as it stops); a stopped run's box that got one is lost already.
+        return recovery.lost_nodes(project, run, nodes, machines, known,
+                                   notices=recovery.stopped(run)), up_again
     finally:
         _close(machines)
 

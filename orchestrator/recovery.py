@@ -48,25 +48,26 @@ def stopped(run: runs.Run) -> bool:
 # --- a loss noticed and recorded ----------------------------------------------------------
 
 
-def lost_nodes(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
-               known: dict[int, BoxLost] | None = None) -> dict[int, BoxLost]:
-    """Every node whose box is gone (terminated, reclaimed, stopped) or got an interruption
-    notice (spot: it goes within two minutes), with where the run had got to (the chief's
-    status, if it still answers); known: the losses follow saw itself. An owner that cannot
-    be asked counts the box as there."""
+def lost_nodes(project_dir: Path, run: runs.Run, nodes: list, machines: list,
+               known: dict[int, BoxLost] | None = None,
+               notices: bool = True) -> dict[int, BoxLost]:
+    """Every node whose box is gone (terminated, reclaimed, stopped) or, with notices, got
+    an interruption notice (spot: it goes within two minutes), with where the run had got to
+    (the chief's status, if it still answers); known: the losses follow saw itself. An owner
+    that cannot be asked counts the box as there; a node with no box (None) is not asked."""
     from . import spotwatch
     from .boxkind import Gone
 
     found: dict[int, Gone] = {}
     for w in workers(run):
-        if known and w.node in known:
-            continue
         box = nodes[w.node]
+        if box is None or (known and w.node in known):
+            continue
         try:
             why = box.gone(project_dir)
         except (DlboxError, InfraError):
             why = None
-        if why is None and box.interruptible:
+        if why is None and notices and box.interruptible:
             with contextlib.suppress(DlboxError):
                 notice = runs.read_json(machines[w.node].read(
                     f"{w.remote_dir}/{spotwatch.NOTICE_FILE}"))
@@ -131,15 +132,16 @@ def record_loss(project_dir: Path, run: runs.Run, box: Box, lost: BoxLost,
 
 
 def record_losses(project_dir: Path, run: runs.Run, nodes: list[Box],
-                  lost: dict[int, BoxLost]) -> runs.Run:
+                  lost: dict[int, BoxLost], own_price: bool = False) -> runs.Run:
     """Each lost node recorded in the run's interruptions, with the run's cost until then
-    counted once (with the first: every node billed). A loss recorded already (the run
-    waits for a box) is not recorded again."""
+    counted once (with the first: every node billed), or with own_price each box's own (new
+    boxes lost while the run was being resumed). A loss recorded already (the run waits for
+    a box) is not recorded again."""
     waits = {i["box"] for i in run.interruptions if i.get("downtime_s") is None}
     fresh = [(k, why) for k, why in lost.items() if nodes[k].name not in waits]
     for n, (k, why) in enumerate(fresh):
-        run = record_loss(project_dir, run, nodes[k], why,
-                          usd_per_hour=run.usd_per_hour if n == 0 else 0.0,
+        usd = None if own_price else run.usd_per_hour if n == 0 else 0.0
+        run = record_loss(project_dir, run, nodes[k], why, usd_per_hour=usd,
                           node=_node(nodes, k))
     return run
 
@@ -156,7 +158,7 @@ def resumable_line(project_dir: Path, run: runs.Run) -> str:
             + (", taken mid-epoch" if copy.partial else "") + f") is in "
             f"{runs.RUNS_DIR}/{run.run_id}/{checkpoints.LOCAL_DIR}/"
             if copy else "it had no checkpoint yet (it starts over)")
-    where = "on a new box" if len(run.nodes) <= 1 else "once its nodes are there again"
+    where = "on a new box" if len(run.nodes) <= 1 else "with its lost nodes made again"
     return f"{kept}; `dlbox attach {run.run_id}` resumes it {where}"
 
 
@@ -213,7 +215,7 @@ def carry_on(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[
             stop(run, nodes, machines, only=[k for k in range(len(nodes)) if k not in lost])
             return replace_and_resume(project_dir, run, nodes, machines, list(lost), say,
                                       max_losses, pip_args)
-        except RunInterrupted:
+        except (DlboxError, InfraError):  # the run waits: none of it goes on meanwhile
             _stop_the_others(project_dir, runs.load(project_dir, run.run_id), nodes, machines,
                              lost)
             raise
@@ -273,17 +275,19 @@ def replace_and_resume(project_dir: Path, run: runs.Run, nodes: list, machines: 
     """Make each lost node again (nodes[k] None: new_box() makes one), then resume the run on
     every node (the caller holds the run's lock). A new box that never becomes usable
     (reclaimed while it is set up) or that is lost before the run goes on there is replaced
-    too, until the run has lost more than max_losses boxes. Returns the run as resumed."""
+    too, until the run has lost more than max_losses boxes; any other failure leaves the run
+    waiting for `dlbox attach`. Returns the run as resumed."""
     check_resumable(run)
     failed = [0]  # new boxes that never became usable
-    pending = list(lost)  # made again one by one: what is made stays made on a failure
+    pending = list(lost)  # nodes to make again, one by one: each stays made on a failure
+    fresh: set[int] = set()  # nodes whose new box is made but not yet set up for the run
     while True:
-        # A new stretch of the run's bill: a box lost before the run goes on there cost this.
-        run = replace(run, segment_started_at=_now().isoformat(timespec="seconds"))
-        runs.save(project_dir, run)
+        if waiting(run):  # a new stretch of the bill: a box lost before the run goes on
+            run = replace(run, segment_started_at=_now().isoformat(timespec="seconds"))
+            runs.save(project_dir, run)  # there cost this much
         made = None  # the run with its nodes made again, before it resumed
         try:
-            made = _make_pending(project_dir, run, nodes, machines, pending, failed, say,
+            made = _make_pending(project_dir, run, nodes, machines, pending, fresh, failed, say,
                                  max_losses, pip_args, new_box)
             return resume(project_dir, made, nodes, machines, say, pip_args)
         except KeyboardInterrupt as exc:
@@ -296,50 +300,58 @@ def replace_and_resume(project_dir: Path, run: runs.Run, nodes: list, machines: 
         except (DlboxError, InfraError) as exc:
             run = made or runs.load(project_dir, run.run_id)  # as before this try
             runs.save(project_dir, run)
+            before = len(run.interruptions)
             gone = lost_nodes(project_dir, run, nodes, machines)
-            if not gone:  # it waits for a box, as before this try
-                raise DlboxError(f"{exc}; {nodes[0].label} stays up and recorded: `dlbox "
-                                 f"attach {run.run_id}` tries again, `dlbox down` ends it") \
-                    from exc
-            for k, why in gone.items():
-                say(f"{nodes[k].label} was lost before the run went on there ({why.reason})")
-            run = record_losses(project_dir, run, nodes, gone)
-            for k, why in gone.items():
-                if not why.reclaimed:
+            run = record_losses(project_dir, run, nodes, gone, own_price=True)
+            newly = {i["box"] for i in run.interruptions[before:]}
+            again = [k for k in gone if nodes[k].name in newly]
+            if not again:  # nothing new was lost: no retry would help now
+                raise DlboxError(f"{exc}; run {run.run_id} waits: `dlbox attach {run.run_id}` "
+                                 "tries again (a box made meanwhile is recorded: `dlbox down` "
+                                 "ends it)") from exc
+            for k in again:
+                say(f"{nodes[k].label} was lost before the run went on there "
+                    f"({gone[k].reason})")
+                if not gone[k].reclaimed:
                     raise RunInterrupted(f"{nodes[k].label} was ended on purpose; "
                                          + resumable_line(project_dir, run)) from exc
-            pending[:] = sorted(set(pending) | set(gone))
+            fresh.difference_update(again)
+            pending[:] = sorted(set(pending) | set(again))
 
 
 def _make_pending(project_dir: Path, run: runs.Run, nodes: list, machines: list,
-                  pending: list[int], failed: list[int], say: Say, max_losses: int,
-                  pip_args: tuple[str, ...], new_box) -> runs.Run:
-    """Each node in pending made again (taken off it once made); failed counts the new
-    boxes that never became usable."""
+                  pending: list[int], fresh: set[int], failed: list[int], say: Say,
+                  max_losses: int, pip_args: tuple[str, ...], new_box) -> runs.Run:
+    """Each node in pending made again, then set up for the run (taken off pending once set
+    up; in fresh while its new box waits to be set up); failed counts the new boxes that
+    never became usable."""
     while pending:
-        if len(run.interruptions) + failed[0] > max_losses:
-            for k in pending:
-                if nodes[k] is not None:
-                    nodes[k].retire(project_dir, say)
-            raise RunInterrupted(f"run {run.run_id} lost {len(run.interruptions) + failed[0]} "
-                                 "box(es), more than max_recoveries allows; "
-                                 + resumable_line(project_dir, run))
-        try:
-            run = _make_again(project_dir, run, nodes, machines, pending[0], say, pip_args,
-                              new_box)
-        except NeverUsable as exc:  # ended (verified) by `up` itself
-            failed[0] += 1
-            say(f"the new box did not become usable ({exc}); trying another")
-            continue  # nodes[k]: still the lost one, whose settings the next one takes
+        k = pending[0]
+        if k not in fresh:
+            if len(run.interruptions) + failed[0] > max_losses:
+                for j in pending:
+                    if nodes[j] is not None:
+                        nodes[j].retire(project_dir, say)
+                raise RunInterrupted(f"run {run.run_id} lost "
+                                     f"{len(run.interruptions) + failed[0]} box(es), more than "
+                                     "max_recoveries allows; " + resumable_line(project_dir, run))
+            try:
+                _new_box_for(project_dir, run, nodes, machines, k, say, new_box)
+            except NeverUsable as exc:  # ended (verified) by `up` itself
+                failed[0] += 1
+                say(f"the new box did not become usable ({exc}); trying another")
+                continue  # nodes[k]: still the lost one, whose settings the next one takes
+            fresh.add(k)
+        run = _set_up(project_dir, run, nodes, machines, k, say, pip_args)
+        fresh.discard(k)
         pending.pop(0)
     return run
 
 
-def _make_again(project_dir: Path, run: runs.Run, nodes: list, machines: list, k: int,
-                say: Say, pip_args: tuple[str, ...], new_box) -> runs.Run:
-    """Node k made again: its box replaced (a stopped one started again), its code and data
-    synced, a folder for the run; the run records where its worker now is (so that a
-    replacement cut short is not made twice)."""
+def _new_box_for(project_dir: Path, run: runs.Run, nodes: list, machines: list, k: int,
+                 say: Say, new_box) -> None:
+    """Node k's box replaced (a stopped one started again; None: new_box() makes one), in
+    nodes and machines in place."""
     with boxlock.held(project_dir, say):
         was = nodes[k].name if nodes[k] is not None else None
         if nodes[k] is not None and len(nodes) > 1:
@@ -355,6 +367,13 @@ def _make_again(project_dir: Path, run: runs.Run, nodes: list, machines: list, k
     if machines[k] is not None:
         machines[k].close()
     machines[k] = box.machine(project_dir)
+
+
+def _set_up(project_dir: Path, run: runs.Run, nodes: list, machines: list, k: int, say: Say,
+            pip_args: tuple[str, ...]) -> runs.Run:
+    """Node k's new box gets the code, the data and a folder for the run; the run records
+    where its worker now is (so that a recovery cut short does not make it twice)."""
+    box = nodes[k]
     shipped = runs.ship(box, machines[k], run.data or "", run.test, say, None, pip_args)
     remote = runs.reserve_folder(machines[k], box.workdir, run.run_id)
     team = workers(run)

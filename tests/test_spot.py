@@ -358,6 +358,13 @@ def test_a_run_whose_box_is_lost_waits_for_attach_which_resumes_it(spot, aws, sm
               f"`dlbox attach {run_id}` resumes it")
     assert _tagged(aws) == [] and aws.describe_key_pairs()["KeyPairs"] == []
     assert _copied(directory, run_id) == kept
+    # A failure no retry helps (not capacity: a denied launch) is one line, tried once.
+    with awsfakes.ec2_errors(lambda kw: "UnauthorizedOperation") as launches:
+        denied = dlbox(project, "attach", run_id)
+    _one_line(denied, 1, "UnauthorizedOperation", f"run {run_id} waits",
+              f"`dlbox attach {run_id}` tries again")
+    assert len(launches) == 1 and _tagged(aws) == []
+    assert _copied(directory, run_id) == kept and _record(directory)["status"] == "interrupted"
 
     with awsfakes.reclaimed_at_launch(1):  # the next box (127.0.0.3) is taken back at once
         proc = subprocess.Popen([DLBOX, "attach", run_id], cwd=directory, env=env,
