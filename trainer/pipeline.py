@@ -14,8 +14,9 @@ DECODE_BATCH = 128  # images handed from the decoders to the cache writer at a t
 JPEG_RATIOS = (8, 4, 2, 1)  # DCT-domain downscaling libjpeg can do while decoding
 MEMORY_CACHE_FRACTION = 0.5  # keep the cache in RAM only if it needs at most this share
 # The article's ImageDataGenerator(shear_range=0.2, zoom_range=0.2, horizontal_flip=True).
-# Its shear_range is in degrees: 0.2 degrees moves no pixel by more than a third of a pixel
-# at 150 px, so only the zoom and the flip are reproduced.
+# Only the zoom and the flip are reproduced so far. Its Keras (late 2017) read shear_range
+# in radians (about 11.5 degrees; keras-team/keras#8868 made it degrees in 2.1.3), so the
+# article's shear was not negligible: issue 19 brings it back.
 ZOOM_RANGE = 0.2
 
 
