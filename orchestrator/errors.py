@@ -37,13 +37,14 @@ class BoxLost(DlboxError):
 
     def __init__(self, reason: str, epoch: int | None = None, warned: bool = False,
                  last_seen: float | None = None, progress: float | None = None,
-                 reclaimed: bool = True, ended_at: float | None = None):
+                 reclaimed: bool = True, ended_at: float | None = None, stopped: bool = False):
         super().__init__(reason)
         self.reason, self.epoch, self.warned = reason, epoch, warned
         # Taken back by its owner (spot, a failed host): dlbox carries on elsewhere. Else
         # someone ended it on purpose (`dlbox down`, the console, its watchdog): not undone.
         self.reclaimed = reclaimed
         self.ended_at = ended_at  # time.time() when the box ended, if its owner says
+        self.stopped = stopped  # stopped, not ended: it can start again, its disk kept
         self.last_seen = last_seen  # time.time() of the trainer's last sign of life seen
         self.progress = progress  # epochs done then, with the fraction of the one going on
 

@@ -290,8 +290,7 @@ def follow(run: Run, machine: Machine, say: Say, sleep=time.sleep, err: Say | No
                         and on_checkpoint and copy_tries < NOTICE_COPY_TRIES):
                     sleep(STATUS_POLL_S)
                     continue  # the box answers for two minutes: copy its checkpoint first
-                raise lost(Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
-                                f"{notice.get('time', '?')}", reclaimed=True))
+                raise lost(Gone(spotwatch.reason(notice), reclaimed=True))
             if code != 0 and snap.life != "gone":
                 error = last_words(machine, run) or status.get("error")
                 if error:

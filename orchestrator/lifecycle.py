@@ -174,7 +174,7 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
     """Ship code and data to every node of the project's box and start a worker on each;
     a box its owner took back before the run started is replaced and the start tried again
     (at most max_recoveries times)."""
-    from . import boxes, boxlock, config, launch, runs
+    from . import boxes, boxlock, config, launch, recovery, runs
 
     cfg = config.load(project)
     chief = current_box(project).wake(project, ui.say)
@@ -190,7 +190,8 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
             _close(machines)
             if not isinstance(exc, (DlboxError, InfraError)):
                 raise  # Ctrl-C, SIGTERM: what it leaves is said by the command
-            lost = {} if isinstance(exc, UsageError) else _gone(project, nodes)
+            lost = {} if isinstance(exc, UsageError) else {
+                k: why for k, box in enumerate(nodes) if (why := recovery.gone(project, box))}
             if not lost or not all(g.reclaimed for g in lost.values()) or not recover or \
                     attempt == cfg.max_recoveries:
                 raise
@@ -205,18 +206,6 @@ def start(project: Path, model: str, data: str, test: str | None, trainer_args: 
                 with boxlock.held(project, ui.say):
                     nodes[k] = nodes[k].replacement(project, ui.say)
     raise AssertionError("unreachable: the last attempt raises")
-
-
-def _gone(project: Path, nodes) -> dict:
-    """{node: Gone} for each box its owner says can no longer run anything (an owner that
-    cannot be asked: the box counts as there)."""
-    found = {}
-    for k, box in enumerate(nodes):
-        with contextlib.suppress(DlboxError, InfraError):
-            gone = box.gone(project)
-            if gone is not None:
-                found[k] = gone
-    return found
 
 
 def follow(project: Path, crew: Crew, ui: Ui, recover: bool = True,
@@ -448,10 +437,11 @@ def _take_back(project: Path, run_id: str, ui: Ui, recover: bool) -> Crew:
         if recovery.waiting(run) and not recover:
             raise RunInterrupted(f"run {run.run_id} lost its box; "
                                  + recovery.resumable_line(project, run))
-        if need is None and not recovery.waiting(run):  # stopped, a box no longer recorded:
-            return Crew(run, *crew_of(project, run, ui))  # one line says what to do
-        if need is None:  # lost before: each node whose box is gone or forgotten
-            need = [k for k, n in enumerate(nodes) if n is None or n.gone(project) is not None]
+        if need is None:
+            if not recovery.waiting(run):  # stopped, a box no longer recorded: one line says
+                return Crew(run, *crew_of(project, run, ui))  # what to do
+            need = [k for k, n in enumerate(nodes)  # lost before: gone or forgotten
+                    if n is None or recovery.gone(project, n) is not None]
         if len(nodes) > 1 and any(nodes[k] is None for k in need):
             k = next(k for k in need if nodes[k] is None)
             raise UsageError(f"node {k} of run {run.run_id} ({launch.workers(run)[k].box}) is not "
@@ -476,34 +466,30 @@ def _notice_losses(project: Path, run, nodes, ui: Ui):
     with the stop, and the run then resumes there."""
     from . import launch, recovery, runs
 
-    known, up_again = {}, set()
-    for w in launch.workers(run):
-        try:
-            gone = nodes[w.node].gone(project)
-        except (DlboxError, InfraError):
-            gone = None  # an owner that cannot be asked: the box counts as there
-        if gone is None:
-            continue
-        if gone.stopped:  # did the run end before the stop?
-            nodes[w.node] = nodes[w.node].wake(project, ui.say)
-            machine = nodes[w.node].machine(project)
-            try:
-                died = runs.exit_status(machine, replace(run, remote_dir=w.remote_dir))[1] \
-                    == "gone"
-            finally:
-                machine.close()
-            if not died:
-                continue
-            up_again.add(w.node)
-        known[w.node] = BoxLost(gone.reason, reclaimed=gone.reclaimed, ended_at=gone.at)
     machines = [n.machine(project) for n in nodes]
     try:
         # A running run's spot notice is follow's to act on (it copies the checkpoint the
         # trainer saves as it stops); a stopped run's box that got one is lost already.
-        return recovery.lost_nodes(project, run, nodes, machines, known,
-                                   notices=recovery.stopped(run)), up_again
+        lost = recovery.lost_nodes(project, run, nodes, machines,
+                                   notices=recovery.stopped(run))
     finally:
         _close(machines)
+    up_again = set()
+    for k, why in list(lost.items()):
+        if not why.stopped:
+            continue
+        nodes[k] = nodes[k].wake(project, ui.say)  # did the run end before the stop?
+        machine = nodes[k].machine(project)
+        try:
+            here = replace(run, remote_dir=launch.workers(run)[k].remote_dir)
+            died = runs.exit_status(machine, here)[1] == "gone"
+        finally:
+            machine.close()
+        if died:
+            up_again.add(k)
+        else:
+            del lost[k]
+    return lost, up_again
 
 
 def _box_to_resume_on(project: Path, run, ui: Ui):

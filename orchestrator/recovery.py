@@ -14,8 +14,8 @@ from pathlib import Path
 
 from infra.errors import CapacityError, InfraError, QuotaError
 
-from . import boxlock, checkpoints, cluster, events, follow, runs
-from .boxkind import Box
+from . import boxfiles, boxlock, checkpoints, cluster, events, follow, runs
+from .boxkind import Box, Gone
 from .errors import BoxLost, DlboxError, NeverUsable, RunInterrupted, UsageError
 from .humanize import Say
 from .launch import Worker, hourly, launch, stop, workers
@@ -48,6 +48,15 @@ def stopped(run: runs.Run) -> bool:
 # --- a loss noticed and recorded ----------------------------------------------------------
 
 
+def gone(project_dir: Path, box: Box) -> Gone | None:
+    """Why the box's owner says it can no longer run anything; None while it can, or when
+    the owner cannot be asked (the box counts as there)."""
+    try:
+        return box.gone(project_dir)
+    except (DlboxError, InfraError):
+        return None
+
+
 def lost_nodes(project_dir: Path, run: runs.Run, nodes: list, machines: list,
                known: dict[int, BoxLost] | None = None,
                notices: bool = True) -> dict[int, BoxLost]:
@@ -56,36 +65,32 @@ def lost_nodes(project_dir: Path, run: runs.Run, nodes: list, machines: list,
     (the chief's status, if it still answers); known: the losses follow saw itself. An owner
     that cannot be asked counts the box as there; a node with no box (None) is not asked."""
     from . import spotwatch
-    from .boxkind import Gone
 
     found: dict[int, Gone] = {}
+    noticed = set()  # nodes only warned: their box still answers
     for w in workers(run):
         box = nodes[w.node]
         if box is None or (known and w.node in known):
             continue
-        try:
-            why = box.gone(project_dir)
-        except (DlboxError, InfraError):
-            why = None
+        why = gone(project_dir, box)
         if why is None and notices and box.interruptible:
-            with contextlib.suppress(DlboxError):
-                notice = runs.read_json(machines[w.node].read(
-                    f"{w.remote_dir}/{spotwatch.NOTICE_FILE}"))
-                if isinstance(notice, dict):
-                    why = Gone(f"EC2 interruption notice: {notice.get('action', '?')} at "
-                               f"{notice.get('time', '?')}", reclaimed=True)
+            with contextlib.suppress(DlboxError):  # none there, or not the watcher's: none
+                raw = machines[w.node].read(f"{w.remote_dir}/{spotwatch.NOTICE_FILE}")
+                if raw is not None:
+                    why = Gone(spotwatch.reason(boxfiles.notice(raw)), reclaimed=True)
+                    noticed.add(w.node)
         if why is not None:
             found[w.node] = why
     lost = dict(known or {})
     if found:
         status = {}
-        with contextlib.suppress(DlboxError):  # the chief may be the one gone
-            status = runs.read_json(machines[0].read(f"{run.remote_dir}/status.json")) or {}
-        status = {k: v for k, v in status.items() if k in ("phase", "epoch", "step", "steps")
-                  and (k == "phase" or (isinstance(v, int) and not isinstance(v, bool)))}
+        if 0 not in lost and (0 not in found or 0 in noticed):  # a gone chief: not waited for
+            with contextlib.suppress(DlboxError):  # its heartbeat, checked
+                status = boxfiles.status(machines[0].read(f"{run.remote_dir}/status.json")
+                                         or b"{}")
         for k, why in found.items():
             lost[k] = BoxLost(why.reason, status.get("epoch"), progress=follow.progress_of(status),
-                              reclaimed=why.reclaimed, ended_at=why.at)
+                              reclaimed=why.reclaimed, ended_at=why.at, stopped=why.stopped)
     return dict(sorted(lost.items()))
 
 
@@ -210,14 +215,14 @@ def carry_on(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[
         if workers(now) != workers(run):  # another dlbox carried it on meanwhile
             return _moved_on(project_dir, now, nodes, machines, say)
         run = record_losses(project_dir, now, nodes, lost)
+        others = [k for k in range(len(nodes)) if k not in lost]
+        stop(run, nodes, machines, only=others)  # none waits for its lost peers meanwhile
         try:
             _check_goes_on(project_dir, run, nodes, lost, say, recover)
-            stop(run, nodes, machines, only=[k for k in range(len(nodes)) if k not in lost])
             return replace_and_resume(project_dir, run, nodes, machines, list(lost), say,
                                       max_losses, pip_args)
-        except (DlboxError, InfraError):  # the run waits: none of it goes on meanwhile
-            _stop_the_others(project_dir, runs.load(project_dir, run.run_id), nodes, machines,
-                             lost)
+        except (DlboxError, InfraError):  # the run waits: the others' logs come here (their
+            cluster.pull_logs(project_dir, run, machines, only=others)  # results stay held)
             raise
 
 
@@ -240,16 +245,6 @@ def _check_goes_on(project_dir: Path, run: runs.Run, nodes: list[Box],
         if boxes.named(project_dir, nodes[k].name) is None:  # `dlbox down` forgot it meanwhile
             raise RunInterrupted(f"{nodes[k].label} is no longer this project's box; "
                                  + resumable_line(project_dir, run))
-
-
-def _stop_the_others(project_dir: Path, run: runs.Run, nodes: list[Box],
-                     machines: list[Machine], lost: dict[int, BoxLost]) -> None:
-    """The run waits for a box: no worker of it goes on waiting for its lost peers, and
-    their logs come here (their results stay held on the boxes until the run ends)."""
-    alive = [k for k in range(len(nodes)) if k not in lost]
-    if alive:
-        stop(run, nodes, machines, only=alive)
-        cluster.pull_logs(project_dir, run, machines, only=alive)
 
 
 def _moved_on(project_dir: Path, run: runs.Run, nodes: list[Box], machines: list[Machine],
@@ -298,8 +293,9 @@ def replace_and_resume(project_dir: Path, run: runs.Run, nodes: list, machines: 
         except (RunInterrupted, UsageError):
             raise
         except (DlboxError, InfraError) as exc:
-            run = made or runs.load(project_dir, run.run_id)  # as before this try
-            runs.save(project_dir, run)
+            if made is not None:  # as before this try (not as launch left it)
+                runs.save(project_dir, made)
+            run = made or runs.load(project_dir, run.run_id)
             before = len(run.interruptions)
             gone = lost_nodes(project_dir, run, nodes, machines)
             run = record_losses(project_dir, run, nodes, gone, own_price=True)

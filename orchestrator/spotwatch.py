@@ -10,6 +10,11 @@ SCRIPT_FILE = "spotwatch.sh"  # in the run's folder; run.sh starts it as `bash s
 CURL_TIMEOUT_S = 2  # each request to the instance metadata service
 
 
+def reason(notice: dict) -> str:
+    """A loss's reason from a (checked: boxfiles.notice) interruption notice."""
+    return f"EC2 interruption notice: {notice.get('action', '?')} at {notice.get('time', '?')}"
+
+
 def script(poll_s: int = POLL_S) -> str:
     """The watcher's bash script (templates/spotwatch.sh.j2), asking every poll_s seconds."""
     return render("spotwatch.sh.j2", poll_s=poll_s, notice_file=NOTICE_FILE,

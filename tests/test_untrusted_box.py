@@ -644,3 +644,39 @@ def test_signals_are_deferred_even_when_another_thread_takes_them(tmp_path):
                             timeout=60, cwd=Path(__file__).parents[1])
     assert result.stdout.strip() == "after ['block']", result.stdout + result.stderr
 
+
+
+def test_a_notice_and_a_heartbeat_from_a_box_are_checked_before_they_name_a_loss(tmp_path):
+    """When attach or a failed node asks which nodes are lost, a spot notice that is not the
+    watcher's (a field not text) is no loss; a valid one is, its reason bounded; the chief's
+    heartbeat gives the epoch only if its fields are valid."""
+    from orchestrator import boxfiles, recovery, runs
+    from orchestrator.localbox import LocalBox
+
+    class SpotLocal(LocalBox):  # this machine, as a box its owner may take back
+        interruptible = True
+
+    folders = [tmp_path / "chief", tmp_path / "worker"]
+    for folder in folders:
+        folder.mkdir()
+    team = tuple({"node": k, "box": f"b{k}", "remote_dir": str(f), "address": "", "code": "",
+                  "data": "", "test": None} for k, f in enumerate(folders))
+    run = runs.Run(run_id="r", model="scratch", box="b0", remote_dir=str(folders[0]), args=[],
+                   started_at=runs.now(), nodes=team)
+    nodes = [SpotLocal(f"b{k}", str(tmp_path), sys.executable, node=k, nodes=2) for k in (0, 1)]
+    machines = [n.machine(tmp_path) for n in nodes]
+    notice = folders[1] / "interruption.json"
+
+    notice.write_text(json.dumps({"action": {"\x1b[2J": 1}, "time": "now"}))
+    assert recovery.lost_nodes(tmp_path, run, nodes, machines) == {}
+    (folders[0] / "status.json").write_text(json.dumps({"phase": "training", "epoch": "3"}))
+    notice.write_text(json.dumps({"action": "terminate" + "x" * 10_000, "time": "t"}))
+    [(k, lost)] = recovery.lost_nodes(tmp_path, run, nodes, machines).items()
+    assert k == 1 and lost.reclaimed and lost.epoch is None  # "3" is no epoch count
+    assert lost.reason.startswith("EC2 interruption notice: terminatexx")
+    assert len(lost.reason) < boxfiles.MAX_TEXT_CHARS + 60
+    (folders[0] / "status.json").write_text(json.dumps({"phase": "training", "epoch": 3,
+                                                        "step": 5, "steps": 10}))
+    [lost] = recovery.lost_nodes(tmp_path, run, nodes, machines).values()
+    assert (lost.epoch, lost.progress) == (3, 2.5)
+    assert recovery.lost_nodes(tmp_path, run, nodes, machines, notices=False) == {}
